@@ -1,0 +1,133 @@
+"""Annotated image folders (``images/*.png`` + ``labels/*.tif``) and training patches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+from skimage.color import hed2rgb, rgb2hed
+
+from models.config import DistanceNorm
+from models.targets import distance_map, semantic_mask
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One annotated image: RGB uint8 (H, W, 3) and uint32 instance labels (H, W)."""
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray
+
+
+def list_pairs(folder: str | Path) -> list[tuple[Path, Path]]:
+    """(image, label) paths of an annotated folder; a clear error if it is not one."""
+    folder = Path(folder)
+    images = sorted((folder / "images").glob("*.png"))
+    if not images:
+        raise FileNotFoundError(f"no images/*.png under {folder}")
+    pairs = []
+    for image in images:
+        label = folder / "labels" / f"{image.stem}.tif"
+        if not label.exists():
+            raise FileNotFoundError(f"{image.name} has no label file {label}")
+        pairs.append((image, label))
+    return pairs
+
+
+def load_sample(image_path: Path, label_path: Path) -> Sample:
+    image = np.asarray(Image.open(image_path).convert("RGB"))
+    labels = tifffile.imread(label_path).astype(np.uint32)
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"{label_path.name}: label shape {labels.shape} != image {image.shape[:2]}")
+    return Sample(image_path.stem, image, labels)
+
+
+def load_folder(folder: str | Path) -> list[Sample]:
+    return [load_sample(i, lab) for i, lab in list_pairs(folder)]
+
+
+def downsample_image(image: np.ndarray, factor: int) -> np.ndarray:
+    """Box-filter downsampling (what a slide pyramid level holds)."""
+    if factor == 1:
+        return image
+    h, w = (s // factor * factor for s in image.shape[:2])
+    blocks = image[:h, :w].reshape(h // factor, factor, w // factor, factor, -1)
+    return blocks.mean(axis=(1, 3)).round().astype(np.uint8)
+
+
+def downsample_labels(labels: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest (centre) sampling of labels: never averages ids."""
+    if factor == 1:
+        return labels
+    off = factor // 2
+    return labels[off::factor, off::factor]
+
+
+@dataclass
+class TrainingImage:
+    """An image with its precomputed targets, at the training resolution."""
+
+    image: np.ndarray  # uint8 (H, W, 3)
+    mask: np.ndarray  # float32 (H, W)
+    distance: np.ndarray  # float32 (H, W)
+
+
+def prepare(sample: Sample, downsample: int, norm: DistanceNorm) -> TrainingImage:
+    image = downsample_image(sample.image, downsample)
+    labels = downsample_labels(sample.labels, downsample)[: image.shape[0], : image.shape[1]]
+    return TrainingImage(image, semantic_mask(labels), distance_map(labels, norm))
+
+
+def stain_jitter(patch: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Random scaling/shift of the haematoxylin, eosin and DAB optical densities, so that
+    the model sees the spread of stainings of other labs and scanners."""
+    if strength <= 0:
+        return patch
+    hed = rgb2hed(patch)
+    alpha = rng.uniform(1 - strength, 1 + strength, size=3)
+    beta = rng.uniform(-strength, strength, size=3) * 0.05
+    rgb = hed2rgb(hed * alpha + beta)
+    return np.clip(rgb * 255.0, 0, 255).astype(np.uint8)
+
+
+def random_patch(images: list[TrainingImage], size: int, rng: np.random.Generator,
+                 jitter: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A random crop of a random image (chance by area), flipped/rotated, stain-jittered."""
+    areas = np.array([t.image.shape[0] * t.image.shape[1] for t in images], dtype=float)
+    item = images[rng.choice(len(images), p=areas / areas.sum())]
+    h, w = item.mask.shape
+    y = rng.integers(0, h - size + 1)
+    x = rng.integers(0, w - size + 1)
+    crops = [a[y:y + size, x:x + size] for a in (item.image, item.mask, item.distance)]
+    k = int(rng.integers(4))
+    flip = bool(rng.integers(2))
+    out = []
+    for a in crops:
+        a = np.rot90(a, k)
+        out.append(np.ascontiguousarray(a[:, ::-1] if flip else a))
+    image = stain_jitter(out[0], rng, jitter)
+    image = _brightness_contrast(image, rng, jitter)
+    return image, out[1], out[2]
+
+
+def _brightness_contrast(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    if strength <= 0:
+        return image
+    gain = rng.uniform(1 - strength, 1 + strength)
+    bias = rng.uniform(-strength, strength) * 255 * 0.5
+    mean = image.mean()
+    return np.clip((image - mean) * gain + mean + bias, 0, 255).astype(np.uint8)
+
+
+def batch(images: list[TrainingImage], size: int, count: int, rng: np.random.Generator,
+          jitter: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, 3, S, S) float32 in [0, 1], (N, 1, S, S) mask, (N, 1, S, S) distance."""
+    parts = [random_patch(images, size, rng, jitter) for _ in range(count)]
+    x = np.stack([p[0] for p in parts]).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    m = np.stack([p[1] for p in parts])[:, None]
+    d = np.stack([p[2] for p in parts])[:, None]
+    return x, m, d

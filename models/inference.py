@@ -1,0 +1,65 @@
+"""Running the network on pixels: the one definition of "model output" that whole-image
+evaluation and tiled slide inference share.
+
+The canonical output for an image is the network run on the image reflect-padded by
+:func:`context_margin` pixels on every side. Any window whose pixels lie farther than
+``config.context_radius`` from its edge, and whose origin is aligned to
+``config.size_multiple`` in the same padded frame, sees exactly the same input in its
+receptive field, so tiled results can equal whole-image results.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models.config import NetConfig
+from models.network import NucleusNet
+
+
+def context_margin(config: NetConfig) -> int:
+    """Receptive-field radius rounded up to the pooling grid."""
+    m = config.size_multiple
+    return -(-config.context_radius // m) * m
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` takes CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def predict_batch(net: NucleusNet, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Network outputs for uint8 windows (N, H, W, 3), H and W multiples of
+    ``size_multiple``: nucleus probability and distance map, float32 (N, H, W)."""
+    m = net.config.size_multiple
+    if images.shape[1] % m or images.shape[2] % m:
+        raise ValueError(f"window {images.shape[1:3]} is not a multiple of {m}")
+    device = next(net.parameters()).device
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    with torch.inference_mode():
+        logit, dist = net(x)
+        prob = torch.sigmoid(logit)
+    return prob[:, 0].cpu().numpy(), dist[:, 0].cpu().numpy()
+
+
+def predict_image(net: NucleusNet, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Canonical whole-image output (probability, distance) for an RGB uint8 image."""
+    margin = context_margin(net.config)
+    m = net.config.size_multiple
+    h, w = image.shape[:2]
+    extra_h = -(h + 2 * margin) % m
+    extra_w = -(w + 2 * margin) % m
+    padded = reflect_pad(image, ((margin, margin + extra_h), (margin, margin + extra_w)))
+    prob, dist = predict_batch(net, padded[None])
+    return prob[0, margin:margin + h, margin:margin + w], dist[0, margin:margin + h, margin:margin + w]
+
+
+def reflect_pad(image: np.ndarray, pads: tuple[tuple[int, int], tuple[int, int]]) -> np.ndarray:
+    """Mirror padding without repeating the edge pixel (numpy ``reflect``)."""
+    extra = ((0, 0),) * (image.ndim - 2)
+    return np.pad(image, tuple(pads) + extra, mode="reflect")

@@ -1,0 +1,202 @@
+"""Training of the two-branch network on an annotated folder (MoNuSeg layout).
+
+Resumable: ``last.pt`` in the run folder holds weights, optimizer, step and RNG state and
+is rewritten atomically every ``checkpoint_every`` steps; ``--resume`` continues from it
+with the same schedule. ``log.csv`` gets one row per validation, ``best.pt`` is the
+model checkpoint (``models.checkpoints`` format) with the best validation score so far.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models import checkpoints
+from models.config import NetConfig, TargetConfig, TrainConfig, WatershedParams, from_dict
+from models.data import TrainingImage, batch, list_pairs, load_sample, prepare
+from models.inference import predict_image
+from models.network import NucleusNet
+
+log = logging.getLogger(__name__)
+MONUSEG_MPP = 0.25  # MoNuSeg tiles are 40x crops, 0.2457-0.2527 um/px per the XMLs
+
+
+def split_names(names: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic train/validation split of image names."""
+    order = sorted(names)
+    np.random.default_rng(seed).shuffle(order)
+    n_val = max(1, round(len(order) * val_fraction)) if val_fraction > 0 else 0
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def semantic_loss(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """0.5 * BCE + (1 - soft Dice), the authors' BCE-Dice up to a constant."""
+    bce = F.binary_cross_entropy_with_logits(logit, target)
+    prob = torch.sigmoid(logit)
+    inter = (prob * target).sum()
+    dice = (2 * inter + 1.0) / (prob.sum() + target.sum() + 1.0)
+    return 0.5 * bce + (1 - dice)
+
+
+def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(pred, target)
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up then cosine decay to 1 % of the base rate."""
+    warmup = min(100, cfg.steps // 10)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, cfg.steps - warmup)
+    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def validate(net: NucleusNet, items: list[TrainingImage]) -> dict[str, float]:
+    """Semantic Dice (prob > 0.5) and regression MSE over whole validation images."""
+    net.eval()
+    inter = total = 0.0
+    sq = n = 0.0
+    for item in items:
+        prob, dist = predict_image(net, item.image)
+        pred = prob > 0.5
+        truth = item.mask > 0.5
+        inter += float((pred & truth).sum())
+        total += float(pred.sum() + truth.sum())
+        sq += float(((dist - item.distance) ** 2).sum())
+        n += dist.size
+    net.train()
+    return {"val_dice": 2 * inter / max(total, 1.0), "val_mse": sq / max(n, 1.0)}
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def train(data: str | Path | None, out: str | Path, net_cfg: NetConfig, target_cfg: TargetConfig,
+          cfg: TrainConfig, resume: bool = False, steps: int | None = None) -> Path:
+    """Train and return the path of the best model checkpoint.
+
+    With ``resume`` the stored configuration is used; ``steps`` (if given) extends the
+    schedule of a resumed run, otherwise it overrides ``cfg.steps``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    last_path = out / "last.pt"
+    state: dict[str, Any] | None = None
+    if resume:
+        if not last_path.exists():
+            raise FileNotFoundError(f"--resume: no {last_path} to resume from")
+        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        net_cfg = from_dict(NetConfig, state["net"])
+        target_cfg = from_dict(TargetConfig, state["targets"])
+        cfg = from_dict(TrainConfig, state["train"])
+        data = data or state["data"]
+    if data is None:
+        raise ValueError("no training data given")
+    if steps is not None:
+        cfg = replace(cfg, steps=steps)
+    if state is not None:
+        log.info("resuming %s at step %d of %d", out, state["step"], cfg.steps)
+
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    torch.manual_seed(cfg.seed)
+    pairs = {img.stem: (img, lab) for img, lab in list_pairs(data)}
+    train_names, val_names = split_names(list(pairs), cfg.val_fraction, cfg.seed)
+    log.info("training on %d images, validating on %d", len(train_names), len(val_names))
+    train_items = [prepare(load_sample(*pairs[n]), cfg.downsample, target_cfg.distance_norm)
+                   for n in train_names]
+    val_items = [prepare(load_sample(*pairs[n]), cfg.downsample, target_cfg.distance_norm)
+                 for n in val_names]
+
+    net = NucleusNet(net_cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    step, best, started = 0, -math.inf, time.time()
+    if state is not None:
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        step, best = state["step"], state["best"]
+        started -= state["elapsed"]
+    net.train()
+
+    log_path = out / "log.csv"
+    fields = ["step", "loss", "semantic_loss", "regression_loss", "val_dice", "val_mse",
+              "val_score", "lr", "elapsed_s", "steps_per_s"]
+    if not log_path.exists():
+        with open(log_path, "w", newline="") as f:
+            csv.writer(f).writerow(fields)
+
+    provenance = {
+        "data": str(Path(data).resolve()), "train_images": train_names, "val_images": val_names,
+        "train_config": asdict(cfg), "git_commit": git_commit(), "command": " ".join(sys.argv),
+        "torch": torch.__version__, "started": dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    running = np.zeros(3)
+    count, window_start = 0, time.time()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", mininterval=10,
+               file=sys.stderr)
+    while step < cfg.steps:
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        x, m, d = (torch.from_numpy(a) for a in batch(train_items, cfg.patch_size,
+                                                      cfg.batch_size, rng, cfg.color_jitter))
+        logit, dist = net(x)
+        l_sem, l_reg = semantic_loss(logit, m), regression_loss(dist, d)
+        loss = l_sem + l_reg
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        running += [loss.item(), l_sem.item(), l_reg.item()]
+        count += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{running[0] / count:.4f}")
+
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            scores = validate(net, val_items)
+            score = scores["val_dice"] - scores["val_mse"] * 10
+            means = [float(v) for v in (running / max(count, 1)).round(5)]
+            row = [step, *means, round(scores["val_dice"], 5),
+                   round(scores["val_mse"], 6), round(score, 5), f"{learning_rate(step, cfg):.2e}",
+                   round(time.time() - started, 1), round(count / (time.time() - window_start), 4)]
+            with open(log_path, "a", newline="") as f:
+                csv.writer(f).writerow(row)
+            log.info("step %d: %s", step, dict(zip(fields, row)))
+            running[:] = 0
+            count, window_start = 0, time.time()
+            if score > best:
+                best = score
+                checkpoints.save(out / "best.pt", net, mpp=MONUSEG_MPP * cfg.downsample,
+                                 watershed=WatershedParams(), targets=target_cfg,
+                                 provenance={**provenance, "steps": step,
+                                             "elapsed_s": round(time.time() - started)},
+                                 metrics={**scores, "split": "validation"})
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoints.atomic_torch_save({
+                "model": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                "best": best, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                "elapsed": time.time() - started, "net": asdict(net_cfg),
+                "targets": asdict(target_cfg), "train": asdict(cfg),
+                "data": str(Path(data).resolve())}, last_path)
+    bar.close()
+    return out / "best.pt"
