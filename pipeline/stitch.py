@@ -1,0 +1,229 @@
+"""Exact, seam-free instances from tiles.
+
+The watershed post-processing is a function of each foreground component alone
+(``models.watershed`` contract), and a window's network output is exact away from its
+edge (``models.inference``). So a tile can decide, by itself, the final instances of every
+foreground component that lies entirely inside its *valid box* (window minus the
+receptive-field margin, clipped to the image). Ownership: the tile whose core holds the
+component's first pixel in raster order keeps it; nobody else does. Components that leave
+the valid box are recomputed on a larger window around them until they fit. Result: the
+same nuclei with the same pixels as whole-image processing, each exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from models.config import WatershedParams
+from models.watershed import postprocess
+from pipeline.tiling import aligned_window
+from pipeline.types import Box
+
+log = logging.getLogger(__name__)
+
+EIGHT = np.ones((3, 3), dtype=bool)
+# A window grown past this many model pixels per side gives up and keeps the truncated part.
+MAX_WINDOW = 8192
+
+Predictor = Callable[[Box], tuple[np.ndarray, np.ndarray]]
+"""Network outputs (probability, distance) for an aligned window box (model px)."""
+
+
+@dataclass
+class TileInstances:
+    """Instances owned by one tile, painted on the smallest box that holds them.
+
+    ``labels`` has local ids 1..n numbered in raster order of each instance's first pixel
+    (global model-pixel coordinates), so global ids from per-tile offsets are deterministic.
+    """
+
+    extent: Box
+    labels: np.ndarray  # int32
+    prob: np.ndarray  # float32 nucleus probability on the same extent
+    recomputed: int = 0  # components that needed a larger window
+    truncated: int = 0  # components larger than MAX_WINDOW (kept partially)
+
+    @property
+    def count(self) -> int:
+        return int(self.labels.max()) if self.labels.size else 0
+
+
+@dataclass
+class _Piece:
+    box: Box  # global box of ``labels``/``prob``
+    labels: np.ndarray
+    prob: np.ndarray
+
+
+def _interior_edges(valid: Box, image: Box) -> tuple[bool, bool, bool, bool]:
+    """Which sides of the valid box are cuts through the image (top, left, bottom, right)."""
+    return (valid.y0 > image.y0, valid.x0 > image.x0, valid.y1 < image.y1, valid.x1 < image.x1)
+
+
+def _edge_ids(comps: np.ndarray, edges: tuple[bool, bool, bool, bool]) -> set[int]:
+    sides = []
+    if edges[0]:
+        sides.append(comps[0, :])
+    if edges[1]:
+        sides.append(comps[:, 0])
+    if edges[2]:
+        sides.append(comps[-1, :])
+    if edges[3]:
+        sides.append(comps[:, -1])
+    if not sides:
+        return set()
+    ids = np.unique(np.concatenate(sides))
+    return set(ids[ids > 0].tolist())
+
+
+def _first_pixel(comps: np.ndarray, cid: int, obj: tuple[slice, slice]) -> tuple[int, int]:
+    """First pixel of component ``cid`` in raster order (local coordinates)."""
+    row = obj[0].start
+    cols = np.flatnonzero(comps[row, obj[1]] == cid)
+    return row, obj[1].start + int(cols[0])
+
+
+def _components(prob: np.ndarray, params: WatershedParams) -> tuple[np.ndarray, int]:
+    return ndi.label(prob > params.fg_threshold, structure=EIGHT)
+
+
+def _instances(prob: np.ndarray, dist: np.ndarray, comps: np.ndarray, keep: list[int],
+               params: WatershedParams) -> np.ndarray:
+    """Post-process only the kept components (valid by the decomposition contract)."""
+    if not keep:
+        return np.zeros(prob.shape, dtype=np.int32)
+    selected = np.isin(comps, np.asarray(keep, dtype=comps.dtype))
+    return postprocess(np.where(selected, prob, 0.0).astype(np.float32), dist, params)
+
+
+def segment_tile(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, image: Box,
+                 params: WatershedParams, margin: int, multiple: int,
+                 predict: Predictor) -> TileInstances:
+    """Instances owned by the tile with ``core``, from its window's network outputs.
+
+    ``predict`` recomputes outputs for larger windows when a component is truncated.
+    """
+    if params.fg_threshold <= 0:
+        raise ValueError("fg_threshold must be > 0 (zero probability marks 'not selected')")
+    valid = window.grow(-margin).intersect(image)
+    local = valid.slices((window.y0, window.x0))
+    p, d = prob[local], dist[local]
+    comps, _ = _components(p, params)
+    truncated_ids = _edge_ids(comps, _interior_edges(valid, image))
+    core_local = core.shift(-valid.y0, -valid.x0)
+    in_core = np.unique(comps[core_local.slices()])
+    objects = ndi.find_objects(comps)
+
+    keep, overflow = [], []
+    for cid in in_core[in_core > 0].tolist():
+        if cid in truncated_ids:
+            overflow.append(cid)
+            continue
+        y, x = _first_pixel(comps, cid, objects[cid - 1])
+        if core.contains(y + valid.y0, x + valid.x0):
+            keep.append(cid)
+    pieces = [_Piece(valid, _instances(p, d, comps, keep, params), p)]
+
+    recomputed = truncated = 0
+    covered = np.zeros(comps.shape, dtype=bool)
+    for cid in overflow:
+        obj = objects[cid - 1]
+        seed_mask = (comps[obj] == cid) & ~covered[obj]
+        if not seed_mask.any():
+            continue  # part of a component already recomputed from another piece
+        sy, sx = np.argwhere(seed_mask)[0]
+        seed = (int(sy) + obj[0].start + valid.y0, int(sx) + obj[1].start + valid.x0)
+        bbox = Box(obj[0].start + valid.y0, obj[1].start + valid.x0,
+                   obj[0].stop + valid.y0, obj[1].stop + valid.x0)
+        piece, complete, owned = _grow_component(seed, bbox, core, image, params, margin,
+                                                 multiple, predict)
+        recomputed += 1
+        truncated += int(not complete)
+        # mark every part of this tile's valid box that belongs to the recomputed component
+        inter = piece.box.intersect(valid)
+        if not inter.is_empty():
+            sub = piece.labels[inter.slices((piece.box.y0, piece.box.x0))] > 0
+            comp_here = piece.prob[inter.slices((piece.box.y0, piece.box.x0))] > params.fg_threshold
+            covered[inter.slices((valid.y0, valid.x0))] |= sub | comp_here
+        if owned:
+            pieces.append(piece)
+    return _assemble(pieces, core, recomputed, truncated)
+
+
+def _grow_component(seed: tuple[int, int], bbox: Box, core: Box, image: Box,
+                    params: WatershedParams, margin: int, multiple: int,
+                    predict: Predictor) -> tuple[_Piece, bool, bool]:
+    """Recompute the component holding ``seed`` on windows that grow until it fits.
+
+    Returns its instances (only that component, zero elsewhere), whether it was complete,
+    and whether this tile owns it.
+    """
+    extra = 2 * multiple
+    while True:
+        window = aligned_window(bbox, margin + extra, multiple)
+        prob, dist = predict(window)
+        valid = window.grow(-margin).intersect(image)
+        local = valid.slices((window.y0, window.x0))
+        p, d = prob[local], dist[local]
+        comps, _ = _components(p, params)
+        cid = int(comps[seed[0] - valid.y0, seed[1] - valid.x0])
+        obj = ndi.find_objects(comps, max_label=cid)[cid - 1]
+        complete = cid not in _edge_ids(comps, _interior_edges(valid, image))
+        too_big = max(window.height, window.width) >= MAX_WINDOW
+        if complete or too_big:
+            if not complete:
+                log.warning("nucleus cluster at %s is larger than %d px; kept truncated",
+                            seed, MAX_WINDOW)
+            y, x = _first_pixel(comps, cid, obj)
+            owned = core.contains(y + valid.y0, x + valid.x0)
+            labels = _instances(p, d, comps, [cid], params)
+            p_only = np.where(comps == cid, p, 0.0).astype(np.float32)
+            return _Piece(valid, labels, p_only), complete, owned
+        bbox = Box(obj[0].start + valid.y0, obj[1].start + valid.x0,
+                   obj[0].stop + valid.y0, obj[1].stop + valid.x0)
+        extra *= 2
+
+
+def _assemble(pieces: list[_Piece], core: Box, recomputed: int, truncated: int) -> TileInstances:
+    """Paint the pieces on one extent and number instances in raster order."""
+    boxes = [core]
+    for piece in pieces:
+        objs = [o for o in ndi.find_objects(piece.labels) if o is not None]
+        if objs:
+            boxes.append(Box(min(o[0].start for o in objs) + piece.box.y0,
+                             min(o[1].start for o in objs) + piece.box.x0,
+                             max(o[0].stop for o in objs) + piece.box.y0,
+                             max(o[1].stop for o in objs) + piece.box.x0))
+    extent = Box(min(b.y0 for b in boxes), min(b.x0 for b in boxes),
+                 max(b.y1 for b in boxes), max(b.x1 for b in boxes))
+    labels = np.zeros(extent.shape, dtype=np.int64)
+    prob = np.zeros(extent.shape, dtype=np.float32)
+    next_id = 1
+    for piece in pieces:
+        inter = piece.box.intersect(extent)
+        if inter.is_empty():
+            continue
+        src = piece.labels[inter.slices((piece.box.y0, piece.box.x0))]
+        dst = inter.slices((extent.y0, extent.x0))
+        mask = src > 0
+        labels[dst][mask] = src[mask].astype(np.int64) + (next_id - 1)
+        prob[dst][mask] = piece.prob[inter.slices((piece.box.y0, piece.box.x0))][mask]
+        next_id += int(src.max()) if src.size else 0
+    return TileInstances(extent, _raster_order(labels), prob, recomputed, truncated)
+
+
+def _raster_order(labels: np.ndarray) -> np.ndarray:
+    """Renumber 1..n by the raster position of each instance's first pixel."""
+    flat = labels.ravel()
+    ids, first = np.unique(flat, return_index=True)
+    keep = ids > 0
+    ids, first = ids[keep], first[keep]
+    order = ids[np.argsort(first, kind="stable")]
+    lut = np.zeros(int(labels.max()) + 1, dtype=np.int32)
+    lut[order] = np.arange(1, len(order) + 1, dtype=np.int32)
+    return lut[labels]

@@ -1,0 +1,103 @@
+"""The stitching guarantee: tiled instances == whole-image instances, each exactly once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from models.config import WatershedParams
+from models.targets import distance_map
+from models.watershed import postprocess
+from pipeline.stitch import segment_tile
+from pipeline.tiling import plan_tiles
+from pipeline.types import Box
+
+PARAMS = WatershedParams(fg_threshold=0.5, marker_threshold=0.5, min_marker_size=2, min_size=8)
+MULTIPLE = 16
+
+
+def synthetic_maps(shape: tuple[int, int], seed: int, n: int = 220) -> tuple[np.ndarray, np.ndarray]:
+    """Probability and distance maps of discs: isolated, touching pairs, a long chain
+    of touching nuclei (a cluster much larger than a tile halo) and a ring."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, dtype=np.int32)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    next_id = 1
+
+    def disc(cy: float, cx: float, r: float) -> None:
+        nonlocal next_id
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = next_id
+        next_id += 1
+
+    for _ in range(n):
+        cy, cx = rng.uniform(0, shape[0]), rng.uniform(0, shape[1])
+        r = rng.uniform(3, 9)
+        disc(cy, cx, r)
+        if rng.random() < 0.3:  # a touching neighbour
+            a = rng.uniform(0, 2 * np.pi)
+            disc(cy + 1.6 * r * np.sin(a), cx + 1.6 * r * np.cos(a), r * rng.uniform(0.7, 1.1))
+    for i in range(40):  # a chain of touching nuclei across several tiles
+        disc(shape[0] * 0.5 + 8 * np.sin(i / 3), 10 + i * 11.0, 7)
+    for a in np.linspace(0, 2 * np.pi, 24, endpoint=False):  # a ring enclosing background
+        disc(shape[0] * 0.25 + 45 * np.sin(a), shape[1] * 0.7 + 45 * np.cos(a), 7)
+    mask = (labels > 0).astype(np.float32)
+    prob = ndi.gaussian_filter(mask, 1.0) + rng.normal(0, 0.02, shape).astype(np.float32)
+    dist = distance_map(labels) + rng.normal(0, 0.02, shape).astype(np.float32)
+    return prob.astype(np.float32), dist.astype(np.float32)
+
+
+def crop(array: np.ndarray, box: Box) -> np.ndarray:
+    """A window of ``array``; outside the image the values are garbage on purpose (the
+    stitcher must never use them)."""
+    out = np.full(box.shape, 0.77, dtype=array.dtype)
+    inter = box.intersect(Box(0, 0, *array.shape))
+    out[inter.slices((box.y0, box.x0))] = array[inter.slices()]
+    return out
+
+
+def tiled(prob: np.ndarray, dist: np.ndarray, tile_size: int, halo: int, margin: int) -> tuple[np.ndarray, int]:
+    image = Box(0, 0, *prob.shape)
+    out = np.zeros(prob.shape, dtype=np.int64)
+    offset = recomputed = 0
+    for tile in plan_tiles(prob.shape, tile_size, halo, MULTIPLE):
+        result = segment_tile(tile.core, tile.window, crop(prob, tile.window), crop(dist, tile.window),
+                              image, PARAMS, margin, MULTIPLE,
+                              lambda box: (crop(prob, box), crop(dist, box)))
+        recomputed += result.recomputed
+        region = result.extent.intersect(image)
+        src = result.labels[region.slices((result.extent.y0, result.extent.x0))]
+        dst = out[region.slices()]
+        assert not (dst[src > 0] > 0).any(), "a pixel was claimed by two tiles"
+        dst[src > 0] = src[src > 0] + offset
+        offset += result.count
+    return out, recomputed
+
+
+def assert_same_instances(a: np.ndarray, b: np.ndarray) -> None:
+    """Same partition into instances, up to id numbering."""
+    assert ((a > 0) == (b > 0)).all(), "foreground differs"
+    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
+    assert len(np.unique(pairs[0])) == pairs.shape[1], "one instance maps to several"
+    assert len(np.unique(pairs[1])) == pairs.shape[1], "several instances merged"
+    assert len(np.unique(a[a > 0])) == len(np.unique(b[b > 0]))
+
+
+@pytest.mark.parametrize("tile_size,halo,margin", [(64, 32, 16), (96, 48, 16), (160, 32, 16), (512, 64, 32)])
+def test_tiled_equals_whole_image(tile_size: int, halo: int, margin: int) -> None:
+    prob, dist = synthetic_maps((300, 470), seed=1)
+    whole = postprocess(prob, dist, PARAMS)
+    out, recomputed = tiled(prob, dist, tile_size, halo, margin)
+    assert whole.max() > 150
+    assert_same_instances(out, whole)
+    if tile_size < 300:
+        assert recomputed > 0, "the chain of nuclei should have needed a larger window"
+
+
+def test_every_instance_exactly_once_with_offset_image() -> None:
+    """An image whose size is not a multiple of the tile size, nuclei on every seam."""
+    prob, dist = synthetic_maps((257, 333), seed=7, n=300)
+    whole = postprocess(prob, dist, PARAMS)
+    out, _ = tiled(prob, dist, 80, 32, 16)
+    assert_same_instances(out, whole)
+    assert len(np.unique(out)) - 1 == whole.max()
