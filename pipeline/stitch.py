@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from models.config import WatershedParams
-from models.watershed import postprocess
+from models.watershed import foreground_components, split_components
 from pipeline.tiling import aligned_window
 from pipeline.types import Box
 
@@ -89,16 +89,16 @@ def _first_pixel(comps: np.ndarray, cid: int, obj: tuple[slice, slice]) -> tuple
 
 
 def _components(prob: np.ndarray, params: WatershedParams) -> tuple[np.ndarray, int]:
-    return ndi.label(prob > params.fg_threshold, structure=EIGHT)
+    return foreground_components(prob, params)
 
 
 def _instances(prob: np.ndarray, dist: np.ndarray, comps: np.ndarray, keep: list[int],
                params: WatershedParams) -> np.ndarray:
-    """Post-process only the kept components (valid by the decomposition contract)."""
+    """Instances of the kept components only (valid by the decomposition contract)."""
     if not keep:
         return np.zeros(prob.shape, dtype=np.int32)
     selected = np.isin(comps, np.asarray(keep, dtype=comps.dtype))
-    return postprocess(np.where(selected, prob, 0.0).astype(np.float32), dist, params)
+    return split_components(dist, np.where(selected, comps, 0), params)
 
 
 def segment_tile(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, image: Box,
@@ -108,8 +108,6 @@ def segment_tile(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, ima
 
     ``predict`` recomputes outputs for larger windows when a component is truncated.
     """
-    if params.fg_threshold <= 0:
-        raise ValueError("fg_threshold must be > 0 (zero probability marks 'not selected')")
     valid = window.grow(-margin).intersect(image)
     local = valid.slices((window.y0, window.x0))
     p, d = prob[local], dist[local]
@@ -148,8 +146,8 @@ def segment_tile(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, ima
         inter = piece.box.intersect(valid)
         if not inter.is_empty():
             sub = piece.labels[inter.slices((piece.box.y0, piece.box.x0))] > 0
-            comp_here = piece.prob[inter.slices((piece.box.y0, piece.box.x0))] > params.fg_threshold
-            covered[inter.slices((valid.y0, valid.x0))] |= sub | comp_here
+            covered[inter.slices((valid.y0, valid.x0))] |= sub | (
+                piece.prob[inter.slices((piece.box.y0, piece.box.x0))] > 0)
         if owned:
             pieces.append(piece)
     return _assemble(pieces, core, recomputed, truncated)

@@ -1,0 +1,553 @@
+"""Orchestration of ``wsi-nuclei run``: slide → plan → tiles → instances → outputs.
+
+Three phases per slide, each a set of independent tasks that a Dask cluster (or a plain
+loop) executes; tasks carry paths and coordinates, never pixels or weights:
+
+1. ``infer_tiles``: read windows, run the model (loaded once per worker), segment with
+   exact ownership, measure, trace polygons; one atomic ``.npz`` per tile in ``.work/``.
+   A re-run skips tiles whose file exists.
+2. ``write_label_block``: one task per chunk-aligned block of the level-0 label image,
+   painting owned instances with global ids (prefix sums of per-tile counts, tile order).
+3. ``finalize_slide`` (single writer): pyramid, tissue mask, metadata, table, GeoJSON,
+   preview, and ``summary.json`` last — a slide is done only when its summary says so.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.types import Box, ReadPlan, SlideInfo, Tile
+
+log = logging.getLogger(__name__)
+
+WORK_DIR = ".work"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs besides the slide paths; defaults serve a laptop."""
+
+    model: str = "dense.pt"
+    out: str = "results"
+    tile_size: int = 1024
+    batch_size: int = 1
+    mpp: float | None = None
+    device: str = "auto"
+    gzip: bool = False
+    overwrite: bool = False
+    tissue_mask: bool = True
+    chunk: int = 1024
+    cluster_margin: int = 64
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """What the client learns about a slide from a worker (no pixels)."""
+
+    info: SlideInfo
+    plan: ReadPlan
+    tiles: tuple[Tile, ...]  # tiles with tissue
+    n_tiles_total: int
+    tissue: Any  # pipeline.tissue.TissueMask (small, low resolution)
+    halo: int
+    margin: int
+    multiple: int
+
+
+@dataclass
+class SlideOutcome:
+    slide: str
+    status: str
+    nuclei: int = 0
+    seconds: float = 0.0
+    error: str = ""
+    out_dir: str = ""
+    skipped: bool = False
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- executors
+
+Task = Callable[[Any], Any]
+
+
+class SerialExecutor:
+    """Runs tasks in this process, in order (tests, debugging, ``--workers 0``)."""
+
+    def map(self, fn: Task, items: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+        for item in items:
+            try:
+                yield item, fn(item)
+            except Exception as exc:  # reported per item, like the Dask executor
+                log.debug("task failed", exc_info=True)
+                yield item, exc
+
+
+class DaskExecutor:
+    """Bounded submission to a Dask client (backpressure, retries, per-item errors)."""
+
+    def __init__(self, client: Any, max_in_flight: int = 64, retries: int = 2):
+        self.client = client
+        self.max_in_flight = max_in_flight
+        self.retries = retries
+
+    def map(self, fn: Task, items: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+        from pipeline.cluster import bounded_map
+
+        yield from bounded_map(self.client, fn, items, self.max_in_flight, retries=self.retries)
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class PrepareJob:
+    path: str
+    mpp_override: float | None
+    model: str
+    device: str
+    tissue: bool
+    tile_size: int
+    cluster_margin: int
+
+
+def prepare_slide(job: PrepareJob) -> SlidePlan:
+    """Open the slide, choose the level, compute the tissue mask and the tile list."""
+    from pipeline.cluster import get_worker_model
+    from pipeline.slide import open_slide, plan_read
+    from pipeline.tiling import halo_for, plan_tiles
+    from pipeline.tissue import full_mask, tissue_mask
+
+    bundle = get_worker_model(job.model, job.device)
+    cfg = bundle.config
+    with open_slide(job.path, mpp_override=job.mpp_override) as reader:
+        plan = plan_read(reader.info, bundle.mpp)
+        tissue = tissue_mask(reader) if job.tissue else full_mask(reader.info)
+        info = reader.info
+    halo = halo_for(cfg, job.cluster_margin)
+    tiles = plan_tiles(plan.shape, job.tile_size, halo, cfg.size_multiple)
+    kept = tuple(t for t in tiles if tissue.covers(level0_box(t.core, plan.scale)))
+    from models.inference import context_margin
+
+    return SlidePlan(info, plan, kept, len(tiles), tissue, halo, context_margin(cfg),
+                     cfg.size_multiple)
+
+
+def level0_box(box: Box, scale: float) -> Box:
+    """Level-0 pixels covered by a model-pixel box."""
+    return Box(int(np.floor(box.y0 * scale)), int(np.floor(box.x0 * scale)),
+               int(np.ceil(box.y1 * scale)), int(np.ceil(box.x1 * scale)))
+
+
+@dataclass(frozen=True)
+class TileJob:
+    path: str
+    mpp_override: float | None
+    model: str
+    device: str
+    plan: ReadPlan
+    tiles: tuple[Tile, ...]
+    work_dir: str
+    margin: int
+    multiple: int
+    slide_mpp: float
+
+
+@dataclass(frozen=True)
+class TileSummary:
+    index: int
+    count: int
+    extent: Box
+    recomputed: int
+    truncated: int
+    seconds: float
+    cached: bool
+
+
+def tile_file(work_dir: str | Path, index: int) -> Path:
+    return Path(work_dir) / f"tile-{index:07d}.npz"
+
+
+def infer_tiles(job: TileJob) -> list[TileSummary]:
+    """Phase 1 for a batch of tiles (one forward pass for the batch)."""
+    from models.inference import predict_batch
+    from pipeline.cluster import get_worker_model
+    from pipeline.slide import open_slide, read_region
+    from pipeline.stitch import segment_tile
+
+    todo = [t for t in job.tiles if not tile_file(job.work_dir, t.index).exists()]
+    out = [_cached_summary(job.work_dir, t) for t in job.tiles if t not in todo]
+    if not todo:
+        return out
+    bundle = get_worker_model(job.model, job.device)
+    net, params = bundle.net, bundle.watershed
+    image = Box(0, 0, *job.plan.shape)
+    t0 = time.perf_counter()
+    with open_slide(job.path, mpp_override=job.mpp_override) as reader:
+        windows = np.stack([read_region(reader, job.plan, t.window) for t in todo])
+        probs, dists = predict_batch(net, windows)
+
+        def predict(box: Box) -> tuple[np.ndarray, np.ndarray]:
+            p, d = predict_batch(net, read_region(reader, job.plan, box)[None])
+            return p[0], d[0]
+
+        for tile, prob, dist in zip(todo, probs, dists):
+            result = segment_tile(tile.core, tile.window, prob, dist, image, params,
+                                  job.margin, job.multiple, predict)
+            seconds = (time.perf_counter() - t0) / len(todo)
+            _save_tile(job, tile, result, seconds)
+            out.append(TileSummary(tile.index, result.count, result.extent, result.recomputed,
+                                   result.truncated, seconds, False))
+    return sorted(out, key=lambda s: s.index)
+
+
+def _save_tile(job: TileJob, tile: Tile, result: Any, seconds: float) -> None:
+    """Measurements and polygons are computed here, on the worker, so the single
+    writer of phase 3 only streams them."""
+    from pipeline.atomic import save_npz_atomic
+    from pipeline.writers.geojson import label_polygons
+    from pipeline.writers.table import instance_measurements
+
+    scale = job.plan.scale
+    offset = (result.extent.y0, result.extent.x0)
+    columns = instance_measurements(result.labels, result.prob, offset, scale, job.slide_mpp)
+    wkb = io.BytesIO()
+    lengths = []
+    for _, polygon in label_polygons(result.labels, offset, scale):
+        data = polygon.wkb
+        wkb.write(data)
+        lengths.append(len(data))
+    arrays = {f"col_{k}": np.asarray(v) for k, v in columns.items()}
+    save_npz_atomic(tile_file(job.work_dir, tile.index),
+                    labels=result.labels, extent=np.array([*offset, result.extent.y1, result.extent.x1]),
+                    stats=np.array([result.count, result.recomputed, result.truncated]),
+                    seconds=np.array(seconds),
+                    wkb=np.frombuffer(wkb.getvalue(), dtype=np.uint8),
+                    wkb_lengths=np.array(lengths, dtype=np.int64), **arrays)
+
+
+def _cached_summary(work_dir: str, tile: Tile) -> TileSummary:
+    with np.load(tile_file(work_dir, tile.index)) as f:
+        y0, x0, y1, x1 = (int(v) for v in f["extent"])
+        count, recomputed, truncated = (int(v) for v in f["stats"])
+        return TileSummary(tile.index, count, Box(y0, x0, y1, x1), recomputed, truncated,
+                           float(f["seconds"]), True)
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    store: Any  # pipeline.writers.labels.LabelStoreSpec
+    block: Box  # level-0, chunk-aligned
+    scale: float
+    model_shape: tuple[int, int]
+    sources: tuple[tuple[int, Box, int], ...]  # (tile index, extent, id offset)
+    work_dir: str
+
+
+def block_rows(start: int, stop: int, scale: float, limit: int) -> np.ndarray:
+    """Model pixel of each level-0 pixel centre: floor((y + 0.5) / scale)."""
+    idx = np.floor((np.arange(start, stop) + 0.5) / scale).astype(np.int64)
+    return np.clip(idx, 0, limit - 1)
+
+
+def write_label_block(job: BlockJob) -> int:
+    """Phase 2: paint one level-0 block with global ids and write it; returns nuclei
+    pixels written (for logging). Only this task writes these chunks."""
+    from pipeline.writers.labels import write_block
+
+    rows = block_rows(job.block.y0, job.block.y1, job.scale, job.model_shape[0])
+    cols = block_rows(job.block.x0, job.block.x1, job.scale, job.model_shape[1])
+    mbox = Box(int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
+    canvas = np.zeros(mbox.shape, dtype=np.uint32)
+    for index, extent, offset in job.sources:
+        inter = extent.intersect(mbox)
+        if inter.is_empty():
+            continue
+        with np.load(tile_file(job.work_dir, index)) as f:
+            src = f["labels"][inter.slices((extent.y0, extent.x0))]
+        dst = canvas[inter.slices((mbox.y0, mbox.x0))]
+        mask = src > 0
+        dst[mask] = src[mask].astype(np.uint32) + np.uint32(offset)
+    labels = canvas[np.ix_(rows - mbox.y0, cols - mbox.x0)]
+    write_block(job.store, job.block, labels)
+    return int((labels > 0).sum())
+
+
+@dataclass(frozen=True)
+class FinalJob:
+    path: str
+    mpp_override: float | None
+    slide_id: str
+    store: Any
+    out_dir: str
+    work_dir: str
+    tiles: tuple[tuple[int, int], ...]  # (tile index, id offset) in tile order
+    tissue: Any
+    gzip: bool
+    slide_mpp: float | None
+    origin_shift: tuple[int, int]
+    model_name: str
+
+
+def finalize_slide(job: FinalJob) -> dict[str, Any]:
+    """Phase 3, the single writer of the slide's shared outputs."""
+    from pipeline.writers.geojson import GeoJSONWriter, nucleus_feature
+    from pipeline.writers.labels import build_pyramid, finalize, write_tissue
+    from pipeline.writers.table import write_table
+
+    out = Path(job.out_dir)
+    build_pyramid(job.store)
+    write_tissue(job.store, job.tissue.mask, job.tissue.level0_per_pixel)
+    geojson_path = out / ("nuclei.geojson.gz" if job.gzip else "nuclei.geojson")
+    count = 0
+
+    def frames() -> Iterator[dict[str, np.ndarray]]:
+        nonlocal count
+        with GeoJSONWriter(geojson_path, gzip=job.gzip) as writer:
+            for index, offset in job.tiles:
+                with np.load(tile_file(job.work_dir, index)) as f:
+                    cols = {k[4:]: f[k] for k in f.files if k.startswith("col_")}
+                    wkb = f["wkb"].tobytes()
+                    lengths = f["wkb_lengths"]
+                n = len(lengths)
+                if n == 0:
+                    continue
+                cols["id"] = cols["id"].astype(np.uint64) + np.uint64(offset)
+                _stream_features(writer, nucleus_feature, job, cols, wkb, lengths)
+                count += n
+                yield cols
+
+    write_table(out, frames(), store=job.store)
+    finalize(job.store, name="nuclei", extra_attrs={"wsi-nuclei": {"slide": job.path,
+                                                                   "model": job.model_name}})
+    preview = out / "preview.png"
+    _write_preview(job, preview)
+    return {"nuclei": count, "outputs": {"zarr": str(job.store.path), "geojson": str(geojson_path),
+                                         "table": str(out / "nuclei.parquet"), "preview": str(preview)}}
+
+
+def _stream_features(writer: Any, feature: Callable[..., dict], job: FinalJob,
+                     cols: dict[str, np.ndarray], wkb: bytes, lengths: np.ndarray) -> None:
+    import shapely
+    from shapely.affinity import translate
+
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    names = [k for k in cols if k != "id"]
+    for i, (start, length) in enumerate(zip(starts, lengths)):
+        polygon = shapely.from_wkb(wkb[start:start + length])
+        if job.origin_shift != (0, 0):
+            polygon = translate(polygon, -job.origin_shift[0], -job.origin_shift[1])
+        measurements = {name: float(cols[name][i]) for name in names}
+        writer.add(feature(job.slide_id, int(cols["id"][i]), polygon, measurements))
+
+
+def _write_preview(job: FinalJob, path: Path) -> None:
+    from pipeline.slide import open_slide
+    from pipeline.writers.preview import write_preview
+
+    with open_slide(job.path, mpp_override=job.mpp_override) as reader:
+        level = len(reader.info.levels) - 1
+        lv = reader.info.levels[level]
+        thumb = reader.read_level(level, Box(0, 0, lv.height, lv.width))
+    step = max(1, int(np.ceil(max(thumb.shape[:2]) / 2048)))
+    thumb = thumb[::step, ::step]
+    labels_thumb = _label_thumbnail(str(job.store.path), thumb.shape[:2])
+    tissue = job.tissue.mask
+    ty = np.linspace(0, tissue.shape[0] - 1, thumb.shape[0]).astype(int)
+    tx = np.linspace(0, tissue.shape[1] - 1, thumb.shape[1]).astype(int)
+    write_preview(path, thumb, labels_thumb, tissue[np.ix_(ty, tx)])
+
+
+def _label_thumbnail(store_path: str, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-sampled labels from the smallest pyramid level at least ``shape`` (the
+    pyramid is built by striding, so this never reads level 0 of a big slide)."""
+    import zarr
+
+    group = zarr.open_group(store_path, mode="r")["labels/nuclei"]
+    names = sorted((k for k in group.array_keys()), key=lambda k: int(k.lstrip("s")))
+    chosen = names[0]
+    for name in names:
+        if group[name].shape[0] >= shape[0] and group[name].shape[1] >= shape[1]:
+            chosen = name
+    level = group[chosen][...]
+    ys = np.linspace(0, level.shape[0] - 1, shape[0]).astype(int)
+    xs = np.linspace(0, level.shape[1] - 1, shape[1]).astype(int)
+    return level[np.ix_(ys, xs)]
+
+
+# --------------------------------------------------------------------------- per slide
+
+
+def slide_dir(cfg: RunConfig, path: str | Path) -> Path:
+    name = Path(path).name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return Path(cfg.out) / name[: -len(suffix)]
+    return Path(cfg.out) / Path(path).stem
+
+
+def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
+                  progress: Callable[[int, int], None] | None = None) -> SlideOutcome:
+    """Run one slide through the three phases; never raises for slide errors."""
+    from models.checkpoints import load as load_model
+    from pipeline.writers.summary import is_done, read_summary, write_summary
+
+    path = str(path)
+    out = slide_dir(cfg, path)
+    summary_path = out / "summary.json"
+    if not cfg.overwrite and is_done(summary_path):
+        done = read_summary(summary_path) or {}
+        return SlideOutcome(path, "done", int(done.get("nuclei", 0)), 0.0, out_dir=str(out),
+                            skipped=True)
+    if cfg.overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / WORK_DIR
+    work.mkdir(exist_ok=True)
+    started = time.time()
+    timings: dict[str, float] = {}
+    bundle = load_model(cfg.model, "cpu")  # metadata only on the client: name, checksum, mpp
+    summary: dict[str, Any] = {"slide": path, "status": "running", "model": str(bundle.path),
+                               "model_sha256": bundle.sha256, "config": asdict(cfg)}
+    try:
+        t = time.time()
+        plan = _one(executor, prepare_slide, PrepareJob(path, cfg.mpp, cfg.model, cfg.device,
+                                                        cfg.tissue_mask, cfg.tile_size,
+                                                        cfg.cluster_margin))
+        timings["prepare_s"] = time.time() - t
+        t = time.time()
+        tiles = _run_tiles(plan, cfg, executor, str(work), progress)
+        timings["inference_s"] = time.time() - t
+        t = time.time()
+        store, n_blocks, skipped_blocks = _write_blocks(plan, tiles, cfg, executor, out, work)
+        timings["labels_s"] = time.time() - t
+        t = time.time()
+        offsets = _offsets(tiles)
+        final = _one(executor, finalize_slide, FinalJob(
+            path, cfg.mpp, plan.info.slide_id, store, str(out), str(work),
+            tuple((s.index, offsets[s.index]) for s in tiles), plan.tissue, cfg.gzip,
+            plan.info.mpp, plan.info.bounds_xy, Path(cfg.model).name))
+        timings["outputs_s"] = time.time() - t
+        n = final["nuclei"]
+        if n != sum(s.count for s in tiles):
+            raise RuntimeError(f"wrote {n} nuclei but tiles found {sum(s.count for s in tiles)}")
+        summary.update({
+            "status": "done", "nuclei": n, "dimensions": [plan.info.width, plan.info.height],
+            "slide_mpp": plan.info.mpp, "model_mpp": plan.plan.mpp, "level_read": plan.plan.level,
+            "scale": plan.plan.scale, "tissue_area_um2": _tissue_area(plan),
+            "tiles_total": plan.n_tiles_total, "tiles_processed": len(plan.tiles),
+            "tiles_skipped_no_tissue": plan.n_tiles_total - len(plan.tiles),
+            "tiles_from_cache": sum(s.cached for s in tiles),
+            "clusters_recomputed": sum(s.recomputed for s in tiles),
+            "clusters_truncated": sum(s.truncated for s in tiles),
+            "label_blocks": n_blocks, "label_blocks_from_cache": skipped_blocks,
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            "seconds": round(time.time() - started, 3), "versions": _versions(),
+            "outputs": final["outputs"], "origin_shift_xy": list(plan.info.bounds_xy),
+        })
+        write_summary(summary_path, summary)
+        shutil.rmtree(work, ignore_errors=True)
+        return SlideOutcome(path, "done", n, time.time() - started, out_dir=str(out),
+                            counters={"tiles_from_cache": summary["tiles_from_cache"],
+                                      "label_blocks_from_cache": skipped_blocks})
+    except Exception as exc:  # a bad slide fails alone, with its error in its summary
+        log.error("%s failed: %s", path, exc)
+        log.debug("traceback", exc_info=True)
+        summary.update({"status": "failed", "error": f"{exc.__class__.__name__}: {exc}",
+                        "seconds": round(time.time() - started, 3), "versions": _versions()})
+        write_summary(summary_path, summary)
+        return SlideOutcome(path, "failed", error=str(exc), seconds=time.time() - started,
+                            out_dir=str(out))
+
+
+def _one(executor: Any, fn: Task, job: Any) -> Any:
+    for _, result in executor.map(fn, [job]):
+        if isinstance(result, Exception):
+            raise result
+        return result
+    raise RuntimeError("executor returned nothing")
+
+
+def _run_tiles(plan: SlidePlan, cfg: RunConfig, executor: Any, work: str,
+               progress: Callable[[int, int], None] | None) -> list[TileSummary]:
+    batches = [plan.tiles[i:i + cfg.batch_size] for i in range(0, len(plan.tiles), cfg.batch_size)]
+    jobs = [TileJob(plan.info.path, cfg.mpp, cfg.model, cfg.device, plan.plan, batch, work,
+                    plan.margin, plan.multiple, plan.info.mpp or 0.0) for batch in batches]
+    done: list[TileSummary] = []
+    for _, result in executor.map(infer_tiles, jobs):
+        if isinstance(result, Exception):
+            raise result
+        done.extend(result)
+        if progress:
+            progress(len(done), len(plan.tiles))
+    return sorted(done, key=lambda s: s.index)
+
+
+def _offsets(tiles: list[TileSummary]) -> dict[int, int]:
+    offsets, total = {}, 0
+    for s in tiles:
+        offsets[s.index] = total
+        total += s.count
+    return offsets
+
+
+def _write_blocks(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, executor: Any,
+                  out: Path, work: Path) -> tuple[Any, int, int]:
+    from pipeline.writers.labels import create_store, open_store
+
+    height, width = plan.info.height, plan.info.width
+    store_path = out / "nuclei.zarr"
+    marker_dir = work / "blocks"
+    if marker_dir.exists() and store_path.exists():
+        store = open_store(store_path)
+    else:
+        store = create_store(store_path, (height, width), cfg.chunk, plan.info.mpp)
+        marker_dir.mkdir(parents=True, exist_ok=True)
+    offsets = _offsets(tiles)
+    step = cfg.chunk * max(1, 2048 // cfg.chunk)
+    jobs, skipped = [], 0
+    for y0 in range(0, height, step):
+        for x0 in range(0, width, step):
+            block = Box(y0, x0, min(y0 + step, height), min(x0 + step, width))
+            if (marker_dir / f"{y0}-{x0}").exists():
+                skipped += 1
+                continue
+            rows = block_rows(block.y0, block.y1, plan.plan.scale, plan.plan.shape[0])
+            cols = block_rows(block.x0, block.x1, plan.plan.scale, plan.plan.shape[1])
+            mbox = Box(int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
+            sources = tuple((s.index, s.extent, offsets[s.index]) for s in tiles
+                            if s.count and not s.extent.intersect(mbox).is_empty())
+            jobs.append(BlockJob(store, block, plan.plan.scale, plan.plan.shape, sources, str(work)))
+    for job, result in executor.map(write_label_block, jobs):
+        if isinstance(result, Exception):
+            raise result
+        (marker_dir / f"{job.block.y0}-{job.block.x0}").touch()
+    return store, len(jobs) + skipped, skipped
+
+
+def _tissue_area(plan: SlidePlan) -> float | None:
+    if plan.info.mpp is None:
+        return None
+    return float(plan.tissue.area_um2(plan.info.mpp))
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("wsi-nuclei", "torch", "numpy", "scikit-image", "zarr", "openslide-python",
+                 "openslide-bin", "dask", "distributed", "shapely"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
