@@ -1,0 +1,144 @@
+"""``wsi-nuclei evaluate`` and ``wsi-nuclei tune``: thin wrappers around
+:mod:`models.evaluate` and :mod:`models.tune` (parsing, a printed table, JSON output).
+
+Does not import :mod:`pipeline.cli` (which imports this module to register the parsers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("wsi_nuclei")
+
+TABLE_COLUMNS = ("name", "n_true", "n_pred", "dice", "aji", "pq", "f1", "semantic_dice",
+                 "regression_mse")
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="checkpoint path or shipped model name (dense, pruned80 ...)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+
+
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate", formatter_class=_formatter, help="score a model on an annotated folder",
+        description="Segment every image of an annotated folder (images/*.png, labels/*.tif) "
+                    "with the model and its stored watershed parameters, and report Dice, "
+                    "AJI, PQ, detection F1 (native resolution) and the semantic Dice and "
+                    "regression MSE of the raw outputs (model resolution).",
+        epilog="examples:\n"
+               "  wsi-nuclei evaluate --model dense.pt --data ../shared/data/monuseg/test\n"
+               "  wsi-nuclei evaluate --model runs/dense/best.pt --data DIR --json scores.json\n"
+               "  wsi-nuclei evaluate --model pruned80 --data DIR --images NAME1,NAME2")
+    _model_arguments(p)
+    p.add_argument("--data", required=True, help="annotated folder with images/ and labels/")
+    p.add_argument("--json", metavar="OUT", help="also write all scores as JSON (atomic)")
+    p.add_argument("--images", help="comma-separated image names (default: all)")
+    p.set_defaults(func=_run_evaluate)
+
+
+def add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune", formatter_class=_formatter, help="tune the watershed on validation images",
+        description="Grid-search the watershed parameters (fg/marker thresholds, minimum "
+                    "marker and nucleus sizes) for maximal mean AJI on the validation images "
+                    "recorded in the checkpoint, found in the TRAINING folder, and save a "
+                    "copy of the checkpoint with the tuned parameters.",
+        epilog="examples:\n"
+               "  wsi-nuclei tune --model runs/dense/best.pt "
+               "--data ../shared/data/monuseg/train --out runs/dense/tuned.pt")
+    _model_arguments(p)
+    p.add_argument("--data", required=True, help="the training folder of the model")
+    p.add_argument("--out", required=True, help="new checkpoint with the tuned parameters")
+    p.set_defaults(func=_run_tune)
+
+
+def _setup_torch(args: argparse.Namespace) -> Any:
+    import torch
+
+    from models.inference import pick_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return pick_device(args.device)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Per-image rows and the mean row of an ``evaluate_folder`` result."""
+    rows = [[_fmt(r[c]) for c in TABLE_COLUMNS] for r in result["per_image"]]
+    n = max(len(result["per_image"]), 1)
+    mean = ["mean", f'{sum(r["n_true"] for r in result["per_image"]) / n:.1f}',
+            f'{sum(r["n_pred"] for r in result["per_image"]) / n:.1f}']
+    rows.append(mean + [_fmt(result[c]) for c in TABLE_COLUMNS[3:]])
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(TABLE_COLUMNS)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(TABLE_COLUMNS, widths)))]
+    for k, row in enumerate(rows):
+        if k == len(rows) - 1:
+            lines.append("  ".join("-" * w for w in widths))
+        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
+                               for i, (v, w) in enumerate(zip(row, widths))))
+    return "\n".join(lines)
+
+
+def write_json(data: Any, path: str | os.PathLike) -> Path:
+    """Write JSON atomically (temp file in the same folder + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from models import checkpoints
+    from models.evaluate import evaluate_folder
+
+    device = _setup_torch(args)
+    bundle = checkpoints.load(args.model, device=device)
+    names = [n.strip() for n in args.images.split(",") if n.strip()] if args.images else None
+    result = evaluate_folder(bundle, args.data, names=names, progress=not args.quiet)
+    print(format_table(result))
+    print(f"model {bundle.path} (sha256 {bundle.sha256[:12]}), watershed {result['watershed']}")
+    if args.json:
+        log.info("wrote %s", write_json(result, args.json))
+    return 0
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from models.tune import retune_checkpoint
+
+    device = _setup_torch(args)
+    path, params, record = retune_checkpoint(args.model, args.data, args.out, device=str(device),
+                                             progress=not args.quiet)
+    previous = record["previous_aji"]
+    print(f"tuned on {len(record['val_images'])} validation image(s), {record['settings']} settings")
+    print(f"best watershed {params.to_dict()}: mean AJI {record['best_aji']:.4f}"
+          + (f" (stored setting: {previous:.4f})" if previous is not None else ""))
+    print(f"saved {path}")
+    return 0

@@ -1,0 +1,121 @@
+"""One-file checkpoints: exact round trips, sparse packing, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_net
+
+from models import checkpoints
+from models.checkpoints import CheckpointError, _pack, _unpack, load, resolve, save
+from models.config import NetConfig, TargetConfig, WatershedParams
+
+
+def outputs(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode():
+        return net.eval()(x)
+
+
+@pytest.mark.parametrize("arch,batchnorm", [("dual", True), ("paper", False)])
+def test_round_trip_gives_identical_outputs(tmp_path: Path, arch: str, batchnorm: bool) -> None:
+    net = tiny_net(arch, seed=3, batchnorm=batchnorm)
+    if batchnorm:  # non-trivial running statistics must survive too
+        net.train()
+        with torch.no_grad():
+            net(torch.rand(2, 3, 16, 16))
+        net.eval()
+    params = WatershedParams(0.45, 0.6, 3, 17)
+    path = save(tmp_path / "m.pt", net, mpp=0.5, watershed=params,
+                targets=TargetConfig("per_image"), provenance={"val_images": ["a", "b"]},
+                metrics={"val_dice": 0.8})
+    bundle = load(path)
+    assert bundle.config == net.config
+    assert bundle.mpp == 0.5 and bundle.watershed == params
+    assert bundle.targets == TargetConfig("per_image")
+    assert bundle.provenance["val_images"] == ["a", "b"] and bundle.metrics["val_dice"] == 0.8
+    assert bundle.path == path and len(bundle.sha256) == 64
+    x = torch.rand(1, 3, 32, 32)
+    for a, b in zip(outputs(net, x), outputs(bundle.net, x)):
+        assert torch.equal(a, b)
+
+
+def test_sparse_packing_round_trip(tmp_path: Path) -> None:
+    net = tiny_net("dual", seed=1)
+    conv = net.encoder.blocks[1][0]
+    with torch.no_grad():
+        mask = torch.rand_like(conv.weight) < 0.8
+        conv.weight[mask] = 0.0
+    packed = _pack(net.state_dict())
+    key = "encoder.blocks.1.0.weight"
+    assert isinstance(packed[key], dict) and packed[key]["sparse_shape"] == list(conv.weight.shape)
+    assert packed[key]["values"].numel() == int((conv.weight != 0).sum())
+    assert isinstance(packed["encoder.blocks.0.0.weight"], torch.Tensor)  # dense stays dense
+    unpacked = _unpack(packed)
+    for name, tensor in net.state_dict().items():
+        assert torch.equal(unpacked[name], tensor), name
+    # and through a file
+    path = save(tmp_path / "sparse.pt", net, mpp=0.25, watershed=WatershedParams(),
+                targets=TargetConfig())
+    x = torch.rand(1, 3, 16, 16)
+    for a, b in zip(outputs(net, x), outputs(load(path).net, x)):
+        assert torch.equal(a, b)
+
+
+def test_corrupt_file_is_a_checkpoint_error(tmp_path: Path) -> None:
+    good = save(tmp_path / "good.pt", tiny_net(), mpp=0.5, watershed=WatershedParams(),
+                targets=TargetConfig())
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="not a readable model checkpoint"):
+        load(bad)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable model checkpoint"):
+        load(text)
+
+
+def test_other_torch_file_is_not_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "state.pt"
+    torch.save(tiny_net().state_dict(), path)
+    with pytest.raises(CheckpointError, match="not a wsi-nuclei checkpoint"):
+        load(path)
+
+
+def test_mismatched_weights_are_reported(tmp_path: Path) -> None:
+    path = save(tmp_path / "m.pt", tiny_net(), mpp=0.5, watershed=WatershedParams(),
+                targets=TargetConfig())
+    payload = torch.load(path, weights_only=True)
+    payload["net"]["widths"] = [8, 16, 32]
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="weights do not match"):
+        load(path)
+
+
+def test_checkpoint_error_is_a_value_error_for_the_cli() -> None:
+    assert issubclass(CheckpointError, ValueError)
+
+
+def test_resolve_by_shipped_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for name in ("pruned80.pt", "dense.pt"):
+        save(weights / name, tiny_net(), mpp=0.5, watershed=WatershedParams(),
+             targets=TargetConfig())
+    monkeypatch.setattr(checkpoints, "WEIGHTS_DIR", weights)
+    monkeypatch.chdir(tmp_path)
+    assert resolve("dense") == weights / "dense.pt"
+    assert resolve("pruned80.pt") == weights / "pruned80.pt"
+    assert load("dense").config == NetConfig(arch="dual", widths=(4, 8, 16), dropout=0.0)
+    with pytest.raises(CheckpointError) as info:
+        resolve("pruned95")
+    message = str(info.value)
+    assert "'pruned95' not found" in message and "dense.pt, pruned80.pt" in message
+    assert "\n" not in message
+
+
+def test_resolve_without_shipped_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checkpoints, "WEIGHTS_DIR", tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="shipped models: none"):
+        load(tmp_path / "missing.pt")

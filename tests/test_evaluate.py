@@ -1,0 +1,213 @@
+"""Evaluation on annotated folders, watershed tuning and their CLI commands."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import save_tiny_checkpoint
+
+from models.checkpoints import CheckpointError, load
+from models.config import WatershedParams
+from models.data import downsample_labels
+from models.evaluate import (
+    Prediction,
+    evaluate_folder,
+    predict_folder,
+    resolution_factor,
+    score_predictions,
+    upsample_labels,
+)
+from models.targets import distance_map
+from models.tune import default_grid, retune_checkpoint, tune_watershed
+from pipeline.cli import main
+
+TOP_KEYS = {"dice", "aji", "pq", "f1", "semantic_dice", "regression_mse", "n_images",
+            "per_image", "model", "watershed"}
+ROW_KEYS = {"name", "n_true", "n_pred", "dice", "aji", "pq", "dq", "sq", "precision", "recall",
+            "f1", "semantic_dice", "regression_mse"}
+
+
+def perfect_predictions(folder: Path, factor: int = 1) -> list[Prediction]:
+    """Predictions equal to the (downsampled) truth targets: what an ideal network gives."""
+    out = []
+    for label_path in sorted((folder / "labels").glob("*.tif")):
+        truth = tifffile.imread(label_path)
+        small = downsample_labels(truth, factor)
+        h, w = truth.shape[0] // factor, truth.shape[1] // factor
+        small = small[:h, :w]
+        out.append(Prediction(label_path.stem, (small > 0).astype(np.float32) * 0.9,
+                              distance_map(small), truth, factor, 0.25 * factor, 1.0, 0.0))
+    return out
+
+
+def test_resolution_factor() -> None:
+    assert resolution_factor(0.25) == 1 and resolution_factor(0.5) == 2
+    assert resolution_factor(0.5034, 0.2517) == 2
+    for bad in (0.125, 0.3, 0.6):
+        with pytest.raises(ValueError, match="not an integer multiple"):
+            resolution_factor(bad)
+
+
+def test_upsample_labels() -> None:
+    small = np.array([[1, 2], [0, 3]], dtype=np.int32)
+    up = upsample_labels(small, 2, (5, 3))
+    expected = np.array([[1, 1, 2], [1, 1, 2], [0, 0, 3], [0, 0, 3], [0, 0, 0]])
+    np.testing.assert_array_equal(up, expected)
+    np.testing.assert_array_equal(upsample_labels(small, 1, (2, 2)), small)
+
+
+def test_perfect_predictions_score_one(make_annotated_folder) -> None:
+    folder = make_annotated_folder(touching=0.0)
+    params = WatershedParams(min_marker_size=1, min_size=5)
+    result = score_predictions(perfect_predictions(folder), params)
+    assert result["n_images"] == 4
+    for key in ("dice", "aji", "pq", "f1"):
+        assert result[key] == pytest.approx(1.0), key
+    for row in result["per_image"]:
+        assert row["n_pred"] == row["n_true"] > 0
+
+
+def test_ideal_outputs_separate_touching_nuclei(synthetic_folder: Path) -> None:
+    result = score_predictions(perfect_predictions(synthetic_folder),
+                               WatershedParams(min_marker_size=1, min_size=5))
+    assert result["f1"] == pytest.approx(1.0) and result["aji"] > 0.95
+
+
+def test_half_resolution_predictions_are_scored_at_native_resolution(synthetic_folder: Path) -> None:
+    result = score_predictions(perfect_predictions(synthetic_folder, 2),
+                               WatershedParams(min_marker_size=1, min_size=2))
+    row = result["per_image"][0]
+    assert row["n_pred"] >= 0.8 * row["n_true"]
+    assert 0.6 < result["dice"] < 1.0 and 0.4 < result["aji"] < 1.0
+
+
+def test_evaluate_folder_with_a_tiny_model(synthetic_folder: Path, tiny_checkpoint: Path) -> None:
+    bundle = load(tiny_checkpoint)
+    result = evaluate_folder(bundle, synthetic_folder, progress=False)
+    assert TOP_KEYS <= set(result)
+    assert result["n_images"] == 4 and len(result["per_image"]) == 4
+    assert result["model"]["sha256"] == bundle.sha256
+    assert result["model"]["path"] == str(tiny_checkpoint)
+    assert result["watershed"] == bundle.watershed.to_dict()
+    assert result["data"]["factor"] == 2
+    for row in result["per_image"]:
+        assert set(row) == ROW_KEYS
+        truth = tifffile.imread(synthetic_folder / "labels" / f"{row['name']}.tif")
+        assert row["n_true"] == len(np.unique(truth)) - 1
+        assert all(0.0 <= row[k] <= 1.0 for k in ("dice", "aji", "pq", "f1", "semantic_dice"))
+    assert result["aji"] == pytest.approx(np.mean([r["aji"] for r in result["per_image"]]))
+    json.dumps(result)  # JSON-able
+    # a subset by name, and another watershed without running the network again
+    some = evaluate_folder(bundle, synthetic_folder, names=["img2"], progress=False,
+                           watershed=WatershedParams(fg_threshold=0.9))
+    assert [r["name"] for r in some["per_image"]] == ["img2"]
+    assert some["watershed"]["fg_threshold"] == 0.9
+    with pytest.raises(FileNotFoundError, match="no annotated image named nope"):
+        predict_folder(bundle, synthetic_folder, names=["nope"], progress=False)
+
+
+def test_tune_picks_the_best_setting_and_its_table_matches_direct_scoring(
+        make_annotated_folder) -> None:
+    predictions = perfect_predictions(make_annotated_folder(touching=0.0))
+    grid = {"fg_threshold": (0.5, 0.95), "marker_threshold": (0.5, 0.99),
+            "min_marker_size": (1,), "min_size": (1, 60)}
+    params, table = tune_watershed(predictions, grid)
+    assert len(table) == 8
+    assert params == WatershedParams(0.5, 0.5, 1, 1)
+    best = max(r["aji"] for r in table)
+    assert best == pytest.approx(1.0)
+    for row in table:  # the min_size shortcut equals a full post-processing + scoring
+        ws = WatershedParams(row["fg_threshold"], row["marker_threshold"],
+                             row["min_marker_size"], row["min_size"])
+        assert row["aji"] == pytest.approx(score_predictions(predictions, ws)["aji"]), row
+    with pytest.raises(ValueError, match="unknown grid keys"):
+        tune_watershed(predictions, {"threshold": (0.5,)})
+
+
+def test_default_grid_scales_with_resolution() -> None:
+    fine, coarse = default_grid(0.25), default_grid(0.5)
+    assert len(list(itertools.product(*fine.values()))) == 135
+    assert fine["min_size"] == tuple(4 * s for s in coarse["min_size"])
+    assert coarse["fg_threshold"] == fine["fg_threshold"]
+
+
+def test_retune_checkpoint(synthetic_folder: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    grid = {"fg_threshold": (0.3, 0.5), "marker_threshold": (0.5,), "min_marker_size": (2,),
+            "min_size": (1, 5)}
+    out, params, record = retune_checkpoint(tiny_checkpoint, synthetic_folder,
+                                            tmp_path / "tuned.pt", grid=grid, progress=False)
+    tuned, original = load(out), load(tiny_checkpoint)
+    assert tuned.watershed == params
+    assert record["val_images"] == ["img0", "img1"] and record["settings"] == 4
+    stored = tuned.provenance["watershed_tuning"]
+    assert stored["best_aji"] == record["best_aji"] and stored["val_images"] == ["img0", "img1"]
+    assert stored["previous"] == original.watershed.to_dict()
+    assert tuned.provenance["val_images"] == original.provenance["val_images"]
+    assert tuned.metrics == original.metrics
+    # the same network
+    for a, b in zip(original.net.state_dict().values(), tuned.net.state_dict().values()):
+        assert (a == b).all()
+
+
+def test_retune_needs_a_validation_split(synthetic_folder: Path, tmp_path: Path) -> None:
+    model = save_tiny_checkpoint(tmp_path / "noval.pt", val_images=[])
+    with pytest.raises(CheckpointError, match="val_images"):
+        retune_checkpoint(model, synthetic_folder, tmp_path / "out.pt", progress=False)
+
+
+def test_cli_evaluate_writes_json(synthetic_folder: Path, tiny_checkpoint: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "scores" / "eval.json"
+    code = main(["--quiet", "evaluate", "--model", str(tiny_checkpoint), "--data",
+                 str(synthetic_folder), "--json", str(out), "--device", "cpu",
+                 "--images", "img0,img3"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert TOP_KEYS <= set(result) and result["n_images"] == 2
+    printed = capsys.readouterr().out
+    assert "img0" in printed and "img3" in printed and "mean" in printed
+    assert "regression_mse" in printed.splitlines()[0]
+    assert [p.name for p in out.parent.iterdir()] == ["eval.json"]  # no temp file left
+
+
+def test_cli_errors_are_one_line(synthetic_folder: Path, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["evaluate", "--model", str(tmp_path / "missing.pt"), "--data",
+                 str(synthetic_folder)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wsi-nuclei evaluate: error:") and "not found" in err
+    assert len(err.splitlines()) == 1
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 100)
+    assert main(["evaluate", "--model", str(garbage), "--data", str(synthetic_folder)]) == 2
+    assert "not a readable model checkpoint" in capsys.readouterr().err
+
+
+def test_cli_tune(synthetic_folder: Path, tiny_checkpoint: Path, tmp_path: Path,
+                  capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.tune
+
+    small = {"fg_threshold": (0.5,), "marker_threshold": (0.4, 0.6), "min_marker_size": (2,),
+             "min_size": (5,)}
+    monkeypatch.setattr(models.tune, "default_grid", lambda mpp: small)
+    out = tmp_path / "tuned.pt"
+    assert main(["--quiet", "tune", "--model", str(tiny_checkpoint), "--data",
+                 str(synthetic_folder), "--out", str(out), "--device", "cpu"]) == 0
+    assert load(out).provenance["watershed_tuning"]["settings"] == 2
+    assert "best watershed" in capsys.readouterr().out
+
+
+@pytest.mark.shared_data
+def test_evaluate_runs_on_real_monuseg(monuseg: Path, tmp_path: Path) -> None:
+    """Only that the whole path works on real 1000x1000 tiles (tiny untrained model)."""
+    names = sorted(p.stem for p in (monuseg / "test" / "images").glob("*.png"))[:1]
+    model = save_tiny_checkpoint(tmp_path / "tiny.pt")
+    result = evaluate_folder(load(model), monuseg / "test", names=names, progress=False)
+    assert result["n_images"] == 1 and result["per_image"][0]["n_true"] > 100
+    assert np.isfinite([result[k] for k in ("dice", "aji", "pq", "f1", "regression_mse")]).all()
