@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pipeline import __version__
+from pipeline.commands_models import add_evaluate, add_tune
 
 log = logging.getLogger("wsi_nuclei")
 
@@ -73,7 +74,7 @@ def _run_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, add_evaluate, add_tune]
 
 
 def build_parser() -> argparse.ArgumentParser:
