@@ -1,0 +1,267 @@
+"""OME-Zarr label store: chunk-wise writing, strided pyramid, tissue image, NGFF 0.5 metadata
+checked by three independent readers (zarr, ome_zarr.reader, ome-zarr-models)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from ome_zarr.io import parse_url
+from ome_zarr.reader import Label, Reader
+from ome_zarr_models import open_ome_zarr
+from ome_zarr_models.v05 import Image, ImageLabel, Labels
+from scipy import ndimage as ndi
+
+from pipeline.types import Box
+from pipeline.writers.labels import (
+    build_pyramid,
+    create_store,
+    finalize,
+    labels_thumbnail,
+    open_store,
+    pyramid_shapes,
+    write_block,
+    write_tissue,
+)
+from pipeline.writers.table import instance_measurements, write_table
+
+BIG = 70_000  # ids above 2^16 catch any narrowing to uint16
+
+
+def synthetic_labels(h: int = 70, w: int = 90) -> np.ndarray:
+    """Discs, two touching discs, a C shape (concavity), instances on three image borders
+    and a 1-px instance; every instance is one 4-connected component."""
+    yy, xx = np.mgrid[:h, :w]
+    lab = np.zeros((h, w), np.int64)
+
+    def disc(cy: float, cx: float, r: float) -> np.ndarray:
+        return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+    lab[disc(15, 15, 8)] = 1
+    left = disc(40, 20, 7)
+    lab[left] = 2
+    lab[disc(40, 34, 7) & ~left] = 3  # touches instance 2
+    lab[10:30, 48:52] = 4  # a "C": deep concavity
+    lab[10:14, 48:64] = 4
+    lab[26:30, 48:64] = 4
+    lab[0:5, w - 10:w] = 5  # top-right corner
+    lab[h - 5:h, 0:6] = 6  # bottom-left corner
+    lab[h - 8:h, 40:50] = 7  # bottom edge
+    lab[50, 70] = 8  # single pixel
+    for v in range(1, 9):
+        _, n = ndi.label(lab == v)
+        assert n == 1, f"instance {v} must be one 4-connected part"
+    return lab
+
+
+def _write_all(tmp_path: Path, lab: np.ndarray, chunk: int = 16, mpp: float | None = 0.25,
+               n_levels: int | None = None, threads: bool = True):
+    spec = create_store(tmp_path / "nuclei.zarr", lab.shape, chunk, mpp, n_levels=n_levels)
+    boxes = spec.chunk_boxes()
+    random.Random(0).shuffle(boxes)  # any order
+    # blocks of 2x1 chunks (still chunk-aligned) written independently by two threads
+    merged = [Box(b.y0, b.x0, min(b.y0 + 2 * chunk, lab.shape[0]), b.x1)
+              for b in boxes if (b.y0 // chunk) % 2 == 0]
+    if threads:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(lambda b: write_block(spec, b, lab[b.slices()]), merged))
+    else:
+        for b in merged:
+            write_block(spec, b, lab[b.slices()])
+    build_pyramid(spec, scheduler="synchronous")
+    return spec
+
+
+@pytest.fixture()
+def lab() -> np.ndarray:
+    lab = synthetic_labels()
+    return np.where(lab > 0, lab + BIG, 0).astype(np.uint32)
+
+
+def test_blocks_round_trip_and_pyramid_is_exact_striding(tmp_path: Path, lab: np.ndarray) -> None:
+    spec = _write_all(tmp_path, lab, chunk=16)
+    assert spec.level_shapes == ((70, 90), (35, 45), (18, 23))
+    root = zarr.open_group(spec.path, mode="r")
+    s0 = root["labels/nuclei/s0"]
+    assert s0.dtype == np.uint32 and s0.chunks == (16, 16)
+    np.testing.assert_array_equal(s0[:], lab)
+    for k in range(1, spec.n_levels):
+        np.testing.assert_array_equal(root[f"labels/nuclei/s{k}"][:], lab[:: 2**k, :: 2**k])
+        # never averaged: every value in a level is a value of level 0
+        assert set(np.unique(root[f"labels/nuclei/s{k}"][:])) <= set(np.unique(lab))
+
+
+def test_write_block_rejects_misaligned_or_bad_blocks(tmp_path: Path) -> None:
+    spec = create_store(tmp_path / "s.zarr", (40, 50), 16, None)
+    ok = np.ones((16, 16), np.uint32)
+    with pytest.raises(ValueError, match="aligned"):
+        write_block(spec, Box(8, 0, 24, 16), ok)
+    with pytest.raises(ValueError, match="aligned"):
+        write_block(spec, Box(0, 0, 16, 20), np.ones((16, 20), np.uint32))  # ends mid-chunk
+    with pytest.raises(ValueError, match="aligned"):
+        write_block(spec, Box(32, 48, 48, 64), ok)  # outside the image
+    with pytest.raises(ValueError, match="shape"):
+        write_block(spec, Box(0, 0, 16, 16), np.ones((16, 15), np.uint32))
+    with pytest.raises(ValueError, match="fit"):
+        write_block(spec, Box(0, 0, 16, 16), np.full((16, 16), 2**33, np.int64))
+    write_block(spec, Box(32, 48, 40, 50), np.full((8, 2), 7, np.int32))  # edge block is fine
+    assert zarr.open_array(spec.path, path="labels/nuclei/s0", mode="r")[39, 49] == 7
+
+
+def test_pyramid_levels_rule_and_spec_pickles(tmp_path: Path) -> None:
+    assert pyramid_shapes((100_000, 80_000), 1024) == tuple(
+        (-(-100_000 // 2**k), -(-80_000 // 2**k)) for k in range(7))
+    assert max(pyramid_shapes((100_000, 80_000), 1024)[-1]) <= 2048
+    assert pyramid_shapes((10, 10), 16) == ((10, 10),)
+    assert len(pyramid_shapes((10, 10), 16, n_levels=3)) == 3
+    spec = create_store(tmp_path / "p.zarr", (33, 17), 8, 0.5, n_levels=4)
+    assert pickle.loads(pickle.dumps(spec)) == spec
+    assert spec.level_shapes == ((33, 17), (17, 9), (9, 5), (5, 3))
+
+
+def test_unfinished_store_has_no_ome_metadata(tmp_path: Path, lab: np.ndarray) -> None:
+    spec = _write_all(tmp_path, lab)
+    for group in ("", "labels", "labels/nuclei"):
+        attrs = json.loads((Path(spec.path) / group / "zarr.json").read_text())["attributes"]
+        assert "ome" not in attrs, group
+    assert open_ome_zarr_fails(spec.path)
+
+
+def open_ome_zarr_fails(path: str) -> bool:
+    try:
+        open_ome_zarr(zarr.open_group(path, mode="r"))
+    except Exception:
+        return True
+    return False
+
+
+def _finished(tmp_path: Path, lab: np.ndarray, mpp: float | None = 0.25):
+    spec = _write_all(tmp_path, lab, mpp=mpp)
+    mask = np.zeros((9, 12), bool)
+    mask[1:7, 2:9] = True
+    write_tissue(spec, mask, 8.0)
+    write_table(tmp_path, [instance_measurements(synthetic_labels().astype(np.int32),
+                                                 np.ones(lab.shape, np.float32), (0, 0), 1.0, mpp,
+                                                 id_offset=BIG)])
+    finalize(spec, name="slide-1", colors=[{"label-value": BIG + 1, "rgba": [255, 0, 0, 255]}],
+             extra_attrs={"wsi_nuclei": {"slide": "slide-1.svs"}})
+    return spec
+
+
+def test_ome_zarr_reader_reads_levels_and_values(tmp_path: Path, lab: np.ndarray) -> None:
+    spec = _finished(tmp_path, lab)
+    nodes = list(Reader(parse_url(spec.path))())
+    label_nodes = [n for n in nodes if n.first(Label) is not None]
+    assert len(label_nodes) == 1
+    node = label_nodes[0]
+    assert node.metadata["name"] == "nuclei"
+    assert len(node.data) == spec.n_levels == 3
+    for k, level in enumerate(node.data):
+        np.testing.assert_array_equal(np.asarray(level), lab[:: 2**k, :: 2**k])
+    image = nodes[0]  # the root image is the tissue mask
+    assert image.metadata["name"] == "slide-1"
+    assert [d.shape for d in image.data] == list(spec.level_shapes)
+
+
+def test_ome_zarr_models_validate_store(tmp_path: Path, lab: np.ndarray) -> None:
+    spec = _finished(tmp_path, lab)
+    root = zarr.open_group(spec.path, mode="r")
+    model = open_ome_zarr(root)
+    assert isinstance(model, Image)
+    assert model.labels is not None and model.labels.label_paths == ["nuclei"]
+    Labels.from_zarr(root["labels"])
+    image_label = ImageLabel.from_zarr(root["labels/nuclei"])
+    assert len(image_label.ome_attributes.multiscales[0].datasets) == spec.n_levels
+    assert image_label.ome_attributes.image_label is not None
+
+
+def test_metadata_scales_units_and_versions(tmp_path: Path, lab: np.ndarray) -> None:
+    spec = _finished(tmp_path, lab)
+    store = Path(spec.path)
+    ome = json.loads((store / "labels/nuclei/zarr.json").read_text())["attributes"]["ome"]
+    assert ome["version"] == "0.5"
+    assert ome["image-label"]["version"] == "0.5"
+    assert ome["image-label"]["source"] == {"image": "../../"}
+    assert ome["image-label"]["colors"] == [{"label-value": BIG + 1, "rgba": [255, 0, 0, 255]}]
+    ms = ome["multiscales"][0]
+    assert [a["unit"] for a in ms["axes"]] == ["micrometer", "micrometer"]
+    for k, ds in enumerate(ms["datasets"]):
+        assert ds["path"] == f"s{k}"
+        assert ds["coordinateTransformations"] == [{"type": "scale", "scale": [0.25 * 2**k] * 2}]
+    labels_ome = json.loads((store / "labels/zarr.json").read_text())["attributes"]["ome"]
+    assert labels_ome == {"version": "0.5", "labels": ["nuclei"]}
+    root_attrs = json.loads((store / "zarr.json").read_text())["attributes"]
+    assert root_attrs["wsi_nuclei"] == {"slide": "slide-1.svs"}
+    assert root_attrs["ome"]["multiscales"][0]["datasets"] == ms["datasets"]
+
+
+def test_every_array_has_dimension_names(tmp_path: Path, lab: np.ndarray) -> None:
+    spec = _finished(tmp_path, lab)
+    arrays = [json.loads(p.read_text()) for p in Path(spec.path).rglob("zarr.json")]
+    arrays = [a for a in arrays if a["node_type"] == "array"]
+    assert len(arrays) == 2 * spec.n_levels + 15  # tissue + nuclei levels + table columns
+    for meta in arrays:
+        assert meta.get("dimension_names") and len(meta["dimension_names"]) == len(meta["shape"])
+
+
+def test_no_mpp_means_pixel_scale_without_unit(tmp_path: Path, lab: np.ndarray) -> None:
+    spec = _finished(tmp_path, lab, mpp=None)
+    ms = json.loads((Path(spec.path) / "labels/nuclei/zarr.json").read_text())["attributes"]["ome"]
+    axes = ms["multiscales"][0]["axes"]
+    assert all("unit" not in a for a in axes)
+    scales = [d["coordinateTransformations"][0]["scale"] for d in ms["multiscales"][0]["datasets"]]
+    assert scales == [[1.0, 1.0], [2.0, 2.0], [4.0, 4.0]]
+    assert isinstance(open_ome_zarr(zarr.open_group(spec.path, mode="r")), Image)
+
+
+@pytest.mark.parametrize("per_pixel", [8.0, 6.5])
+def test_tissue_levels_equal_strided_nearest_upsampling(tmp_path: Path, per_pixel: float) -> None:
+    rng = np.random.default_rng(3)
+    mask = rng.random((12, 15)) > 0.6
+    spec = create_store(tmp_path / "t.zarr", (70, 90), 16, 0.5)
+    write_tissue(spec, np.ones_like(mask), per_pixel)  # overwritten below: write is idempotent
+    write_tissue(spec, mask, per_pixel)
+    iy = np.minimum(((np.arange(70) + 0.5) // per_pixel).astype(int), mask.shape[0] - 1)
+    ix = np.minimum(((np.arange(90) + 0.5) // per_pixel).astype(int), mask.shape[1] - 1)
+    level0 = mask[np.ix_(iy, ix)].astype(np.uint8)
+    root = zarr.open_group(spec.path, mode="r")
+    for k in range(spec.n_levels):
+        np.testing.assert_array_equal(root[f"s{k}"][:], level0[:: 2**k, :: 2**k])
+
+
+def test_labels_thumbnail_is_strided_sample(tmp_path: Path, lab: np.ndarray) -> None:
+    spec = _write_all(tmp_path, lab, threads=False)
+    thumb = labels_thumbnail(spec, (17, 22))
+    assert thumb.shape == (17, 22)
+    assert set(np.unique(thumb)) <= set(np.unique(lab))
+    full = labels_thumbnail(spec, lab.shape)
+    np.testing.assert_array_equal(full, lab)
+
+
+def test_create_store_replaces_old_store(tmp_path: Path, lab: np.ndarray) -> None:
+    spec = _write_all(tmp_path, lab, threads=False)
+    finalize(spec, name="x")
+    spec2 = create_store(spec.path, (20, 20), 16, None)
+    root = zarr.open_group(spec2.path, mode="r")
+    assert root["labels/nuclei/s0"].shape == (20, 20)
+    assert not root["labels/nuclei/s0"][:].any()
+    assert "ome" not in root.attrs
+
+
+def test_open_store_recovers_spec_for_resume(tmp_path: Path, lab: np.ndarray) -> None:
+    spec = create_store(tmp_path / "r.zarr", lab.shape, 16, 0.2527, n_levels=3)
+    write_block(spec, Box(0, 0, 16, 16), lab[:16, :16])
+    again = open_store(spec.path)
+    assert again == spec
+    write_block(again, Box(16, 0, 32, 16), lab[16:32, :16])  # resume: earlier blocks kept
+    np.testing.assert_array_equal(
+        zarr.open_array(spec.path, path="labels/nuclei/s0", mode="r")[:32, :16], lab[:32, :16])
+    with pytest.raises(ValueError, match="create_store"):
+        zarr.open_group(tmp_path / "plain.zarr", mode="w", zarr_format=3)
+        open_store(tmp_path / "plain.zarr")

@@ -1,0 +1,184 @@
+"""Nucleus table (measurements, Parquet + Zarr twin, streaming), preview PNG, summary JSON
+and the atomic file helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import zarr
+from PIL import Image
+
+from pipeline.atomic import atomic_path, atomic_write_bytes, atomic_write_text, save_npz_atomic
+from pipeline.writers.preview import NUCLEUS_RGB, TISSUE_RGB, write_preview
+from pipeline.writers.summary import is_done, read_summary, write_summary
+from pipeline.writers.table import COLUMNS, instance_measurements, write_table
+
+
+def _square() -> tuple[np.ndarray, np.ndarray]:
+    lab = np.zeros((10, 12), np.int32)
+    lab[2:6, 3:7] = 1  # 4x4 model px square
+    prob = np.zeros((10, 12), np.float32)
+    prob[2:6, 3:7] = 0.5
+    prob[2, 3] = 0.9
+    return lab, prob
+
+
+def test_square_measurements_in_level0_units() -> None:
+    lab, prob = _square()
+    t = instance_measurements(lab, prob, (100, 40), 2.0, 0.25, id_offset=1000)
+    assert list(t.columns) == list(COLUMNS)
+    [row] = t.to_dict("records")
+    assert row["id"] == 1001 and t["id"].dtype == np.uint32
+    assert row["area_px"] == 64.0  # 16 model px * 2^2
+    assert row["area_um2"] == 64.0 * 0.25**2
+    # level-0 rows (102..105)*2 -> 204..211, centre index 207.5; cols (43..46)*2 -> 86..93
+    assert row["centroid_y_px"] == 207.5 and row["centroid_x_px"] == 89.5
+    assert row["centroid_y_um"] == 207.5 * 0.25 and row["centroid_x_um"] == 89.5 * 0.25
+    assert (row["bbox_y0"], row["bbox_x0"], row["bbox_y1"], row["bbox_x1"]) == (204, 86, 212, 94)
+    assert row["solidity"] == 1.0 and row["eccentricity"] == pytest.approx(0.0, abs=1e-12)
+    assert row["mean_probability"] == pytest.approx((15 * 0.5 + 0.9) / 16)
+    assert row["perimeter_um"] > 0
+    no_mpp = instance_measurements(lab, prob, (100, 40), 2.0, None).iloc[0]
+    assert np.isnan(no_mpp["area_um2"]) and np.isnan(no_mpp["centroid_x_um"])
+    assert no_mpp["area_px"] == 64.0
+    empty = instance_measurements(np.zeros((3, 3), np.int32), np.zeros((3, 3)), (0, 0), 1.0, 0.5)
+    assert len(empty) == 0 and list(empty.columns) == list(COLUMNS)
+
+
+def _tiles(n_tiles: int, per_tile: int) -> list[pd.DataFrame]:
+    frames = []
+    for t in range(n_tiles):
+        lab = np.zeros((8, 4 * per_tile), np.int32)
+        for i in range(per_tile):
+            lab[1 : 2 + i % 3, 4 * i : 4 * i + 2] = i + 1
+        frames.append(instance_measurements(lab, np.ones(lab.shape), (8 * t, 0), 1.0, 0.5,
+                                            id_offset=t * per_tile))
+    return frames
+
+
+def test_table_parquet_equals_zarr_columns(tmp_path: Path) -> None:
+    frames = _tiles(5, 7)
+    n = write_table(tmp_path, iter(frames), row_group_size=8)
+    assert n == 35
+    df = pd.read_parquet(tmp_path / "nuclei.parquet")
+    assert len(df) == 35 and list(df.columns) == list(COLUMNS)
+    assert df["id"].tolist() == list(range(1, 36))
+    pd.testing.assert_frame_equal(df, pd.concat(frames, ignore_index=True))
+    assert pq.ParquetFile(tmp_path / "nuclei.parquet").metadata.num_row_groups == 5  # 8,8,8,8,3
+    group = zarr.open_group(tmp_path / "nuclei.zarr" / "tables" / "nuclei", mode="r")
+    assert group.attrs["instance_key"] == "id" and group.attrs["region"] == "labels/nuclei"
+    assert group.attrs["columns"] == list(COLUMNS) and group.attrs["n_rows"] == 35
+    for col in COLUMNS:
+        arr = group[col]
+        assert arr.shape == (35,) and arr.dtype == df[col].dtype
+        np.testing.assert_array_equal(arr[:], df[col].to_numpy())
+
+
+def test_table_into_given_store_from_column_dicts(tmp_path: Path) -> None:
+    from pipeline.writers.labels import create_store
+
+    spec = create_store(tmp_path / "elsewhere.zarr", (32, 32), 16, 0.5)
+    dicts = [{k: v.to_numpy() for k, v in f.items()} for f in _tiles(2, 4)]
+    dicts[1]["id"] = dicts[1]["id"].astype(np.uint64)  # wider ids are narrowed when they fit
+    assert write_table(tmp_path / "out", dicts, store=spec) == 8
+    ids = zarr.open_array(spec.path, path="tables/nuclei/id", mode="r")
+    assert ids.dtype == np.uint32 and ids[:].tolist() == list(range(1, 9))
+    assert pd.read_parquet(tmp_path / "out" / "nuclei.parquet")["id"].tolist() == list(range(1, 9))
+
+
+def test_table_streams_row_groups(tmp_path: Path) -> None:
+    """Row groups are flushed while the input is still being produced."""
+    seen: list[int] = []
+
+    def frames():
+        for i, frame in enumerate(_tiles(6, 5)):
+            if i == 4:  # 20 rows already yielded, row group 6 -> >= 3 groups flushed
+                ids = zarr.open_array(tmp_path / "nuclei.zarr", path="tables/nuclei/id", mode="r")
+                seen.append(ids.shape[0])
+            yield frame
+
+    assert write_table(tmp_path, frames(), row_group_size=6) == 30
+    assert seen and seen[0] >= 18
+
+
+def test_bad_table_leaves_no_parquet(tmp_path: Path) -> None:
+    good = _tiles(1, 3)[0]
+    with pytest.raises(ValueError, match="columns"):
+        write_table(tmp_path, [good, good.drop(columns=["solidity"])])
+    assert not (tmp_path / "nuclei.parquet").exists()
+    huge = {k: v.to_numpy() for k, v in good.items()}
+    huge["id"] = huge["id"].astype(np.uint64) + np.uint64(2**32)  # would wrap in uint32
+    with pytest.raises(ValueError, match="range"):
+        write_table(tmp_path, [huge])
+    assert not (tmp_path / "nuclei.parquet").exists()
+    assert write_table(tmp_path, []) == 0
+    assert len(pd.read_parquet(tmp_path / "nuclei.parquet")) == 0
+
+
+def test_preview_png_has_outlines(tmp_path: Path) -> None:
+    thumb = np.full((40, 50, 3), 230, np.uint8)
+    labels = np.zeros((40, 50), np.int32)
+    labels[5:12, 5:12] = 1
+    labels[20:30, 20:28] = 2
+    tissue = np.zeros((20, 25), bool)  # half resolution: resampled to the thumbnail
+    tissue[2:18, 2:23] = True
+    write_preview(tmp_path / "preview.png", thumb, labels, tissue)
+    img = np.asarray(Image.open(tmp_path / "preview.png"))
+    assert img.shape == (40, 50, 3)
+    green = np.all(img == NUCLEUS_RGB, axis=2)
+    blue = np.all(img == TISSUE_RGB, axis=2)
+    assert green.sum() == 24 + 32  # inner boundary pixels of a 7x7 and a 10x8 box
+    assert green[5, 5] and not green[8, 8]  # outline, not fill
+    assert blue.sum() > 0 and blue[4, 20] and not blue[20, 10]
+    assert [p.name for p in tmp_path.iterdir()] == ["preview.png"]
+
+
+def test_summary_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "summary.json"
+    assert read_summary(path) is None and not is_done(path)
+    write_summary(path, {"status": "running", "n": np.int64(3), "mpp": np.float32(0.5),
+                         "bad": float("nan"), "inf": [float("inf"), 1.0], "path": tmp_path})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    data = json.loads(text)
+    assert list(data) == sorted(data)
+    assert data == {"status": "running", "n": 3, "mpp": 0.5, "bad": None, "inf": [None, 1.0],
+                    "path": str(tmp_path)}
+    assert text.startswith('{\n  "bad"')
+    assert not is_done(path)
+    write_summary(path, {"status": "done"})
+    assert is_done(path)
+    path.write_text("{ truncated")
+    assert read_summary(path) is None and not is_done(path)
+    path.write_text("[1, 2]")
+    assert read_summary(path) is None
+    with pytest.raises(TypeError):
+        write_summary(path, {"x": object()})
+    assert path.read_text() == "[1, 2]"  # failed write left the old file
+
+
+def test_atomic_helpers(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "a.txt"
+    atomic_write_text(target, "héllo\n")
+    assert target.read_text(encoding="utf-8") == "héllo\n"
+    atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new"
+    with pytest.raises(OSError), atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.endswith("a.txt") and tmp.name.startswith(".")
+        tmp.write_bytes(b"partial")
+        raise OSError("disk full")
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.txt"]
+    with pytest.raises(FileNotFoundError), atomic_path(tmp_path / "never.bin"):
+        pass
+    npz = tmp_path / "tile_0001.npz.cache"  # exact name kept: numpy does not append .npz
+    save_npz_atomic(npz, labels=np.arange(6).reshape(2, 3), prob=np.ones(2, np.float32))
+    with np.load(npz) as data:
+        np.testing.assert_array_equal(data["labels"], np.arange(6).reshape(2, 3))
+        assert data["prob"].dtype == np.float32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub", "tile_0001.npz.cache"]
