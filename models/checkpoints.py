@@ -135,7 +135,9 @@ def load(name: str | os.PathLike, device: str | torch.device = "cpu") -> ModelBu
     """Load a checkpoint by path or shipped name; :class:`CheckpointError` if unusable."""
     path = resolve(name)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        # TorchVersion: provenance of checkpoints written before it was stored as str
+        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
         raise CheckpointError(f"{path}: not a readable model checkpoint ({exc.__class__.__name__})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

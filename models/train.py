@@ -149,7 +149,7 @@ def train(data: str | Path | None, out: str | Path, net_cfg: NetConfig, target_c
     provenance = {
         "data": str(Path(data).resolve()), "train_images": train_names, "val_images": val_names,
         "train_config": asdict(cfg), "git_commit": git_commit(), "command": " ".join(sys.argv),
-        "torch": torch.__version__, "started": dt.datetime.now().isoformat(timespec="seconds"),
+        "torch": str(torch.__version__), "started": dt.datetime.now().isoformat(timespec="seconds"),
     }
     running = np.zeros(3)
     count, window_start = 0, time.time()

@@ -98,7 +98,7 @@ def _instances(prob: np.ndarray, dist: np.ndarray, comps: np.ndarray, keep: list
     if not keep:
         return np.zeros(prob.shape, dtype=np.int32)
     selected = np.isin(comps, np.asarray(keep, dtype=comps.dtype))
-    return split_components(dist, np.where(selected, comps, 0), params)
+    return split_components(dist, np.where(selected, comps, 0), params, prob=prob)
 
 
 def segment_tile(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, image: Box,
