@@ -374,7 +374,7 @@ class ClusterConfig:
 
 
 # CLI flags of ``wsi-nuclei run`` that are not ClusterConfig field names
-_CLI_ALIASES = {"cluster": "kind"}
+_CLI_ALIASES = {"cluster": "kind", "address": "scheduler"}
 
 
 def _normalise_keys(data: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -422,7 +422,7 @@ def cluster_config_from(args: Mapping[str, Any] | None = None,
     ``args`` is ``vars(argparse_namespace)`` or any mapping; keys that are not cluster
     options (``model``, ``out`` ...) and ``None`` values are ignored. Understood CLI names:
     ``cluster`` (kind), ``cluster_config`` (the file, when ``file`` is not given),
-    ``scheduler`` (implies kind ``address`` unless ``cluster`` says otherwise), ``workers``
+    ``scheduler`` or ``address`` (implies kind ``address`` unless ``cluster`` says otherwise), ``workers``
     (local: worker processes; slurm: worker processes in total, i.e. jobs x processes),
     ``device``, plus any :class:`ClusterConfig` field name.
     """

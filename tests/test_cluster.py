@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import cloudpickle
 import pytest
 import torch
 
@@ -33,8 +31,8 @@ from pipeline.cluster import (
     register_model,
 )
 
-# Workers are spawned processes: ship this module's task functions by value.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
+# The task functions below are pickled by reference: spawned LocalCluster workers inherit
+# this process's sys.path, so they import this module.
 
 
 # ------------------------------------------------------------------------- sizing
