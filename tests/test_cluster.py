@@ -341,3 +341,16 @@ def test_worker_killed_mid_task_is_recovered(client, tmp_path: Path) -> None:
     died_pid = int(Path(marker).read_text())
     assert died_pid not in client.run(os.getpid).values()  # that process really is gone
     client.wait_for_workers(2, timeout=120)  # the Nanny restarted it
+
+
+def test_attach_by_address_and_scheduler_file(client, tmp_path: Path) -> None:
+    with open_client(ClusterConfig(kind="address", scheduler=client.scheduler.address)) as attached:
+        assert attached.submit(sum, [1, 2], pure=False).result() == 3
+    scheduler_file = tmp_path / "scheduler.json"
+    client.write_scheduler_file(str(scheduler_file))
+    config = cluster_config_from({"scheduler": str(scheduler_file), "workers": 5})
+    assert config.kind == "address"
+    with open_client(config, wait_for_workers=1, timeout=60) as attached:
+        assert attached.submit(sum, [3, 4], pure=False).result() == 7
+    # leaving an attached client does not shut the scheduler down
+    assert client.submit(sum, [5, 6], pure=False).result() == 11
