@@ -32,11 +32,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gzip", action="store_true", help="write nuclei.geojson.gz")
     p.add_argument("--overwrite", action="store_true", help="recompute finished slides")
     p.add_argument("--no-tissue-mask", action="store_true", help="process the whole slide")
-    p.add_argument("--cluster", choices=["local", "slurm", "none"], default="local",
+    p.add_argument("--cluster", choices=["local", "slurm", "none"], default=None,
                    help="local Dask cluster (default), SLURM via dask-jobqueue, or none (one process)")
     p.add_argument("--cluster-config", default=None, help="YAML/JSON file with cluster settings")
     p.add_argument("--scheduler", default=None, help="attach to tcp://HOST:PORT or a scheduler file")
-    p.add_argument("--workers", type=int, default=None, help="local workers (default: sized to the machine)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local worker processes, or SLURM jobs (default: sized to the machine)")
 
 
 def add_run(sub: argparse._SubParsersAction) -> None:
@@ -63,7 +64,8 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="demo-out")
     p.add_argument("--model", default=None, help="default: pruned80.pt if shipped, else dense.pt")
     p.add_argument("--size", type=int, default=2560, help="slide side in pixels (0.25 µm/px)")
-    p.add_argument("--cluster", choices=["local", "none"], default="local")
+    p.add_argument("--cluster", choices=["local", "none"], default="local",
+                   help="local Dask cluster (default) or none (one process)")
     p.set_defaults(func=demo_command)
 
 
@@ -75,16 +77,18 @@ def executor_for(args: argparse.Namespace, model: str, device: str) -> Iterator[
     if args.cluster == "none" and not args.scheduler:
         yield SerialExecutor()
         return
-    from pipeline.cluster import ClusterConfig, ModelPlugin, cluster_config_from, open_client
+    from pipeline.cluster import ClusterConfig, cluster_config_from, open_client, register_model
 
-    options = {"kind": "address" if args.scheduler else args.cluster}
+    options: dict[str, Any] = {}
+    if args.cluster:
+        options["cluster"] = args.cluster
     if args.scheduler:
-        options["address"] = args.scheduler
+        options["scheduler"] = args.scheduler
     if getattr(args, "workers", None):
-        options["n_workers"] = args.workers
+        options["workers"] = args.workers
     config: ClusterConfig = cluster_config_from(options, getattr(args, "cluster_config", None))
     with open_client(config) as client:
-        client.register_plugin(ModelPlugin(model, device))
+        register_model(client, model, config, device=device)
         yield DaskExecutor(client)
 
 

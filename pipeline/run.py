@@ -352,6 +352,7 @@ def _stream_features(writer: Any, feature: Callable[..., dict], job: FinalJob,
 
 def _write_preview(job: FinalJob, path: Path) -> None:
     from pipeline.slide import open_slide
+    from pipeline.writers.labels import labels_thumbnail
     from pipeline.writers.preview import write_preview
 
     with open_slide(job.path, mpp_override=job.mpp_override) as reader:
@@ -360,28 +361,11 @@ def _write_preview(job: FinalJob, path: Path) -> None:
         thumb = reader.read_level(level, Box(0, 0, lv.height, lv.width))
     step = max(1, int(np.ceil(max(thumb.shape[:2]) / 2048)))
     thumb = thumb[::step, ::step]
-    labels_thumb = _label_thumbnail(str(job.store.path), thumb.shape[:2])
+    labels_thumb = labels_thumbnail(job.store, thumb.shape[:2])
     tissue = job.tissue.mask
     ty = np.linspace(0, tissue.shape[0] - 1, thumb.shape[0]).astype(int)
     tx = np.linspace(0, tissue.shape[1] - 1, thumb.shape[1]).astype(int)
     write_preview(path, thumb, labels_thumb, tissue[np.ix_(ty, tx)])
-
-
-def _label_thumbnail(store_path: str, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-sampled labels from the smallest pyramid level at least ``shape`` (the
-    pyramid is built by striding, so this never reads level 0 of a big slide)."""
-    import zarr
-
-    group = zarr.open_group(store_path, mode="r")["labels/nuclei"]
-    names = sorted((k for k in group.array_keys()), key=lambda k: int(k.lstrip("s")))
-    chosen = names[0]
-    for name in names:
-        if group[name].shape[0] >= shape[0] and group[name].shape[1] >= shape[1]:
-            chosen = name
-    level = group[chosen][...]
-    ys = np.linspace(0, level.shape[0] - 1, shape[0]).astype(int)
-    xs = np.linspace(0, level.shape[1] - 1, shape[1]).astype(int)
-    return level[np.ix_(ys, xs)]
 
 
 # --------------------------------------------------------------------------- per slide
