@@ -50,7 +50,8 @@ def measure(net: NucleusNet, params: WatershedParams, images: np.ndarray, repeat
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=["dense.pt"])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
 
     if args.quick:
-        bundles = {name: (NucleusNet(NetConfig(arch="dual", widths=w, batchnorm=True)).eval(), WatershedParams())
+        bundles = {name: (NucleusNet(NetConfig(arch="dual", widths=w, batchnorm=True)).eval(),
+                          WatershedParams())
                    for name, w in (("tiny-dense", (8, 16, 32)), ("tiny-thin", (4, 8, 16)))}
         size, repeats = 128, 2
     else:
@@ -83,8 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
         r["speedup_vs_first"] = r["model_mpx_s"] / ref["model_mpx_s"]
         print(f"{name:<28}{r['parameters']:>10}{r['model_mpx_s']:>13.3f}{r['pipeline_mpx_s']:>11.3f}"
               f"{r['speedup_vs_first']:>9.2f}x")
-    summary = {"threads": torch.get_num_threads(), "size": size, "batch": args.batch, "results": results,
-               "date": time.strftime("%Y-%m-%d"), "command": "python -m bench.model_speed " + " ".join(argv or [])}
+    summary = {"threads": torch.get_num_threads(), "size": size, "batch": args.batch,
+               "results": results, "date": time.strftime("%Y-%m-%d"),
+               "command": "python -m bench.model_speed " + " ".join(argv or [])}
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     last = list(results)[-1]

@@ -56,7 +56,8 @@ def crop(array: np.ndarray, box: Box) -> np.ndarray:
     return out
 
 
-def tiled(prob: np.ndarray, dist: np.ndarray, tile_size: int, halo: int, margin: int) -> tuple[np.ndarray, int]:
+def tiled(prob: np.ndarray, dist: np.ndarray, tile_size: int, halo: int,
+          margin: int) -> tuple[np.ndarray, int]:
     image = Box(0, 0, *prob.shape)
     out = np.zeros(prob.shape, dtype=np.int64)
     offset = recomputed = 0
