@@ -1,0 +1,666 @@
+"""Slide readers behind one interface, the read plan, and model-resolution region reads.
+
+This is the only module that imports OpenSlide or tifffile for slides. Three readers:
+
+* ``OpenSlideReader``: every format OpenSlide knows (SVS, NDPI, MRXS, DICOM, generic TIFF...).
+* ``TiffFileReader``: tifffile fallback for what OpenSlide refuses (OME-TIFF, plain TIFF).
+* ``MemorySlide``: a numpy array or a pixel-generating callable (tests, benchmarks).
+
+Readers are picklable: the state is the path (or the array / callable) and the handle is
+reopened lazily in the receiving process, because Dask workers are spawned and OpenSlide /
+tifffile handles must never be shared across processes.
+
+``read_region`` turns a model-pixel box into RGB pixels such that a model pixel's value does
+not depend on the box it was read with (bit-identical overlaps); the exact stitcher relies
+on it. Out-of-image pixels mirror the image (``numpy`` ``reflect``).
+
+OpenSlide generic-tiff facts (checked with OpenSlide 4.0.1, see ``tests/test_slide.py``):
+level 0 must be *tiled* (a stripped TIFF is "Unsupported or missing image file"), pyramid
+levels must be further top-level IFDs (tiled, smaller; SubIFDs are ignored), and
+``openslide.mpp-x/y`` are reported only when ``ResolutionUnit`` is CENTIMETER or INCH
+(mpp = 10000 / XResolution or 25400 / XResolution); with unit NONE there is no mpp.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import threading
+import uuid
+import xml.etree.ElementTree as ET
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import MissingMppError, SlideReadError
+from pipeline.types import Box, Level, ReadPlan, SlideInfo
+
+log = logging.getLogger(__name__)
+
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif",
+                    ".svslide", ".dcm", ".qptiff")
+MEMORY_SCHEME = "memory://"
+# OpenSlide's read buffer is w*h uint32 from ctypes; large reads are split into chunks
+MAX_READ = 4096
+# pyramids of in-memory slides stop once the level fits in this many pixels
+MEMORY_COARSEST = 1024
+
+PixelFn = Callable[[int, Box], np.ndarray]
+
+
+def slide_id_of(path: str | Path) -> str:
+    """Output folder name: file stem without ``.ome`` (``x.ome.tif`` -> ``x``)."""
+    name = Path(str(path)).name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+# --------------------------------------------------------------------------- readers
+
+
+class SlideReader(ABC):
+    """One slide: ``info`` plus RGB reads of any pyramid level.
+
+    ``read_level`` validates the box so that every backend fails the same way; backends
+    implement ``_read`` for a box that is known to lie inside the level.
+    """
+
+    info: SlideInfo
+
+    def read_level(self, level: int, box: Box) -> np.ndarray:
+        """RGB uint8 ``(h, w, 3)`` of ``box`` in pixels of ``level`` (must lie inside it)."""
+        if not 0 <= level < len(self.info.levels):
+            raise ValueError(f"level {level} out of range (slide has {len(self.info.levels)})")
+        lv = self.info.levels[level]
+        if box.is_empty() or box.y0 < 0 or box.x0 < 0 or box.y1 > lv.height or box.x1 > lv.width:
+            raise ValueError(f"{box} is empty or not inside level {level} "
+                             f"({lv.height} x {lv.width})")
+        out = self._read(level, box)
+        if out.shape != (box.height, box.width, 3) or out.dtype != np.uint8:
+            raise SlideReadError(f"{self.info.path}: reader returned {out.shape} {out.dtype} "
+                                 f"for {box} at level {level}")
+        return out
+
+    @abstractmethod
+    def _read(self, level: int, box: Box) -> np.ndarray:
+        """RGB uint8 of a box inside the level."""
+
+    def close(self) -> None:  # noqa: B027 - readers without handles need nothing
+        """Release file handles (reads after ``close`` reopen lazily)."""
+
+    def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.info.path!r})"
+
+
+def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """Composite non-premultiplied RGBA on white (transparent = no scanned data = glass)."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint32)[..., None]
+    out = (rgb.astype(np.uint32) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+class OpenSlideReader(SlideReader):
+    """OpenSlide backend; the handle opens lazily so the reader pickles as its path."""
+
+    backend = "openslide"
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._lock = threading.Lock()
+        self._slide: Any = None
+        self.info = self._make_info(self._handle())
+
+    def _handle(self) -> Any:
+        import openslide
+
+        if self._slide is None:
+            with self._lock:
+                if self._slide is None:
+                    try:
+                        self._slide = openslide.OpenSlide(self.path)
+                    except openslide.OpenSlideUnsupportedFormatError:
+                        raise
+                    except (openslide.OpenSlideError, OSError) as exc:
+                        raise SlideReadError(f"{self.path}: OpenSlide cannot open it: {exc}") from exc
+        return self._slide
+
+    def _make_info(self, slide: Any) -> SlideInfo:
+        import openslide
+
+        props = dict(slide.properties)
+        mpp_x = props.get(openslide.PROPERTY_NAME_MPP_X)
+        try:
+            mpp = float(mpp_x) if mpp_x not in (None, "") else None
+        except ValueError:
+            mpp = None
+        if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+            mpp = None
+        levels = tuple(Level(int(w), int(h), float(ds))
+                       for (w, h), ds in zip(slide.level_dimensions, slide.level_downsamples))
+        bounds = (int(props.get(openslide.PROPERTY_NAME_BOUNDS_X) or 0),
+                  int(props.get(openslide.PROPERTY_NAME_BOUNDS_Y) or 0))
+        w0, h0 = slide.dimensions
+        return SlideInfo(path=self.path, slide_id=slide_id_of(self.path), width=int(w0),
+                         height=int(h0), mpp=mpp, levels=levels, backend=self.backend,
+                         vendor=props.get(openslide.PROPERTY_NAME_VENDOR) or "",
+                         bounds_xy=bounds, properties=props)
+
+    def _read(self, level: int, box: Box) -> np.ndarray:
+        import openslide
+
+        if box.height > MAX_READ or box.width > MAX_READ:
+            return _read_chunked(self._read, level, box)
+        slide = self._handle()
+        ds = self.info.levels[level].downsample
+        # location is in level-0 pixels, size in pixels of the level
+        location = (int(round(box.x0 * ds)), int(round(box.y0 * ds)))
+        try:
+            image = slide.read_region(location, level, (box.width, box.height))
+        except openslide.OpenSlideError as exc:
+            raise SlideReadError(f"{self.path}: OpenSlide cannot read level {level} {box}: "
+                                 f"{exc}") from exc
+        return rgba_to_rgb(np.asarray(image))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._slide is not None:
+                self._slide.close()
+                self._slide = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "info": self.info}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = state["path"]
+        self.info = state["info"]
+        self._lock = threading.Lock()
+        self._slide = None
+
+
+_OME_UNITS_UM = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "μm": 1.0, "micron": 1.0,
+                 "mm": 1e3, "cm": 1e4, "dm": 1e5, "m": 1e6, "Å": 1e-4, "angstrom": 1e-4}
+
+
+def ome_mpp(ome_xml: str | None) -> float | None:
+    """µm per pixel of the first OME ``Pixels`` element (``PhysicalSizeX`` + unit)."""
+    if not ome_xml:
+        return None
+    try:
+        root = ET.fromstring(ome_xml)
+    except ET.ParseError:
+        return None
+    for element in root.iter():
+        if element.tag.rsplit("}", 1)[-1] != "Pixels":
+            continue
+        size = element.get("PhysicalSizeX")
+        if size is None:
+            return None
+        factor = _OME_UNITS_UM.get(element.get("PhysicalSizeXUnit", "µm"))
+        try:
+            mpp = float(size) * factor if factor is not None else None
+        except ValueError:
+            return None
+        return mpp if mpp and math.isfinite(mpp) and mpp > 0 else None
+    return None
+
+
+def tiff_resolution_mpp(page: Any) -> float | None:
+    """µm per pixel from XResolution / ResolutionUnit (None without a physical unit)."""
+    tags = page.tags
+    if "XResolution" not in tags or "ResolutionUnit" not in tags:
+        return None
+    unit = int(tags["ResolutionUnit"].value)
+    num, den = tags["XResolution"].value
+    if not num or not den:
+        return None
+    per_unit = num / den  # pixels per unit
+    um = {2: 25400.0, 3: 10000.0}.get(unit)  # inch, centimetre
+    return um / per_unit if um is not None else None
+
+
+class TiffFileReader(SlideReader):
+    """tifffile backend (OME-TIFF, plain TIFF); reads only the requested region through
+    the series' zarr store, so a large file is never loaded whole."""
+
+    backend = "tifffile"
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._lock = threading.Lock()
+        self._tiff: Any = None
+        self._arrays: dict[int, Any] = {}
+        self._open()
+        self.info = self._make_info()
+
+    def _open(self) -> Any:
+        import tifffile
+
+        if self._tiff is None:
+            with self._lock:
+                if self._tiff is None:
+                    try:
+                        tiff = tifffile.TiffFile(self.path)
+                        series = tiff.series[0]
+                        self._layout = _tiff_layout(series.axes, series.shape)
+                    except Exception as exc:
+                        raise SlideReadError(f"{self.path}: tifffile cannot open it: {exc}") from exc
+                    if series.dtype != np.uint8:
+                        tiff.close()
+                        raise SlideReadError(f"{self.path}: pixel type {series.dtype} is not "
+                                             "supported (8-bit RGB expected)")
+                    self._series = series
+                    self._tiff = tiff
+        return self._tiff
+
+    def _make_info(self) -> SlideInfo:
+        tiff = self._tiff
+        series = self._series
+        shapes = [lv.shape for lv in series.levels]
+        y_ax, x_ax = self._layout[0], self._layout[1]
+        h0, w0 = shapes[0][y_ax], shapes[0][x_ax]
+        levels = []
+        for shape in shapes:
+            h, w = shape[y_ax], shape[x_ax]
+            levels.append(Level(int(w), int(h), (h0 / h + w0 / w) / 2))
+        mpp = ome_mpp(tiff.ome_metadata) if tiff.is_ome else None
+        if mpp is None:
+            mpp = tiff_resolution_mpp(series.pages[0] if series.pages else tiff.pages[0])
+        page = tiff.pages[0]
+        props = {f"tiff.{tag.name}": str(tag.value)[:1000] for tag in page.tags.values()
+                 if tag.name in ("ImageDescription", "Software", "Make", "Model", "DateTime",
+                                 "XResolution", "YResolution", "ResolutionUnit")}
+        props["tifffile.series-axes"] = series.axes
+        return SlideInfo(path=self.path, slide_id=slide_id_of(self.path), width=int(w0),
+                         height=int(h0), mpp=mpp, levels=tuple(levels), backend=self.backend,
+                         vendor="ome-tiff" if tiff.is_ome else "tiff", properties=props)
+
+    def _array(self, level: int) -> Any:
+        import zarr
+
+        self._open()
+        if level not in self._arrays:
+            with self._lock:
+                store = self._series.aszarr(level=level)
+                self._arrays[level] = zarr.open(store, mode="r")
+        return self._arrays[level]
+
+    def _read(self, level: int, box: Box) -> np.ndarray:
+        array = self._array(level)  # opens the file (and sets the layout) after unpickling
+        y_ax, x_ax, c_ax = self._layout
+        index: list[Any] = [0] * array.ndim
+        index[y_ax] = slice(box.y0, box.y1)
+        index[x_ax] = slice(box.x0, box.x1)
+        if c_ax is not None:
+            index[c_ax] = slice(0, 3)
+        try:
+            data = np.asarray(array[tuple(index)])
+        except Exception as exc:
+            raise SlideReadError(f"{self.path}: cannot read level {level} {box}: {exc}") from exc
+        # remaining axes are (y, x[, c]) in their original order
+        kept = sorted(a for a in (y_ax, x_ax, c_ax) if a is not None)
+        order = [kept.index(y_ax), kept.index(x_ax)] + ([kept.index(c_ax)] if c_ax is not None else [])
+        data = np.transpose(data, order)
+        if c_ax is None:
+            data = np.repeat(data[..., None], 3, axis=2)
+        return np.ascontiguousarray(data, dtype=np.uint8)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._tiff is not None:
+                self._tiff.close()
+            self._tiff = None
+            self._arrays = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "info": self.info}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = state["path"]
+        self.info = state["info"]
+        self._lock = threading.Lock()
+        self._tiff = None
+        self._arrays = {}
+
+
+def _tiff_layout(axes: str, shape: tuple[int, ...]) -> tuple[int, int, int | None]:
+    """Axis positions of Y, X and the colour axis (S or C with 3-4 samples; None = grey)."""
+    if "Y" not in axes or "X" not in axes:
+        raise ValueError(f"series axes {axes!r} have no Y and X")
+    colour = None
+    for name in ("S", "C"):
+        if name in axes and shape[axes.index(name)] in (3, 4):
+            colour = axes.index(name)
+            break
+    if colour is None and any(n > 1 for a, n in zip(axes, shape) if a in "SC"):
+        raise ValueError(f"series axes {axes!r} shape {shape} are not RGB or grey")
+    return axes.index("Y"), axes.index("X"), colour
+
+
+def _read_chunked(read: Callable[[int, Box], np.ndarray], level: int, box: Box) -> np.ndarray:
+    """A big box as MAX_READ-sized reads (OpenSlide overflows on huge buffers)."""
+    out = np.empty((box.height, box.width, 3), dtype=np.uint8)
+    for y in range(box.y0, box.y1, MAX_READ):
+        for x in range(box.x0, box.x1, MAX_READ):
+            part = Box(y, x, min(y + MAX_READ, box.y1), min(x + MAX_READ, box.x1))
+            out[part.slices((box.y0, box.x0))] = read(level, part)
+    return out
+
+
+def box_downsample2(rgb: np.ndarray) -> np.ndarray:
+    """2x box average (odd edges replicate), rounded: the next level of a memory pyramid."""
+    h, w = rgb.shape[:2]
+    pad = ((0, h % 2), (0, w % 2), (0, 0))
+    if h % 2 or w % 2:
+        rgb = np.pad(rgb, pad, mode="edge")
+    s = rgb.reshape(rgb.shape[0] // 2, 2, rgb.shape[1] // 2, 2, 3).astype(np.uint16).sum(axis=(1, 3))
+    return ((s + 2) // 4).astype(np.uint8)
+
+
+def _memory_levels(height: int, width: int) -> tuple[Level, ...]:
+    """Downsamples 1, 2, 4, ... (sizes ceil-divided) until the level fits MEMORY_COARSEST."""
+    levels = [Level(width, height, 1.0)]
+    while max(levels[-1].width, levels[-1].height) > MEMORY_COARSEST:
+        last = levels[-1]
+        levels.append(Level(-(-last.width // 2), -(-last.height // 2), last.downsample * 2))
+    return tuple(levels)
+
+
+class MemorySlide(SlideReader):
+    """A slide held in memory (``rgb`` array) or generated on demand (``procedural``).
+
+    ``info.path`` is ``memory://<name>``; ``register_memory_slide`` makes that path
+    resolvable by ``open_slide`` in this process (serial executor). In other processes the
+    path means nothing: pass the pickled slide itself instead.
+    """
+
+    backend = "memory"
+
+    def __init__(self, rgb: np.ndarray, mpp: float | None, name: str | None = None):
+        rgb = np.asarray(rgb)
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ValueError(f"MemorySlide needs RGB uint8 (h, w, 3), got {rgb.shape} {rgb.dtype}")
+        self._fn: PixelFn | None = None
+        self._pyramid: list[np.ndarray] = [rgb]
+        self._setup(rgb.shape[0], rgb.shape[1], mpp, name, "array")
+
+    @classmethod
+    def procedural(cls, height: int, width: int, mpp: float | None, fn: PixelFn,
+                   name: str | None = None) -> MemorySlide:
+        """A slide whose pixels ``fn(level, box) -> RGB uint8`` are made on demand, so that
+        benchmarks can fake gigapixel slides (levels: downsample 1, 2, 4, ... ~1k px)."""
+        self = cls.__new__(cls)
+        self._fn = fn
+        self._pyramid = []
+        self._setup(height, width, mpp, name, getattr(fn, "__name__", "procedural"))
+        return self
+
+    def _setup(self, height: int, width: int, mpp: float | None, name: str | None,
+               kind: str) -> None:
+        name = name or f"{kind}-{height}x{width}-{uuid.uuid4().hex[:8]}"
+        self.info = SlideInfo(path=MEMORY_SCHEME + name, slide_id=name, width=int(width),
+                              height=int(height), mpp=mpp, levels=_memory_levels(height, width),
+                              backend=self.backend, vendor="memory",
+                              properties={"memory.kind": kind})
+        self._lock = threading.Lock()
+
+    def _level_array(self, level: int) -> np.ndarray:
+        with self._lock:
+            while len(self._pyramid) <= level:
+                self._pyramid.append(box_downsample2(self._pyramid[-1]))
+            return self._pyramid[level]
+
+    def _read(self, level: int, box: Box) -> np.ndarray:
+        if self._fn is not None:
+            out = np.asarray(self._fn(level, box))
+            if out.shape != (box.height, box.width, 3):
+                raise SlideReadError(f"{self.info.path}: pixel function returned {out.shape} "
+                                     f"for {box}")
+            return out.astype(np.uint8, copy=False)
+        return self._level_array(level)[box.slices()].copy()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # derived levels are rebuilt on demand: pickles carry level 0 (or the callable) only
+        return {"info": self.info, "fn": self._fn,
+                "rgb": self._pyramid[0] if self._fn is None else None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.info = state["info"]
+        self._fn = state["fn"]
+        self._pyramid = [] if state["rgb"] is None else [state["rgb"]]
+        self._lock = threading.Lock()
+
+
+# --------------------------------------------------------------------------- opening
+
+_MEMORY_SLIDES: dict[str, MemorySlide] = {}
+
+
+def register_memory_slide(slide: MemorySlide) -> str:
+    """Make ``slide.info.path`` (``memory://<name>``) openable by ``open_slide`` in this
+    process, so the path-based orchestrator can run it with the serial executor."""
+    _MEMORY_SLIDES[slide.info.path] = slide
+    return slide.info.path
+
+
+def unregister_memory_slide(path: str) -> None:
+    """Forget a registered memory slide (frees its pixels)."""
+    _MEMORY_SLIDES.pop(path, None)
+
+
+def open_slide(path: str | Path | SlideReader, mpp_override: float | None = None) -> SlideReader:
+    """OpenSlide first, tifffile when OpenSlide does not recognise the format; a
+    ``SlideReader`` or a registered ``memory://`` path is used as is.
+
+    ``mpp_override`` replaces the slide's level-0 mpp (slides without one, or wrong ones).
+    Raises ``SlideReadError`` (one line naming the file) when the slide cannot be opened.
+    """
+    reader = _open(path)
+    if mpp_override is not None:
+        if not (mpp_override > 0 and math.isfinite(mpp_override)):
+            raise SlideReadError(f"{reader.info.path}: invalid mpp override {mpp_override}")
+        if isinstance(path, SlideReader) or str(path).startswith(MEMORY_SCHEME):
+            reader = copy.copy(reader)  # never change the caller's object
+        reader.info = dataclasses.replace(reader.info, mpp=float(mpp_override))
+    return reader
+
+
+def _open(path: str | Path | SlideReader) -> SlideReader:
+    if isinstance(path, SlideReader):
+        return path
+    text = str(path)
+    if text.startswith(MEMORY_SCHEME):
+        try:
+            return _MEMORY_SLIDES[text]
+        except KeyError:
+            raise SlideReadError(f"{text}: memory slide not registered in this process "
+                                 "(memory slides work with the serial executor only; "
+                                 "pickle the MemorySlide itself for other processes)") from None
+    p = Path(text)
+    if not p.exists():
+        raise SlideReadError(f"{text}: file not found")
+    if p.is_dir() and p.suffix.lower() != ".mrxs":
+        raise SlideReadError(f"{text}: is a folder, not a slide file")
+    import openslide
+
+    first: Exception | None = None
+    try:
+        reader = OpenSlideReader(text)
+        if not _is_ome_generic_tiff(reader.info):
+            return reader
+        # OpenSlide reads a tiled OME-TIFF as generic-tiff, ignoring its SubIFD pyramid
+        # and its OME pixel size: tifffile understands both
+        reader.close()
+    except openslide.OpenSlideUnsupportedFormatError as exc:
+        first = exc
+    try:
+        reader = TiffFileReader(text)
+    except SlideReadError as exc:
+        if first is None:
+            raise
+        raise SlideReadError(f"{text}: not a readable slide (OpenSlide: unsupported format; "
+                             f"tifffile: {exc.__cause__ or exc})") from first
+    log.info("%s: reading with tifffile (%s)", text,
+             "OpenSlide does not support it" if first else "OME-TIFF")
+    return reader
+
+
+def _is_ome_generic_tiff(info: SlideInfo) -> bool:
+    return info.vendor == "generic-tiff" and "<OME" in info.properties.get(
+        "tiff.ImageDescription", "")
+
+
+def find_slides(paths: Iterable[str | Path]) -> list[Path]:
+    """Slide files among ``paths``: files as given, folders scanned (not recursively).
+
+    Sorted and deduplicated; ``FileNotFoundError`` names a path that does not exist.
+    """
+    found: dict[Path, Path] = {}
+    for item in paths:
+        p = Path(item)
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such file or folder")
+        if p.is_dir() and p.suffix.lower() != ".mrxs":
+            candidates = [c for c in p.iterdir() if c.is_file() and is_slide_name(c.name)]
+        else:
+            candidates = [p]
+        for c in candidates:
+            found.setdefault(c.resolve(), c)
+    return sorted(found.values(), key=lambda c: str(c))
+
+
+def is_slide_name(name: str) -> bool:
+    """Whether the file name has a slide extension (``.ome.tif`` ends in ``.tif``)."""
+    return name.lower().endswith(SLIDE_EXTENSIONS)
+
+
+# --------------------------------------------------------------------------- plan + reads
+
+
+def plan_read(info: SlideInfo, model_mpp: float) -> ReadPlan:
+    """Level to read and model-pixel image size for a model trained at ``model_mpp``.
+
+    The level is the coarsest one whose downsample does not exceed the scale (0.1 %
+    tolerance for vendor downsamples such as 4.0003), so the model never sees upsampled
+    pixels beyond that tolerance.
+    """
+    if info.mpp is None:
+        raise MissingMppError(f"{info.path}: the slide has no pixel size (mpp); pass --mpp "
+                              "with the level-0 micrometres per pixel")
+    if not model_mpp > 0:
+        raise ValueError(f"model mpp must be positive, got {model_mpp}")
+    scale = model_mpp / info.mpp
+    level = 0
+    for i, lv in enumerate(info.levels):
+        if lv.downsample <= scale * (1 + 1e-3) and lv.downsample >= info.levels[level].downsample:
+            level = i
+    shape = (max(1, math.ceil(info.height / scale - 1e-9)),
+             max(1, math.ceil(info.width / scale - 1e-9)))
+    return ReadPlan(level=level, level_downsample=float(info.levels[level].downsample),
+                    scale=float(scale), mpp=float(model_mpp), shape=shape)
+
+
+def reflect_index(idx: np.ndarray, n: int) -> np.ndarray:
+    """``numpy`` ``reflect`` padding as an index map: -k -> k, n-1+k -> n-1-k (any k)."""
+    if n == 1:
+        return np.zeros_like(idx)
+    period = 2 * (n - 1)
+    k = np.mod(idx, period)
+    return np.where(k >= n, period - k, k)
+
+
+def _residual(plan: ReadPlan) -> tuple[float, int | None]:
+    """Resampling factor level -> model, and its integer value when it is one in effect
+    (the drift over the whole image stays below half a model pixel)."""
+    r = plan.scale / plan.level_downsample
+    k = int(round(r))
+    if k >= 1 and abs(r - k) * max(plan.shape) < 0.5:
+        return r, k
+    return r, None
+
+
+def read_region(reader: SlideReader, plan: ReadPlan, box: Box) -> np.ndarray:
+    """RGB uint8 ``(box.height, box.width, 3)`` at model resolution for a model-pixel box
+    that may reach outside the image (mirrored there).
+
+    Every model pixel is a fixed function of fixed source pixels (global index maps), so
+    overlapping boxes agree bit for bit: residual 1 copies, integer residual k averages the
+    k x k source pixels, other residuals sample level coordinate (i + 0.5) * r - 0.5
+    bilinearly (source indices clamped to the level).
+    """
+    if box.is_empty():
+        raise ValueError(f"empty box {box}")
+    H, W = plan.shape
+    lv = reader.info.levels[plan.level]
+    r, k = _residual(plan)
+    if k == 1 and box.y0 >= 0 and box.x0 >= 0 and box.y1 <= min(H, lv.height) \
+            and box.x1 <= min(W, lv.width):
+        return reader.read_level(plan.level, box)  # hot path: a plain read
+    rows = reflect_index(np.arange(box.y0, box.y1), H)
+    cols = reflect_index(np.arange(box.x0, box.x1), W)
+    r0, c0 = int(rows.min()), int(cols.min())
+    hull = Box(r0, c0, int(rows.max()) + 1, int(cols.max()) + 1)
+    if k is not None:
+        image = _read_integer(reader, plan.level, hull, k, lv)
+    else:
+        image = _read_bilinear(reader, plan.level, hull, r, lv)
+    return np.ascontiguousarray(image[np.ix_(rows - r0, cols - c0)])
+
+
+def _read_integer(reader: SlideReader, level: int, hull: Box, k: int, lv: Level) -> np.ndarray:
+    """Model pixels of ``hull``: mean of level pixels [i*k, (i+1)*k) (indices clamped)."""
+    ys = np.clip(np.arange(hull.y0 * k, hull.y1 * k), 0, lv.height - 1)
+    xs = np.clip(np.arange(hull.x0 * k, hull.x1 * k), 0, lv.width - 1)
+    src_box = Box(int(ys[0]), int(xs[0]), int(ys[-1]) + 1, int(xs[-1]) + 1)
+    src = reader.read_level(level, src_box)
+    if k == 1 and src.shape[:2] == (len(ys), len(xs)):
+        return src
+    src = src[np.ix_(ys - src_box.y0, xs - src_box.x0)]
+    s = src.reshape(hull.height, k, hull.width, k, 3).astype(np.uint32).sum(axis=(1, 3))
+    n = k * k
+    return ((s + n // 2) // n).astype(np.uint8)
+
+
+def _axis_weights(start: int, stop: int, r: float, n: int) -> tuple[np.ndarray, np.ndarray,
+                                                                    np.ndarray]:
+    """Bilinear source indices (clamped) and weight of the second one, per model index."""
+    c = (np.arange(start, stop, dtype=np.float64) + 0.5) * r - 0.5
+    i0 = np.floor(c)
+    f = c - i0
+    i0 = i0.astype(np.int64)
+    return np.clip(i0, 0, n - 1), np.clip(i0 + 1, 0, n - 1), f
+
+
+def _read_bilinear(reader: SlideReader, level: int, hull: Box, r: float, lv: Level) -> np.ndarray:
+    """Model pixels of ``hull`` sampled bilinearly at (i + 0.5) * r - 0.5 of the level."""
+    y0, y1, fy = _axis_weights(hull.y0, hull.y1, r, lv.height)
+    x0, x1, fx = _axis_weights(hull.x0, hull.x1, r, lv.width)
+    src_box = Box(int(y0.min()), int(x0.min()), int(y1.max()) + 1, int(x1.max()) + 1)
+    src = reader.read_level(level, src_box).astype(np.float64)
+    y0, y1 = y0 - src_box.y0, y1 - src_box.y0
+    x0, x1 = x0 - src_box.x0, x1 - src_box.x0
+    fy = fy[:, None, None]
+    fx = fx[None, :, None]
+    # rows first, then columns: the same operations in the same order for every pixel
+    top = src[y0]
+    bottom = src[y1]
+    rowmix = top * (1.0 - fy) + bottom * fy
+    out = rowmix[:, x0] * (1.0 - fx) + rowmix[:, x1] * fx
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+

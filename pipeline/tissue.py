@@ -1,0 +1,174 @@
+"""Tissue mask from a low-resolution level, so tiles on bare glass are never run.
+
+H&E tissue is coloured (pink/purple) while glass is white or grey, so the mask thresholds
+the HSV saturation: Otsu's threshold clamped to [SAT_FLOOR, SAT_CEIL]. The floor keeps
+white/grey background (and JPEG noise on it) out even on an all-white slide, where Otsu
+would split noise; the ceiling keeps an all-tissue slide whole, where Otsu would split
+the tissue itself. Small specks (dust) and small holes (lumina, fat) are then cleaned up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from pipeline.types import Box, SlideInfo
+
+log = logging.getLogger(__name__)
+
+TARGET_UM_PER_PX = 8.0  # mask resolution when the mpp is known
+TARGET_WIDTH_PX = 2048  # mask width when it is not
+SAT_FLOOR = 0.07
+SAT_CEIL = 0.20
+MIN_OBJECT_UM2 = 10_000.0  # ~100 x 100 µm: smaller bits are dust or debris
+MIN_HOLE_UM2 = 10_000.0
+MIN_OBJECT_PX = 16  # the same in mask pixels when the mpp is unknown
+MIN_HOLE_PX = 16
+READ_CHUNK = 4096  # level pixels per read, keeps memory flat on single-level slides
+
+
+@dataclass
+class TissueMask:
+    """Boolean mask on a coarse grid: mask pixel (i, j) covers level-0
+    [i*s, (i+1)*s) x [j*s, (j+1)*s), s = ``level0_per_pixel``."""
+
+    mask: np.ndarray
+    level0_per_pixel: float
+    _integral: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.mask = np.asarray(self.mask, dtype=bool)
+        if self.mask.ndim != 2:
+            raise ValueError(f"tissue mask must be 2-D, got {self.mask.shape}")
+        if not self.level0_per_pixel > 0:
+            raise ValueError(f"level0_per_pixel must be positive, got {self.level0_per_pixel}")
+
+    def _table(self) -> np.ndarray:
+        """Summed-area table of the mask dilated by one pixel (8-neighbourhood), so that
+        ``covers`` is O(1) per tile and tiles touching the mask border are kept."""
+        if self._integral is None:
+            dilated = ndimage.binary_dilation(self.mask, structure=np.ones((3, 3), bool))
+            table = np.zeros((dilated.shape[0] + 1, dilated.shape[1] + 1), dtype=np.int64)
+            table[1:, 1:] = dilated.cumsum(0).cumsum(1)
+            self._integral = table
+        return self._integral
+
+    def covers(self, box_level0: Box) -> bool:
+        """Whether any (dilated) tissue lies inside a level-0 box."""
+        s = self.level0_per_pixel
+        h, w = self.mask.shape
+        y0 = max(0, math.floor(box_level0.y0 / s))
+        x0 = max(0, math.floor(box_level0.x0 / s))
+        y1 = min(h, math.ceil(box_level0.y1 / s))
+        x1 = min(w, math.ceil(box_level0.x1 / s))
+        if y1 <= y0 or x1 <= x0:
+            return False
+        t = self._table()
+        return bool(t[y1, x1] - t[y0, x1] - t[y1, x0] + t[y0, x0] > 0)
+
+    @property
+    def fraction(self) -> float:
+        """Share of mask pixels that are tissue."""
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def area_um2(self, mpp: float) -> float:
+        """Tissue area in µm² given the level-0 mpp."""
+        return float(self.mask.sum()) * (self.level0_per_pixel * mpp) ** 2
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"mask": self.mask, "level0_per_pixel": self.level0_per_pixel}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.mask = state["mask"]  # type: ignore[assignment]
+        self.level0_per_pixel = state["level0_per_pixel"]  # type: ignore[assignment]
+        self._integral = None
+
+
+def full_mask(info: SlideInfo) -> TissueMask:
+    """Everything is tissue (``--no-tissue-mask``), on a grid of at most ~1k pixels."""
+    step = 1
+    while max(info.width, info.height) / step > 1024:
+        step *= 2
+    shape = (max(1, math.ceil(info.height / step)), max(1, math.ceil(info.width / step)))
+    return TissueMask(np.ones(shape, dtype=bool), float(step))
+
+
+def _box_mean(rgb: np.ndarray, f: int) -> np.ndarray:
+    """f x f box average (partial edge blocks average the pixels they have), float32."""
+    if f == 1:
+        return rgb.astype(np.float32)
+    h, w = rgb.shape[:2]
+    hh, ww = -(-h // f), -(-w // f)
+    padded = np.zeros((hh * f, ww * f, 3), dtype=np.float32)
+    padded[:h, :w] = rgb
+    count = np.zeros((hh * f, ww * f), dtype=np.float32)
+    count[:h, :w] = 1
+    s = padded.reshape(hh, f, ww, f, 3).sum(axis=(1, 3))
+    n = count.reshape(hh, f, ww, f).sum(axis=(1, 3))
+    return s / n[..., None]
+
+
+def _low_res(reader: object, info: SlideInfo) -> tuple[np.ndarray, float]:
+    """RGB (float32) at about TARGET_UM_PER_PX (or TARGET_WIDTH_PX wide) and its level-0
+    pixels per pixel: the coarsest level at least that fine, box-averaged further."""
+    if info.mpp is not None:
+        target = TARGET_UM_PER_PX / info.mpp
+    else:
+        target = info.width / TARGET_WIDTH_PX
+    target = max(1.0, target)
+    level = 0
+    for i, lv in enumerate(info.levels):
+        if lv.downsample <= target * (1 + 1e-3) and lv.downsample >= info.levels[level].downsample:
+            level = i
+    lv = info.levels[level]
+    f = max(1, int(math.floor(target / lv.downsample + 1e-3)))
+    step = max(f, READ_CHUNK // f * f)  # chunks aligned to the averaging blocks
+    rows = []
+    for y in range(0, lv.height, step):
+        row = []
+        for x in range(0, lv.width, step):
+            box = Box(y, x, min(y + step, lv.height), min(x + step, lv.width))
+            row.append(_box_mean(reader.read_level(level, box), f))  # type: ignore[attr-defined]
+        rows.append(np.concatenate(row, axis=1))
+    return np.concatenate(rows, axis=0), lv.downsample * f
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation in [0, 1] (0 for black, where hue is undefined)."""
+    mx = rgb.max(axis=2)
+    mn = rgb.min(axis=2)
+    return np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0).astype(np.float32)
+
+
+def tissue_mask(reader: object) -> TissueMask:
+    """Tissue of a slide reader (``pipeline.slide.SlideReader``) at ~8 µm/px."""
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
+    info: SlideInfo = reader.info  # type: ignore[attr-defined]
+    rgb, per_px = _low_res(reader, info)
+    sat = ndimage.uniform_filter(saturation(rgb), size=3, mode="nearest")
+    if float(sat.max() - sat.min()) > 1e-3:
+        otsu = float(threshold_otsu(sat))
+    else:
+        otsu = SAT_FLOOR
+    threshold = min(max(otsu, SAT_FLOOR), SAT_CEIL)
+    mask = sat > threshold
+    if info.mpp is not None:
+        px_um2 = (per_px * info.mpp) ** 2
+        min_object = max(1, int(MIN_OBJECT_UM2 / px_um2))
+        min_hole = max(1, int(MIN_HOLE_UM2 / px_um2))
+    else:
+        min_object, min_hole = MIN_OBJECT_PX, MIN_HOLE_PX
+    if mask.any():
+        mask = remove_small_objects(mask, max_size=min_object)
+        mask = remove_small_holes(mask, max_size=min_hole)
+    result = TissueMask(mask, float(per_px))
+    log.info("%s: tissue %.1f %% of the slide (saturation threshold %.3f, Otsu %.3f, "
+             "%.1f level-0 px per mask px)", info.path, 100 * result.fraction, threshold,
+             otsu, per_px)
+    return result

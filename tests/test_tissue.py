@@ -1,0 +1,131 @@
+"""Tissue mask: finds stained tissue, never white glass, and answers per-tile queries."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.slide import MemorySlide, open_slide
+from pipeline.tissue import TissueMask, full_mask, tissue_mask
+from pipeline.types import Box
+
+SLIDES = Path("/work/shared/data/slides")
+PINK = (225, 140, 190)
+PURPLE = (150, 90, 170)
+
+
+def blob_slide(height: int = 1600, width: int = 1200, mpp: float = 1.0, seed: int = 0,
+               specks: bool = True) -> tuple[MemorySlide, np.ndarray]:
+    """White glass with a noisy pink/purple ellipse (and dust specks); returns the truth."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:height, :width]
+    cy, cx, ry, rx = 0.55 * height, 0.4 * width, 0.25 * height, 0.2 * width
+    truth = ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
+    image = np.full((height, width, 3), 242, np.int16)
+    image += rng.integers(-6, 7, image.shape, dtype=np.int16)  # glass with JPEG-like noise
+    tissue = np.where(rng.random((height, width))[..., None] < 0.2, PURPLE, PINK)
+    image[truth] = tissue[truth] + rng.integers(-15, 16, (int(truth.sum()), 3))
+    if specks:  # dust: small dark specks far from the tissue
+        for sy, sx in ((50, 50), (100, width - 80), (height - 60, width - 60)):
+            image[sy:sy + 4, sx:sx + 4] = (90, 60, 60)
+    return MemorySlide(np.clip(image, 0, 255).astype(np.uint8), mpp), truth
+
+
+def test_finds_pink_blob_and_ignores_white_and_specks() -> None:
+    slide, truth = blob_slide()
+    tm = tissue_mask(slide)
+    assert tm.level0_per_pixel == pytest.approx(8.0)  # 8 µm/px at 1 µm/px
+    assert tm.mask.shape == (200, 150)
+    small = truth[4::8, 4::8]
+    agree = (tm.mask == small).mean()
+    assert agree > 0.98
+    assert tm.mask[small].mean() > 0.97 and tm.mask[~small].mean() < 0.01
+    assert tm.fraction == pytest.approx(small.mean(), abs=0.02)
+    assert tm.area_um2(1.0) == pytest.approx(truth.sum(), rel=0.05)
+    # the specks are gone
+    assert not tm.mask[:20, :20].any() and not tm.mask[-15:, -15:].any()
+
+
+def test_all_white_is_empty_and_all_tissue_is_full() -> None:
+    rng = np.random.default_rng(1)
+    white = np.clip(245 + rng.integers(-8, 9, (700, 900, 3)), 0, 255).astype(np.uint8)
+    tm = tissue_mask(MemorySlide(white, 0.5))
+    assert not tm.mask.any() and tm.fraction == 0.0
+    assert not tm.covers(Box(0, 0, 700, 900))
+    pink = np.clip(np.array(PINK) + rng.integers(-40, 41, (700, 900, 3)), 0, 255).astype(np.uint8)
+    tm = tissue_mask(MemorySlide(pink, 0.5))
+    assert tm.mask.all()
+
+
+def test_without_mpp_uses_width() -> None:
+    slide, truth = blob_slide(mpp=None, specks=False)  # type: ignore[arg-type]
+    tm = tissue_mask(slide)
+    assert tm.level0_per_pixel == 1.0  # 1200 px wide: already below 2048 px
+    assert (tm.mask == truth).mean() > 0.98
+
+
+def test_uses_coarse_level_of_pyramid() -> None:
+    """A procedural gigapixel-like slide: the mask is read from a coarse level only."""
+    calls: list[int] = []
+
+    slide = MemorySlide.procedural(40_000, 30_000, 0.25, pink_left_half)
+    original = slide.read_level
+
+    def spy(level: int, box: Box) -> np.ndarray:
+        calls.append(level)
+        return original(level, box)
+
+    slide.read_level = spy  # type: ignore[method-assign]
+    tm = tissue_mask(slide)
+    assert set(calls) == {5}  # downsample 32 = 8 µm/px at 0.25 µm/px
+    assert tm.level0_per_pixel == 32.0
+    assert tm.mask[:, :400].all() and not tm.mask[:, 550:].any()
+    assert tm.covers(Box(0, 0, 100, 100)) and not tm.covers(Box(0, 20_000, 1000, 21_000))
+
+
+def pink_left_half(level: int, box: Box) -> np.ndarray:
+    x0 = 15_000 / 2 ** level
+    out = np.full((box.height, box.width, 3), 245, np.uint8)
+    xs = np.arange(box.x0, box.x1)
+    out[:, xs < x0] = PINK
+    return out
+
+
+def test_covers_dilates_by_one_pixel_and_clips() -> None:
+    mask = np.zeros((10, 10), bool)
+    mask[5, 5] = True
+    tm = TissueMask(mask, 16.0)
+    assert tm.covers(Box(80, 80, 96, 96))  # the tissue pixel itself
+    assert tm.covers(Box(64, 64, 80, 80))  # diagonal neighbour: dilation
+    assert tm.covers(Box(95, 95, 97, 97))
+    assert not tm.covers(Box(0, 0, 60, 60))
+    assert not tm.covers(Box(112, 0, 160, 160))  # rows 7+ only: two pixels away
+    assert not tm.covers(Box(-50, -50, -1, -1))  # outside the mask
+    assert not tm.covers(Box(2000, 2000, 3000, 3000))
+    assert tm.covers(Box(-1000, -1000, 5000, 5000))
+    clone = pickle.loads(pickle.dumps(tm))
+    assert clone.covers(Box(64, 64, 80, 80)) and np.array_equal(clone.mask, mask)
+    assert tm.area_um2(0.5) == pytest.approx((16 * 0.5) ** 2)
+
+
+def test_full_mask() -> None:
+    slide = MemorySlide.procedural(5000, 3000, 0.5, pink_left_half)
+    tm = full_mask(slide.info)
+    assert tm.mask.all() and tm.fraction == 1.0
+    assert tm.mask.shape[0] * tm.level0_per_pixel >= 5000
+    assert max(tm.mask.shape) <= 1024
+    assert tm.covers(Box(4990, 2990, 5000, 3000))
+    assert tm.area_um2(0.5) >= 5000 * 3000 * 0.25
+
+
+def test_real_slide_has_tissue() -> None:
+    path = SLIDES / "CMU-1-Small-Region.svs"
+    if not path.exists():
+        pytest.skip("shared slides not available")
+    with open_slide(path) as reader:
+        tm = tissue_mask(reader)
+    assert 0.05 < tm.fraction < 0.95  # a real H&E crop: tissue and glass
+    assert tm.level0_per_pixel == 16.0  # 8 µm/px at 0.499 µm/px
