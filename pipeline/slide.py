@@ -47,6 +47,8 @@ SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".
 MEMORY_SCHEME = "memory://"
 # OpenSlide's read buffer is w*h uint32 from ctypes; large reads are split into chunks
 MAX_READ = 4096
+# reads of levels with non-integer downsamples start on this grid (see _read_anchored)
+ANCHOR = 512
 # pyramids of in-memory slides stop once the level fits in this many pixels
 MEMORY_COARSEST = 1024
 
@@ -163,20 +165,43 @@ class OpenSlideReader(SlideReader):
                          bounds_xy=bounds, properties=props)
 
     def _read(self, level: int, box: Box) -> np.ndarray:
-        import openslide
-
+        ds = self.info.levels[level].downsample
+        if ds != int(ds):
+            return self._read_anchored(level, box)
         if box.height > MAX_READ or box.width > MAX_READ:
             return _read_chunked(self._read, level, box)
-        slide = self._handle()
+        return self._read_at(level, box)
+
+    def _read_at(self, level: int, box: Box) -> np.ndarray:
+        """One OpenSlide call (location in level-0 pixels, size in level pixels)."""
+        import openslide
+
         ds = self.info.levels[level].downsample
-        # location is in level-0 pixels, size in pixels of the level
         location = (int(round(box.x0 * ds)), int(round(box.y0 * ds)))
         try:
-            image = slide.read_region(location, level, (box.width, box.height))
+            image = self._handle().read_region(location, level, (box.width, box.height))
         except openslide.OpenSlideError as exc:
             raise SlideReadError(f"{self.path}: OpenSlide cannot read level {level} {box}: "
                                  f"{exc}") from exc
         return rgba_to_rgb(np.asarray(image))
+
+    def _read_anchored(self, level: int, box: Box) -> np.ndarray:
+        """Reads of a level with a non-integer downsample, made box-independent.
+
+        OpenSlide converts the level-0 location back with ``x / downsample``; when that is
+        not an integer it paints the level with a sub-pixel shift (interpolated), so a
+        pixel's value depends on where the read started. Every pixel is therefore read in
+        a call that starts at the corner of its ANCHOR x ANCHOR block (the read size does
+        not change values, checked on ``boxes.tiff``), which makes reads bit-reproducible.
+        """
+        out = np.empty((box.height, box.width, 3), dtype=np.uint8)
+        for by in range(box.y0 // ANCHOR * ANCHOR, box.y1, ANCHOR):
+            for bx in range(box.x0 // ANCHOR * ANCHOR, box.x1, ANCHOR):
+                y1, x1 = min(by + ANCHOR, box.y1), min(bx + ANCHOR, box.x1)
+                block = self._read_at(level, Box(by, bx, y1, x1))
+                part = Box(max(by, box.y0), max(bx, box.x0), y1, x1)
+                out[part.slices((box.y0, box.x0))] = block[part.slices((by, bx))]
+        return out
 
     def close(self) -> None:
         with self._lock:
@@ -556,9 +581,9 @@ def is_slide_name(name: str) -> bool:
 def plan_read(info: SlideInfo, model_mpp: float) -> ReadPlan:
     """Level to read and model-pixel image size for a model trained at ``model_mpp``.
 
-    The level is the coarsest one whose downsample does not exceed the scale (0.1 %
-    tolerance for vendor downsamples such as 4.0003), so the model never sees upsampled
-    pixels beyond that tolerance.
+    The level is the coarsest one whose downsample (``nominal_downsample``) does not
+    exceed the scale (0.1 % tolerance for vendor downsamples such as 4.0003), so the
+    model never sees upsampled pixels beyond that tolerance.
     """
     if info.mpp is None:
         raise MissingMppError(f"{info.path}: the slide has no pixel size (mpp); pass --mpp "
@@ -566,14 +591,30 @@ def plan_read(info: SlideInfo, model_mpp: float) -> ReadPlan:
     if not model_mpp > 0:
         raise ValueError(f"model mpp must be positive, got {model_mpp}")
     scale = model_mpp / info.mpp
+    nominal = [nominal_downsample(info, i) for i in range(len(info.levels))]
     level = 0
-    for i, lv in enumerate(info.levels):
-        if lv.downsample <= scale * (1 + 1e-3) and lv.downsample >= info.levels[level].downsample:
+    for i, ds in enumerate(nominal):
+        if ds <= scale * (1 + 1e-3) and ds >= nominal[level]:
             level = i
     shape = (max(1, math.ceil(info.height / scale - 1e-9)),
              max(1, math.ceil(info.width / scale - 1e-9)))
-    return ReadPlan(level=level, level_downsample=float(info.levels[level].downsample),
+    return ReadPlan(level=level, level_downsample=nominal[level],
                     scale=float(scale), mpp=float(model_mpp), shape=shape)
+
+
+def nominal_downsample(info: SlideInfo, level: int) -> float:
+    """The integer downsample k of a level whose size is level 0's divided by k and
+    rounded (either way); otherwise the reported one.
+
+    Readers report dimension ratios (OpenSlide averages width and height ratios: 4.016
+    for a 75 x 62 level of 300 x 250), but such a level's pixel j covers level-0
+    [j*k, (j+1)*k): using k keeps residuals integer and reads exact.
+    """
+    lv = info.levels[level]
+    k = max(1, int(round(lv.downsample)))
+    fits = (lv.width in (info.width // k, -(-info.width // k))
+            and lv.height in (info.height // k, -(-info.height // k)))
+    return float(k) if fits else float(lv.downsample)
 
 
 def reflect_index(idx: np.ndarray, n: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from pipeline.slide import (
     SlideReader,
     TiffFileReader,
     find_slides,
+    nominal_downsample,
     open_slide,
     plan_read,
     read_region,
@@ -211,12 +212,43 @@ def test_plan_read_levels_on_memory_slide() -> None:
 def test_plan_read_boxes(slides_dir: Path) -> None:
     info = open_slide(FIXTURES / "boxes.tiff").info
     mpp = info.mpp
-    assert plan_read(info, mpp * 4.0).level == 1  # 4.016 > 4 * 1.001
-    assert plan_read(info, mpp * 4.02).level == 2
+    # OpenSlide reports 4.016 and 8.086 (mean of the width and height ratios) for levels
+    # of 75 x 62 and 37 x 31 px: floor(300 / k) x floor(250 / k), i.e. downsamples 4 and 8
+    assert [nominal_downsample(info, i) for i in range(4)] == [1, 2, 4, 8]
+    assert plan_read(info, mpp * 4.0).level == 2
+    assert plan_read(info, mpp * 3.99).level == 1
     assert plan_read(info, mpp * 100).level == 3
     assert plan_read(info, mpp * 1.5).level == 0
     plan = plan_read(info, mpp * 2)
     assert plan.shape == (125, 150) and plan.level_downsample == 2.0
+
+
+@pytest.mark.parametrize("level", [2, 3])
+def test_openslide_non_integer_downsample_reads_are_box_invariant(slides_dir: Path,
+                                                                  level: int) -> None:
+    """OpenSlide paints such levels with a start-dependent sub-pixel shift; anchored
+    reads make every pixel independent of the box."""
+    reader = open_slide(FIXTURES / "boxes.tiff")
+    lv = reader.info.levels[level]
+    full = reader.read_level(level, Box(0, 0, lv.height, lv.width))
+    for y in range(0, lv.height - 5, 4):
+        for x in range(0, lv.width - 5, 3):
+            box = Box(y, x, y + 5, x + 5)
+            np.testing.assert_array_equal(reader.read_level(level, box), full[box.slices()])
+
+
+@pytest.mark.parametrize("factor", [1.0, 2.0, 3.0, 4.0, 5.0])
+def test_read_region_invariant_on_openslide_pyramid(slides_dir: Path, factor: float) -> None:
+    reader = open_slide(FIXTURES / "boxes.tiff")
+    plan = plan_read(reader.info, reader.info.mpp * factor)
+    H, W = plan.shape
+    boxes = random_boxes(np.random.default_rng(int(factor)), (H, W), 15)
+    outer = Box(min(b.y0 for b in boxes), min(b.x0 for b in boxes),
+                max(b.y1 for b in boxes), max(b.x1 for b in boxes))
+    big = read_region(reader, plan, outer)
+    for box in boxes:
+        np.testing.assert_array_equal(read_region(reader, plan, box),
+                                      big[box.slices((outer.y0, outer.x0))], err_msg=str(box))
 
 
 def test_missing_mpp_names_flag() -> None:
