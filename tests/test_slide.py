@@ -433,3 +433,24 @@ def test_find_slides(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope"):
         find_slides([tmp_path / "nope"])
     assert find_slides([sub]) == [sub / "deep.svs"]
+
+
+def test_concurrent_reads_from_threads(slides_dir: Path) -> None:
+    """Dask workers read one handle from several threads."""
+    from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
+
+    rng = np.random.default_rng(0)
+    for path in (SLIDES / "OS-1-detail.ome.tif", SLIDES / "CMU-1-Small-Region.svs"):
+        reader = open_slide(path)
+        lv = reader.info.levels[0]
+        boxes = []
+        for _ in range(16):
+            y, x = int(rng.integers(0, lv.height - 200)), int(rng.integers(0, lv.width - 200))
+            boxes.append(Box(y, x, y + 200, x + 200))
+        expected = [reader.read_level(0, b) for b in boxes]
+        reader.close()
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(partial(reader.read_level, 0), boxes))
+        for g, e in zip(got, expected):
+            np.testing.assert_array_equal(g, e)
