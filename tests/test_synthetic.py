@@ -9,6 +9,7 @@ import numpy as np
 import openslide
 import pytest
 import tifffile
+from scipy import ndimage
 
 from pipeline.pyramid_tiff import (
     downsample2,
@@ -81,7 +82,7 @@ def test_touching_nuclei_and_border_nuclei(image: tuple[np.ndarray, np.ndarray])
     assert len(np.unique(border[border > 0])) >= 3
 
 
-def test_every_nucleus_is_substantially_visible() -> None:
+def test_every_nucleus_is_substantially_visible_and_connected() -> None:
     # box invariance means visibility is judged on whole ellipses; inside the image no
     # truth nucleus may be a sliver (30 % of an ellipse of radius >= 2.3 µm ~ 80 px)
     _, labels = synthetic_he(512, 512, seed=5)
@@ -89,6 +90,10 @@ def test_every_nucleus_is_substantially_visible() -> None:
     interior = np.unique(labels[40:-40, 40:-40])
     interior = interior[interior > 0]
     assert areas[interior - 1].min() >= 0.3 * np.pi * (2.3 / 0.25 / np.sqrt(3)) ** 2 * 0.9
+    # each truth nucleus is one 4-connected region (slivers under a top nucleus dropped)
+    for i, sl in enumerate(ndimage.find_objects(labels)):
+        if sl is not None:
+            assert ndimage.label(labels[sl] == i + 1)[1] == 1
 
 
 def test_synthetic_region_is_box_invariant() -> None:
