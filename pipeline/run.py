@@ -101,9 +101,11 @@ class DaskExecutor:
         self.retries = retries
 
     def map(self, fn: Task, items: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
-        from pipeline.cluster import bounded_map
+        from pipeline.cluster import TaskFailure, bounded_map
 
-        yield from bounded_map(self.client, fn, items, self.max_in_flight, retries=self.retries)
+        for item, result in bounded_map(self.client, fn, items, self.max_in_flight,
+                                        retries=self.retries):
+            yield item, result.exception if isinstance(result, TaskFailure) else result
 
 
 # --------------------------------------------------------------------------- tasks
