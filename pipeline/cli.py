@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from pipeline import __version__
 from pipeline.commands_models import add_evaluate, add_tune
+from pipeline.commands_prune import add_prune, add_prune_sweep
 from pipeline.commands_run import add_demo, add_run
 
 log = logging.getLogger("wsi_nuclei")
@@ -76,7 +77,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_run, add_demo, _add_train, add_evaluate,
-                                                                add_tune]
+                                                                add_tune, add_prune, add_prune_sweep]
 
 
 def build_parser() -> argparse.ArgumentParser:
