@@ -61,10 +61,14 @@ def resolve(name: str | os.PathLike) -> Path:
                           f"{', '.join(shipped) or 'none'})")
 
 
-def _pack(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _pack(state: dict[str, torch.Tensor], half: bool = False) -> dict[str, Any]:
+    """Sparse (indices, values) for mostly-zero float tensors; float16 storage with ``half``
+    (loaded back as float32: the shipped files stay a few MB)."""
     packed: dict[str, Any] = {}
     for key, tensor in state.items():
         tensor = tensor.detach().cpu()
+        if half and tensor.dtype == torch.float32:
+            tensor = tensor.half()
         if tensor.is_floating_point() and tensor.numel() >= 64:
             zeros = float((tensor == 0).sum()) / tensor.numel()
             if zeros >= SPARSE_MIN_ZEROS:
@@ -87,18 +91,20 @@ def _unpack(packed: dict[str, Any]) -> dict[str, torch.Tensor]:
             state[key] = flat.reshape(shape)
         else:
             state[key] = value
+        if state[key].dtype == torch.float16:
+            state[key] = state[key].float()
     return state
 
 
 def save(path: str | os.PathLike, net: NucleusNet, *, mpp: float,
          watershed: WatershedParams, targets: TargetConfig,
          provenance: dict[str, Any] | None = None,
-         metrics: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint atomically (temp file + rename)."""
+         metrics: dict[str, Any] | None = None, half: bool = False) -> Path:
+    """Write a checkpoint atomically (temp file + rename); ``half`` stores float16."""
     payload = {
         "format": FORMAT,
         "net": asdict(net.config),
-        "state_dict": _pack(net.state_dict()),
+        "state_dict": _pack(net.state_dict(), half),
         "input_scale": 1.0 / 255.0,
         "mpp": float(mpp),
         "watershed": watershed.to_dict(),

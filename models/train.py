@@ -92,11 +92,14 @@ def git_commit() -> str:
 
 
 def train(data: str | Path | None, out: str | Path, net_cfg: NetConfig, target_cfg: TargetConfig,
-          cfg: TrainConfig, resume: bool = False, steps: int | None = None) -> Path:
+          cfg: TrainConfig, resume: bool = False, steps: int | None = None,
+          init: str | Path | None = None) -> Path:
     """Train and return the path of the best model checkpoint.
 
     With ``resume`` the stored configuration is used; ``steps`` (if given) extends the
-    schedule of a resumed run, otherwise it overrides ``cfg.steps``."""
+    schedule of a resumed run, otherwise it overrides ``cfg.steps``. ``init`` starts a new
+    run from the weights (and architecture) of a model checkpoint, e.g. to continue training
+    a shipped model with a fresh schedule."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     last_path = out / "last.pt"
@@ -126,7 +129,13 @@ def train(data: str | Path | None, out: str | Path, net_cfg: NetConfig, target_c
     val_items = [prepare(load_sample(*pairs[n]), cfg.downsample, target_cfg.distance_norm)
                  for n in val_names]
 
-    net = NucleusNet(net_cfg)
+    if init is not None and state is None:
+        start = checkpoints.load(init)
+        net_cfg, target_cfg = start.config, start.targets
+        net = start.net.train()
+        log.info("initialised from %s", start.path)
+    else:
+        net = NucleusNet(net_cfg)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     step, best, started = 0, -math.inf, time.time()

@@ -37,6 +37,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         epilog="examples:\n"
                "  wsi-nuclei train --data ../shared/data/monuseg/train --out runs/dense\n"
                "  wsi-nuclei train --out runs/dense --resume          # continue a run\n"
+               "  wsi-nuclei train --data DIR --out runs/more --init dense.pt --lr 2e-4\n"
                "  wsi-nuclei train --data DIR --out runs/paper --arch paper --no-batchnorm")
     p.add_argument("--data", help="annotated folder with images/ and labels/")
     p.add_argument("--out", required=True, help="run folder (log.csv, last.pt, best.pt)")
@@ -56,6 +57,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--init", default=None,
+                   help="start from the weights of a model checkpoint (path or shipped name)")
     p.set_defaults(func=_run_train)
 
 
@@ -71,7 +74,7 @@ def _run_train(args: argparse.Namespace) -> int:
                       seed=args.seed, val_every=args.val_every, downsample=args.downsample,
                       checkpoint_every=args.checkpoint_every, threads=args.threads)
     best = train(args.data, args.out, net_cfg, TargetConfig(args.distance_norm), cfg,
-                 resume=args.resume, steps=args.steps)
+                 resume=args.resume, steps=args.steps, init=args.init)
     log.info("best checkpoint: %s", best)
     return EXIT_OK
 

@@ -11,6 +11,7 @@ from conftest import tiny_net
 from models import checkpoints
 from models.checkpoints import CheckpointError, _pack, _unpack, load, resolve, save
 from models.config import NetConfig, TargetConfig, WatershedParams
+from models.network import NucleusNet
 
 
 def outputs(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,3 +120,17 @@ def test_resolve_without_shipped_models(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(checkpoints, "WEIGHTS_DIR", tmp_path / "empty")
     with pytest.raises(CheckpointError, match="shipped models: none"):
         load(tmp_path / "missing.pt")
+
+
+def test_half_precision_storage_is_smaller_and_loads_as_float32(tmp_path: Path) -> None:
+    torch.manual_seed(0)  # big enough that weights, not metadata, dominate the file
+    net = NucleusNet(NetConfig(arch="dual", widths=(16, 32, 64), batchnorm=True)).eval()
+    full = save(tmp_path / "full.pt", net, mpp=0.25, watershed=WatershedParams(), targets=TargetConfig())
+    half = save(tmp_path / "half.pt", net, mpp=0.25, watershed=WatershedParams(), targets=TargetConfig(),
+                half=True)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded = load(half)
+    assert all(p.dtype == torch.float32 for p in loaded.net.parameters())
+    x = torch.rand(1, 3, 32, 32)
+    a, b = outputs(net.eval(), x), outputs(loaded.net, x)
+    assert torch.allclose(a[0], b[0], atol=1e-2) and torch.allclose(a[1], b[1], atol=1e-2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from conftest import TINY_WIDTHS
 
 from models.checkpoints import load
 from models.config import NetConfig, TargetConfig, TrainConfig
+from models.network import NucleusNet
 from models.train import MONUSEG_MPP, learning_rate, split_names, train
 
 NET = NetConfig(arch="dual", widths=TINY_WIDTHS, batchnorm=True, dropout=0.0)
@@ -94,3 +96,18 @@ def test_learning_rate_schedule() -> None:
     assert rates[0] < rates[99] == pytest.approx(1e-3)
     assert rates[-1] == pytest.approx(1e-5, rel=0.05)
     assert np.all(np.diff(rates[100:]) <= 1e-12)
+
+
+def test_init_starts_from_a_checkpoint(run: tuple[Path, Path]) -> None:
+    data, best = run
+    start = load(best)
+    out = best.parent.parent / "from-init"
+    # one step with a negligible learning rate: the weights are the checkpoint's
+    train(data, out, NetConfig(arch="paper", widths=(4, 8)), TargetConfig(),
+          replace(CFG, steps=1, lr=1e-12, weight_decay=0.0), init=best)
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["net"]["arch"] == start.config.arch == "dual"
+    for key, value in start.net.named_parameters():
+        assert torch.allclose(state["model"][key], value, atol=1e-6), key
+    fresh = NucleusNet(start.config).state_dict()
+    assert any(not torch.allclose(fresh[k], v) for k, v in start.net.named_parameters())
