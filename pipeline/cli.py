@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pipeline import __version__
+from pipeline.cliutil import formatter
 from pipeline.commands_models import add_evaluate, add_tune
 from pipeline.commands_prune import add_prune, add_prune_sweep
 from pipeline.commands_run import add_demo, add_run
@@ -25,13 +26,11 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line, exit code 2."""
 
 
-def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", formatter_class=_formatter, help="train the two-branch network",
+        "train", formatter_class=formatter, help="train the two-branch network",
         description="Train the semantic + regression network on an annotated folder "
                     "(images/*.png, labels/*.tif).",
         epilog="examples:\n"
@@ -85,7 +84,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_run, add_dem
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="wsi-nuclei", formatter_class=_formatter,
+        prog="wsi-nuclei", formatter_class=formatter,
         description="Find every cell nucleus in H&E whole-slide images with a pruned "
                     "two-branch U-Net; outputs OME-Zarr labels, a nucleus table and "
                     "QuPath GeoJSON.",

@@ -14,14 +14,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.cliutil import formatter
+
 log = logging.getLogger("wsi_nuclei")
 
 TABLE_COLUMNS = ("name", "n_true", "n_pred", "dice", "aji", "pq", "f1", "semantic_dice",
                  "regression_mse")
 
 
-def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +33,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "evaluate", formatter_class=_formatter, help="score a model on an annotated folder",
+        "evaluate", formatter_class=formatter, help="score a model on an annotated folder",
         description="Segment every image of an annotated folder (images/*.png, labels/*.tif) "
                     "with the model and its stored watershed parameters, and report Dice, "
                     "AJI, PQ, detection F1 (native resolution) and the semantic Dice and "
@@ -51,7 +51,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def add_tune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "tune", formatter_class=_formatter, help="tune the watershed on validation images",
+        "tune", formatter_class=formatter, help="tune the watershed on validation images",
         description="Grid-search the watershed parameters (fg/marker thresholds, minimum "
                     "marker and nucleus sizes) for maximal mean AJI on the validation images "
                     "recorded in the checkpoint, found in the TRAINING folder, and save a "

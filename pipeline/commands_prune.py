@@ -12,14 +12,14 @@ import argparse
 import logging
 from typing import Any
 
+from pipeline.cliutil import formatter
+
 log = logging.getLogger("wsi_nuclei")
 
 METHOD_CHOICES = ("layerwise", "global", "structured")
 BRANCH_CHOICES = ("both", "semantic", "regression")
 
 
-def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -56,7 +56,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_prune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "prune", formatter_class=_formatter, help="prune a model (magnitude or structured)",
+        "prune", formatter_class=formatter, help="prune a model (magnitude or structured)",
         description="Prune a checkpoint: unstructured magnitude pruning per layer "
                     "('layerwise') or with one network-wide threshold ('global'), or "
                     "structured filter pruning into a physically smaller, faster network "
@@ -82,7 +82,7 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
 
 def add_prune_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "prune-sweep", formatter_class=_formatter, help="score pruned copies over a ratio grid",
+        "prune-sweep", formatter_class=formatter, help="score pruned copies over a ratio grid",
         description="For every method, branch and ratio prune a copy of the dense model "
                     "one-shot (optionally fine-tune), score it on an annotated test folder "
                     "with the dense model's watershed parameters held fixed, and append a "

@@ -13,13 +13,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pipeline.cliutil import formatter
+
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
-def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "run", formatter_class=_formatter, help="segment nuclei in whole-slide images",
+        "run", formatter_class=formatter, help="segment nuclei in whole-slide images",
         description="Segment every nucleus of each slide: OME-Zarr labels + table, QuPath GeoJSON, "
                     "preview and summary in OUT/<slide>/. Finished slides are skipped on re-runs.",
         epilog="examples:\n"
@@ -57,7 +57,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "demo", formatter_class=_formatter, help="run the pipeline on a built-in synthetic slide",
+        "demo", formatter_class=formatter, help="run the pipeline on a built-in synthetic slide",
         description="Builds a small pyramidal H&E-like slide whose true nuclei are known, runs the "
                     "real pipeline on it and scores the result (detection F1, AJI).",
         epilog="example:\n  wsi-nuclei demo --out demo-out")
