@@ -29,6 +29,19 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from exc
 
 
+def _keep(text: str) -> str | tuple[float, ...]:
+    """A keep-schedule preset name or per-level factors."""
+    from models.pruning import KEEP_PRESETS
+
+    if text in KEEP_PRESETS:
+        return text
+    try:
+        return _floats(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"one of {', '.join(KEEP_PRESETS)} or per-level factors, not {text!r}") from None
+
+
 def _names(allowed: tuple[str, ...]):
     def parse(text: str) -> tuple[str, ...]:
         names = tuple(v.strip() for v in text.split(",") if v.strip())
@@ -49,8 +62,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch-size", type=int, default=None,
                    help="fine-tuning patch size (default: the dense model's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--keep", type=_floats, default=None,
-                   help="structured: per-level relative keep schedule, e.g. 1,1,1,0.7,0.5")
+    p.add_argument("--keep", type=_keep, default=None,
+                   help="structured: where to cut, as a per-level relative keep schedule: "
+                        "uniform (default), thin-top (thinner high-resolution levels: "
+                        "fewest MACs, fastest), thin-deep (thinner deep levels: most MACs), "
+                        "or factors from the top level down, e.g. 1,1,1,0.7,0.5"),
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
 
 
@@ -68,6 +84,8 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
                "  wsi-nuclei prune --model dense.pt --method global --ratio 0.8 --out pruned80.pt\n"
                "  wsi-nuclei prune --model dense.pt --method structured --ratio 0.8 "
                "--finetune-steps 500 --data ../shared/data/monuseg/train --out slim80.pt\n"
+               "  wsi-nuclei prune --model dense.pt --method structured --ratio 0.8 "
+               "--keep thin-top --out fast80.pt\n"
                "  wsi-nuclei prune --model dense.pt --method layerwise --ratio 0.9 "
                "--branch semantic --out sem90.pt")
     _common(p)
@@ -133,9 +151,11 @@ def _run_prune(args: argparse.Namespace) -> int:
     path = checkpoints.save(args.out, pruned.net, mpp=pruned.mpp, watershed=pruned.watershed,
                             targets=pruned.targets, provenance=pruned.provenance)
     record = pruned.provenance["pruning"]
-    log.info("wrote %s: %s %s ratio %g, parameters %d -> %d, non-zero %d -> %d",
+    log.info("wrote %s: %s %s ratio %g, parameters %d -> %d, non-zero %d -> %d, "
+             "GMAC per 512x512 tile %.2f -> %.2f",
              path, args.method, args.branch, args.ratio, record["parameters_before"],
-             record["parameters_after"], record["nonzero_before"], record["nonzero_after"])
+             record["parameters_after"], record["nonzero_before"], record["nonzero_after"],
+             record["macs_512_before"] / 1e9, record["macs_512_after"] / 1e9)
     return 0
 
 

@@ -4,6 +4,8 @@ checkpoints, the ``prune`` command and the resumable sweep."""
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,15 @@ from models.pruning import (
     structured_prune,
     sweep,
 )
-from models.pruning.structured import channel_plan, conv_graph, filter_selection
+from models.pruning.structured import (
+    KEEP_PRESETS,
+    channel_plan,
+    conv_graph,
+    conv_macs,
+    filter_selection,
+    keep_schedule,
+)
+from models.pruning.sweep import CSV_COLUMNS
 from pipeline.cli import main
 
 ARCHS = [(arch, bn) for arch in ("paper", "dual") for bn in (False, True)]
@@ -249,6 +259,70 @@ def test_structured_surgery_is_exact(arch: str, bn: bool, tmp_path: Path) -> Non
             assert torch.equal(e, g)
 
 
+def test_structured_checkpoint_loads_in_fresh_process(tmp_path: Path) -> None:
+    """Nothing but the file (no pruning code, no in-process state) rebuilds the slim net."""
+    net = structured_prune(_net("dual", True), 0.8, keep="thin-top").eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        logit, dist = net(x)
+    path = checkpoints.save(tmp_path / "slim.pt", net, mpp=0.5, watershed=WatershedParams(),
+                            targets=TargetConfig())
+    torch.save({"x": x, "logit": logit, "dist": dist}, tmp_path / "io.pt")
+    script = (
+        "import sys, torch\n"
+        "from models import checkpoints\n"
+        "torch.set_num_threads(1)\n"
+        f"bundle = checkpoints.load({str(path)!r})\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        "with torch.no_grad():\n"
+        "    logit, dist = bundle.net(io['x'])\n"
+        "assert 'models.pruning' not in sys.modules, 'loading needed the pruning code'\n"
+        "assert torch.equal(logit, io['logit']) and torch.equal(dist, io['dist'])\n"
+        "print(sum(p.numel() for p in bundle.net.parameters()))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.split()[-1]) == count_parameters(net)
+
+
+@pytest.mark.parametrize("arch", ["paper", "dual"])
+def test_conv_macs_match_a_traced_count(arch: str) -> None:
+    """The analytic MAC count equals the one measured from the real tensor shapes."""
+    for net in (_net(arch), structured_prune(_net(arch), 0.7, keep=(1.0, 0.5, 1.0))):
+        traced = 0
+
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            nonlocal traced
+            if isinstance(module, nn.ConvTranspose2d):  # one tap per input pixel and pair
+                traced += inputs[0][0].numel() * module.weight[0].numel()
+            else:
+                traced += output[0].numel() * module.weight[0].numel()
+
+        handles = [m.register_forward_hook(hook) for m in net.modules()
+                   if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+        with torch.no_grad():
+            net(torch.zeros(1, 3, 32, 48))
+        for h in handles:
+            h.remove()
+        assert conv_macs(net, 32, 48) == traced
+
+
+def test_keep_presets_trade_macs_at_equal_size() -> None:
+    net = NucleusNet(NetConfig(arch="dual", widths=(8, 16, 32, 64), batchnorm=True, dropout=0.0))
+    slim = {name: structured_prune(net, 0.8, keep=name) for name in KEEP_PRESETS}
+    sizes = {name: count_parameters(m) for name, m in slim.items()}
+    assert all(size <= 0.2 * count_parameters(net) for size in sizes.values())
+    assert max(sizes.values()) > 0.9 * min(sizes.values())  # about the same size ...
+    macs = {name: conv_macs(m) for name, m in slim.items()}
+    assert macs["thin-top"] < macs["uniform"] < macs["thin-deep"]  # ... different cost
+    assert keep_schedule(None, 4) == keep_schedule("uniform", 4) == (1.0,) * 4
+    assert keep_schedule("thin-top", 3) == pytest.approx((0.6, 0.8, 1.0))
+    with pytest.raises(ValueError):
+        keep_schedule("fast", 4)
+    with pytest.raises(ValueError):
+        keep_schedule((1.0, 0.5), 4)
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -274,6 +348,15 @@ def test_cli_prune(tmp_path: Path, make_annotated_folder) -> None:
     record = checkpoints.load(slim).provenance["pruning"]
     assert record["parameters_after"] <= 0.4 * record["parameters_before"]
     assert record["finetune_steps"] == 1 and record["finetune_data"] == str(data.resolve())
+    assert record["macs_512_after"] < 0.5 * record["macs_512_before"]
+    fast = tmp_path / "fast.pt"
+    assert main(["--quiet", "prune", "--model", str(model), "--method", "structured",
+                 "--ratio", "0.6", "--keep", "thin-top", "--out", str(fast)]) == 0
+    record = checkpoints.load(fast).provenance["pruning"]
+    assert record["keep_preset"] == "thin-top" and len(record["keep_schedule"]) == 3
+    with pytest.raises(SystemExit):
+        main(["--quiet", "prune", "--model", str(model), "--method", "structured",
+              "--ratio", "0.6", "--keep", "fastest", "--out", str(fast)])
     # fine-tuning without data is a usage error
     assert main(["--quiet", "prune", "--model", str(model), "--method", "layerwise",
                  "--ratio", "0.5", "--finetune-steps", "1", "--out", str(slim)]) == 2
@@ -306,3 +389,49 @@ def test_sweep_resumes_and_plots(tmp_path: Path) -> None:
     assert len({(r["method"], r["branch"], r["ratio"]) for r in rows}) == 12
     png = out / "sweep.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_structured_rows_and_old_csv_layout(tmp_path: Path) -> None:
+    dense = checkpoints.load(save_tiny_checkpoint(tmp_path / "tiny.pt"))
+
+    def fake(bundle, folder, watershed):
+        return {"dice": 0.5, "aji": 0.4, "pq": 0.3, "f1": 0.5, "semantic_dice": 0.6,
+                "regression_mse": 0.01}
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    old_columns = [c for c in CSV_COLUMNS if c != "gmacs_512"]  # a file from before the column
+    with open(out / "sweep.csv", "w", newline="") as f:
+        csv.writer(f).writerow(old_columns)
+    sweep(dense, tmp_path, out, ratios=(0.0, 0.75), methods=("structured",),
+          branches=("both",), evaluator=fake, progress=False, keep="thin-top")
+    sweep(dense, tmp_path, out, ratios=(0.75,), methods=("structured",),
+          branches=("both",), evaluator=fake, progress=False)
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert list(rows[0]) == old_columns
+    assert [(r["method"], r["ratio"]) for r in rows] == [
+        ("structured[thin-top]", "0"), ("structured[thin-top]", "0.75"), ("structured", "0.75")]
+    assert all(float(r["sparsity"]) >= 0.75 for r in rows[1:])
+    assert int(rows[1]["parameters"]) <= 0.25 * int(rows[0]["parameters"])
+
+
+def test_cli_prune_sweep_with_the_real_evaluator(tmp_path: Path, make_annotated_folder) -> None:
+    """The command end to end: real network outputs, fixed watershed, scores in the CSV."""
+    model = save_tiny_checkpoint(tmp_path / "tiny.pt")
+    test = make_annotated_folder("test", n_images=2, size=64)
+    out = tmp_path / "sweep"
+    args = ["--quiet", "prune-sweep", "--model", str(model), "--data", str(test),
+            "--out", str(out), "--ratios", "0,0.9", "--methods", "global",
+            "--branches", "semantic,both"]
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [(r["branch"], r["ratio"]) for r in rows] == [
+        ("semantic", "0"), ("semantic", "0.9"), ("both", "0"), ("both", "0.9")]
+    for r in rows:
+        assert 0.0 <= float(r["semantic_dice"]) <= 1.0 and float(r["regression_mse"]) >= 0.0
+        assert 0.0 <= float(r["aji"]) <= 1.0
+    assert rows[0]["semantic_dice"] == rows[2]["semantic_dice"]  # dense scored once
+    assert rows[1]["regression_mse"] == rows[0]["regression_mse"]  # regression untouched
+    assert main(args) == 0  # resume: nothing left to do
+    assert len(list(csv.DictReader(open(out / "sweep.csv")))) == 4
+    assert (out / "sweep.png").stat().st_size > 0

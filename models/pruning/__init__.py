@@ -8,7 +8,14 @@
 """
 
 from models.pruning.finetune import finetune
-from models.pruning.structured import channel_plan, conv_graph, structured_prune
+from models.pruning.structured import (
+    KEEP_PRESETS,
+    channel_plan,
+    conv_graph,
+    conv_macs,
+    keep_schedule,
+    structured_prune,
+)
 from models.pruning.sweep import METHODS, plot_sweep, prune_bundle, sweep
 from models.pruning.unstructured import (
     BRANCHES,
@@ -21,7 +28,8 @@ from models.pruning.unstructured import (
     sparsity_report,
 )
 
-__all__ = ["BRANCHES", "METHODS", "apply_masks", "channel_plan", "conv_graph", "finetune",
+__all__ = ["BRANCHES", "KEEP_PRESETS", "METHODS", "apply_masks", "channel_plan", "conv_graph",
+           "conv_macs", "finetune", "keep_schedule",
            "global_masks", "layerwise_masks", "magnitude_masks", "mask_gradients",
            "plot_sweep", "prunable_layers", "prune_bundle", "sparsity_report",
            "structured_prune", "sweep"]

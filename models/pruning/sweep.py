@@ -32,7 +32,7 @@ from models.config import WatershedParams
 from models.evaluate import predict_folder, resolution_factor, score_predictions
 from models.network import NucleusNet, count_parameters
 from models.pruning.finetune import finetune
-from models.pruning.structured import structured_prune
+from models.pruning.structured import Keep, conv_macs, keep_schedule, structured_prune
 from models.pruning.unstructured import BRANCHES, apply_masks, magnitude_masks, sparsity_report
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ METHODS = ("layerwise", "global", "structured")
 DEFAULT_RATIOS = (0.0, 0.5, 0.75, 0.8, 0.875, 0.9, 0.9375, 0.95, 0.975, 0.99)
 SCORE_COLUMNS = ("dice", "aji", "pq", "f1", "semantic_dice", "regression_mse")
 CSV_COLUMNS = ("method", "branch", "ratio", "finetune_steps", "sparsity", "parameters",
-               "nonzero", *SCORE_COLUMNS, "seconds")
+               "nonzero", "gmacs_512", *SCORE_COLUMNS, "seconds")
+MAC_SIZE = 512  # MACs are reported for one 512 x 512 model-resolution tile
 
 Evaluator = Callable[[ModelBundle, Path, WatershedParams], dict[str, Any]]
 
@@ -75,7 +76,7 @@ def _train_names(bundle: ModelBundle, data: Path) -> list[str] | None:
 
 def prune_bundle(bundle: ModelBundle, method: str, ratio: float, *, branch: str = "both",
                  finetune_steps: int = 0, data: str | Path | None = None,
-                 keep: Sequence[float] | None = None, lr: float = 1e-4,
+                 keep: Keep = None, lr: float = 1e-4,
                  batch_size: int | None = None, patch_size: int | None = None, seed: int = 0,
                  progress: bool = True) -> ModelBundle:
     """A pruned copy of ``bundle`` (same mpp, watershed, targets) whose provenance records
@@ -107,13 +108,18 @@ def prune_bundle(bundle: ModelBundle, method: str, ratio: float, *, branch: str 
     after = _counts(net, branch)
     record = {
         "method": method, "ratio": float(ratio), "branch": branch,
-        "keep_schedule": list(keep) if keep is not None else None,
+        "keep_schedule": (list(keep_schedule(keep, dense.config.depth))
+                          if method == "structured" else None),
+        "keep_preset": _preset_name(keep) if method == "structured" else None,
         "parameters_before": before["parameters"], "parameters_after": after["parameters"],
         "nonzero_before": before["nonzero"], "nonzero_after": after["nonzero"],
         "scope_parameters_before": sum(count_parameters(m) for m in dense.branch_modules(branch)),
         "scope_parameters_after": sum(count_parameters(m) for m in net.branch_modules(branch)),
         "prunable_weights": after["prunable_weights"], "prunable_nonzero": after["prunable_nonzero"],
         "heads_pruned": False,
+        # dense kernels compute zeros too: only structured pruning lowers the MACs
+        "macs_512_before": conv_macs(dense, MAC_SIZE, MAC_SIZE),
+        "macs_512_after": conv_macs(net, MAC_SIZE, MAC_SIZE),
         "finetune_steps": int(finetune_steps),
         "finetune_data": str(Path(data).resolve()) if finetune_steps > 0 else None,
         "finetune_lr": lr if finetune_steps > 0 else None,
@@ -127,6 +133,22 @@ def prune_bundle(bundle: ModelBundle, method: str, ratio: float, *, branch: str 
     return ModelBundle(net=net, mpp=bundle.mpp, watershed=bundle.watershed,
                        targets=bundle.targets,
                        provenance={**bundle.provenance, "pruning": record}, metrics={})
+
+
+def _preset_name(keep: Keep) -> str:
+    if keep is None:
+        return "uniform"
+    return keep if isinstance(keep, str) else "custom"
+
+
+def method_label(method: str, keep: Keep = None) -> str:
+    """The sweep's name of a method: structured runs with a non-uniform keep schedule get
+    it appended (``structured[thin-top]``), so that they are separate rows and lines."""
+    if method != "structured" or _preset_name(keep) == "uniform":
+        return method
+    if isinstance(keep, str):
+        return f"structured[{keep}]"
+    return "structured[" + ",".join(f"{float(k):g}" for k in keep) + "]"
 
 
 def _key(method: str, branch: str, ratio: float, steps: int) -> tuple[str, str, str, int]:
@@ -152,13 +174,18 @@ def sweep(bundle: ModelBundle, data: str | Path, out: str | Path, *,
     done = {_key(r["method"], r["branch"], float(r["ratio"]), int(r["finetune_steps"]))
             for r in read_rows(csv_path)}
     watershed = bundle.watershed  # fixed: tuned once on the dense model's validation images
+    keep = prune_kwargs.get("keep")
     todo = [(m, b, r) for m in methods for b in branches for r in ratios
-            if _key(m, b, r, finetune_steps) not in done]
+            if _key(method_label(m, keep), b, r, finetune_steps) not in done]
     log.info("sweep: %d setting(s) to run, %d already in %s", len(todo), len(done), csv_path)
     dense_scores: dict[str, Any] | None = None
-    new_file = not csv_path.exists()
+    new_file = not csv_path.exists() or csv_path.stat().st_size == 0
+    columns: Sequence[str] = CSV_COLUMNS
+    if not new_file:  # keep appending in the layout the file was started with
+        with open(csv_path, newline="") as f:
+            columns = next(csv.reader(f))
     with open(csv_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new_file:
             writer.writeheader()
             f.flush()
@@ -186,9 +213,10 @@ def sweep(bundle: ModelBundle, data: str | Path, out: str | Path, *,
                 sparsity = 1.0 - scope / dense_scope
             else:
                 sparsity = counts["prunable_sparsity"]
-            row = {"method": method, "branch": branch, "ratio": f"{float(ratio):g}",
+            row = {"method": method_label(method, keep), "branch": branch, "ratio": f"{float(ratio):g}",
                    "finetune_steps": int(finetune_steps), "sparsity": round(sparsity, 6),
                    "parameters": counts["parameters"], "nonzero": counts["nonzero_parameters"],
+                   "gmacs_512": round(conv_macs(pruned.net, MAC_SIZE, MAC_SIZE) / 1e9, 4),
                    **{k: scores.get(k, math.nan) for k in SCORE_COLUMNS},
                    "seconds": round(time.time() - started, 2)}
             writer.writerow(row)
@@ -226,7 +254,7 @@ def plot_sweep(csv_path: str | Path, png_path: str | Path) -> Path:
                         styles[metric], marker="o", ms=3,
                         label=label if len(metrics) == 1 else f"{label} {metric}")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("sparsity (fraction of prunable weights removed)")
+        ax.set_xlabel("fraction of prunable weights removed (structured: of parameters)")
         ax.grid(alpha=0.3)
         if series:
             ax.legend(fontsize=7)
