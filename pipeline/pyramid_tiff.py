@@ -1,19 +1,26 @@
 """Write tiled pyramidal TIFFs that OpenSlide and QuPath open (test slides, demo, benchmarks).
 
-OpenSlide generic-tiff findings (checked with OpenSlide 4.0.1 and tifffile 2026.3.3 in
-``tests/test_synthetic.py``):
+OpenSlide generic-tiff findings (probed with OpenSlide 4.0.1, openslide-python 1.4.7 and
+tifffile 2026.3.3; the layout we rely on is asserted in ``tests/test_synthetic.py``):
 
-* Level 0 must be **tiled**; a stripped TIFF is refused ("Unsupported or missing image
-  file"), so the tifffile backend of ``pipeline.slide`` takes it.
-* Pyramid levels are further **top-level IFDs** (tiled, each smaller than the previous);
-  OpenSlide ignores SubIFDs, so a QuPath/OME-style SubIFD pyramid opens with one level.
-  We mark them ``NewSubfileType = 1`` (reduced resolution), as scanners do.
-* ``openslide.mpp-x`` / ``-y`` are derived from ``XResolution`` / ``YResolution`` only
-  when ``ResolutionUnit`` is CENTIMETER (mpp = 10000 / XResolution) or INCH (25400 /
-  XResolution); with unit NONE there is no mpp. We write CENTIMETER.
+* Level 0 (the first IFD) must be **tiled**; a stripped TIFF is refused ("Unsupported or
+  missing image file"), so the tifffile backend of ``pipeline.slide`` takes it. Tile
+  shapes need not be square (128 x 192 opens).
+* Pyramid levels are further **top-level IFDs** (successive pages), tiled, with
+  ``NewSubfileType = 1`` (the "reduced resolution" bit). That bit is *required*: tiled
+  pages without it are ignored (the slide opens with one level), and so are stripped
+  pages and **SubIFDs** (a QuPath/OME-style SubIFD pyramid opens with one level). This is
+  OpenSlide's documented rule (openslide.org/formats/generic-tiff: "any other tiled
+  images ... with the reduced resolution bit set"). Downsamples need not be 2 (a 3x page
+  is accepted, reported with its measured downsample).
+* ``openslide.mpp-x`` / ``-y`` come from ``XResolution`` / ``YResolution`` when
+  ``ResolutionUnit`` is CENTIMETER (mpp = 10000 / XResolution) or INCH (25400 /
+  XResolution); with unit NONE, or tifffile's default resolution tags, there is no mpp.
+  We write CENTIMETER (each lower level with its own, coarser resolution).
 * Vendor is ``generic-tiff``; BigTIFF is accepted; tifffile writes ``compression="jpeg"``
   RGB as YCbCr JPEG with 2x2 chroma subsampling (Photometric 6), which OpenSlide decodes
-  (level 0 within a few grey levels: mean abs error ~4); zlib tiles are lossless.
+  (level 0 within a few grey levels: mean abs error ~4 at quality 90); zlib tiles are
+  lossless.
 * An OME-TIFF with a SubIFD pyramid (``write_ome_tiff``) opens in OpenSlide as generic-tiff
   with a single level (SubIFDs ignored) - the pipeline reads OME-TIFF with tifffile.
 
@@ -25,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +44,33 @@ from pipeline.types import Box
 
 log = logging.getLogger(__name__)
 
-__all__ = ["pyramid_shapes", "write_ome_tiff", "write_pyramidal_tiff", "write_pyramidal_tiff_tiles"]
+__all__ = ["downsample2", "pyramid_shapes", "write_ome_tiff", "write_pyramidal_tiff",
+           "write_pyramidal_tiff_tiles"]
 
 COARSEST = 1024  # stop adding levels once the longest side is below this
 
+TileSource = Callable[[Box], np.ndarray] | Iterable[np.ndarray]
 
-def pyramid_shapes(height: int, width: int, coarsest: int = COARSEST) -> list[tuple[int, int]]:
-    """Level shapes: level 0, then halvings (ceil) until the longest side is < ``coarsest``."""
+
+def pyramid_shapes(height: int, width: int, coarsest: int = COARSEST,
+                   levels: int | None = None) -> list[tuple[int, int]]:
+    """Level shapes: level 0, then halvings (ceil) until the longest side is < ``coarsest``
+    (``levels=None``), or exactly ``levels`` levels (level 0 included; at most until both
+    sides are 1 px)."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
     shapes = [(height, width)]
-    while max(shapes[-1]) >= coarsest:
+    if levels is None:
+        while max(shapes[-1]) >= coarsest:
+            h, w = shapes[-1]
+            shapes.append((-(-h // 2), -(-w // 2)))
+        return shapes
+    if levels < 1:
+        raise ValueError(f"levels must be >= 1, got {levels}")
+    while len(shapes) < levels:
         h, w = shapes[-1]
+        if (h, w) == (1, 1):
+            raise ValueError(f"{height}x{width} has at most {len(shapes)} levels, asked for {levels}")
         shapes.append((-(-h // 2), -(-w // 2)))
     return shapes
 
@@ -82,17 +106,21 @@ def _check_mpp(mpp: float) -> None:
 
 
 def write_pyramidal_tiff(path: str | os.PathLike[str], rgb: np.ndarray, *, mpp: float, tile: int = 256,
-                         compression: str = "jpeg", quality: int = 90) -> Path:
+                         levels: int | None = None, compression: str = "jpeg", quality: int = 90) -> Path:
     """Write ``rgb`` (uint8 H x W x 3) as a tiled BigTIFF pyramid OpenSlide opens as
-    generic-tiff with ``openslide.mpp-x == mpp``. Levels: level 0, then 2x box-downsampled
-    top-level IFDs until the longest side is < 1024 px. Returns the path."""
+    generic-tiff with ``openslide.mpp-x == mpp`` (layout: see the module docstring).
+    Levels: level 0, then 2x box-downsampled top-level IFDs until the longest side is
+    < 1024 px, or ``levels`` levels in all. ``compression``: "jpeg" (``quality``), "zlib"
+    (lossless), "none", or another tifffile codec. Atomic. Returns the path.
+    For slides bigger than memory use :func:`write_pyramidal_tiff_tiles`."""
     _check_mpp(mpp)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"need uint8 (H, W, 3) RGB, got {rgb.dtype} {rgb.shape}")
     path = Path(path)
+    shapes = pyramid_shapes(*rgb.shape[:2], levels=levels)
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tw:
         level = np.ascontiguousarray(rgb)
-        for k in range(len(pyramid_shapes(*rgb.shape[:2]))):
+        for k in range(len(shapes)):
             if k:
                 level = downsample2(level)
             tw.write(level, **_page_kwargs(mpp, tile, compression, quality, k))
@@ -116,26 +144,57 @@ def _tiles_from_fn(shape: tuple[int, int], tile: int,
             yield px
 
 
-def write_pyramidal_tiff_tiles(path: str | os.PathLike[str], shape: tuple[int, int],
-                               tile_fn: Callable[[Box], np.ndarray], *, mpp: float, tile: int = 256,
-                               compression: str = "jpeg", quality: int = 90) -> Path:
-    """Write a slide given by ``tile_fn(box) -> RGB`` (level-0 boxes of at most tile x tile)
-    as the same pyramid as :func:`write_pyramidal_tiff`, without holding it in memory.
+def _tiles_from_iter(shape: tuple[int, int], tile: int, tiles: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """Check and pad tiles given in row-major order (each the clipped tile box's shape, or
+    full tile size), so a wrong count or shape fails loudly instead of writing a shifted
+    slide."""
+    h, w = shape
+    boxes = [Box(y, x, min(y + tile, h), min(x + tile, w))
+             for y in range(0, h, tile) for x in range(0, w, tile)]
+    it = iter(tiles)
+    for n, box in enumerate(boxes):
+        px = next(it, None)
+        if px is None:
+            raise ValueError(f"tile iterator ended after {n} tiles; {shape} needs "
+                             f"{len(boxes)} of {tile}x{tile}")
+        px = np.asarray(px, dtype=np.uint8)
+        if px.shape not in (box.shape + (3,), (tile, tile, 3)):
+            raise ValueError(f"tile {n} ({box}) has shape {px.shape}, expected {box.shape + (3,)}")
+        if px.shape[:2] != (tile, tile):
+            px = np.pad(px, ((0, tile - px.shape[0]), (0, tile - px.shape[1]), (0, 0)), mode="edge")
+        # tifffile stops pulling after the last tile: check for extras before handing it over
+        if n == len(boxes) - 1 and next(it, None) is not None:
+            raise ValueError(f"tile iterator has more than the {len(boxes)} tiles {shape} needs")
+        yield px
 
-    Level 0 is streamed from ``tile_fn``. Each lower level is streamed from the level just
-    written, read back from the (temporary) file by 2x2 tiles through tifffile's zarr store
-    and box-downsampled, then appended as the next top-level IFD (``TiffWriter(append=True)``),
-    so memory stays at a few tiles whatever the slide size and ``tile_fn`` runs once per
-    level-0 pixel. Lower levels of a JPEG slide are made from the decoded JPEG, as scanners do.
+
+def write_pyramidal_tiff_tiles(path: str | os.PathLike[str], shape: tuple[int, int], tiles: TileSource, *,
+                               mpp: float, tile: int = 256, levels: int | None = None,
+                               compression: str = "jpeg", quality: int = 90) -> Path:
+    """Write a slide given tile by tile as the same pyramid as :func:`write_pyramidal_tiff`,
+    without holding it in memory.
+
+    ``tiles`` is either a callable ``f(box) -> RGB`` (level-0 boxes of at most tile x tile,
+    asked in row-major order, once each) or an iterable of RGB tiles in row-major order
+    (edge tiles either clipped to the image or full size; a wrong count or shape raises).
+
+    Level 0 is streamed from ``tiles``. Each lower level is streamed from the level just
+    written, read back from the (temporary) file by 2x2 tiles through tifffile's zarr
+    store and box-downsampled, then appended as the next top-level IFD
+    (``TiffWriter(append=True)``), so memory stays at a few tiles whatever the slide size
+    and the source is asked for each level-0 pixel once. Lower levels of a JPEG slide are
+    made from the decoded JPEG, as scanners do.
     """
     _check_mpp(mpp)
     import zarr
 
     path = Path(path)
-    shapes = pyramid_shapes(*shape)
+    shapes = pyramid_shapes(*shape, levels=levels)
+    level0 = (_tiles_from_fn(shapes[0], tile, tiles) if callable(tiles)
+              else _tiles_from_iter(shapes[0], tile, tiles))
     with atomic_path(path) as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
-            tw.write(_tiles_from_fn(shapes[0], tile, tile_fn), shape=shapes[0] + (3,), dtype=np.uint8,
+            tw.write(level0, shape=shapes[0] + (3,), dtype=np.uint8,
                      **_page_kwargs(mpp, tile, compression, quality, 0))
         for k in range(1, len(shapes)):
             with tifffile.TiffFile(tmp) as tf:
@@ -154,13 +213,16 @@ def write_pyramidal_tiff_tiles(path: str | os.PathLike[str], shape: tuple[int, i
 
 
 def write_ome_tiff(path: str | os.PathLike[str], rgb: np.ndarray, mpp: float, *, tile: int = 256,
-                   compression: str = "zlib") -> Path:
+                   levels: int | None = None, compression: str = "zlib") -> Path:
     """Write ``rgb`` as a tiled pyramidal OME-TIFF like QuPath exports: OME-XML with
     ``PhysicalSizeX/Y`` in µm, level 0 as the main IFD and 2x downsampled levels as SubIFDs
-    (OpenSlide does not read this layout; tifffile and QuPath do)."""
+    (OpenSlide sees only level 0 of this layout; tifffile and QuPath read the pyramid).
+    Why: to test the tifffile fallback of ``pipeline.slide`` on the files QuPath writes."""
     _check_mpp(mpp)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"need uint8 (H, W, 3) RGB, got {rgb.dtype} {rgb.shape}")
     path = Path(path)
-    shapes = pyramid_shapes(*rgb.shape[:2])
+    shapes = pyramid_shapes(*rgb.shape[:2], levels=levels)
     opts = {"tile": (tile, tile), "photometric": "rgb", **_codec_kwargs(compression, 90),
             "resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:

@@ -9,7 +9,8 @@ small "slide" so that evaluation on a slide can be compared with evaluation per 
 Rendering model (shared by :func:`synthetic_he` and :func:`synthetic_region`):
 
 * Colours are made in optical-density space (Beer–Lambert): ``OD = cH * H + cE * E + b``
-  with the Ruifrok & Johnston stain vectors, ``RGB = 255 * 10**-OD``. So nuclei and
+  (haematoxylin vector of Ruifrok & Johnston, eosin of Macenko's reference, see
+  ``E_STAIN``), ``RGB = 255 * 10**-OD``. So nuclei and
   stroma have the hue relations of real H&E and colour-deconvolution code behaves as on
   real slides.
 * Nuclei centres come from a hashed grid of cells (16 µm, 64 px at 0.25 µm/px); each
@@ -26,7 +27,11 @@ Rendering model (shared by :func:`synthetic_he` and :func:`synthetic_region`):
 * Stroma texture and tissue/background fields are hashed value noise and sinusoids, pixel
   noise comes from fixed random tables indexed by ``(y mod p, x mod p)``; the Gaussian
   blur is applied with a margin. Hence ``synthetic_region`` gives bit-identical pixels and
-  labels for a pixel whatever box it is read with.
+  labels for a pixel whatever box it is read with (and ``synthetic_he`` renders its
+  per-pixel fields in row strips, for speed, with the same exactness).
+* Nucleus sizes follow MoNuSeg at 0.25 µm/px (equivalent radius median 3.2 µm, 95th
+  percentile 5.2 µm), not textbook 3–9 µm radii, because the images feed the model trained
+  on MoNuSeg; sizes are given in µm and converted with ``mpp``.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from pipeline.types import Box
 log = logging.getLogger(__name__)
 
 __all__ = ["monuseg_mosaic", "synthetic_he", "synthetic_region", "synthetic_region_labels",
-           "H_STAIN", "E_STAIN"]
+           "synthetic_region_with_labels", "H_STAIN", "E_STAIN"]
 
 # Stain optical-density vectors (unit length): haematoxylin from Ruifrok & Johnston; eosin
 # from Macenko's reference matrix, because Ruifrok's eosin (0.07, 0.99, 0.11) absorbs only
@@ -66,6 +71,7 @@ BLUR_SIGMA = 0.7
 BLUR_MARGIN = 4
 NOISE_PERIODS = (251, 257)  # coprime table sizes: pixel noise repeats every 64507 px
 TISSUE_EDGE = 0.04  # width of the tissue/background transition in tissue-field units
+MAX_DENSITY = 3.0  # beyond, cells run out of per-cell ids (16) and nuclei mostly cover each other
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -139,8 +145,10 @@ def _pixel_noise(box: Box, tables: list[np.ndarray], offset: int) -> np.ndarray:
     for table in tables:
         p = table.shape[0]
         ry = (np.arange(box.y0, box.y1) + offset * 17) % p
-        rx = (np.arange(box.x0, box.x1) + offset * 31) % p
-        out += table[ry[:, None], rx[None, :]]
+        # = table[ry[:, None], rx[None, :]] with rx = (x + offset * 31) % p, but by tiling
+        # the p rolled columns instead of a 2-D gather (40x faster, same values)
+        rows = np.roll(table[ry], -((box.x0 + offset * 31) % p), axis=1)
+        out += np.tile(rows, (1, -(-box.width // p)))[:, :box.width]
     return out * np.float32(1 / math.sqrt(len(tables)))
 
 
@@ -177,9 +185,13 @@ def _reach_px(mpp: float) -> int:
     return int(math.ceil((CLUSTER_REACH_UM + max_semi) / mpp)) + 2
 
 
-def _cell_nuclei(seed: int, cy: int, cx: int, mpp: float) -> list[tuple]:
+def _cell_nuclei(seed: int, cy: int, cx: int, mpp: float, density: float = 1.0) -> list[tuple]:
     """Nuclei whose seed point lies in grid cell (cy, cx): tuples
-    (y, x, a, b, theta, priority, hematoxylin, k). Deterministic in (seed, cy, cx)."""
+    (y, x, a, b, theta, priority, hematoxylin, k). Deterministic in (seed, cy, cx, density).
+
+    ``density`` scales the expected number of single nuclei and the cluster probability;
+    at 1.0 the draws are exactly those of the original generator (so seeds used by tests
+    and benchmarks keep their images)."""
     cell = _cell_px(mpp)
     rng = np.random.default_rng([seed & 0xFFFFFFFF, cy % (1 << 32), cx % (1 << 32), 0x5EED])
 
@@ -190,10 +202,11 @@ def _cell_nuclei(seed: int, cy: int, cx: int, mpp: float) -> list[tuple]:
 
     out: list[tuple] = []
     y0, x0 = cy * cell, cx * cell
-    for _ in range(min(rng.poisson(SINGLES_PER_CELL), 8)):
+    mean = SINGLES_PER_CELL * density
+    for _ in range(min(rng.poisson(mean), max(8, int(4 * mean)))):
         a, b, t = shape()
         out.append((y0 + rng.uniform(0, cell), x0 + rng.uniform(0, cell), a, b, t))
-    if rng.random() < CLUSTER_PROBABILITY:
+    if rng.random() < min(1.0, CLUSTER_PROBABILITY * density):
         sy, sx = y0 + rng.uniform(0, cell), x0 + rng.uniform(0, cell)
         reach = CLUSTER_REACH_UM / mpp
         members: list[tuple] = []
@@ -226,14 +239,14 @@ def _gid(cy: int, cx: int, k: int) -> int:
     return ((cy % 131071) << 15 | (cx % 2048) << 4 | k) + 1
 
 
-def _nuclei_for(domain: Box, seed: int, mpp: float) -> _Nuclei:
+def _nuclei_for(domain: Box, seed: int, mpp: float, density: float = 1.0) -> _Nuclei:
     """All nuclei that can reach into ``domain``."""
     cell, reach = _cell_px(mpp), _reach_px(mpp)
     rows: list[tuple] = []
     gids: list[int] = []
     for cy in range((domain.y0 - reach) // cell, (domain.y1 + reach) // cell + 1):
         for cx in range((domain.x0 - reach) // cell, (domain.x1 + reach) // cell + 1):
-            for nuc in _cell_nuclei(seed, cy, cx, mpp):
+            for nuc in _cell_nuclei(seed, cy, cx, mpp, density):
                 rows.append(nuc[:7])
                 gids.append(_gid(cy, cx, nuc[7]))
     if not rows:
@@ -264,9 +277,12 @@ def _ellipse(n: _Nuclei, i: int, domain: Box) -> tuple[tuple[slice, slice], np.n
     return (slice(y0 - domain.y0, y1 - domain.y0), slice(x0 - domain.x0, x1 - domain.x0)), r2 <= 1.0, r2
 
 
+_CROSS = ndimage.generate_binary_structure(2, 1)
+
+
 def _largest_part(mask: np.ndarray) -> np.ndarray:
     """Largest 4-connected part of a boolean mask (the mask itself if connected)."""
-    parts, n = ndimage.label(mask)
+    parts, n = ndimage.label(mask, structure=_CROSS)
     if n <= 1:
         return mask
     return parts == np.argmax(np.bincount(parts.ravel())[1:]) + 1
@@ -297,7 +313,10 @@ def _paint_nuclei(domain: Box, nuc: _Nuclei) -> tuple[np.ndarray, np.ndarray, _N
         if g is not None:
             sl, mask, _ = g
             area = int(mask.sum())
-            keep[i] = area > 0 and _largest_part(idx[sl] == i + 1).sum() >= MIN_VISIBLE * area
+            visible = idx[sl] == i + 1
+            # the largest part is at most all visible pixels: label only when that can pass
+            keep[i] = (area > 0 and visible.sum() >= MIN_VISIBLE * area
+                       and _largest_part(visible).sum() >= MIN_VISIBLE * area)
     idx[:] = 0
     rad = np.zeros(domain.shape, np.float32)
     for i, g in enumerate(geoms):
@@ -317,74 +336,133 @@ def _paint_nuclei(domain: Box, nuc: _Nuclei) -> tuple[np.ndarray, np.ndarray, _N
 
 # ----------------------------------------------------------------- composition
 
+STRIP_ROWS = 256  # per-pixel work in row strips: temporaries stay in cache (4096²: 6.6 -> 3.5 s CPU)
+TissueAt = Callable[[np.ndarray, np.ndarray], np.ndarray]
+TissueGrid = Callable[[Box], np.ndarray]
 
-def _render(box: Box, *, seed: int, mpp: float, tissue: np.ndarray | None,
-            tissue_at: Callable[[np.ndarray, np.ndarray], np.ndarray],
-            edge: float = TISSUE_EDGE, blur: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """RGB, global-id labels and painting-index labels (int32) of ``box``. ``tissue`` is
-    the tissue field (>0 = tissue) on ``box`` grown by the blur margin; ``tissue_at(ys,
-    xs)`` evaluates it at points (where nuclei may exist); ``edge`` is the width of the
-    tissue/glass transition in field units (a few pixels wide, as a real section edge)."""
-    m = BLUR_MARGIN if blur else 0
-    dom = box.grow(m)
-    # paint on a domain that holds whole every nucleus reaching the box, with everything
-    # that can cover it: visibility (and so the set of kept nuclei) is box-independent
-    amax = RADIUS_RANGE_UM[1] * math.sqrt(MAX_ASPECT) / mpp
-    paint_dom = dom.grow(2 * int(math.ceil(amax + 1)) + 2)
-    nuc = _nuclei_for(paint_dom, seed, mpp)
-    # nuclei only where there is tissue (decided at the centre, box-independently)
-    if len(nuc):
-        nuc = nuc.take(np.nonzero(tissue_at(nuc.cy, nuc.cx) > edge)[0])
-    idx_big, rad_big, nuc = _paint_nuclei(paint_dom, nuc)
-    idx = idx_big[dom.slices((paint_dom.y0, paint_dom.x0))]
-    rad = rad_big[dom.slices((paint_dom.y0, paint_dom.x0))]
+
+def _stain_strip(sub: Box, idx: np.ndarray, rad: np.ndarray, tissue: np.ndarray, dark_lut: np.ndarray,
+                 *, seed: int, mpp: float, edge: float) -> tuple[np.ndarray, np.ndarray]:
+    """Haematoxylin and eosin concentrations (float32) of the pixels of ``sub``, before blur.
+
+    Every term is a pure function of the absolute pixel coordinates (value noise,
+    sinusoids) and of the painted nucleus maps, so any strip or box gives the same values.
+    """
     is_nuc = idx > 0
-
     # tissue alpha and stroma eosin / haematoxylin
     alpha = np.where(is_nuc, np.float32(1), np.clip(tissue / edge, 0.0, 1.0).astype(np.float32))
-    fib = _value_noise_grid(dom, 6.0 / (mpp / 0.25) * 1.0, seed * 7 + 1)
-    coarse = _value_noise_grid(dom, 40.0 * 0.25 / mpp, seed * 7 + 2)
-    streak = _value_noise_grid(dom, 14.0 * 0.25 / mpp, seed * 7 + 3)
-    ys = np.arange(dom.y0, dom.y1, dtype=np.float32)[:, None]
-    xs = np.arange(dom.x0, dom.x1, dtype=np.float32)[None, :]
+    fib = _value_noise_grid(sub, 6.0 / (mpp / 0.25) * 1.0, seed * 7 + 1)
+    coarse = _value_noise_grid(sub, 40.0 * 0.25 / mpp, seed * 7 + 2)
+    streak = _value_noise_grid(sub, 14.0 * 0.25 / mpp, seed * 7 + 3)
+    ys = np.arange(sub.y0, sub.y1, dtype=np.float32)[:, None]
+    xs = np.arange(sub.x0, sub.x1, dtype=np.float32)[None, :]
     phase = (seed % 97) * 0.37
     wave = np.sin((xs * 0.045 + ys * 0.02) * (0.25 / mpp) + 6.0 * streak + phase)
     eosin = (0.16 + 0.2 * coarse + 0.07 * fib + 0.07 * wave * (coarse > 0.45)).astype(np.float32)
     hema = (0.03 + 0.03 * fib).astype(np.float32)
-
     # nuclei: haematoxylin from per-nucleus darkness, chromatin texture, darker rim
-    dark = np.concatenate([[0.0], nuc.hematoxylin]).astype(np.float32)[idx]
-    chrom = _value_noise_grid(dom, 2.5 * 0.25 / mpp, seed * 7 + 4)
+    dark = dark_lut[idx]
+    chrom = _value_noise_grid(sub, 2.5 * 0.25 / mpp, seed * 7 + 4)
     rim = np.clip((rad - 0.62) / 0.38, 0, 1) ** 2
     nuc_h = dark * (0.65 + 0.6 * chrom) * (1.0 + 0.45 * rim) + 0.08
     nuc_e = 0.16 + 0.1 * coarse
     hema = np.where(is_nuc, nuc_h, hema)
     eosin = np.where(is_nuc, nuc_e, eosin)
-    del chrom, rim, nuc_h, fib, wave, streak
+    return hema * alpha, eosin * alpha
 
-    conc_h = hema * alpha
-    conc_e = eosin * alpha
-    if blur:
-        conc_h = ndimage.gaussian_filter(conc_h, BLUR_SIGMA, truncate=BLUR_MARGIN / BLUR_SIGMA - 0.01)
-        conc_e = ndimage.gaussian_filter(conc_e, BLUR_SIGMA, truncate=BLUR_MARGIN / BLUR_SIGMA - 0.01)
-    core = box.slices((dom.y0, dom.x0))
-    conc_h, conc_e = conc_h[core], conc_e[core]
-    tables = _noise_tables(seed)
-    rgb = np.empty(box.shape + (3,), np.uint8)
-    grain = _pixel_noise(box, tables, 0) * np.float32(0.018)
+
+def _colour_strip(sub: Box, conc_h: np.ndarray, conc_e: np.ndarray, tables: list[np.ndarray],
+                  out: np.ndarray) -> None:
+    """Beer–Lambert: optical density of the stains + glass + pixel noise -> uint8 RGB in ``out``."""
+    grain = _pixel_noise(sub, tables, 0) * np.float32(0.018)
     for ch in range(3):
         od = (conc_h * np.float32(H_STAIN[ch]) + conc_e * np.float32(E_STAIN[ch])
               + np.float32(BACKGROUND_OD[ch]) + grain
-              + _pixel_noise(box, tables, ch + 1) * np.float32(0.012))
+              + _pixel_noise(sub, tables, ch + 1) * np.float32(0.012))
         val = 255.0 * np.power(np.float32(10.0), -od)
-        rgb[..., ch] = np.clip(val + 0.5, 0, 255).astype(np.uint8)
-
-    lut = np.concatenate([[0], nuc.gid]).astype(np.uint32)
-    local = idx[core]
-    return rgb, lut[local], local
+        out[..., ch] = np.clip(val + 0.5, 0, 255).astype(np.uint8)
 
 
-def _image_tissue(height: int, width: int, seed: int):
+def _render(box: Box, *, seed: int, mpp: float, tissue_grid: TissueGrid, tissue_at: TissueAt,
+            edge: float = TISSUE_EDGE, density: float = 1.0,
+            blur: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RGB of ``box``, its painting-index map (int32, 0 = no nucleus, i + 1 = i-th painted
+    nucleus) and the global ids of the painted nuclei (uint32, index i).
+
+    ``tissue_grid(box)`` is the tissue field (> 0 = tissue) on any box and
+    ``tissue_at(ys, xs)`` the same field at points (where nuclei may exist); ``edge`` is the
+    width of the tissue/glass transition in field units (a few pixels, as a real section
+    edge). Nuclei are painted once on a domain that holds every nucleus reaching the box
+    and everything that can cover it; the per-pixel fields and the colour are computed in
+    row strips (fast: temporaries of a strip stay in cache; exact: all fields are pure
+    functions of absolute coordinates).
+    """
+    m = BLUR_MARGIN if blur else 0
+    dom = box.grow(m)
+    # visibility (and so the set of kept nuclei) is box-independent: see _paint_nuclei
+    amax = RADIUS_RANGE_UM[1] * math.sqrt(MAX_ASPECT) / mpp
+    paint_dom = dom.grow(2 * int(math.ceil(amax + 1)) + 2)
+    nuc = _nuclei_for(paint_dom, seed, mpp, density)
+    # nuclei only where there is tissue (decided at the centre, box-independently)
+    if len(nuc):
+        nuc = nuc.take(np.nonzero(tissue_at(nuc.cy, nuc.cx) > edge)[0])
+    idx_big, rad_big, nuc = _paint_nuclei(paint_dom, nuc)
+    inner = dom.slices((paint_dom.y0, paint_dom.x0))
+    idx, rad = idx_big[inner], rad_big[inner]
+    dark_lut = np.concatenate([[0.0], nuc.hematoxylin]).astype(np.float32)
+
+    conc_h = np.empty(dom.shape, np.float32)
+    conc_e = np.empty(dom.shape, np.float32)
+    for r0 in range(0, dom.height, STRIP_ROWS):
+        r1 = min(r0 + STRIP_ROWS, dom.height)
+        sub = Box(dom.y0 + r0, dom.x0, dom.y0 + r1, dom.x1)
+        conc_h[r0:r1], conc_e[r0:r1] = _stain_strip(sub, idx[r0:r1], rad[r0:r1], tissue_grid(sub), dark_lut,
+                                                    seed=seed, mpp=mpp, edge=edge)
+    if blur:
+        truncate = BLUR_MARGIN / BLUR_SIGMA - 0.01
+        conc_h = ndimage.gaussian_filter(conc_h, BLUR_SIGMA, truncate=truncate)
+        conc_e = ndimage.gaussian_filter(conc_e, BLUR_SIGMA, truncate=truncate)
+
+    tables = _noise_tables(seed)
+    rgb = np.empty(box.shape + (3,), np.uint8)
+    for r0 in range(0, box.height, STRIP_ROWS):
+        r1 = min(r0 + STRIP_ROWS, box.height)
+        sub = Box(box.y0 + r0, box.x0, box.y0 + r1, box.x1)
+        sl = sub.slices((dom.y0, dom.x0))
+        _colour_strip(sub, conc_h[sl], conc_e[sl], tables, rgb[r0:r1])
+    return rgb, idx[box.slices((dom.y0, dom.x0))], nuc.gid
+
+
+def _check_common(mpp: float, density: float, tissue_fraction: float | None) -> None:
+    if not (mpp > 0 and math.isfinite(mpp)):
+        raise ValueError(f"mpp must be positive, got {mpp}")
+    if not (0 <= density <= MAX_DENSITY):
+        raise ValueError(f"density must be in [0, {MAX_DENSITY}], got {density}")
+    if tissue_fraction is not None and not (0 <= tissue_fraction <= 1):
+        raise ValueError(f"tissue_fraction must be in [0, 1], got {tissue_fraction}")
+
+
+
+def _field_offset(samples: np.ndarray, tissue_fraction: float | None, edge: float) -> float:
+    """Level to subtract from a tissue field so that ``tissue_fraction`` of ``samples``
+    lie above it (0.0 for None: the generator's own field)."""
+    if tissue_fraction is None:
+        return 0.0
+    if tissue_fraction >= 1:
+        return float(samples.min()) - 2.0 * edge - 1.0  # everything saturated tissue
+    if tissue_fraction <= 0:
+        return float(samples.max()) + 2.0 * edge + 1.0
+    return float(np.quantile(samples, 1.0 - tissue_fraction))
+
+
+def _shifted(at: TissueAt, grid: TissueGrid, offset: float) -> tuple[TissueAt, TissueGrid]:
+    if offset == 0.0:
+        return at, grid
+    off32 = np.float32(offset)
+    return (lambda ys, xs: at(ys, xs) - offset), (lambda box: grid(box) - off32)
+
+
+def _image_tissue(height: int, width: int, seed: int) -> tuple[TissueAt, TissueGrid]:
     """Tissue field of a finite image: an irregular blob covering most of the image,
     touching its edges, with background in (some) corners."""
     rng = np.random.default_rng([seed & 0xFFFFFFFF, 0x7155])
@@ -406,21 +484,32 @@ def _image_tissue(height: int, width: int, seed: int):
     return at, grid
 
 
-def synthetic_he(height: int, width: int, *, seed: int, mpp: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_he(height: int, width: int, *, seed: int, mpp: float = 0.25, density: float = 1.0,
+                 tissue_fraction: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic H&E image ``(rgb uint8 (H, W, 3), labels uint32 (H, W))``.
 
-    Pink stroma, white background outside an irregular tissue region that covers most of
-    the image and reaches its edges, purple nuclei (radius ~2.3–6 µm, median 3.3 µm as in
-    MoNuSeg; some elongated) with chromatin texture and a darker rim, clusters of touching
-    nuclei, nuclei cut by the image borders. Labels are ``1..n`` (consecutive, in painting
-    order), exactly the painted nucleus pixels.
-    Deterministic in ``seed``; 4096x4096 takes a few seconds.
+    Pink stroma, white background outside an irregular tissue region that reaches the image
+    edges, purple nuclei (equivalent radius 2.3–6 µm, median 3.3 µm, as measured on MoNuSeg
+    (median 3.2 µm, 95th percentile 5.2 µm) so that the trained model sees familiar sizes;
+    some elongated up to 3:1) with chromatin texture and a darker rim, clusters of touching
+    and overlapping nuclei, nuclei cut by the image borders. Labels are ``1..n``
+    (consecutive, in painting order), exactly the painted nucleus pixels.
+
+    ``density`` (0–3) scales the number of nuclei: at 1.0 about 6500 per mm² of tissue
+    (~420 in 1024² px at 0.25 µm/px, ~22 % of the pixels), 2.0 gives ~1.8x as many.
+    ``tissue_fraction`` (0–1) sets the share of the image covered by tissue (within ~1 %);
+    None keeps the default blob (~96–99 % tissue, glass in some corners; the images used by
+    tests and benchmarks). Deterministic in all arguments; 4096x4096 takes ~3.5 s of CPU.
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got {height}x{width}")
+    _check_common(mpp, density, tissue_fraction)
     at, grid = _image_tissue(height, width, seed)
+    if tissue_fraction is not None:
+        ys, xs = np.meshgrid(np.linspace(0, height - 1, 128), np.linspace(0, width - 1, 128), indexing="ij")
+        at, grid = _shifted(at, grid, _field_offset(at(ys, xs), tissue_fraction, TISSUE_EDGE))
     box = Box(0, 0, height, width)
-    rgb, _, local = _render(box, seed=seed, mpp=mpp, tissue=grid(box.grow(BLUR_MARGIN)), tissue_at=at)
+    rgb, local, _ = _render(box, seed=seed, mpp=mpp, tissue_grid=grid, tissue_at=at, density=density)
     # consecutive ids in painting order (a lookup table: np.unique would sort 16M pixels)
     present = np.bincount(local.ravel()) > 0
     present[0] = False
@@ -435,9 +524,11 @@ SLIDE_TISSUE_SCALE_UM = 400.0  # tissue islands / background gaps of the infinit
 SLIDE_TISSUE_EDGE = 0.006  # the slide's tissue field is flatter: ~10 px transition
 
 
-def _slide_tissue(seed: int, mpp: float):
+def _slide_tissue(seed: int, mpp: float, tissue_fraction: float | None = None) -> tuple[TissueAt, TissueGrid]:
     """Tissue field of the infinite slide: large-scale value noise plus slow sinusoids;
-    about a fifth of the area is background."""
+    about a fifth of the area is background. For a given ``tissue_fraction`` the field is
+    shifted by its quantile over a fixed 48 x 48 tissue-scale window (the field is
+    stationary, so that window stands for the whole slide; box-independent)."""
     scale = SLIDE_TISSUE_SCALE_UM / mpp
     key = seed * 7 + 6
     rng = np.random.default_rng([seed & 0xFFFFFFFF, 0x511DE])
@@ -454,35 +545,52 @@ def _slide_tissue(seed: int, mpp: float):
         sines = (0.12 * np.sin(ys * k1 + p1) * np.cos(xs * k2 + p2)).astype(np.float32)
         return _value_noise_grid(box, scale, key) - np.float32(0.32) + sines
 
-    return at, grid
+    if tissue_fraction is None:
+        return at, grid
+    ys, xs = np.meshgrid(*[np.linspace(0, 48 * scale, 192)] * 2, indexing="ij")
+    return _shifted(at, grid, _field_offset(at(ys, xs), tissue_fraction, SLIDE_TISSUE_EDGE))
 
 
-def _region(box: Box, seed: int, mpp: float) -> tuple[np.ndarray, np.ndarray]:
+def _region(box: Box, seed: int, mpp: float, density: float,
+            tissue_fraction: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if box.is_empty():
         raise ValueError(f"empty box {box}")
-    at, grid = _slide_tissue(seed, mpp)
-    rgb, labels, _ = _render(box, seed=seed, mpp=mpp, tissue=grid(box.grow(BLUR_MARGIN)), tissue_at=at,
-                             edge=SLIDE_TISSUE_EDGE)
-    return rgb, labels
+    _check_common(mpp, density, tissue_fraction)
+    at, grid = _slide_tissue(seed, mpp, tissue_fraction)
+    return _render(box, seed=seed, mpp=mpp, tissue_grid=grid, tissue_at=at, edge=SLIDE_TISSUE_EDGE,
+                   density=density)
 
 
-def synthetic_region(box: Box, *, seed: int, mpp: float = 0.25) -> np.ndarray:
+def synthetic_region(box: Box, *, seed: int, mpp: float = 0.25, density: float = 1.0,
+                     tissue_fraction: float | None = None) -> np.ndarray:
     """RGB (uint8, ``box.shape + (3,)``) of ``box`` on an infinite deterministic slide.
 
-    A pixel's value depends only on ``(seed, mpp, y, x)``, never on the box, so overlapping
-    reads agree bit for bit and a gigapixel slide can be faked tile by tile without memory.
-    Negative coordinates are valid. Tissue with background gaps (~1/5 of the area).
+    A pixel's value depends only on ``(seed, mpp, density, tissue_fraction, y, x)``, never on
+    the box, so overlapping reads agree bit for bit and a gigapixel slide can be faked tile
+    by tile without memory (~0.25 s per 1024² tile). Negative coordinates are valid. Tissue
+    islands with glass gaps: ~4/5 tissue by default, or ``tissue_fraction``.
     """
-    return _region(box, seed, mpp)[0]
+    return _region(box, seed, mpp, density, tissue_fraction)[0]
 
 
-def synthetic_region_labels(box: Box, *, seed: int, mpp: float = 0.25) -> np.ndarray:
-    """Truth labels (uint32) of ``box`` on the slide of :func:`synthetic_region`.
+def synthetic_region_labels(box: Box, *, seed: int, mpp: float = 0.25, density: float = 1.0,
+                            tissue_fraction: float | None = None) -> np.ndarray:
+    """Truth labels (uint32) of ``box`` on the slide of :func:`synthetic_region` (same
+    arguments). Costs about as much as the RGB (the nuclei must be painted either way):
+    use :func:`synthetic_region_with_labels` to get both from one render.
 
     Ids are global (the same nucleus has the same id in every box): unique within
     2048 cells (131072 px at 0.25 µm/px) in x; they repeat beyond.
     """
-    return _region(box, seed, mpp)[1]
+    return synthetic_region_with_labels(box, seed=seed, mpp=mpp, density=density,
+                                        tissue_fraction=tissue_fraction)[1]
+
+
+def synthetic_region_with_labels(box: Box, *, seed: int, mpp: float = 0.25, density: float = 1.0,
+                                 tissue_fraction: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(rgb, labels)`` of ``box`` from one render (see :func:`synthetic_region`)."""
+    rgb, local, gids = _region(box, seed, mpp, density, tissue_fraction)
+    return rgb, np.concatenate([[0], gids]).astype(np.uint32)[local]
 
 
 # ----------------------------------------------------------------- MoNuSeg mosaic

@@ -11,6 +11,7 @@ import pytest
 import tifffile
 from scipy import ndimage
 
+import pipeline.synthetic as synthetic
 from pipeline.pyramid_tiff import (
     downsample2,
     pyramid_shapes,
@@ -25,8 +26,15 @@ from pipeline.synthetic import (
     synthetic_he,
     synthetic_region,
     synthetic_region_labels,
+    synthetic_region_with_labels,
 )
 from pipeline.types import Box
+
+
+def _tissue_share(rgb: np.ndarray) -> float:
+    """Share of pixels darker than glass (summed optical density > 0.25)."""
+    od = -np.log10(np.maximum(rgb.astype(np.float64), 1) / 255)
+    return float((od.sum(axis=2) > 0.25).mean())
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +104,62 @@ def test_every_nucleus_is_substantially_visible_and_connected() -> None:
             assert ndimage.label(labels[sl] == i + 1)[1] == 1
 
 
+def test_strip_rendering_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    # synthetic_he renders per-pixel fields in row strips for speed; any strip height must
+    # give the same image as one strip (all fields are functions of absolute coordinates)
+    rgb, labels = synthetic_he(300, 260, seed=8)
+    monkeypatch.setattr(synthetic, "STRIP_ROWS", 10_000)
+    rgb1, labels1 = synthetic_he(300, 260, seed=8)
+    monkeypatch.setattr(synthetic, "STRIP_ROWS", 7)
+    rgb7, labels7 = synthetic_he(300, 260, seed=8)
+    assert np.array_equal(rgb, rgb1) and np.array_equal(rgb, rgb7)
+    assert np.array_equal(labels, labels1) and np.array_equal(labels, labels7)
+
+
+def test_density_scales_the_number_of_nuclei() -> None:
+    counts = {d: int(synthetic_he(384, 384, seed=6, density=d)[1].max()) for d in (0.0, 0.5, 1.0, 2.0)}
+    assert counts[0.0] == 0
+    assert counts[0.5] < 0.75 * counts[1.0] and counts[2.0] > 1.4 * counts[1.0]
+    # the default is density 1.0, draw for draw
+    assert np.array_equal(synthetic_he(128, 128, seed=6)[0], synthetic_he(128, 128, seed=6, density=1.0)[0])
+    with pytest.raises(ValueError):
+        synthetic_he(64, 64, seed=6, density=-1)
+    with pytest.raises(ValueError):
+        synthetic_he(64, 64, seed=6, tissue_fraction=1.5)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.75])
+def test_tissue_fraction_is_honoured(fraction: float) -> None:
+    rgb, labels = synthetic_he(384, 512, seed=2, tissue_fraction=fraction)
+    assert abs(_tissue_share(rgb) - fraction) < 0.04
+    od = -np.log10(np.maximum(rgb.astype(np.float64), 1) / 255).sum(axis=2)
+    assert not labels[od < 0.2].any()  # no nuclei on glass
+
+
+def test_tissue_fraction_extremes() -> None:
+    rgb, labels = synthetic_he(256, 256, seed=2, tissue_fraction=0.0)
+    assert labels.max() == 0 and _tissue_share(rgb) < 0.03 and rgb.mean() > 215
+    rgb, labels = synthetic_he(256, 256, seed=2, tissue_fraction=1.0)
+    assert labels.max() > 20 and _tissue_share(rgb) > 0.99
+
+
+def test_region_knobs_keep_box_invariance() -> None:
+    a, b = Box(-200, 300, 100, 600), Box(-50, 450, 250, 800)
+    ov = a.intersect(b)
+    kw = {"seed": 3, "density": 2.0, "tissue_fraction": 0.5}
+    ra, la = synthetic_region_with_labels(a, **kw)
+    rb, lb = synthetic_region_with_labels(b, **kw)
+    assert np.array_equal(ra[ov.slices((a.y0, a.x0))], rb[ov.slices((b.y0, b.x0))])
+    assert np.array_equal(la[ov.slices((a.y0, a.x0))], lb[ov.slices((b.y0, b.x0))])
+    assert np.array_equal(ra, synthetic_region(a, **kw))
+    assert np.array_equal(la, synthetic_region_labels(a, **kw))
+    # tissue_fraction of the infinite slide: measured on a coarse sample of a large area
+    ys = np.arange(0, 40_000, 5003)
+    share = np.mean([_tissue_share(synthetic_region(Box(y, x, y + 32, x + 32), seed=3, tissue_fraction=0.3))
+                     for y in ys for x in ys])
+    assert abs(share - 0.3) < 0.2
+
+
 def test_synthetic_region_is_box_invariant() -> None:
     a, b = Box(900, -150, 1250, 260), Box(1100, 40, 1500, 520)
     ov = a.intersect(b)
@@ -114,6 +178,13 @@ def test_synthetic_region_is_box_invariant() -> None:
 def test_pyramid_shapes() -> None:
     assert pyramid_shapes(500, 700) == [(500, 700)]
     assert pyramid_shapes(3000, 2049) == [(3000, 2049), (1500, 1025), (750, 513)]
+    assert pyramid_shapes(500, 700, levels=3) == [(500, 700), (250, 350), (125, 175)]
+    assert pyramid_shapes(3000, 2049, levels=1) == [(3000, 2049)]
+    assert len(pyramid_shapes(5, 3, levels=4)) == 4  # 5x3, 3x2, 2x1, 1x1
+    with pytest.raises(ValueError):
+        pyramid_shapes(5, 3, levels=5)
+    with pytest.raises(ValueError):
+        pyramid_shapes(5, 3, levels=0)
 
 
 @pytest.mark.parametrize("compression", ["zlib", "jpeg"])
@@ -134,6 +205,41 @@ def test_pyramidal_tiff_opens_in_openslide_with_mpp(tmp_path: Path, compression:
         assert diff.max() == 0
     else:
         assert 0 < diff.mean() < 8
+    # the layout OpenSlide needs: tiled top-level pages, lower ones flagged reduced-resolution
+    with tifffile.TiffFile(path) as tf:
+        assert tf.is_bigtiff and all(p.is_tiled for p in tf.pages)
+        assert [p.subfiletype for p in tf.pages] == [0, 1]
+        assert tf.pages[0].tags["ResolutionUnit"].value == 3  # centimetre
+
+
+def test_openslide_needs_the_reduced_resolution_bit(tmp_path: Path) -> None:
+    # pins the finding the writer relies on: without NewSubfileType=1 OpenSlide's
+    # generic-tiff driver ignores the lower pages (and SubIFDs), with it they are levels
+    rgb = np.random.default_rng(0).integers(0, 255, (512, 384, 3), dtype=np.uint8)
+    for flag, expected in ((0, 1), (1, 2)):
+        path = tmp_path / f"flag{flag}.tif"
+        with tifffile.TiffWriter(path) as tw:
+            tw.write(rgb, photometric="rgb", tile=(128, 128))
+            tw.write(downsample2(rgb), photometric="rgb", tile=(128, 128), subfiletype=flag)
+        with openslide.OpenSlide(path) as slide:
+            assert slide.level_count == expected
+    path = tmp_path / "subifd.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(rgb, photometric="rgb", tile=(128, 128), subifds=1)
+        tw.write(downsample2(rgb), photometric="rgb", tile=(128, 128), subfiletype=1)
+    with openslide.OpenSlide(path) as slide:
+        assert slide.level_count == 1
+
+
+def test_explicit_level_count(tmp_path: Path, image: tuple[np.ndarray, np.ndarray]) -> None:
+    rgb = image[0]
+    path = write_pyramidal_tiff(tmp_path / "l.tiff", rgb, mpp=0.5, levels=3, compression="zlib", tile=128)
+    with openslide.OpenSlide(path) as slide:
+        assert slide.level_dimensions == ((768, 640), (384, 320), (192, 160))
+        assert slide.level_downsamples == (1.0, 2.0, 4.0)
+        assert abs(float(slide.properties["openslide.mpp-y"]) - 0.5) < 1e-3
+        lvl2 = np.asarray(slide.read_region((0, 0), 2, (192, 160)).convert("RGB"))
+    assert np.array_equal(lvl2, downsample2(downsample2(rgb)))
 
 
 def test_tiles_writer_streams_the_same_pyramid(tmp_path: Path) -> None:
@@ -156,6 +262,24 @@ def test_tiles_writer_streams_the_same_pyramid(tmp_path: Path) -> None:
         lvl1 = np.asarray(slide.read_region((0, 0), 1, (650, 550)).convert("RGB"))
     assert np.array_equal(lvl0, full)
     assert np.array_equal(lvl1, downsample2(full))
+
+
+def test_tiles_writer_takes_an_iterable(tmp_path: Path, image: tuple[np.ndarray, np.ndarray]) -> None:
+    rgb = image[0][:600, :700]
+    boxes = [Box(y, x, min(y + 256, 600), min(x + 256, 700))
+             for y in range(0, 600, 256) for x in range(0, 700, 256)]
+    path = write_pyramidal_tiff_tiles(tmp_path / "i.tiff", (600, 700), (rgb[b.slices()] for b in boxes),
+                                      mpp=0.25, levels=2, compression="zlib")
+    with openslide.OpenSlide(path) as slide:
+        assert slide.level_count == 2
+        got = np.asarray(slide.read_region((0, 0), 0, (700, 600)).convert("RGB"))
+    assert np.array_equal(got, rgb)
+    # a short or overlong iterator fails, and leaves no (partial) file behind
+    for tiles in (boxes[:-1], boxes + boxes[:1]):
+        with pytest.raises(ValueError, match="tile"):
+            write_pyramidal_tiff_tiles(tmp_path / "bad.tiff", (600, 700), (rgb[b.slices()] for b in tiles),
+                                       mpp=0.25, compression="zlib")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["i.tiff"]
 
 
 def test_ome_tiff_round_trip(tmp_path: Path, image: tuple[np.ndarray, np.ndarray]) -> None:
