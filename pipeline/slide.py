@@ -14,11 +14,21 @@ tifffile handles must never be shared across processes.
 not depend on the box it was read with (bit-identical overlaps); the exact stitcher relies
 on it. Out-of-image pixels mirror the image (``numpy`` ``reflect``).
 
-OpenSlide generic-tiff facts (checked with OpenSlide 4.0.1, see ``tests/test_slide.py``):
-level 0 must be *tiled* (a stripped TIFF is "Unsupported or missing image file"), pyramid
-levels must be further top-level IFDs (tiled, smaller; SubIFDs are ignored), and
-``openslide.mpp-x/y`` are reported only when ``ResolutionUnit`` is CENTIMETER or INCH
-(mpp = 10000 / XResolution or 25400 / XResolution); with unit NONE there is no mpp.
+OpenSlide generic-tiff facts (measured with OpenSlide 4.0.1 on TIFFs written by tifffile,
+see ``tests/test_slide.py``):
+
+* level 0 must be *tiled*; a stripped TIFF is ``OpenSlideUnsupportedFormatError``
+  ("Unsupported or missing image file") and goes to tifffile;
+* pyramid levels are further *top-level* IFDs, tiled, whose ``NewSubfileType`` has the
+  reduced-image bit (``subfiletype=1``); without it, or in SubIFDs, they are ignored and the
+  slide has one level;
+* ``openslide.mpp-x/y`` = 10000 / XResolution (``ResolutionUnit`` CENTIMETER) or
+  25400 / XResolution (INCH); with unit NONE, or no resolution tags, there is no mpp.
+  tifffile writes INCH when ``resolution`` is given without ``resolutionunit``, so pass
+  the unit explicitly;
+* JPEG, zlib, LZW and zstd tiles are decoded; JPEG-XL (50002) and WebP (50001) make the open
+  fail with ``OpenSlideError`` ("Unsupported TIFF compression"), which ``open_slide`` also
+  answers with tifffile (imagecodecs decodes both).
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import MissingMppError, SlideReadError
+from pipeline.errors import ConfigError, MissingMppError, SlideReadError
 from pipeline.types import Box, Level, ReadPlan, SlideInfo
 
 log = logging.getLogger(__name__)
@@ -137,10 +147,11 @@ class OpenSlideReader(SlideReader):
                 if self._slide is None:
                     try:
                         self._slide = openslide.OpenSlide(self.path)
-                    except openslide.OpenSlideUnsupportedFormatError:
-                        raise
                     except (openslide.OpenSlideError, OSError) as exc:
-                        raise SlideReadError(f"{self.path}: OpenSlide cannot open it: {exc}") from exc
+                        # includes OpenSlideUnsupportedFormatError; open_slide then tries
+                        # tifffile with the cause
+                        raise SlideReadError(f"{self.path}: OpenSlide cannot open it: "
+                                             f"{_one_line(exc)}") from exc
         return self._slide
 
     def _make_info(self, slide: Any) -> SlideInfo:
@@ -154,6 +165,13 @@ class OpenSlideReader(SlideReader):
             mpp = None
         if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
             mpp = None
+        try:
+            mpp_y = float(props.get(openslide.PROPERTY_NAME_MPP_Y) or "nan")
+        except ValueError:
+            mpp_y = math.nan
+        if mpp is not None and math.isfinite(mpp_y) and abs(mpp_y / mpp - 1) > 0.01:
+            log.warning("%s: non-square pixels (mpp-x %s, mpp-y %s): using mpp-x", self.path,
+                        mpp, mpp_y)
         levels = tuple(Level(int(w), int(h), float(ds))
                        for (w, h), ds in zip(slide.level_dimensions, slide.level_downsamples))
         bounds = (int(props.get(openslide.PROPERTY_NAME_BOUNDS_X) or 0),
@@ -273,6 +291,13 @@ class TiffFileReader(SlideReader):
         self._arrays: dict[int, Any] = {}
         self._open()
         self.info = self._make_info()
+        # decode one pixel now: tifffile opens files whose tiles it cannot decode (unknown
+        # compression), and such a slide must fail at open, naming the cause, not per tile
+        try:
+            self.read_level(len(self.info.levels) - 1, Box(0, 0, 1, 1))
+        except SlideReadError:
+            self.close()
+            raise
 
     def _open(self) -> Any:
         import tifffile
@@ -280,11 +305,14 @@ class TiffFileReader(SlideReader):
         if self._tiff is None:
             with self._lock:
                 if self._tiff is None:
+                    tiff = None
                     try:
                         tiff = tifffile.TiffFile(self.path)
                         series = tiff.series[0]
                         self._layout = _tiff_layout(series.axes, series.shape)
                     except Exception as exc:
+                        if tiff is not None:
+                            tiff.close()
                         raise SlideReadError(f"{self.path}: tifffile cannot open it: {exc}") from exc
                     if series.dtype != np.uint8:
                         tiff.close()
@@ -326,15 +354,17 @@ class TiffFileReader(SlideReader):
             return self._arrays[level]
 
     def _read(self, level: int, box: Box) -> np.ndarray:
-        array = self._array(level)  # opens the file (and sets the layout) after unpickling
-        y_ax, x_ax, c_ax = self._layout
-        index: list[Any] = [0] * array.ndim
-        index[y_ax] = slice(box.y0, box.y1)
-        index[x_ax] = slice(box.x0, box.x1)
-        if c_ax is not None:
-            index[c_ax] = slice(0, 3)
         try:
+            array = self._array(level)  # opens the file (and sets the layout) after unpickling
+            y_ax, x_ax, c_ax = self._layout
+            index: list[Any] = [0] * array.ndim
+            index[y_ax] = slice(box.y0, box.y1)
+            index[x_ax] = slice(box.x0, box.x1)
+            if c_ax is not None:
+                index[c_ax] = slice(0, 3)  # an alpha channel (4th sample) is dropped
             data = np.asarray(array[tuple(index)])
+        except SlideReadError:
+            raise
         except Exception as exc:
             raise SlideReadError(f"{self.path}: cannot read level {level} {box}: {exc}") from exc
         # remaining axes are (y, x[, c]) in their original order
@@ -498,7 +528,7 @@ def open_slide(path: str | Path | SlideReader, mpp_override: float | None = None
     reader = _open(path)
     if mpp_override is not None:
         if not (mpp_override > 0 and math.isfinite(mpp_override)):
-            raise SlideReadError(f"{reader.info.path}: invalid mpp override {mpp_override}")
+            raise ConfigError(f"{reader.info.path}: invalid mpp override {mpp_override}")
         if isinstance(path, SlideReader) or str(path).startswith(MEMORY_SCHEME):
             reader = copy.copy(reader)  # never change the caller's object
         reader.info = dataclasses.replace(reader.info, mpp=float(mpp_override))
@@ -521,8 +551,6 @@ def _open(path: str | Path | SlideReader) -> SlideReader:
         raise SlideReadError(f"{text}: file not found")
     if p.is_dir() and p.suffix.lower() != ".mrxs":
         raise SlideReadError(f"{text}: is a folder, not a slide file")
-    import openslide
-
     first: Exception | None = None
     try:
         reader = OpenSlideReader(text)
@@ -531,18 +559,33 @@ def _open(path: str | Path | SlideReader) -> SlideReader:
         # OpenSlide reads a tiled OME-TIFF as generic-tiff, ignoring its SubIFD pyramid
         # and its OME pixel size: tifffile understands both
         reader.close()
-    except openslide.OpenSlideUnsupportedFormatError as exc:
-        first = exc
+    except SlideReadError as exc:
+        # unsupported format, or a TIFF OpenSlide recognises but cannot decode (e.g.
+        # JPEG-XL tiles): tifffile may still read it
+        first = exc.__cause__ or exc
     try:
         reader = TiffFileReader(text)
     except SlideReadError as exc:
         if first is None:
             raise
-        raise SlideReadError(f"{text}: not a readable slide (OpenSlide: unsupported format; "
-                             f"tifffile: {exc.__cause__ or exc})") from first
-    log.info("%s: reading with tifffile (%s)", text,
-             "OpenSlide does not support it" if first else "OME-TIFF")
+        raise SlideReadError(f"{text}: not a readable slide (OpenSlide: {_one_line(first)}; "
+                             f"tifffile: {_one_line(exc.__cause__ or exc)})") from first
+    if first is not None:
+        import openslide
+
+        # a format OpenSlide does not know is routine; one it knows but fails on is not
+        level = (logging.INFO if isinstance(first, openslide.OpenSlideUnsupportedFormatError)
+                 else logging.WARNING)
+        log.log(level, "%s: reading with tifffile (OpenSlide: %s)", text, _one_line(first))
+    else:
+        log.info("%s: reading with tifffile (OME-TIFF)", text)
     return reader
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one short line (error messages must fit one CLI line)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _is_ome_generic_tiff(info: SlideInfo) -> bool:
@@ -553,7 +596,12 @@ def _is_ome_generic_tiff(info: SlideInfo) -> bool:
 def find_slides(paths: Iterable[str | Path]) -> list[Path]:
     """Slide files among ``paths``: files as given, folders scanned (not recursively).
 
-    Sorted and deduplicated; ``FileNotFoundError`` names a path that does not exist.
+    Folder scans are flat on purpose: slide formats with companion folders (MRXS data
+    folders, VMS tiles) would otherwise be entered, and a batch folder is usually flat.
+    Hidden files (``._x.svs`` from macOS) are skipped in scans. DICOM is kept simple:
+    every ``.dcm`` file is listed, so a folder should hold one file per DICOM slide.
+    Sorted and deduplicated (by resolved path); ``FileNotFoundError`` names a path
+    that does not exist.
     """
     found: dict[Path, Path] = {}
     for item in paths:
@@ -561,7 +609,8 @@ def find_slides(paths: Iterable[str | Path]) -> list[Path]:
         if not p.exists():
             raise FileNotFoundError(f"{p}: no such file or folder")
         if p.is_dir() and p.suffix.lower() != ".mrxs":
-            candidates = [c for c in p.iterdir() if c.is_file() and is_slide_name(c.name)]
+            candidates = [c for c in p.iterdir() if c.is_file() and is_slide_name(c.name)
+                          and not c.name.startswith(".")]
         else:
             candidates = [p]
         for c in candidates:
@@ -669,9 +718,10 @@ def _read_integer(reader: SlideReader, level: int, hull: Box, k: int, lv: Level)
     xs = np.clip(np.arange(hull.x0 * k, hull.x1 * k), 0, lv.width - 1)
     src_box = Box(int(ys[0]), int(xs[0]), int(ys[-1]) + 1, int(xs[-1]) + 1)
     src = reader.read_level(level, src_box)
-    if k == 1 and src.shape[:2] == (len(ys), len(xs)):
+    if src.shape[:2] != (len(ys), len(xs)):  # clamped indices at the level's far edges
+        src = src[np.ix_(ys - src_box.y0, xs - src_box.x0)]
+    if k == 1:
         return src
-    src = src[np.ix_(ys - src_box.y0, xs - src_box.x0)]
     s = src.reshape(hull.height, k, hull.width, k, 3).astype(np.uint32).sum(axis=(1, 3))
     n = k * k
     return ((s + n // 2) // n).astype(np.uint8)

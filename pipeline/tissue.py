@@ -5,6 +5,11 @@ the HSV saturation: Otsu's threshold clamped to [SAT_FLOOR, SAT_CEIL]. The floor
 white/grey background (and JPEG noise on it) out even on an all-white slide, where Otsu
 would split noise; the ceiling keeps an all-tissue slide whole, where Otsu would split
 the tissue itself. Small specks (dust) and small holes (lumina, fat) are then cleaned up.
+
+The mask is made at ~8 µm/px (a 100 µm tile edge is 12 mask pixels; slides longer than
+32 mm get coarser masks, at most 4096 px long), from the coarsest pyramid level that is at
+least that fine, box-averaged further: a gigapixel slide costs a few reads of its low
+levels, never a level-0 pass.
 """
 
 from __future__ import annotations
@@ -12,23 +17,28 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 
 from pipeline.types import Box, SlideInfo
 
+if TYPE_CHECKING:
+    from pipeline.slide import SlideReader
+
 log = logging.getLogger(__name__)
 
 TARGET_UM_PER_PX = 8.0  # mask resolution when the mpp is known
 TARGET_WIDTH_PX = 2048  # mask width when it is not
+MAX_MASK_SIDE = 4096  # huge slides get a coarser mask (18 µm/px for 75 mm)
 SAT_FLOOR = 0.07
 SAT_CEIL = 0.20
 MIN_OBJECT_UM2 = 10_000.0  # ~100 x 100 µm: smaller bits are dust or debris
 MIN_HOLE_UM2 = 10_000.0
 MIN_OBJECT_PX = 16  # the same in mask pixels when the mpp is unknown
 MIN_HOLE_PX = 16
-READ_CHUNK = 4096  # level pixels per read, keeps memory flat on single-level slides
+READ_CHUNK = 2048  # level pixels per read, keeps memory flat on single-level slides
 
 
 @dataclass
@@ -112,29 +122,47 @@ def _box_mean(rgb: np.ndarray, f: int) -> np.ndarray:
     return s / n[..., None]
 
 
-def _low_res(reader: object, info: SlideInfo) -> tuple[np.ndarray, float]:
-    """RGB (float32) at about TARGET_UM_PER_PX (or TARGET_WIDTH_PX wide) and its level-0
-    pixels per pixel: the coarsest level at least that fine, box-averaged further."""
+def mask_resolution(info: SlideInfo, target_um_per_px: float = TARGET_UM_PER_PX,
+                    target_width: int = TARGET_WIDTH_PX, max_side: int = MAX_MASK_SIDE) -> float:
+    """Level-0 pixels per mask pixel wanted: ``target_um_per_px`` when the mpp is known,
+    otherwise ``target_width`` pixels wide; coarser when the mask's long side would exceed
+    ``max_side`` (a 75 mm slide gets ~18 µm/px: the mask stays a few MB)."""
     if info.mpp is not None:
-        target = TARGET_UM_PER_PX / info.mpp
+        target = target_um_per_px / info.mpp
     else:
-        target = info.width / TARGET_WIDTH_PX
-    target = max(1.0, target)
+        target = info.width / target_width
+    return max(1.0, target, max(info.width, info.height) / max_side)
+
+
+def _low_res_saturation(reader: SlideReader, info: SlideInfo, target: float,
+                        max_side: int) -> tuple[np.ndarray, float]:
+    """HSV saturation at about ``target`` level-0 pixels per pixel, and the exact value.
+
+    Reads the coarsest level at least that fine and box-averages it further by an integer
+    factor (rounded down, unless that breaks ``max_side``), chunk by chunk: saturation per
+    chunk keeps memory at one float per mask pixel. The level's nominal downsample is used
+    (4 for a level of floor(W / 4) px that OpenSlide reports as 4.016), so mask pixels line
+    up with level-0 pixels.
+    """
+    from pipeline.slide import nominal_downsample
+
+    downsamples = [nominal_downsample(info, i) for i in range(len(info.levels))]
     level = 0
-    for i, lv in enumerate(info.levels):
-        if lv.downsample <= target * (1 + 1e-3) and lv.downsample >= info.levels[level].downsample:
+    for i, ds in enumerate(downsamples):
+        if ds <= target * (1 + 1e-3) and ds >= downsamples[level]:
             level = i
     lv = info.levels[level]
-    f = max(1, int(math.floor(target / lv.downsample + 1e-3)))
+    f = max(1, int(math.floor(target / downsamples[level] + 1e-3)),
+            math.ceil(max(lv.width, lv.height) / max_side))
     step = max(f, READ_CHUNK // f * f)  # chunks aligned to the averaging blocks
     rows = []
     for y in range(0, lv.height, step):
         row = []
         for x in range(0, lv.width, step):
             box = Box(y, x, min(y + step, lv.height), min(x + step, lv.width))
-            row.append(_box_mean(reader.read_level(level, box), f))  # type: ignore[attr-defined]
+            row.append(saturation(_box_mean(reader.read_level(level, box), f)))
         rows.append(np.concatenate(row, axis=1))
-    return np.concatenate(rows, axis=0), lv.downsample * f
+    return np.concatenate(rows, axis=0), downsamples[level] * f
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
@@ -144,14 +172,31 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0).astype(np.float32)
 
 
-def tissue_mask(reader: object) -> TissueMask:
-    """Tissue of a slide reader (``pipeline.slide.SlideReader``) at ~8 µm/px."""
-    from skimage.filters import threshold_otsu
-    from skimage.morphology import remove_small_holes, remove_small_objects
+def remove_small_components(mask: np.ndarray, max_size: int) -> np.ndarray:
+    """``mask`` without its 4-connected components of at most ``max_size`` pixels.
 
-    info: SlideInfo = reader.info  # type: ignore[attr-defined]
-    rgb, per_px = _low_res(reader, info)
-    sat = ndimage.uniform_filter(saturation(rgb), size=3, mode="nearest")
+    (scikit-image renamed ``min_size`` to ``max_size`` with a shift by one in 0.26; this
+    keeps one meaning for every supported version.)
+    """
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask.copy()
+    sizes = np.bincount(labels.ravel())
+    keep = sizes > max_size
+    keep[0] = False
+    return keep[labels]
+
+
+def tissue_mask(reader: SlideReader, target_um_per_px: float = TARGET_UM_PER_PX,
+                target_width: int = TARGET_WIDTH_PX, max_side: int = MAX_MASK_SIDE) -> TissueMask:
+    """Tissue of a slide at about ``target_um_per_px`` (``target_width`` px wide when the
+    slide has no mpp), at most ``max_side`` px long (see ``mask_resolution``)."""
+    from skimage.filters import threshold_otsu
+
+    info = reader.info
+    target = mask_resolution(info, target_um_per_px, target_width, max_side)
+    sat, per_px = _low_res_saturation(reader, info, target, max_side)
+    sat = ndimage.uniform_filter(sat, size=3, mode="nearest")
     if float(sat.max() - sat.min()) > 1e-3:
         otsu = float(threshold_otsu(sat))
     else:
@@ -165,8 +210,8 @@ def tissue_mask(reader: object) -> TissueMask:
     else:
         min_object, min_hole = MIN_OBJECT_PX, MIN_HOLE_PX
     if mask.any():
-        mask = remove_small_objects(mask, max_size=min_object)
-        mask = remove_small_holes(mask, max_size=min_hole)
+        mask = remove_small_components(mask, min_object)  # dust, debris
+        mask = ~remove_small_components(~mask, min_hole)  # small holes (as scikit-image)
     result = TissueMask(mask, float(per_px))
     log.info("%s: tissue %.1f %% of the slide (saturation threshold %.3f, Otsu %.3f, "
              "%.1f level-0 px per mask px)", info.path, 100 * result.fraction, threshold,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
+import os
 import pickle
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline.errors import MissingMppError, SlideReadError
+from pipeline.errors import ConfigError, MissingMppError, SlideReadError
 from pipeline.slide import (
     MemorySlide,
     OpenSlideReader,
@@ -23,11 +25,14 @@ from pipeline.slide import (
     read_region,
     reflect_index,
     register_memory_slide,
+    rgba_to_rgb,
     unregister_memory_slide,
 )
 from pipeline.types import Box, Level, SlideInfo
 
-SLIDES = Path("/work/shared/data/slides")
+# ../shared relative to the repository (as in conftest.py), never copied into it
+SLIDES = Path(os.environ.get("WSI_NUCLEI_SHARED_DATA",
+                             Path(__file__).resolve().parents[2] / "shared" / "data")) / "slides"
 FIXTURES = SLIDES / "openslide-fixtures"
 
 
@@ -90,7 +95,10 @@ def test_unreadable_and_unopenable(slides_dir: Path, tmp_path: Path) -> None:
         reader.read_level(0, Box(0, 0, 16, 16))
     with pytest.raises(SlideReadError, match="unopenable.tiff") as err:
         open_slide(FIXTURES / "unopenable.tiff")
-    assert "\n" not in str(err.value)
+    message = str(err.value)
+    assert "\n" not in message
+    # OpenSlide's cause and the tifffile fallback's cause (it cannot decode a pixel)
+    assert "Unsupported TIFF compression: 52479" in message and "tifffile: " in message
     with pytest.raises(SlideReadError, match="not found"):
         open_slide(tmp_path / "missing.svs")
     junk = tmp_path / "junk.svs"
@@ -116,25 +124,44 @@ def test_openslide_rgba_composited_on_white(slides_dir: Path) -> None:
     lv = reader.info.levels[2]
     rgb = reader.read_level(2, Box(0, 0, lv.height, lv.width))
     assert rgb.shape == (lv.height, lv.width, 3)
+    # what OpenSlide returns outside the scanned area (alpha 0) becomes white
+    import openslide
+
+    with openslide.OpenSlide(FIXTURES / "boxes.tiff") as raw:
+        rgba = np.asarray(raw.read_region((250, 200), 0, (80, 80)))
+    assert (rgba[-10:, -10:, 3] == 0).all() and (rgba[:10, :10, 3] == 255).all()
+    out = rgba_to_rgb(rgba)
+    assert (out[-10:, -10:] == 255).all()
+    np.testing.assert_array_equal(out[:10, :10], rgba[:10, :10, :3])
+
+
+def test_rgba_to_rgb_values() -> None:
+    rgba = np.array([[[10, 20, 30, 255], [10, 20, 30, 0], [0, 100, 200, 128]]], np.uint8)
+    out = rgba_to_rgb(rgba)
+    assert out.dtype == np.uint8 and out.shape == (1, 3, 3)
+    np.testing.assert_array_equal(out[0, 0], [10, 20, 30])
+    np.testing.assert_array_equal(out[0, 1], [255, 255, 255])
+    np.testing.assert_array_equal(out[0, 2], [127, 177, 227])  # c*a + 255*(1-a), a = 128/255
 
 
 # --------------------------------------------------------------------------- generic TIFF
 
 
 def write_pyramid_tiff(path: Path, image: np.ndarray, mpp: float | None, unit: str = "CENTIMETER",
-                       tile: tuple[int, int] | None = (64, 64)) -> None:
+                       tile: tuple[int, int] | None = (64, 64), compression: str = "zlib",
+                       reduced_flag: bool = True) -> None:
     """Tiled pyramid as top-level IFDs (what OpenSlide generic-tiff reads)."""
     with tifffile.TiffWriter(path) as tw:
         level = image
         for i in range(3):
-            kw: dict = {"photometric": "rgb", "compression": "zlib"}
+            kw: dict = {"photometric": "rgb", "compression": compression}
             if tile:
                 kw["tile"] = tile
             if mpp is not None:
                 per_unit = (1e4 if unit == "CENTIMETER" else 25400.0) / (mpp * 2 ** i)
                 kw["resolution"] = (per_unit, per_unit)
                 kw["resolutionunit"] = unit
-            tw.write(level, subfiletype=1 if i else 0, **kw)
+            tw.write(level, subfiletype=1 if i and reduced_flag else 0, **kw)
             level = level[::2, ::2]
 
 
@@ -154,6 +181,61 @@ def test_generic_tiff_pyramid_opens_with_openslide_mpp(tmp_path: Path, unit: str
                                       image[::2, ::2][5:40, 7:90])
 
 
+def test_generic_tiff_jpeg_pyramid_equals_tifffile_decode(tmp_path: Path) -> None:
+    y, x = np.mgrid[:256, :320]
+    image = np.stack([(y + x) % 200 + 20, (2 * y) % 180 + 40, (3 * x) % 150 + 60], -1)
+    path = tmp_path / "jpeg.tiff"
+    write_pyramid_tiff(path, image.astype(np.uint8), 0.5, compression="jpeg")
+    with open_slide(path) as reader:
+        assert reader.info.backend == "openslide" and reader.info.mpp == pytest.approx(0.5)
+        assert len(reader.info.levels) == 3
+        decoded = tifffile.imread(path)  # the same JPEG tiles decoded by imagecodecs
+        box = Box(30, 50, 200, 300)
+        np.testing.assert_array_equal(reader.read_level(0, box), decoded[box.slices()])
+
+
+def test_generic_tiff_levels_need_the_reduced_image_flag(tmp_path: Path) -> None:
+    """Findings behind the module docstring: levels without NewSubfileType=1 or in SubIFDs
+    are not levels for OpenSlide; tifffile's default resolution unit is INCH."""
+    image = noise_image(128, 160)
+    flat = tmp_path / "flat.tiff"
+    write_pyramid_tiff(flat, image, 0.25, reduced_flag=False)
+    assert len(open_slide(flat).info.levels) == 1
+    sub = tmp_path / "subifds.tiff"
+    with tifffile.TiffWriter(sub) as tw:
+        kw = {"photometric": "rgb", "tile": (64, 64), "resolution": (4e4, 4e4),
+              "resolutionunit": "CENTIMETER"}
+        tw.write(image, subifds=1, **kw)
+        tw.write(image[::2, ::2], subfiletype=1, **kw)
+    info = open_slide(sub).info
+    assert info.backend == "openslide" and len(info.levels) == 1 and info.mpp == pytest.approx(0.25)
+    default = tmp_path / "default-unit.tiff"  # 40000 px per centimetre was meant ...
+    tifffile.imwrite(default, image, photometric="rgb", tile=(64, 64), resolution=(4e4, 4e4))
+    assert open_slide(default).info.mpp == pytest.approx(25400 / 40000)  # ... but it is inch
+
+
+@pytest.mark.parametrize("compression", ["jpegxl", "webp"])
+def test_tiff_openslide_cannot_decode_falls_back_to_tifffile(tmp_path: Path, compression: str,
+                                                            caplog: pytest.LogCaptureFixture,
+                                                            ) -> None:
+    """OpenSlide recognises the TIFF but fails on the codec: tifffile reads the pyramid."""
+    import imagecodecs
+
+    if not getattr(imagecodecs, compression.upper()).available:
+        pytest.skip(f"imagecodecs without {compression}")
+    image = noise_image(256, 192)
+    path = tmp_path / f"{compression}.tiff"
+    write_pyramid_tiff(path, image, 0.5, compression=compression)
+    with caplog.at_level(logging.INFO, logger="pipeline.slide"):
+        reader = open_slide(path)
+    assert "Unsupported TIFF compression" in caplog.text
+    assert isinstance(reader, TiffFileReader)
+    assert reader.info.mpp == pytest.approx(0.5)
+    assert [(lv.height, lv.width) for lv in reader.info.levels] == [(256, 192), (128, 96), (64, 48)]
+    expected = tifffile.imread(path, level=1)
+    np.testing.assert_array_equal(reader.read_level(1, Box(7, 9, 128, 90)), expected[7:128, 9:90])
+
+
 def test_generic_tiff_without_unit_has_no_mpp(tmp_path: Path) -> None:
     path = tmp_path / "nounit.tiff"
     write_pyramid_tiff(path, noise_image(128, 128), None)
@@ -162,6 +244,9 @@ def test_generic_tiff_without_unit_has_no_mpp(tmp_path: Path) -> None:
     with pytest.raises(MissingMppError, match="--mpp"):
         plan_read(reader.info, 0.5)
     assert open_slide(path, mpp_override=0.3).info.mpp == 0.3
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="mpp"):
+            open_slide(path, mpp_override=bad)
 
 
 def test_stripped_tiff_falls_back_to_tifffile(tmp_path: Path) -> None:
@@ -326,12 +411,12 @@ def test_read_region_is_box_invariant(size: tuple[int, int], slide_mpp: float, m
     for box in boxes:
         part = read_region(slide, plan, box)
         np.testing.assert_array_equal(part, big[box.slices((outer.y0, outer.x0))], err_msg=str(box))
-    # mirrored semantics hold at model resolution too
-    inside = read_region(slide, plan, Box(0, 0, H, W)) if H * W < 400_000 else None
-    if inside is not None:
+    # mirrored semantics hold at model resolution too (numpy reflects repeatedly when the
+    # padding is wider than the image, which is what reflect_index does)
+    if H * W < 400_000:
+        inside = read_region(slide, plan, Box(0, 0, H, W))
         pad = ((-outer.y0, outer.y1 - H), (-outer.x0, outer.x1 - W), (0, 0))
-        if min(H, W) > max(max(p) for p in pad[:2]):
-            np.testing.assert_array_equal(np.pad(inside, pad, mode="reflect"), big)
+        np.testing.assert_array_equal(np.pad(inside, pad, mode="reflect"), big)
 
 
 def test_read_region_values() -> None:
@@ -388,7 +473,7 @@ def test_pickle_round_trip_and_spawn(tmp_path: Path) -> None:
     # one spawned process for two readers keeps the test fast on a busy machine
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
-        for reader in (readers[0], readers[3]):
+        for reader in (readers[0], readers[1], readers[3]):
             got = pool.apply(_read_in_child, (reader, box))
             np.testing.assert_array_equal(got, reader.read_level(0, box))
 
@@ -420,7 +505,8 @@ def test_memory_slide_pyramid_and_registry() -> None:
 
 
 def test_find_slides(tmp_path: Path) -> None:
-    for name in ("b.svs", "a.ome.tif", "c.NDPI", "d.qptiff", "notes.txt", "e.png", "f.mrxs"):
+    for name in ("b.svs", "a.ome.tif", "c.NDPI", "d.qptiff", "notes.txt", "e.png", "f.mrxs",
+                 "._b.svs"):
         (tmp_path / name).write_bytes(b"")
     sub = tmp_path / "sub"
     sub.mkdir()

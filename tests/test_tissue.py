@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -9,10 +10,12 @@ import numpy as np
 import pytest
 
 from pipeline.slide import MemorySlide, open_slide
-from pipeline.tissue import TissueMask, full_mask, tissue_mask
+from pipeline.tissue import TissueMask, full_mask, mask_resolution, tissue_mask
 from pipeline.types import Box
 
-SLIDES = Path("/work/shared/data/slides")
+# ../shared relative to the repository (as in conftest.py)
+SLIDES = Path(os.environ.get("WSI_NUCLEI_SHARED_DATA",
+                             Path(__file__).resolve().parents[2] / "shared" / "data")) / "slides"
 PINK = (225, 140, 190)
 PURPLE = (150, 90, 170)
 
@@ -84,6 +87,53 @@ def test_uses_coarse_level_of_pyramid() -> None:
     assert tm.level0_per_pixel == 32.0
     assert tm.mask[:, :400].all() and not tm.mask[:, 550:].any()
     assert tm.covers(Box(0, 0, 100, 100)) and not tm.covers(Box(0, 20_000, 1000, 21_000))
+
+
+def test_huge_slide_mask_is_capped() -> None:
+    """The long side is capped (coarser than 8 µm/px) and the level stays coarse."""
+    slide = MemorySlide.procedural(40_000, 30_000, 0.25, pink_left_half)
+    assert mask_resolution(slide.info, max_side=512) == pytest.approx(40_000 / 512)
+    calls: list[int] = []
+    original = slide.read_level
+
+    def spy(level: int, box: Box) -> np.ndarray:
+        calls.append(level)
+        return original(level, box)
+
+    slide.read_level = spy  # type: ignore[method-assign]
+    tm = tissue_mask(slide, max_side=512)
+    # level 6 (downsample 64, 625 px) averaged 2x: 128 level-0 px = 32 µm per mask pixel
+    assert set(calls) == {6} and tm.level0_per_pixel == 128.0
+    assert max(tm.mask.shape) <= 512 and tm.mask.shape == (313, 235)
+    assert tm.mask[:, :110].all() and not tm.mask[:, 125:].any()  # edge at 15000 / 128
+    # a coarser target without a cap
+    assert tissue_mask(slide, target_um_per_px=64.0).level0_per_pixel == 256.0
+
+
+def test_small_holes_filled_large_holes_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    image = np.full((800, 800, 3), PINK, np.uint8)
+    image[96:128, 96:128] = 245  # 1024 µm² lumen (mask pixels 12-15): filled
+    image[400:704, 400:704] = 245  # 92416 µm² of glass inside the tissue: kept
+    tm = tissue_mask(MemorySlide(image, 1.0))
+    assert tm.level0_per_pixel == 8.0
+    assert tm.mask[:45].all()
+    assert not tm.mask[52:86, 52:86].any()
+    import pipeline.tissue
+
+    monkeypatch.setattr(pipeline.tissue, "MIN_HOLE_UM2", 0.0)
+    assert not tissue_mask(MemorySlide(image, 1.0)).mask[12:16, 12:16].all()  # it was a hole
+
+
+def test_generic_pyramid_uses_nominal_downsample() -> None:
+    """boxes.tiff levels (reported 4.016, 8.086) are on the 4 / 8 grid of level 0."""
+    path = SLIDES / "openslide-fixtures" / "boxes.tiff"
+    if not path.exists():
+        pytest.skip("shared slides not available")
+    with open_slide(path) as reader:
+        # 352.78 µm/px: the 2048 px-wide rule does not apply, the mpp one gives level 0
+        assert tissue_mask(reader).level0_per_pixel == 1.0
+        tm = tissue_mask(reader, target_um_per_px=352.78 * 4.5)
+    assert tm.level0_per_pixel == 4.0 and tm.mask.shape == (62, 75)
 
 
 def pink_left_half(level: int, box: Box) -> np.ndarray:
