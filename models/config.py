@@ -20,7 +20,7 @@ class NetConfig:
     ``paper``: two independent plain U-Nets (semantic + regression) as in Mahbod et al.
     ``dual``: one shared encoder with a semantic and a regression decoder (the authors'
     later dual-decoder U-Net), which costs about 3/4 of ``paper`` per pixel.
-    ``widths`` may be overridden per branch after structured pruning (``*_widths``), so
+    ``widths`` may be overridden per conv after structured pruning (``*_channels``), so
     that a physically smaller network can be rebuilt from its checkpoint alone.
     """
 
