@@ -1,0 +1,100 @@
+"""The benchmarks' ``--quick`` modes run end to end, so the scripts do not rot.
+
+Nothing here asserts a time or a ratio's value (the CI machine's load decides those):
+only that each benchmark finishes, prints its ``headline:`` line and writes the JSON keys
+that ``bench/README.md`` documents. Quick modes use a hand-set tiny model, so they need
+neither ``models/weights`` nor a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def _run(main: Callable[[list[str]], dict[str, Any]], argv: list[str],
+         capsys: pytest.CaptureFixture[str]) -> tuple[dict[str, Any], str]:
+    summary = main(argv)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("headline: ")]
+    assert len(lines) == 1, out
+    return summary, lines[0][len("headline: "):]
+
+
+def _json(path: Path, keys: set[str]) -> dict[str, Any]:
+    data = json.loads(path.read_text())
+    assert keys <= set(data), sorted(keys - set(data))
+    return data
+
+
+def test_pipeline_throughput_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.pipeline_throughput import main
+
+    summary, text = _run(main, ["--quick", "--json", str(tmp_path / "t.json")], capsys)
+    data = _json(tmp_path / "t.json", {"headline", "tissue_mpx", "tile_sizes", "best_tile_size",
+                                        "reference_tile_size", "command", "date"})
+    assert data["headline"] == summary["headline"] == text
+    assert "x model-only" in text
+    for row in data["tile_sizes"].values():
+        assert {"read_mpx_s", "model_mpx_s", "pipeline_mpx_s", "pipeline_vs_model", "read_vs_model",
+                "overhead", "phases_s"} <= set(row)
+        assert row["overhead"] > 1 and row["tiles"] > 0
+
+
+@pytest.mark.slow
+def test_scaling_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.scaling import main
+
+    _, text = _run(main, ["--quick", "--json", str(tmp_path / "s.json")], capsys)
+    data = _json(tmp_path / "s.json", {"headline", "baseline", "extent_series", "tissue_series",
+                                        "tissue_fit", "rss_ratio_largest_smallest", "extent_ratio"})
+    assert "peak RSS" in text
+    assert data["extent_ratio"] == pytest.approx(16.0)
+    for row in data["extent_series"] + data["tissue_series"]:
+        assert row["peak_rss_mib"] > 0 and row["tiles"] >= 1 and row["nuclei"] > 0
+
+
+@pytest.mark.slow
+def test_workers_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.workers import main
+
+    _, text = _run(main, ["--quick", "--json", str(tmp_path / "w.json")], capsys)
+    data = _json(tmp_path / "w.json", {"headline", "part_a", "part_b"})
+    assert "throughput" in text and "client RSS" in text
+    assert set(data["part_a"]["layouts"]) == {"1x2", "2x1"}
+    assert {"slides", "queue_bounded", "queue_unbounded"} <= set(data["part_b"])
+
+
+def test_accuracy_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.accuracy_speed import default_data, main
+
+    argv = ["--quick", "--json", str(tmp_path / "a.json"), "--png", str(tmp_path / "a.png")]
+    _, text = _run(main, argv, capsys)
+    if not (default_data() / "images").is_dir():
+        assert text.startswith("skipped:")
+        _json(tmp_path / "a.json", {"headline", "skipped"})
+        return
+    data = _json(tmp_path / "a.json", {"headline", "models", "images", "png"})
+    assert len(data["images"]) == 2 and (tmp_path / "a.png").stat().st_size > 0
+    for row in data["models"].values():
+        assert 0 <= row["aji"] <= 1 and row["model_mpx_s"] > 0
+
+
+def test_accuracy_speed_skips_without_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.accuracy_speed import main
+
+    _, text = _run(main, ["--quick", "--data", str(tmp_path / "none"), "--json", str(tmp_path / "a.json")],
+                   capsys)
+    assert text.startswith("skipped:") and "skipped" in json.loads((tmp_path / "a.json").read_text())
+
+
+def test_model_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.model_speed import main
+
+    _, text = _run(main, ["--quick", "--json", str(tmp_path / "m.json")], capsys)
+    assert "speed of" in text
+    _json(tmp_path / "m.json", {"results", "threads", "size"})
