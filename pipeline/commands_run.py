@@ -135,6 +135,7 @@ def demo_command(args: argparse.Namespace) -> int:
     from pipeline.pyramid_tiff import write_pyramidal_tiff
     from pipeline.run import RunConfig, process_slide
     from pipeline.synthetic import synthetic_he
+    from pipeline.writers.preview import write_preview
 
     model = args.model or ("pruned80.pt" if (WEIGHTS_DIR / "pruned80.pt").exists() else "dense.pt")
     out = Path(args.out)
@@ -153,11 +154,15 @@ def demo_command(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     labels = zarr.open_group(str(Path(outcome.out_dir) / "nuclei.zarr"), mode="r")["labels/nuclei/s0"][...]
     scores = instance_scores(truth.astype(np.int64), labels.astype(np.int64))
+    detail = Path(outcome.out_dir) / "detail.png"
+    c0, c1 = args.size // 2 - 256, args.size // 2 + 256
+    write_preview(detail, rgb[c0:c1, c0:c1], labels[c0:c1, c0:c1],
+                  np.ones((c1 - c0, c1 - c0), dtype=bool))
     print(f"demo: {outcome.nuclei} nuclei found ({int(truth.max())} true) in {time.time() - started:.0f} s "
           f"with {model}")
     print(f"  detection F1 {scores['f1']:.3f}  AJI {scores['aji']:.3f}  PQ {scores['pq']:.3f}  "
           f"Dice {scores['dice']:.3f}")
     print(f"  outputs: {outcome.out_dir}/ (nuclei.zarr, nuclei.geojson, nuclei.parquet, preview.png, "
-          "summary.json)")
+          "detail.png, summary.json)")
     print("  QuPath: open demo-slide.tif, then drag nuclei.geojson onto the viewer")
     return EXIT_OK
