@@ -3,8 +3,9 @@
 
 ``wsi-nuclei run`` is replaced by a stand-in (WSI_NUCLEI_CMD / Snakemake ``command``) that
 records its arguments and environment in OUT/<slide>/summary.json: these tests check the
-workflow mechanics (which slide each task gets, the flags, resume, logs); the pipeline itself
-is tested elsewhere. Tests marked ``slurm`` submit small jobs (1 CPU, <= 2 GB) to the
+workflow mechanics (which slide each task gets, the flags, resume, logs). The real
+``wsi-nuclei run`` through ``--cluster slurm`` and array.sbatch is tested in
+test_distributed.py. Tests marked ``slurm`` submit small jobs (1 CPU, <= 2 GB) to the
 single-node SLURM of ../shared/hpc/slurm-up.sh and cancel them at the end.
 """
 
