@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -108,10 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    if not args.debug:
-        # cluster chatter (scheduler/nanny start-up) is noise for users; distributed sets its
-        # loggers from its config when imported, so say it there (workers inherit the env)
-        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    if not args.debug:  # cluster chatter (scheduler/nanny start-up) is noise for users
         for name in ("distributed", "dask", "dask_jobqueue", "bokeh", "tornado"):
             logging.getLogger(name).setLevel(logging.WARNING)
     if not getattr(args, "func", None):

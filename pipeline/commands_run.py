@@ -79,6 +79,11 @@ def executor_for(args: argparse.Namespace, model: str, device: str) -> Iterator[
         return
     from pipeline.cluster import ClusterConfig, cluster_config_from, open_client, register_model
 
+    if not getattr(args, "debug", False):
+        # importing distributed re-applies its own INFO level; quiet it in this process only,
+        # so that worker logs (SLURM job output) keep their start-up lines
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+
     options: dict[str, Any] = {}
     if args.cluster:
         options["cluster"] = args.cluster
