@@ -512,6 +512,8 @@ def _write_blocks(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, exe
             mbox = Box(int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
             sources = tuple((s.index, s.extent, offsets[s.index]) for s in tiles
                             if s.count and not s.extent.intersect(mbox).is_empty())
+            if not sources:
+                continue  # no nucleus here: unwritten chunks read as the fill value 0
             jobs.append(BlockJob(store, block, plan.plan.scale, plan.plan.shape, sources, str(work)))
     for job, result in executor.map(write_label_block, jobs):
         if isinstance(result, Exception):
