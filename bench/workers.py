@@ -11,12 +11,12 @@ must stay small however much work is queued. Each case runs in a fresh child pro
 that samples its own RSS (workers excluded) while it works:
 
 * many slides: N small slides one after another, as ``wsi-nuclei run`` does;
-* many tile tasks: one slide of ~1000 tiles through ``DaskExecutor`` with the default
+* many tile tasks: one slide of ~600 tiles through ``DaskExecutor`` with the default
   bound (64 in flight) and unbounded (every task submitted at once).
 
 Part B uses a hand-set tiny model: what is measured is bookkeeping, not the network.
 
-    python -m bench.workers                  # 2048^2 slide with dense.pt; 50 slides; 1024 tiles
+    python -m bench.workers                  # 2048^2 slide with dense.pt; 50 slides; 576 tiles
     python -m bench.workers --quick          # < 1 min
 """
 
@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1, help="part A rounds (order alternates)")
     parser.add_argument("--slides", type=int, default=50, help="part B: number of small slides")
     parser.add_argument("--small-side", type=int, default=512, help="part B: side of each small slide")
-    parser.add_argument("--queue-side", type=int, default=4096, help="part B: side of the many-tile slide")
+    parser.add_argument("--queue-side", type=int, default=3072, help="part B: side of the many-tile slide")
     parser.add_argument("--queue-tile", type=int, default=128, help="part B: its tile size")
     parser.add_argument("--bound", type=int, default=64, help="part B: DaskExecutor max_in_flight")
     parser.add_argument("--skip-a", action="store_true", help="only part B")
