@@ -141,9 +141,11 @@ def run_end_to_end(path: str, cfg: Any, executor: Any, bar: tqdm) -> dict[str, A
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    started = time.perf_counter()
     args = parse_args(argv)
     quiet_logs()
     threads = set_threads(args.threads)
+    info = run_info(NAME, argv, threads)  # date and load at the start
     from pipeline.cluster import get_worker_model
     from pipeline.run import PrepareJob, RunConfig, SerialExecutor, prepare_slide
 
@@ -199,13 +201,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"({cluster['seconds']:.1f} s, start-up excluded)")
     best = max(rows, key=lambda ts: rows[ts]["pipeline_mpx_s"])
     r = rows[ref]
-    summary = {**run_info(NAME, argv, threads), "slide": slide, "model": model,
+    summary = {**info, "slide": slide, "model": model,
                "tissue_mpx": tissue, "tile_sizes": {str(k): v for k, v in rows.items()},
                "reference_tile_size": ref, "best_tile_size": best, "cluster": cluster}
     summary["headline"] = headline(
         f"tile {ref}: pipeline {r['pipeline_mpx_s']:.3f} Mpx/s = {r['pipeline_vs_model']:.2f} x model-only; "
         f"reading {r['read_vs_model']:.1f} x faster than the model; fastest end to end: tile {best} "
         f"({rows[best]['pipeline_mpx_s'] / r['pipeline_mpx_s']:.2f} x tile {ref})")
+    summary["wall_s"] = time.perf_counter() - started
     write_json(args.json or default_json(NAME, args.quick), summary)
     return summary
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -147,12 +148,14 @@ def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    started = time.perf_counter()
     args = parse_args(argv)
     if args.child:
         child(args)
         return {}
     quiet_logs()
     threads = set_threads(args.threads)
+    info = run_info(NAME, argv, threads)  # date and load at the start
     sides, tissue_side, tissue_islands, islands = (args.sides, args.tissue_side, args.tissue_islands,
                                                    args.islands)
     with scratch("bench-scaling-") as work:
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     share = big["phases_s"][slow] / big["seconds"]
     tissue_time = tissue[-1]["seconds"] / tissue[0]["seconds"]
     tissue_x = tissue[-1]["tissue_mpx"] / tissue[0]["tissue_mpx"]
-    summary = {**run_info(NAME, argv, threads), "model": args.model if not args.quick else "tiny",
+    summary = {**info, "model": args.model if not args.quick else "tiny",
                "tile": args.tile, "island_px": args.island, "baseline": baseline,
                "extent_series": extent, "tissue_series": tissue, "tissue_fit": fit,
                "rss_ratio_largest_smallest": rss_ratio, "time_ratio_largest_smallest": time_ratio,
@@ -192,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"({big['peak_rss_mib']:.0f} vs {small['peak_rss_mib']:.0f} MiB) for the same tissue; "
         f"time {time_ratio:.1f}x ({slow[:-2]} {100 * share:.0f} % of the largest); "
         f"{tissue_x:.0f}x tissue -> {tissue_time:.2f}x time")
+    summary["wall_s"] = time.perf_counter() - started
     write_json(args.json or default_json(NAME, args.quick), summary)
     return summary
 

@@ -194,6 +194,7 @@ def part_b(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    started = time.perf_counter()
     args = parse_args(argv)
     if args.child:
         child(args)
@@ -242,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      f"{qb['client_rss_peak_mib'] - qb['client_rss_start_mib']:.0f} MiB bounded vs "
                      f"{qu['client_rss_peak_mib'] - qu['client_rss_start_mib']:.0f} MiB unbounded")
     summary["headline"] = headline("; ".join(parts))
+    summary["wall_s"] = time.perf_counter() - started
     write_json(args.json or default_json(NAME, args.quick), summary)
     return summary
 
