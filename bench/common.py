@@ -115,12 +115,12 @@ def tiny_checkpoint(folder: str | os.PathLike[str], name: str = "tiny.pt", *, mp
     """A small network with hand-set weights ("dark pixels are nuclei"), saved as a real
     checkpoint.
 
-    Quick modes use it so that smoke runs take seconds and do not need the trained
-    weights (``models/weights`` is not in git). Why not random weights: a random network
-    often calls glass or whole islands foreground, and the stitcher then recomputes that
-    "cluster" on windows growing up to ``stitch.MAX_WINDOW`` (8192 px a side), which
-    needs tens of GB. This one segments dark (haematoxylin) blobs, so components stay
-    nucleus-sized and every code path runs with realistic sizes.
+    Quick modes use it so that smoke runs take seconds and do not depend on the trained
+    weights. Why not random weights: a random network often calls glass or whole islands
+    foreground, and the stitcher then recomputes that "cluster" on windows growing up
+    to ``stitch.MAX_WINDOW`` (8192 px a side), which needs tens of GB. This one segments
+    dark (haematoxylin) blobs, so components stay nucleus-sized and every code path runs
+    with realistic sizes.
     """
     from models import checkpoints
     from models.config import NetConfig, TargetConfig, WatershedParams

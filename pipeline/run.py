@@ -184,7 +184,7 @@ def infer_tiles(job: TileJob) -> list[TileSummary]:
     from models.inference import predict_batch
     from pipeline.cluster import get_worker_model
     from pipeline.slide import open_slide, read_region
-    from pipeline.stitch import segment_tile
+    from pipeline.stitch import segment_tile, subwindow_predictor
 
     todo = [t for t in job.tiles if not tile_file(job.work_dir, t.index).exists()]
     out = [_cached_summary(job.work_dir, t) for t in job.tiles if t not in todo]
@@ -198,9 +198,13 @@ def infer_tiles(job: TileJob) -> list[TileSummary]:
         windows = np.stack([read_region(reader, job.plan, t.window) for t in todo])
         probs, dists = predict_batch(net, windows)
 
-        def predict(box: Box) -> tuple[np.ndarray, np.ndarray]:
+        def predict_window(box: Box) -> tuple[np.ndarray, np.ndarray]:
             p, d = predict_batch(net, read_region(reader, job.plan, box)[None])
             return p[0], d[0]
+
+        # grown cluster windows run in tile-sized pieces: worker memory stays bounded
+        predict = subwindow_predictor(predict_window, job.margin, job.multiple,
+                                      max(windows.shape[1:3]), image)
 
         for tile, prob, dist in zip(todo, probs, dists):
             result = segment_tile(tile.core, tile.window, prob, dist, image, params,
@@ -298,6 +302,7 @@ class FinalJob:
     slide_mpp: float | None
     origin_shift: tuple[int, int]
     model_name: str
+    painted: tuple[Box, ...] = ()  # level-0 label blocks holding nuclei (pyramid scope)
 
 
 def finalize_slide(job: FinalJob) -> dict[str, Any]:
@@ -307,7 +312,7 @@ def finalize_slide(job: FinalJob) -> dict[str, Any]:
     from pipeline.writers.table import write_table
 
     out = Path(job.out_dir)
-    build_pyramid(job.store)
+    build_pyramid(job.store, job.painted)
     write_tissue(job.store, job.tissue.mask, job.tissue.level0_per_pixel)
     geojson_path = out / ("nuclei.geojson.gz" if job.gzip else "nuclei.geojson")
     count = 0
@@ -414,14 +419,15 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
         tiles = _run_tiles(plan, cfg, executor, str(work), progress)
         timings["inference_s"] = time.time() - t
         t = time.time()
-        store, n_blocks, skipped_blocks = _write_blocks(plan, tiles, cfg, executor, out, work)
+        store, painted, n_blocks, skipped_blocks = _write_blocks(plan, tiles, cfg, executor, out,
+                                                                 work)
         timings["labels_s"] = time.time() - t
         t = time.time()
         offsets = _offsets(tiles)
         final = _one(executor, finalize_slide, FinalJob(
             path, cfg.mpp, plan.info.slide_id, store, str(out), str(work),
             tuple((s.index, offsets[s.index]) for s in tiles), plan.tissue, cfg.gzip,
-            plan.info.mpp, plan.info.bounds_xy, Path(cfg.model).name))
+            plan.info.mpp, plan.info.bounds_xy, Path(cfg.model).name, painted))
         timings["outputs_s"] = time.time() - t
         n = final["nuclei"]
         if n != sum(s.count for s in tiles):
@@ -487,7 +493,10 @@ def _offsets(tiles: list[TileSummary]) -> dict[int, int]:
 
 
 def _write_blocks(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, executor: Any,
-                  out: Path, work: Path) -> tuple[Any, int, int]:
+                  out: Path, work: Path) -> tuple[Any, tuple[Box, ...], int, int]:
+    """Phase 2: one task per level-0 block that holds nuclei. Returns the store, the
+    painted blocks (now or in an earlier, interrupted run), the block count and how many
+    came from that earlier run."""
     from pipeline.writers.labels import create_store, open_store
 
     height, width = plan.info.height, plan.info.width
@@ -500,26 +509,53 @@ def _write_blocks(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, exe
         marker_dir.mkdir(parents=True, exist_ok=True)
     offsets = _offsets(tiles)
     step = cfg.chunk * max(1, 2048 // cfg.chunk)
-    jobs, skipped = [], 0
+    candidates = _tiles_by_block(tiles, step, plan.plan.scale, (height, width))
+    jobs, painted, skipped = [], [], 0
     for y0 in range(0, height, step):
         for x0 in range(0, width, step):
             block = Box(y0, x0, min(y0 + step, height), min(x0 + step, width))
             if (marker_dir / f"{y0}-{x0}").exists():
                 skipped += 1
+                painted.append(block)
                 continue
             rows = block_rows(block.y0, block.y1, plan.plan.scale, plan.plan.shape[0])
             cols = block_rows(block.x0, block.x1, plan.plan.scale, plan.plan.shape[1])
             mbox = Box(int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
-            sources = tuple((s.index, s.extent, offsets[s.index]) for s in tiles
-                            if s.count and not s.extent.intersect(mbox).is_empty())
+            sources = tuple((s.index, s.extent, offsets[s.index])
+                            for s in candidates.get((y0 // step, x0 // step), ())
+                            if not s.extent.intersect(mbox).is_empty())
             if not sources:
                 continue  # no nucleus here: unwritten chunks read as the fill value 0
             jobs.append(BlockJob(store, block, plan.plan.scale, plan.plan.shape, sources, str(work)))
+            painted.append(block)
     for job, result in executor.map(write_label_block, jobs):
         if isinstance(result, Exception):
             raise result
         (marker_dir / f"{job.block.y0}-{job.block.x0}").touch()
-    return store, len(jobs) + skipped, skipped
+    return store, tuple(painted), len(jobs) + skipped, skipped
+
+
+def _tiles_by_block(tiles: list[TileSummary], step: int, scale: float,
+                    shape: tuple[int, int]) -> dict[tuple[int, int], list[TileSummary]]:
+    """Tiles with nuclei that may touch each level-0 block (a superset: the caller tests
+    the exact intersection), so that block planning is linear in tiles, not blocks x tiles.
+
+    A model row ``m`` is painted on level-0 rows ``y`` with ``floor((y + 0.5) / scale) = m``,
+    i.e. ``y`` in ``[m * scale - 0.5, (m + 1) * scale - 0.5)``; one block of slack on each
+    side absorbs rounding, and extents reaching the model edge extend to the slide edge
+    (``block_rows`` clamps there)."""
+    last = ((shape[0] - 1) // step, (shape[1] - 1) // step)
+    index: dict[tuple[int, int], list[TileSummary]] = {}
+    for s in tiles:
+        if not s.count:
+            continue
+        e = s.extent
+        lo = (int(e.y0 * scale) // step - 1, int(e.x0 * scale) // step - 1)
+        hi = (int(e.y1 * scale) // step + 1, int(e.x1 * scale) // step + 1)
+        for by in range(max(0, lo[0]), last[0] + 1 if hi[0] >= last[0] else hi[0] + 1):
+            for bx in range(max(0, lo[1]), last[1] + 1 if hi[1] >= last[1] else hi[1] + 1):
+                index.setdefault((by, bx), []).append(s)
+    return index
 
 
 def _tissue_area(plan: SlidePlan) -> float | None:

@@ -34,6 +34,43 @@ Predictor = Callable[[Box], tuple[np.ndarray, np.ndarray]]
 """Network outputs (probability, distance) for an aligned window box (model px)."""
 
 
+def subwindow_predictor(predict: Predictor, margin: int, multiple: int, max_side: int,
+                        image: Box | None = None) -> Predictor:
+    """``predict`` for windows of any size in pieces of at most ``max_side`` px a side.
+
+    Why: a cluster grown towards ``MAX_WINDOW`` would otherwise run the network on one
+    8192^2 window (tens of GB of activations). The caller uses only the window minus
+    ``margin``, and there the outputs are box-invariant for grid-aligned windows, so each
+    piece contributes its own interior (pieces aligned to ``multiple``, overlapping by
+    ``2 * margin``) and the assembled interior equals the one-shot result. The outer
+    ``margin`` ring, which no caller reads, is left at zero, and so is everything outside
+    ``image`` (callers clip to the image, so mirrored pixels beyond it are not computed).
+    """
+    core_side = (max_side - 2 * margin) // multiple * multiple
+    if core_side < multiple:
+        raise ValueError(f"max_side {max_side} leaves no core for margin {margin}")
+
+    def predict_in_pieces(window: Box) -> tuple[np.ndarray, np.ndarray]:
+        if max(window.height, window.width) <= max_side:
+            return predict(window)
+        prob = np.zeros(window.shape, np.float32)
+        dist = np.zeros(window.shape, np.float32)
+        inner = window.grow(-margin)
+        if image is not None:
+            inner = inner.intersect(image)
+        for y in range(inner.y0, inner.y1, core_side):
+            for x in range(inner.x0, inner.x1, core_side):
+                core = Box(y, x, min(y + core_side, inner.y1), min(x + core_side, inner.x1))
+                piece = aligned_window(core, margin, multiple)
+                p, d = predict(piece)
+                src = core.slices((piece.y0, piece.x0))
+                prob[core.slices((window.y0, window.x0))] = p[src]
+                dist[core.slices((window.y0, window.x0))] = d[src]
+        return prob, dist
+
+    return predict_in_pieces
+
+
 @dataclass
 class TileInstances:
     """Instances owned by one tile, painted on the smallest box that holds them.

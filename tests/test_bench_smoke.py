@@ -96,5 +96,13 @@ def test_model_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     from bench.model_speed import main
 
     _, text = _run(main, ["--quick", "--json", str(tmp_path / "m.json")], capsys)
-    assert "speed of" in text
-    _json(tmp_path / "m.json", {"results", "threads", "size"})
+    assert "tiny-thin : tiny-dense" in text
+    data = _json(tmp_path / "m.json", {"results", "threads", "size", "runtimes", "reference",
+                                        "command", "date", "headline"})
+    # the reference, its layer-wise and global 80 % copies, the thin model; both runtimes each
+    assert len(data["results"]) == 4
+    for name, row in data["results"].items():
+        assert set(row["runtimes"]) == {"eager", "torchscript"}
+        assert row["runtimes"]["torchscript"]["max_abs_diff_vs_eager"] < 1e-3, name
+    pruned = [r for n, r in data["results"].items() if "80%" in n]
+    assert all(r["nonzero_parameters"] < 0.3 * r["parameters"] for r in pruned)

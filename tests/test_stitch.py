@@ -9,7 +9,7 @@ from scipy import ndimage as ndi
 from models.config import WatershedParams
 from models.targets import distance_map
 from models.watershed import postprocess
-from pipeline.stitch import segment_tile
+from pipeline.stitch import segment_tile, subwindow_predictor
 from pipeline.tiling import plan_tiles
 from pipeline.types import Box
 
@@ -52,19 +52,37 @@ def crop(array: np.ndarray, box: Box) -> np.ndarray:
     stitcher must never use them)."""
     out = np.full(box.shape, 0.77, dtype=array.dtype)
     inter = box.intersect(Box(0, 0, *array.shape))
-    out[inter.slices((box.y0, box.x0))] = array[inter.slices()]
+    if not inter.is_empty():
+        out[inter.slices((box.y0, box.x0))] = array[inter.slices()]
     return out
 
 
+def edge_garbage_predictor(prob: np.ndarray, dist: np.ndarray, margin: int, calls: list[Box]):
+    """Like a network: exact in the window minus ``margin``, garbage in that ring."""
+
+    def predict(box: Box) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(box)
+        p, d = crop(prob, box), crop(dist, box)
+        ring = np.ones(box.shape, bool)
+        ring[margin:box.height - margin, margin:box.width - margin] = False
+        p[ring], d[ring] = 0.93, 5.0
+        return p, d
+
+    return predict
+
+
 def tiled(prob: np.ndarray, dist: np.ndarray, tile_size: int, halo: int,
-          margin: int) -> tuple[np.ndarray, int]:
+          margin: int, max_side: int | None = None) -> tuple[np.ndarray, int]:
     image = Box(0, 0, *prob.shape)
+    calls: list[Box] = []
+    predict = edge_garbage_predictor(prob, dist, margin, calls)
+    if max_side:
+        predict = subwindow_predictor(predict, margin, MULTIPLE, max_side, image)
     out = np.zeros(prob.shape, dtype=np.int64)
     offset = recomputed = 0
     for tile in plan_tiles(prob.shape, tile_size, halo, MULTIPLE):
         result = segment_tile(tile.core, tile.window, crop(prob, tile.window), crop(dist, tile.window),
-                              image, PARAMS, margin, MULTIPLE,
-                              lambda box: (crop(prob, box), crop(dist, box)))
+                              image, PARAMS, margin, MULTIPLE, predict)
         recomputed += result.recomputed
         region = result.extent.intersect(image)
         src = result.labels[region.slices((result.extent.y0, result.extent.x0))]
@@ -102,3 +120,30 @@ def test_every_instance_exactly_once_with_offset_image() -> None:
     out, _ = tiled(prob, dist, 80, 32, 16)
     assert_same_instances(out, whole)
     assert len(np.unique(out)) - 1 == whole.max()
+
+
+def test_subwindow_predictor_equals_one_window_inside_the_margin() -> None:
+    prob, dist = synthetic_maps((300, 470), seed=3)
+    margin = 16
+    calls: list[Box] = []
+    direct = edge_garbage_predictor(prob, dist, margin, [])
+    pieces = subwindow_predictor(edge_garbage_predictor(prob, dist, margin, calls), margin,
+                                 MULTIPLE, max_side=96)
+    for window in (Box(-32, -48, 336, 512), Box(16, 32, 208, 160), Box(0, 0, 96, 96)):
+        calls.clear()
+        p1, d1 = direct(window)
+        p2, d2 = pieces(window)
+        inner = window.grow(-margin).slices((window.y0, window.x0))
+        np.testing.assert_array_equal(p2[inner], p1[inner])
+        np.testing.assert_array_equal(d2[inner], d1[inner])
+        assert calls and max(max(b.height, b.width) for b in calls) <= 96
+        assert all(b.y0 % MULTIPLE == 0 and b.x0 % MULTIPLE == 0 for b in calls)
+
+
+def test_grown_clusters_in_pieces_still_equal_whole_image() -> None:
+    """Clusters larger than a tile are recomputed on windows assembled from small pieces."""
+    prob, dist = synthetic_maps((300, 470), seed=1)
+    whole = postprocess(prob, dist, PARAMS)
+    out, recomputed = tiled(prob, dist, 64, 32, 16, max_side=96)
+    assert recomputed > 0
+    assert_same_instances(out, whole)

@@ -41,12 +41,11 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
@@ -225,22 +224,37 @@ def write_block(spec: LabelStoreSpec, box: Box, labels: np.ndarray) -> None:
     arr[box.y0:box.y1, box.x0:box.x1] = labels.astype(spec.dtype, copy=False)
 
 
-def build_pyramid(spec: LabelStoreSpec, *, scheduler: str | None = None) -> None:
+def build_pyramid(spec: LabelStoreSpec, regions: Iterable[Box] | None = None) -> int:
     """Fill label levels 1..N, each the ``[::2, ::2]`` stride of the previous one.
 
-    Memory bounded: the previous level is read in (2C, 2C) blocks whose stride is exactly
-    one (C, C) output chunk, so each task reads 4 chunks and writes 1. ``scheduler`` is
-    passed to ``dask.compute`` (None: the active client / default scheduler).
+    ``regions``: the level-0 boxes that may hold labels (the label blocks that were
+    painted); only the chunks of each level that can see them are computed, so the cost
+    follows the tissue, not the slide's extent (a 130k-px-wide slide with a little tissue
+    would otherwise read and write thousands of empty chunks). ``None``: everything.
+    Memory bounded: each output chunk reads one (2C, 2C) window of the level below.
+    Returns the number of chunks computed.
     """
     c = spec.chunk
+    h0, w0 = spec.level_shapes[0]
+    boxes = [Box(0, 0, h0, w0)] if regions is None else [b for b in regions if not b.is_empty()]
+    computed = 0
     for k in range(1, spec.n_levels):
-        src = da.from_zarr(_open(spec, spec.level_path(k - 1), "r"), chunks=(2 * c, 2 * c))
-        lower = src[::2, ::2]
-        if lower.shape != spec.level_shapes[k]:  # pragma: no cover - guarded by pyramid_shapes
-            raise RuntimeError(f"level {k} shape {lower.shape} != {spec.level_shapes[k]}")
+        h, w = spec.level_shapes[k]
+        f = 2**k  # level-k pixel i is level-0 pixel i * f
+        chunks: set[tuple[int, int]] = set()
+        for b in boxes:
+            rows = range(-(-b.y0 // f) // c, (min(h, -(-b.y1 // f)) - 1) // c + 1)
+            cols = range(-(-b.x0 // f) // c, (min(w, -(-b.x1 // f)) - 1) // c + 1)
+            chunks.update((cy, cx) for cy in rows for cx in cols)
+        src = _open(spec, spec.level_path(k - 1), "r")
         dst = _open(spec, spec.level_path(k))
-        da.store(lower, dst, lock=False, scheduler=scheduler)
-        log.debug("pyramid level %d %s written", k, spec.level_shapes[k])
+        for cy, cx in sorted(chunks):
+            y0, x0 = cy * c, cx * c
+            y1, x1 = min(y0 + c, h), min(x0 + c, w)
+            dst[y0:y1, x0:x1] = src[2 * y0:2 * y1:2, 2 * x0:2 * x1:2]
+        computed += len(chunks)
+        log.debug("pyramid level %d %s: %d chunk(s)", k, spec.level_shapes[k], len(chunks))
+    return computed
 
 
 def _nearest_index(n_out: int, step: int, per_pixel: float, n_src: int) -> np.ndarray:
