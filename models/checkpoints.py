@@ -48,6 +48,12 @@ class ModelBundle:
         return self.net.config
 
 
+def default_model() -> str:
+    """The model a run uses unless told otherwise: the fast structured-pruned
+    ``pruned80.pt`` when it is shipped, else ``dense.pt``."""
+    return "pruned80.pt" if (WEIGHTS_DIR / "pruned80.pt").exists() else "dense.pt"
+
+
 def resolve(name: str | os.PathLike) -> Path:
     """A path as given, else a shipped weight file (``dense.pt``, ``pruned80`` ...)."""
     path = Path(name)

@@ -23,7 +23,8 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="dense.pt", help="checkpoint path or shipped name (default dense.pt)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint path or shipped name (default: pruned80.pt if shipped, else dense.pt)")
     p.add_argument("--out", default="results", help="output folder (one sub-folder per slide)")
     p.add_argument("--tile-size", type=int, default=1024, help="tile core in model pixels (multiple of 16)")
     p.add_argument("--batch-size", type=int, default=1, help="tiles per forward pass")
@@ -98,13 +99,14 @@ def executor_for(args: argparse.Namespace, model: str, device: str) -> Iterator[
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from models.checkpoints import default_model
     from pipeline.run import RunConfig, process_slide
     from pipeline.slide import find_slides
 
     slides = find_slides(args.paths)
     if not slides:
         raise FileNotFoundError(f"no slide files found in {' '.join(args.paths)}")
-    cfg = RunConfig(model=args.model, out=args.out, tile_size=args.tile_size,
+    cfg = RunConfig(model=args.model or default_model(), out=args.out, tile_size=args.tile_size,
                     batch_size=args.batch_size, mpp=args.mpp, device=args.device, gzip=args.gzip,
                     overwrite=args.overwrite, tissue_mask=not args.no_tissue_mask)
     outcomes = []
@@ -135,14 +137,14 @@ def demo_command(args: argparse.Namespace) -> int:
     import numpy as np
     import zarr
 
-    from models.checkpoints import WEIGHTS_DIR
+    from models.checkpoints import default_model
     from models.metrics import instance_scores
     from pipeline.pyramid_tiff import write_pyramidal_tiff
     from pipeline.run import RunConfig, process_slide
     from pipeline.synthetic import synthetic_he
     from pipeline.writers.preview import write_preview
 
-    model = args.model or ("pruned80.pt" if (WEIGHTS_DIR / "pruned80.pt").exists() else "dense.pt")
+    model = args.model or default_model()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()

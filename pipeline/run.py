@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from models.checkpoints import default_model
 from pipeline.types import Box, ReadPlan, SlideInfo, Tile
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ WORK_DIR = ".work"
 class RunConfig:
     """Everything a run needs besides the slide paths; defaults serve a laptop."""
 
-    model: str = "dense.pt"
+    model: str = field(default_factory=default_model)
     out: str = "results"
     tile_size: int = 1024
     batch_size: int = 1
