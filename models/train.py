@@ -129,10 +129,16 @@ def train(data: str | Path | None, out: str | Path, net_cfg: NetConfig, target_c
     val_items = [prepare(load_sample(*pairs[n]), cfg.downsample, target_cfg.distance_norm)
                  for n in val_names]
 
+    # where the weights came from, kept across --resume: a model trained on from a pruned
+    # checkpoint stays a pruned model (its "pruning" record is what bench/README read)
+    init_record: dict[str, Any] | None = state.get("init") if state is not None else None
     if init is not None and state is None:
         start = checkpoints.load(init)
         net_cfg, target_cfg = start.config, start.targets
         net = start.net.train()
+        init_record = {"path": str(start.path), "sha256": start.sha256,
+                       "steps": start.provenance.get("steps"),
+                       "pruning": start.provenance.get("pruning")}
         log.info("initialised from %s", start.path)
     else:
         net = NucleusNet(net_cfg)
@@ -160,6 +166,10 @@ def train(data: str | Path | None, out: str | Path, net_cfg: NetConfig, target_c
         "train_config": asdict(cfg), "git_commit": git_commit(), "command": " ".join(sys.argv),
         "torch": str(torch.__version__), "started": dt.datetime.now().isoformat(timespec="seconds"),
     }
+    if init_record is not None:
+        provenance["init"] = init_record
+        if init_record.get("pruning"):
+            provenance["pruning"] = init_record["pruning"]
     running = np.zeros(3)
     count, window_start = 0, time.time()
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", mininterval=10,
@@ -206,6 +216,6 @@ def train(data: str | Path | None, out: str | Path, net_cfg: NetConfig, target_c
                 "best": best, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                 "elapsed": time.time() - started, "net": asdict(net_cfg),
                 "targets": asdict(target_cfg), "train": asdict(cfg),
-                "data": str(Path(data).resolve())}, last_path)
+                "data": str(Path(data).resolve()), "init": init_record}, last_path)
     bar.close()
     return out / "best.pt"

@@ -111,3 +111,30 @@ def test_init_starts_from_a_checkpoint(run: tuple[Path, Path]) -> None:
         assert torch.allclose(state["model"][key], value, atol=1e-6), key
     fresh = NucleusNet(start.config).state_dict()
     assert any(not torch.allclose(fresh[k], v) for k, v in start.net.named_parameters())
+
+
+def test_training_on_from_a_pruned_checkpoint_keeps_its_shape_and_record(
+        run: tuple[Path, Path], tmp_path: Path) -> None:
+    """Fine-tuning a structured-pruned model longer (``train --init pruned.pt``, then
+    ``--resume``): the thin architecture and the pruning record survive both."""
+    from models import checkpoints
+    from models.pruning.structured import structured_prune
+
+    data, best = run
+    dense = load(best)
+    thin = structured_prune(dense.net, 0.5)
+    record = {"method": "structured", "ratio": 0.5}
+    pruned = checkpoints.save(tmp_path / "pruned.pt", thin, mpp=dense.mpp, watershed=dense.watershed,
+                              targets=dense.targets, provenance={"pruning": record})
+    out = tmp_path / "longer"
+    cfg = replace(CFG, steps=4, val_every=2, checkpoint_every=2)
+    train(data, out, NET, TargetConfig(), cfg, init=pruned)
+    train(None, out, NET, TargetConfig(), cfg, resume=True, steps=6)
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["step"] == 6
+    assert state["init"]["pruning"] == record
+    result = load(out / "best.pt")
+    assert result.provenance["pruning"] == record
+    assert result.provenance["init"]["sha256"] == load(pruned).sha256
+    assert result.config == thin.config
+    assert sum(p.numel() for p in result.net.parameters()) == sum(p.numel() for p in thin.parameters())
