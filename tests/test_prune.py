@@ -389,6 +389,26 @@ def test_sweep_resumes_and_plots(tmp_path: Path) -> None:
     assert len({(r["method"], r["branch"], r["ratio"]) for r in rows}) == 12
     png = out / "sweep.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (out / "sweep.md").read_text()
+    assert "## semantic_dice" in summary and "## aji" in summary
+    assert "| layerwise | 0 | 0 % |" in summary  # the fake loses 50 % at ratio 0.5
+
+
+def test_tolerated_ratio_stops_at_the_first_failure() -> None:
+    from models.pruning.sweep import summarize_sweep, tolerated_ratio
+
+    def rows(values: dict[float, float]) -> list[dict[str, str]]:
+        return [{"method": "global", "branch": "both", "ratio": f"{r:g}", "finetune_steps": "0",
+                 "aji": str(v), "regression_mse": str(v), "semantic_dice": str(v)}
+                for r, v in values.items()]
+
+    # 0.5: -1 % ok; 0.8: -1.99 % ok; 0.9: -3 % fails; 0.95 recovers but does not count
+    series = rows({0.0: 0.6, 0.5: 0.594, 0.8: 0.58806, 0.9: 0.582, 0.95: 0.6})
+    assert tolerated_ratio(series, "aji", True) == 0.8
+    # for an error, the loss is an increase: +1 % ok, +2.5 % fails
+    assert tolerated_ratio(rows({0.0: 0.01, 0.5: 0.0101, 0.8: 0.01025}), "regression_mse", False) == 0.5
+    assert tolerated_ratio(rows({0.5: 0.6}), "aji", True) is None  # no dense row
+    assert "| global | 0 | 80 % |" in summarize_sweep(series)
 
 
 def test_sweep_structured_rows_and_old_csv_layout(tmp_path: Path) -> None:
