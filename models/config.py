@@ -96,6 +96,9 @@ class TrainConfig:
     downsample: int = 1
     color_jitter: float = 0.08
     threads: int = 0
+    # knowledge distillation: targets become (1 - distill) * truth + distill * teacher output
+    teacher: str | None = None
+    distill: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -74,12 +74,36 @@ class TrainingImage:
     image: np.ndarray  # uint8 (H, W, 3)
     mask: np.ndarray  # float32 (H, W)
     distance: np.ndarray  # float32 (H, W)
+    soft_mask: np.ndarray | None = None  # float32 (H, W): the BCE target when distilling
+
+    @property
+    def bce_target(self) -> np.ndarray:
+        return self.mask if self.soft_mask is None else self.soft_mask
 
 
 def prepare(sample: Sample, downsample: int, norm: DistanceNorm) -> TrainingImage:
     image = downsample_image(sample.image, downsample)
     labels = downsample_labels(sample.labels, downsample)[: image.shape[0], : image.shape[1]]
     return TrainingImage(image, semantic_mask(labels), distance_map(labels, norm))
+
+
+def soften_targets(item: TrainingImage, prob: np.ndarray, distance: np.ndarray,
+                   alpha: float) -> TrainingImage:
+    """Distillation targets: ``(1 - alpha) * truth + alpha * teacher`` for the BCE target
+    (``soft_mask``) and the distance map; the Dice term keeps the true mask.
+
+    BCE and MSE are linear in their target (MSE up to a term without gradient), so the
+    blend equals the weighted sum of the truth loss and the teacher-matching loss; soft
+    Dice is not (it would push every half-certain pixel up), hence the true mask for it.
+    The teacher sees the unjittered image, so under stain jitter the student learns the
+    teacher's answer on the original staining."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"distillation weight must be in [0, 1], not {alpha}")
+    if prob.shape != item.mask.shape or distance.shape != item.distance.shape:
+        raise ValueError(f"teacher output {prob.shape} does not match the targets {item.mask.shape}")
+    soft = ((1 - alpha) * item.mask + alpha * prob).astype(np.float32)
+    dist = ((1 - alpha) * item.distance + alpha * distance).astype(np.float32)
+    return TrainingImage(item.image, item.mask, dist, soft_mask=soft)
 
 
 def stain_jitter(patch: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
@@ -95,14 +119,16 @@ def stain_jitter(patch: np.ndarray, rng: np.random.Generator, strength: float) -
 
 
 def random_patch(images: list[TrainingImage], size: int, rng: np.random.Generator,
-                 jitter: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A random crop of a random image (chance by area), flipped/rotated, stain-jittered."""
+                 jitter: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A random crop of a random image (chance by area), flipped/rotated, stain-jittered:
+    image, mask, distance and BCE target."""
     areas = np.array([t.image.shape[0] * t.image.shape[1] for t in images], dtype=float)
     item = images[rng.choice(len(images), p=areas / areas.sum())]
     h, w = item.mask.shape
     y = rng.integers(0, h - size + 1)
     x = rng.integers(0, w - size + 1)
-    crops = [a[y:y + size, x:x + size] for a in (item.image, item.mask, item.distance)]
+    crops = [a[y:y + size, x:x + size]
+             for a in (item.image, item.mask, item.distance, item.bce_target)]
     k = int(rng.integers(4))
     flip = bool(rng.integers(2))
     out = []
@@ -111,7 +137,7 @@ def random_patch(images: list[TrainingImage], size: int, rng: np.random.Generato
         out.append(np.ascontiguousarray(a[:, ::-1] if flip else a))
     image = stain_jitter(out[0], rng, jitter)
     image = _brightness_contrast(image, rng, jitter)
-    return image, out[1], out[2]
+    return image, out[1], out[2], out[3]
 
 
 def _brightness_contrast(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
@@ -124,10 +150,9 @@ def _brightness_contrast(image: np.ndarray, rng: np.random.Generator, strength: 
 
 
 def batch(images: list[TrainingImage], size: int, count: int, rng: np.random.Generator,
-          jitter: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(N, 3, S, S) float32 in [0, 1], (N, 1, S, S) mask, (N, 1, S, S) distance."""
+          jitter: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(N, 3, S, S) float32 in [0, 1]; (N, 1, S, S) mask, distance and BCE target."""
     parts = [random_patch(images, size, rng, jitter) for _ in range(count)]
     x = np.stack([p[0] for p in parts]).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-    m = np.stack([p[1] for p in parts])[:, None]
-    d = np.stack([p[2] for p in parts])[:, None]
-    return x, m, d
+    m, d, b = (np.stack([p[i] for p in parts])[:, None] for i in (1, 2, 3))
+    return x, m, d, b

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from models import checkpoints
 from models.config import NetConfig, TargetConfig, TrainConfig, WatershedParams, from_dict
-from models.data import TrainingImage, batch, list_pairs, load_sample, prepare
+from models.data import TrainingImage, batch, list_pairs, load_sample, prepare, soften_targets
 from models.inference import predict_image
 from models.network import NucleusNet
 
@@ -43,9 +43,11 @@ def split_names(names: list[str], val_fraction: float, seed: int) -> tuple[list[
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def semantic_loss(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """0.5 * BCE + (1 - soft Dice), the authors' BCE-Dice up to a constant."""
-    bce = F.binary_cross_entropy_with_logits(logit, target)
+def semantic_loss(logit: torch.Tensor, target: torch.Tensor,
+                  bce_target: torch.Tensor | None = None) -> torch.Tensor:
+    """0.5 * BCE + (1 - soft Dice), the authors' BCE-Dice up to a constant. With
+    distillation the BCE target is the truth blended with the teacher's probability."""
+    bce = F.binary_cross_entropy_with_logits(logit, target if bce_target is None else bce_target)
     prob = torch.sigmoid(logit)
     inter = (prob * target).sum()
     dice = (2 * inter + 1.0) / (prob.sum() + target.sum() + 1.0)
@@ -80,6 +82,31 @@ def validate(net: NucleusNet, items: list[TrainingImage]) -> dict[str, float]:
         n += dist.size
     net.train()
     return {"val_dice": 2 * inter / max(total, 1.0), "val_mse": sq / max(n, 1.0)}
+
+
+def distill_items(items: list[TrainingImage], teacher: NucleusNet, alpha: float,
+                  progress: bool = True) -> list[TrainingImage]:
+    """Training images whose targets are blended with the teacher's whole-image outputs
+    (computed once: the geometric augmentations commute with cropping, so the stored maps
+    are cropped, flipped and rotated with the image; see :func:`soften_targets`)."""
+    if alpha <= 0:
+        return items
+    teacher.eval()
+    out = []
+    for item in tqdm(items, desc="teacher", unit="image", disable=not progress, file=sys.stderr):
+        prob, dist = predict_image(teacher, item.image)
+        out.append(soften_targets(item, prob, dist, alpha))
+    return out
+
+
+def load_teacher(name: str | Path, mpp: float) -> NucleusNet:
+    """The distillation teacher; it must work at the resolution the student trains at."""
+    teacher = checkpoints.load(name)
+    if abs(teacher.mpp - mpp) > 1e-6 * mpp:
+        raise ValueError(f"teacher {teacher.path} works at {teacher.mpp:g} um/px, the student "
+                         f"trains at {mpp:g} um/px")
+    log.info("distilling from %s", teacher.path)
+    return teacher.net
 
 
 def git_commit() -> str:
@@ -128,6 +155,12 @@ def train(data: str | Path | None, out: str | Path, net_cfg: NetConfig, target_c
                    for n in train_names]
     val_items = [prepare(load_sample(*pairs[n]), cfg.downsample, target_cfg.distance_norm)
                  for n in val_names]
+    if cfg.distill > 0:  # validation keeps the true targets: selection is against the truth
+        if not cfg.teacher:
+            raise ValueError("distillation needs a teacher checkpoint")
+        teacher = load_teacher(cfg.teacher, MONUSEG_MPP * cfg.downsample)
+        train_items = distill_items(train_items, teacher, cfg.distill)
+        del teacher
 
     # where the weights came from, kept across --resume: a model trained on from a pruned
     # checkpoint stays a pruned model (its "pruning" record is what bench/README read)
@@ -177,10 +210,10 @@ def train(data: str | Path | None, out: str | Path, net_cfg: NetConfig, target_c
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, cfg)
-        x, m, d = (torch.from_numpy(a) for a in batch(train_items, cfg.patch_size,
-                                                      cfg.batch_size, rng, cfg.color_jitter))
+        x, m, d, b = (torch.from_numpy(a) for a in batch(train_items, cfg.patch_size,
+                                                         cfg.batch_size, rng, cfg.color_jitter))
         logit, dist = net(x)
-        l_sem, l_reg = semantic_loss(logit, m), regression_loss(dist, d)
+        l_sem, l_reg = semantic_loss(logit, m, b), regression_loss(dist, d)
         loss = l_sem + l_reg
         opt.zero_grad(set_to_none=True)
         loss.backward()

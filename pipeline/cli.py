@@ -37,7 +37,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                "  wsi-nuclei train --data ../shared/data/monuseg/train --out runs/dense\n"
                "  wsi-nuclei train --out runs/dense --resume          # continue a run\n"
                "  wsi-nuclei train --data DIR --out runs/more --init dense.pt --lr 2e-4\n"
-               "  wsi-nuclei train --data DIR --out runs/paper --arch paper --no-batchnorm")
+               "  wsi-nuclei train --data DIR --out runs/paper --arch paper --no-batchnorm\n"
+               "  wsi-nuclei train --data DIR --out runs/p80 --init slim80.pt --teacher dense.pt "
+               "--lr 5e-4   # distil a pruned model")
     p.add_argument("--data", help="annotated folder with images/ and labels/")
     p.add_argument("--out", required=True, help="run folder (log.csv, last.pt, best.pt)")
     p.add_argument("--arch", choices=["paper", "dual"], default="dual")
@@ -58,6 +60,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--init", default=None,
                    help="start from the weights of a model checkpoint (path or shipped name)")
+    p.add_argument("--teacher", default=None,
+                   help="distil from this checkpoint: training targets are blended with its "
+                        "outputs (e.g. dense.pt when fine-tuning a pruned model)")
+    p.add_argument("--distill", type=float, default=0.5,
+                   help="weight of the teacher's outputs in the targets (with --teacher)")
     p.set_defaults(func=_run_train)
 
 
@@ -67,11 +74,14 @@ def _run_train(args: argparse.Namespace) -> int:
 
     if not args.resume and not args.data:
         raise UsageError("--data is required unless --resume is given")
+    if not 0.0 <= args.distill <= 1.0:
+        raise UsageError(f"--distill must be in [0, 1], not {args.distill}")
     net_cfg = NetConfig(arch=args.arch, widths=tuple(int(w) for w in args.widths.split(",")),
                         batchnorm=args.batchnorm, dropout=args.dropout)
     cfg = TrainConfig(patch_size=args.patch_size, batch_size=args.batch_size, lr=args.lr,
                       seed=args.seed, val_every=args.val_every, downsample=args.downsample,
-                      checkpoint_every=args.checkpoint_every, threads=args.threads)
+                      checkpoint_every=args.checkpoint_every, threads=args.threads,
+                      teacher=args.teacher, distill=args.distill if args.teacher else 0.0)
     best = train(args.data, args.out, net_cfg, TargetConfig(args.distance_norm), cfg,
                  resume=args.resume, steps=args.steps, init=args.init)
     log.info("best checkpoint: %s", best)

@@ -67,6 +67,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "uniform (default), thin-top (thinner high-resolution levels: "
                         "fewest MACs, fastest), thin-deep (thinner deep levels: most MACs), "
                         "or factors from the top level down, e.g. 1,1,1,0.7,0.5"),
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="fine-tuning: weight of the dense model's outputs in the targets "
+                        "(knowledge distillation; 0 = ground truth only)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
 
 
@@ -135,7 +138,7 @@ def _load(args: argparse.Namespace) -> Any:
 
 def _prune_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"keep": args.keep, "lr": args.lr, "batch_size": args.batch_size,
-            "patch_size": args.patch_size, "seed": args.seed}
+            "patch_size": args.patch_size, "seed": args.seed, "distill": args.distill}
 
 
 def _run_prune(args: argparse.Namespace) -> int:
@@ -144,6 +147,8 @@ def _run_prune(args: argparse.Namespace) -> int:
 
     if args.finetune_steps > 0 and not args.data:
         raise ValueError("--finetune-steps needs --data (the dense model's training folder)")
+    if not 0.0 <= args.distill <= 1.0:
+        raise ValueError(f"--distill must be in [0, 1], not {args.distill}")
     dense = _load(args)
     pruned = prune_bundle(dense, args.method, args.ratio, branch=args.branch,
                           finetune_steps=args.finetune_steps, data=args.data,

@@ -12,7 +12,7 @@ import torch
 from conftest import TINY_WIDTHS
 
 from models.checkpoints import load
-from models.config import NetConfig, TargetConfig, TrainConfig
+from models.config import NetConfig, TargetConfig, TrainConfig, WatershedParams
 from models.network import NucleusNet
 from models.train import MONUSEG_MPP, learning_rate, split_names, train
 
@@ -138,3 +138,68 @@ def test_training_on_from_a_pruned_checkpoint_keeps_its_shape_and_record(
     assert result.provenance["init"]["sha256"] == load(pruned).sha256
     assert result.config == thin.config
     assert sum(p.numel() for p in result.net.parameters()) == sum(p.numel() for p in thin.parameters())
+
+
+# ---------------------------------------------------------------- distillation
+
+
+def test_soften_targets_blends_truth_and_teacher() -> None:
+    from models.data import TrainingImage, soften_targets
+
+    item = TrainingImage(np.zeros((4, 4, 3), np.uint8), np.ones((4, 4), np.float32),
+                         np.full((4, 4), 0.8, np.float32))
+    prob, dist = np.zeros((4, 4), np.float32), np.full((4, 4), 0.2, np.float32)
+    assert np.array_equal(soften_targets(item, prob, dist, 0.0).bce_target, item.mask)
+    assert np.array_equal(item.bce_target, item.mask)
+    soft = soften_targets(item, prob, dist, 0.25)
+    assert np.allclose(soft.bce_target, 0.75) and np.allclose(soft.distance, 0.65)
+    assert np.array_equal(soft.mask, item.mask)  # the Dice term keeps the truth
+    assert soft.image is item.image and soft.bce_target.dtype == np.float32
+    assert np.allclose(soften_targets(item, prob, dist, 1.0).distance, 0.2)
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        soften_targets(item, prob, dist, 1.5)
+    with pytest.raises(ValueError, match="does not match"):
+        soften_targets(item, prob[:2], dist, 0.5)
+
+
+def _teacher_gap(run: Path, config: NetConfig, teacher: NucleusNet, data: Path) -> float:
+    """Mean squared distance between the outputs of a run's final weights and the
+    teacher's (``best.pt`` is chosen against the truth, so it is not the one to compare)."""
+    from models.data import load_folder
+    from models.inference import predict_image
+
+    student = NucleusNet(config)
+    student.load_state_dict(torch.load(run / "last.pt", weights_only=False)["model"])
+    gaps = []
+    for sample in load_folder(data):
+        ps, ds = predict_image(student.eval(), sample.image)
+        pt, dt = predict_image(teacher.eval(), sample.image)
+        gaps.append(float(np.mean((ps - pt) ** 2 + (ds - dt) ** 2)))
+    return float(np.mean(gaps))
+
+
+def test_distillation_pulls_the_student_to_the_teacher(tmp_path: Path, make_annotated_folder) -> None:
+    """With ``distill=1`` the BCE and MSE targets are the teacher's outputs: a student
+    trained so ends much closer to an (untrained, truth-unlike) teacher than one trained on
+    the truth; the teacher is recorded and must work at the student's resolution. (No
+    batch-norm: after 30 steps its running statistics, not the weights, would decide.)"""
+    from models import checkpoints
+
+    data = make_annotated_folder(n_images=5, size=48, nuclei=8, seed=2)
+    net = replace(NET, batchnorm=False)
+    torch.manual_seed(7)
+    teacher = NucleusNet(net).eval()
+    path = checkpoints.save(tmp_path / "teacher.pt", teacher, mpp=MONUSEG_MPP,
+                            watershed=WatershedParams(), targets=TargetConfig())
+    taught = train(data, tmp_path / "taught", net, TargetConfig(),
+                   replace(CFG, teacher=str(path), distill=1.0))
+    train(data, tmp_path / "plain", net, TargetConfig(), CFG)
+    torch.set_num_threads(1)
+    gap_taught = _teacher_gap(tmp_path / "taught", net, teacher, data)
+    assert gap_taught < 0.5 * _teacher_gap(tmp_path / "plain", net, teacher, data)
+    config = load(taught).provenance["train_config"]
+    assert config["teacher"] == str(path) and config["distill"] == 1.0
+    far = checkpoints.save(tmp_path / "teacher20x.pt", teacher, mpp=2 * MONUSEG_MPP,
+                           watershed=WatershedParams(), targets=TargetConfig())
+    with pytest.raises(ValueError, match="um/px"):
+        train(data, tmp_path / "bad", net, TargetConfig(), replace(CFG, teacher=str(far), distill=0.5))

@@ -22,7 +22,7 @@ from models.config import DistanceNorm, TrainConfig
 from models.data import batch, list_pairs, load_sample, prepare
 from models.network import NucleusNet
 from models.pruning.unstructured import Masks, apply_masks, mask_gradients
-from models.train import learning_rate, regression_loss, semantic_loss
+from models.train import distill_items, learning_rate, regression_loss, semantic_loss
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,12 @@ def finetune(net: NucleusNet, data_folder: str | Path, steps: int, *, masks: Mas
              lr: float = 1e-4, batch_size: int = 8, patch_size: int = 256, seed: int = 0,
              train_names: list[str] | None = None, downsample: int = 1,
              distance_norm: DistanceNorm = "per_nucleus", color_jitter: float = 0.08,
-             weight_decay: float = 1e-5, progress: bool = True) -> dict[str, float]:
+             weight_decay: float = 1e-5, teacher: NucleusNet | None = None, distill: float = 0.0,
+             progress: bool = True) -> dict[str, float]:
     """Train ``net`` in place for ``steps`` AdamW steps on ``train_names`` of
     ``data_folder`` (all images if None); pruned weights (``masks``) stay exactly zero.
+    With a ``teacher`` (the dense network) and ``distill`` > 0 the targets are blended
+    with its outputs (:func:`models.train.distill_items`).
 
     Returns the mean semantic and regression loss of the last steps (for the log)."""
     if steps <= 0:
@@ -46,8 +49,13 @@ def finetune(net: NucleusNet, data_folder: str | Path, steps: int, *, masks: Mas
     if not names:
         raise ValueError("no training images to fine-tune on")
     items = [prepare(load_sample(*pairs[n]), downsample, distance_norm) for n in names]
-    log.info("fine-tuning %d steps on %d training image(s) of %s (lr %.1e, masks: %s)",
-             steps, len(items), data_folder, lr, "fixed" if masks else "none")
+    if distill > 0:
+        if teacher is None:
+            raise ValueError("distillation needs a teacher network")
+        items = distill_items(items, teacher, distill, progress=progress)
+    log.info("fine-tuning %d steps on %d training image(s) of %s (lr %.1e, masks: %s, "
+             "distillation weight %g)", steps, len(items), data_folder, lr,
+             "fixed" if masks else "none", distill)
     schedule = TrainConfig(steps=steps, lr=lr)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -62,10 +70,10 @@ def finetune(net: NucleusNet, data_folder: str | Path, steps: int, *, masks: Mas
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, schedule)
-        x, m, d = (torch.from_numpy(a).to(device)
-                   for a in batch(items, patch_size, batch_size, rng, color_jitter))
+        x, m, d, b = (torch.from_numpy(a).to(device)
+                      for a in batch(items, patch_size, batch_size, rng, color_jitter))
         logit, dist = net(x)
-        l_sem, l_reg = semantic_loss(logit, m), regression_loss(dist, d)
+        l_sem, l_reg = semantic_loss(logit, m, b), regression_loss(dist, d)
         opt.zero_grad(set_to_none=True)
         (l_sem + l_reg).backward()
         if masks:

@@ -78,7 +78,7 @@ def prune_bundle(bundle: ModelBundle, method: str, ratio: float, *, branch: str 
                  finetune_steps: int = 0, data: str | Path | None = None,
                  keep: Keep = None, lr: float = 1e-4,
                  batch_size: int | None = None, patch_size: int | None = None, seed: int = 0,
-                 progress: bool = True) -> ModelBundle:
+                 distill: float = 0.0, progress: bool = True) -> ModelBundle:
     """A pruned copy of ``bundle`` (same mpp, watershed, targets) whose provenance records
     how it was made. ``bundle`` itself is left untouched."""
     if method not in METHODS:
@@ -104,7 +104,9 @@ def prune_bundle(bundle: ModelBundle, method: str, ratio: float, *, branch: str 
                          patch_size=patch_size or int(train_cfg.get("patch_size", 256)),
                          seed=seed, train_names=_train_names(bundle, Path(data)),
                          downsample=resolution_factor(bundle.mpp),
-                         distance_norm=bundle.targets.distance_norm, progress=progress)
+                         distance_norm=bundle.targets.distance_norm,
+                         teacher=dense if distill > 0 else None, distill=distill,
+                         progress=progress)
     after = _counts(net, branch)
     record = {
         "method": method, "ratio": float(ratio), "branch": branch,
@@ -124,6 +126,7 @@ def prune_bundle(bundle: ModelBundle, method: str, ratio: float, *, branch: str 
         "finetune_data": str(Path(data).resolve()) if finetune_steps > 0 else None,
         "finetune_lr": lr if finetune_steps > 0 else None,
         "finetune_seed": seed if finetune_steps > 0 else None,
+        "finetune_distill": distill if finetune_steps > 0 else None,
         "finetune_final_losses": tuned,
         "source_model": str(bundle.path) if bundle.path else None,
         "source_sha256": bundle.sha256,
