@@ -3,8 +3,10 @@ provenance and validation metrics.
 
 Everything inside is a plain container of tensors/numbers/strings so that
 ``torch.load(weights_only=True)`` can read it: opening a checkpoint never runs code.
-Unstructured-pruned weights are stored as (indices, values) of the non-zeros, which makes
-a 90 %-sparse checkpoint about 5x smaller than its dense twin.
+Unstructured-pruned weights are stored as the non-zero values plus where they are: a
+bitmask (1 bit per weight) or, when fewer than 1 in 32 weights survive, their int32
+indices, whichever is smaller; an 80 %-sparse float16 checkpoint is then about 3.5x
+smaller than its dense twin.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from models.config import NetConfig, TargetConfig, WatershedParams, from_dict
@@ -68,8 +71,8 @@ def resolve(name: str | os.PathLike) -> Path:
 
 
 def _pack(state: dict[str, torch.Tensor], half: bool = False) -> dict[str, Any]:
-    """Sparse (indices, values) for mostly-zero float tensors; float16 storage with ``half``
-    (loaded back as float32: the shipped files stay a few MB)."""
+    """Sparse (bitmask or indices, values) for mostly-zero float tensors; float16 storage
+    with ``half`` (loaded back as float32: the shipped files stay a few MB)."""
     packed: dict[str, Any] = {}
     for key, tensor in state.items():
         tensor = tensor.detach().cpu()
@@ -79,9 +82,14 @@ def _pack(state: dict[str, torch.Tensor], half: bool = False) -> dict[str, Any]:
             zeros = float((tensor == 0).sum()) / tensor.numel()
             if zeros >= SPARSE_MIN_ZEROS:
                 flat = tensor.flatten()
-                idx = torch.nonzero(flat, as_tuple=True)[0].to(torch.int32)
-                packed[key] = {"sparse_shape": list(tensor.shape), "indices": idx,
-                               "values": flat[idx.long()].clone()}
+                nonzero = flat != 0
+                entry: dict[str, Any] = {"sparse_shape": list(tensor.shape),
+                                         "values": flat[nonzero].clone()}
+                if 32 * int(nonzero.sum()) < flat.numel():  # int32 indices are smaller
+                    entry["indices"] = torch.nonzero(nonzero, as_tuple=True)[0].to(torch.int32)
+                else:
+                    entry["bitmask"] = torch.from_numpy(np.packbits(nonzero.numpy()))
+                packed[key] = entry
                 continue
         packed[key] = tensor.clone()
     return packed
@@ -92,8 +100,13 @@ def _unpack(packed: dict[str, Any]) -> dict[str, torch.Tensor]:
     for key, value in packed.items():
         if isinstance(value, dict):
             shape = value["sparse_shape"]
-            flat = torch.zeros(int(torch.tensor(shape).prod()), dtype=value["values"].dtype)
-            flat[value["indices"].long()] = value["values"]
+            numel = int(np.prod(shape))
+            flat = torch.zeros(numel, dtype=value["values"].dtype)
+            if "bitmask" in value:
+                where = np.unpackbits(value["bitmask"].numpy(), count=numel).astype(bool)
+                flat[torch.from_numpy(where)] = value["values"]
+            else:
+                flat[value["indices"].long()] = value["values"]
             state[key] = flat.reshape(shape)
         else:
             state[key] = value

@@ -87,9 +87,11 @@ def tune_watershed(predictions: list[Prediction],
 
 def retune_checkpoint(model: str | Path, data: str | Path, out: str | Path, *,
                       device: str = "cpu", grid: dict[str, Sequence] | None = None,
+                      half: bool = False,
                       progress: bool = True) -> tuple[Path, WatershedParams, dict[str, Any]]:
     """Tune the watershed of a checkpoint on its validation images in ``data`` (the
-    training folder) and save a copy with the tuned parameters at ``out``.
+    training folder) and save a copy with the tuned parameters at ``out`` (float16 weights
+    with ``half``, as shipped).
 
     Returns the new path, the parameters and the tuning record stored in
     ``provenance["watershed_tuning"]``."""
@@ -114,6 +116,6 @@ def retune_checkpoint(model: str | Path, data: str | Path, out: str | Path, *,
     provenance = {**bundle.provenance, "watershed_tuning": record}
     path = checkpoints.save(out, bundle.net, mpp=bundle.mpp, watershed=params,
                             targets=bundle.targets, provenance=provenance,
-                            metrics=bundle.metrics)
+                            metrics=bundle.metrics, half=half)
     log.info("saved %s with watershed %s (val AJI %.4f)", path, params.to_dict(), best["aji"])
     return path, params, record

@@ -62,6 +62,8 @@ def add_tune(sub: argparse._SubParsersAction) -> None:
     _model_arguments(p)
     p.add_argument("--data", required=True, help="the training folder of the model")
     p.add_argument("--out", required=True, help="new checkpoint with the tuned parameters")
+    p.add_argument("--half", action="store_true",
+                   help="store the weights as float16 (half the file; how shipped models are stored)")
     p.set_defaults(func=_run_tune)
 
 
@@ -135,7 +137,7 @@ def _run_tune(args: argparse.Namespace) -> int:
 
     device = _setup_torch(args)
     path, params, record = retune_checkpoint(args.model, args.data, args.out, device=str(device),
-                                             progress=not args.quiet)
+                                             half=args.half, progress=not args.quiet)
     previous = record["previous_aji"]
     print(f"tuned on {len(record['val_images'])} validation image(s), {record['settings']} settings")
     print(f"best watershed {params.to_dict()}: mean AJI {record['best_aji']:.4f}"

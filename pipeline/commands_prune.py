@@ -98,6 +98,8 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--branch", choices=BRANCH_CHOICES, default="both")
     p.add_argument("--data", help="training folder of the dense model (for --finetune-steps)")
     p.add_argument("--out", required=True, help="pruned checkpoint to write")
+    p.add_argument("--half", action="store_true",
+                   help="store the weights as float16 (how shipped models are stored)")
     p.set_defaults(func=_run_prune)
 
 
@@ -154,7 +156,7 @@ def _run_prune(args: argparse.Namespace) -> int:
                           finetune_steps=args.finetune_steps, data=args.data,
                           progress=not args.quiet, **_prune_kwargs(args))
     path = checkpoints.save(args.out, pruned.net, mpp=pruned.mpp, watershed=pruned.watershed,
-                            targets=pruned.targets, provenance=pruned.provenance)
+                            targets=pruned.targets, provenance=pruned.provenance, half=args.half)
     record = pruned.provenance["pruning"]
     log.info("wrote %s: %s %s ratio %g, parameters %d -> %d, non-zero %d -> %d, "
              "GMAC per 512x512 tile %.2f -> %.2f",

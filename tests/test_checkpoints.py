@@ -48,10 +48,17 @@ def test_sparse_packing_round_trip(tmp_path: Path) -> None:
     with torch.no_grad():
         mask = torch.rand_like(conv.weight) < 0.8
         conv.weight[mask] = 0.0
+    very = net.encoder.blocks[2][0]
+    with torch.no_grad():
+        very.weight[torch.rand_like(very.weight) < 0.99] = 0.0
     packed = _pack(net.state_dict())
     key = "encoder.blocks.1.0.weight"
     assert isinstance(packed[key], dict) and packed[key]["sparse_shape"] == list(conv.weight.shape)
     assert packed[key]["values"].numel() == int((conv.weight != 0).sum())
+    # 80 % zeros: a bitmask (1 bit per weight) beats int32 indices; 99 %: indices win
+    assert "bitmask" in packed[key] and "indices" not in packed[key]
+    assert packed[key]["bitmask"].numel() == -(-conv.weight.numel() // 8)
+    assert "indices" in packed["encoder.blocks.2.0.weight"]
     assert isinstance(packed["encoder.blocks.0.0.weight"], torch.Tensor)  # dense stays dense
     unpacked = _unpack(packed)
     for name, tensor in net.state_dict().items():

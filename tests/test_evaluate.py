@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 from conftest import save_tiny_checkpoint
 
 from models.checkpoints import CheckpointError, load
@@ -201,6 +202,15 @@ def test_cli_tune(synthetic_folder: Path, tiny_checkpoint: Path, tmp_path: Path,
                  str(synthetic_folder), "--out", str(out), "--device", "cpu"]) == 0
     assert load(out).provenance["watershed_tuning"]["settings"] == 2
     assert "best watershed" in capsys.readouterr().out
+    # --half: float16 on disk, the same network to float16 precision
+    half = tmp_path / "tuned-half.pt"
+    assert main(["--quiet", "tune", "--model", str(tiny_checkpoint), "--data",
+                 str(synthetic_folder), "--out", str(half), "--device", "cpu", "--half"]) == 0
+    stored = torch.load(half, weights_only=True)["state_dict"]
+    assert {t.dtype for t in stored.values() if isinstance(t, torch.Tensor) and t.is_floating_point()} \
+        == {torch.float16}
+    for (k, a), b in zip(load(out).net.state_dict().items(), load(half).net.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), k
 
 
 @pytest.mark.shared_data
