@@ -67,6 +67,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "uniform (default), thin-top (thinner high-resolution levels: "
                         "fewest MACs, fastest), thin-deep (thinner deep levels: most MACs), "
                         "or factors from the top level down, e.g. 1,1,1,0.7,0.5"),
+    p.add_argument("--bn-recalibrate", type=int, default=0, metavar="BATCHES",
+                   help="after pruning, re-estimate the BatchNorm statistics on this many "
+                        "training batches (no weight changes; 0 = off)")
     p.add_argument("--distill", type=float, default=0.0,
                    help="fine-tuning: weight of the dense model's outputs in the targets "
                         "(knowledge distillation; 0 = ground truth only)")
@@ -140,15 +143,17 @@ def _load(args: argparse.Namespace) -> Any:
 
 def _prune_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"keep": args.keep, "lr": args.lr, "batch_size": args.batch_size,
-            "patch_size": args.patch_size, "seed": args.seed, "distill": args.distill}
+            "patch_size": args.patch_size, "seed": args.seed, "distill": args.distill,
+            "bn_batches": args.bn_recalibrate}
 
 
 def _run_prune(args: argparse.Namespace) -> int:
     from models import checkpoints
     from models.pruning import prune_bundle
 
-    if args.finetune_steps > 0 and not args.data:
-        raise ValueError("--finetune-steps needs --data (the dense model's training folder)")
+    if (args.finetune_steps > 0 or args.bn_recalibrate > 0) and not args.data:
+        raise ValueError("--finetune-steps and --bn-recalibrate need --data (the dense model's "
+                         "training folder)")
     if not 0.0 <= args.distill <= 1.0:
         raise ValueError(f"--distill must be in [0, 1], not {args.distill}")
     dense = _load(args)
@@ -169,8 +174,9 @@ def _run_prune(args: argparse.Namespace) -> int:
 def _run_sweep(args: argparse.Namespace) -> int:
     from models.pruning import sweep
 
-    if args.finetune_steps > 0 and not args.train_data:
-        raise ValueError("--finetune-steps needs --train-data (the dense model's training folder)")
+    if (args.finetune_steps > 0 or args.bn_recalibrate > 0) and not args.train_data:
+        raise ValueError("--finetune-steps and --bn-recalibrate need --train-data (the dense "
+                         "model's training folder)")
     dense = _load(args)
     csv_path = sweep(dense, args.data, args.out, ratios=args.ratios, methods=args.methods,
                      branches=args.branches, finetune_steps=args.finetune_steps,

@@ -146,6 +146,46 @@ def test_masks_survive_finetuning(make_annotated_folder) -> None:
     assert sparsity_report(net)["prunable_sparsity"] == pytest.approx(0.7, abs=1e-3)
 
 
+def test_batchnorm_recalibration_matches_batch_statistics(make_annotated_folder) -> None:
+    """After re-estimation on one batch, eval mode (running statistics) gives what train
+    mode (batch statistics) gives on that batch; weights and momenta are untouched."""
+    import numpy as np
+
+    from models.data import batch
+    from models.pruning.finetune import load_training_items, recalibrate_batchnorm
+
+    folder = make_annotated_folder(n_images=3, size=64)
+    items = load_training_items(folder, None, 1, "per_nucleus")
+    net = _net("dual", batchnorm=True)
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for m in bns:  # stale statistics, as after pruning
+            m.running_mean.fill_(3.0)
+            m.running_var.fill_(9.0)
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k
+               and "num_batches" not in k}
+    x = torch.from_numpy(batch(items, 32, 4, np.random.default_rng(5), 0.0)[0])
+    with torch.no_grad():
+        stale = net.eval()(x)[1]
+        wanted = net.train()(x)[1]
+    assert recalibrate_batchnorm(net, items, 1, patch_size=32, batch_size=4, seed=5) == len(bns)
+    assert not net.training and all(m.momentum == 0.1 for m in bns)
+    with torch.no_grad():
+        got = net(x)[1]
+    assert torch.allclose(got, wanted, atol=1e-2) and not torch.allclose(stale, wanted, atol=1e-2)
+    for k, v in weights.items():
+        assert torch.equal(net.state_dict()[k], v), k
+    assert recalibrate_batchnorm(_net("dual", batchnorm=False), items, 1, patch_size=32) == 0
+
+
+def test_sweep_labels_name_the_options() -> None:
+    from models.pruning.sweep import method_label
+
+    assert method_label("global") == "global"
+    assert method_label("layerwise", bn_batches=8) == "layerwise+bn"
+    assert method_label("structured", "thin-top", distill=0.5) == "structured[thin-top]+kd"
+
+
 def test_finetune_rejects_unknown_images(make_annotated_folder) -> None:
     folder = make_annotated_folder(n_images=2)
     with pytest.raises(FileNotFoundError):
@@ -360,6 +400,14 @@ def test_cli_prune(tmp_path: Path, make_annotated_folder) -> None:
     # fine-tuning without data is a usage error
     assert main(["--quiet", "prune", "--model", str(model), "--method", "layerwise",
                  "--ratio", "0.5", "--finetune-steps", "1", "--out", str(slim)]) == 2
+    assert main(["--quiet", "prune", "--model", str(model), "--method", "layerwise",
+                 "--ratio", "0.5", "--bn-recalibrate", "2", "--out", str(slim)]) == 2
+    recal = tmp_path / "recal.pt"
+    assert main(["--quiet", "prune", "--model", str(model), "--method", "layerwise",
+                 "--ratio", "0.5", "--bn-recalibrate", "2", "--data", str(data),
+                 "--batch-size", "2", "--patch-size", "32", "--half", "--out", str(recal)]) == 0
+    # the tiny model has no BatchNorm: nothing was re-estimated, and the record says so
+    assert checkpoints.load(recal).provenance["pruning"]["bn_recalibration_batches"] == 0
 
 
 def test_sweep_resumes_and_plots(tmp_path: Path) -> None:

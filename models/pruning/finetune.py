@@ -27,6 +27,48 @@ from models.train import distill_items, learning_rate, regression_loss, semantic
 log = logging.getLogger(__name__)
 
 
+def load_training_items(data_folder: str | Path, names: list[str] | None, downsample: int,
+                        distance_norm: DistanceNorm) -> list:
+    """The named annotated images of a folder (all if None) with their targets."""
+    pairs = {img.stem: (img, lab) for img, lab in list_pairs(data_folder)}
+    names = sorted(pairs) if names is None else sorted(names)
+    missing = sorted(set(names) - set(pairs))
+    if missing:
+        raise FileNotFoundError(f"{data_folder}: training image(s) {', '.join(missing)} not found")
+    if not names:
+        raise ValueError("no training images to fine-tune on")
+    return [prepare(load_sample(*pairs[n]), downsample, distance_norm) for n in names]
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(net: NucleusNet, items: list, batches: int, *, patch_size: int = 256,
+                          batch_size: int = 8, seed: int = 0) -> int:
+    """Re-estimate every BatchNorm's running mean and variance on training patches
+    (cumulative average over ``batches`` forward passes), weights untouched.
+
+    Why: pruning changes what each conv outputs, but a BN layer still normalises with the
+    dense network's statistics; after one-shot pruning of a BN network that mismatch, not
+    the lost weights, can dominate the damage. Returns the number of BN layers reset."""
+    layers = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not layers or batches <= 0:
+        return 0
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts the same
+    device = next(net.parameters()).device
+    rng = np.random.default_rng(seed)
+    net.train()
+    for _ in range(batches):
+        x = batch(items, patch_size, batch_size, rng, 0.0)[0]
+        net(torch.from_numpy(x).to(device))
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+    net.eval()
+    log.info("re-estimated %d BatchNorm layers on %d batches", len(layers), batches)
+    return len(layers)
+
+
 def finetune(net: NucleusNet, data_folder: str | Path, steps: int, *, masks: Masks | None = None,
              lr: float = 1e-4, batch_size: int = 8, patch_size: int = 256, seed: int = 0,
              train_names: list[str] | None = None, downsample: int = 1,
@@ -41,14 +83,7 @@ def finetune(net: NucleusNet, data_folder: str | Path, steps: int, *, masks: Mas
     Returns the mean semantic and regression loss of the last steps (for the log)."""
     if steps <= 0:
         return {}
-    pairs = {img.stem: (img, lab) for img, lab in list_pairs(data_folder)}
-    names = sorted(pairs) if train_names is None else sorted(train_names)
-    missing = sorted(set(names) - set(pairs))
-    if missing:
-        raise FileNotFoundError(f"{data_folder}: training image(s) {', '.join(missing)} not found")
-    if not names:
-        raise ValueError("no training images to fine-tune on")
-    items = [prepare(load_sample(*pairs[n]), downsample, distance_norm) for n in names]
+    items = load_training_items(data_folder, train_names, downsample, distance_norm)
     if distill > 0:
         if teacher is None:
             raise ValueError("distillation needs a teacher network")

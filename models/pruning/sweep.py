@@ -31,7 +31,7 @@ from models.checkpoints import ModelBundle
 from models.config import WatershedParams
 from models.evaluate import predict_folder, resolution_factor, score_predictions
 from models.network import NucleusNet, count_parameters
-from models.pruning.finetune import finetune
+from models.pruning.finetune import finetune, load_training_items, recalibrate_batchnorm
 from models.pruning.structured import Keep, conv_macs, keep_schedule, structured_prune
 from models.pruning.unstructured import BRANCHES, apply_masks, magnitude_masks, sparsity_report
 
@@ -78,15 +78,17 @@ def prune_bundle(bundle: ModelBundle, method: str, ratio: float, *, branch: str 
                  finetune_steps: int = 0, data: str | Path | None = None,
                  keep: Keep = None, lr: float = 1e-4,
                  batch_size: int | None = None, patch_size: int | None = None, seed: int = 0,
-                 distill: float = 0.0, progress: bool = True) -> ModelBundle:
+                 distill: float = 0.0, bn_batches: int = 0, progress: bool = True) -> ModelBundle:
     """A pruned copy of ``bundle`` (same mpp, watershed, targets) whose provenance records
-    how it was made. ``bundle`` itself is left untouched."""
+    how it was made. ``bundle`` itself is left untouched. ``bn_batches`` > 0 re-estimates
+    the BatchNorm statistics on that many training batches after pruning (no weight
+    changes; see :func:`recalibrate_batchnorm`)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     if branch not in BRANCHES:
         raise ValueError(f"branch must be one of {', '.join(BRANCHES)}, not {branch!r}")
-    if finetune_steps > 0 and data is None:
-        raise ValueError("fine-tuning needs the training data folder")
+    if (finetune_steps > 0 or bn_batches > 0) and data is None:
+        raise ValueError("fine-tuning and BatchNorm re-estimation need the training data folder")
     dense = bundle.net
     before = _counts(dense, branch)
     masks = None
@@ -97,8 +99,15 @@ def prune_bundle(bundle: ModelBundle, method: str, ratio: float, *, branch: str 
         masks = magnitude_masks(net, method, ratio, branch)
         apply_masks(net, masks)
     tuned: dict[str, float] = {}
+    train_cfg = bundle.provenance.get("train_config") or {}
+    bn_layers = 0
+    if bn_batches > 0:
+        items = load_training_items(data, _train_names(bundle, Path(data)),
+                                    resolution_factor(bundle.mpp), bundle.targets.distance_norm)
+        bn_layers = recalibrate_batchnorm(
+            net, items, bn_batches, patch_size=patch_size or int(train_cfg.get("patch_size", 256)),
+            batch_size=batch_size or int(train_cfg.get("batch_size", 8)), seed=seed)
     if finetune_steps > 0:
-        train_cfg = bundle.provenance.get("train_config") or {}
         tuned = finetune(net, data, finetune_steps, masks=masks, lr=lr,
                          batch_size=batch_size or int(train_cfg.get("batch_size", 8)),
                          patch_size=patch_size or int(train_cfg.get("patch_size", 256)),
@@ -127,6 +136,7 @@ def prune_bundle(bundle: ModelBundle, method: str, ratio: float, *, branch: str 
         "finetune_lr": lr if finetune_steps > 0 else None,
         "finetune_seed": seed if finetune_steps > 0 else None,
         "finetune_distill": distill if finetune_steps > 0 else None,
+        "bn_recalibration_batches": int(bn_batches) if bn_layers else 0,
         "finetune_final_losses": tuned,
         "source_model": str(bundle.path) if bundle.path else None,
         "source_sha256": bundle.sha256,
@@ -144,14 +154,19 @@ def _preset_name(keep: Keep) -> str:
     return keep if isinstance(keep, str) else "custom"
 
 
-def method_label(method: str, keep: Keep = None) -> str:
+def method_label(method: str, keep: Keep = None, bn_batches: int = 0, distill: float = 0.0) -> str:
     """The sweep's name of a method: structured runs with a non-uniform keep schedule get
-    it appended (``structured[thin-top]``), so that they are separate rows and lines."""
-    if method != "structured" or _preset_name(keep) == "uniform":
-        return method
-    if isinstance(keep, str):
-        return f"structured[{keep}]"
-    return "structured[" + ",".join(f"{float(k):g}" for k in keep) + "]"
+    it appended (``structured[thin-top]``), BatchNorm re-estimation ``+bn`` and distilled
+    fine-tuning ``+kd``, so that they are separate rows and lines."""
+    label = method
+    if method == "structured" and _preset_name(keep) != "uniform":
+        label = (f"structured[{keep}]" if isinstance(keep, str)
+                 else "structured[" + ",".join(f"{float(k):g}" for k in keep) + "]")
+    if bn_batches > 0:
+        label += "+bn"
+    if distill > 0:
+        label += "+kd"
+    return label
 
 
 def _key(method: str, branch: str, ratio: float, steps: int) -> tuple[str, str, str, int]:
@@ -178,8 +193,10 @@ def sweep(bundle: ModelBundle, data: str | Path, out: str | Path, *,
             for r in read_rows(csv_path)}
     watershed = bundle.watershed  # fixed: tuned once on the dense model's validation images
     keep = prune_kwargs.get("keep")
+    label_options = {"bn_batches": int(prune_kwargs.get("bn_batches") or 0),
+                     "distill": float(prune_kwargs.get("distill") or 0.0) if finetune_steps > 0 else 0.0}
     todo = [(m, b, r) for m in methods for b in branches for r in ratios
-            if _key(method_label(m, keep), b, r, finetune_steps) not in done]
+            if _key(method_label(m, keep, **label_options), b, r, finetune_steps) not in done]
     log.info("sweep: %d setting(s) to run, %d already in %s", len(todo), len(done), csv_path)
     dense_scores: dict[str, Any] | None = None
     new_file = not csv_path.exists() or csv_path.stat().st_size == 0
@@ -195,7 +212,7 @@ def sweep(bundle: ModelBundle, data: str | Path, out: str | Path, *,
         for method, branch, ratio in tqdm(todo, desc="sweep", unit="model", disable=not progress,
                                           file=sys.stderr):
             started = time.time()
-            if ratio == 0 and finetune_steps == 0:
+            if ratio == 0 and finetune_steps == 0 and not label_options["bn_batches"]:
                 pruned = bundle
                 if dense_scores is None:
                     dense_scores = evaluator(bundle, Path(data), watershed)
@@ -216,7 +233,8 @@ def sweep(bundle: ModelBundle, data: str | Path, out: str | Path, *,
                 sparsity = 1.0 - scope / dense_scope
             else:
                 sparsity = counts["prunable_sparsity"]
-            row = {"method": method_label(method, keep), "branch": branch, "ratio": f"{float(ratio):g}",
+            row = {"method": method_label(method, keep, **label_options), "branch": branch,
+                   "ratio": f"{float(ratio):g}",
                    "finetune_steps": int(finetune_steps), "sparsity": round(sparsity, 6),
                    "parameters": counts["parameters"], "nonzero": counts["nonzero_parameters"],
                    "gmacs_512": round(conv_macs(pruned.net, MAC_SIZE, MAC_SIZE) / 1e9, 4),
