@@ -326,12 +326,18 @@ def plot_sweep(csv_path: str | Path, png_path: str | Path) -> Path:
         for (method, steps), items in sorted(series.items()):
             items.sort(key=lambda r: float(r["sparsity"]))
             label = method if int(steps) == 0 else f"{method} +ft{steps}"
+            # compression ratio, as the paper counts: 1 / (1 - sparsity), log axis
+            crs = [1.0 / max(1.0 - float(r["sparsity"]), 1e-3) for r in items]
             for metric in metrics:
-                ax.plot([float(r["sparsity"]) for r in items], [float(r[metric]) for r in items],
+                ax.plot(crs, [float(r[metric]) for r in items],
                         styles[metric], marker="o", ms=3,
                         label=label if len(metrics) == 1 else f"{label} {metric}")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("fraction of prunable weights removed (structured: of parameters)")
+        ax.set_xscale("log")
+        ticks = [1, 2, 5, 10, 20, 50, 100]
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("compression ratio 1 / (1 - sparsity) of prunable weights")
         ax.grid(alpha=0.3)
         if series:
             ax.legend(fontsize=7)
