@@ -3,7 +3,10 @@
 Resumable: ``last.pt`` in the run folder holds weights, optimizer, step and RNG state and
 is rewritten atomically every ``checkpoint_every`` steps; ``--resume`` continues from it
 with the same schedule. ``log.csv`` gets one row per validation, ``best.pt`` is the
-model checkpoint (``models.checkpoints`` format) with the best validation score so far.
+model checkpoint (``models.checkpoints`` format) with the best validation score so far,
+``final.pt`` the one at the end of the schedule (validation score = semantic Dice - 10 x
+regression MSE, a proxy: the tuned validation AJI of ``wsi-nuclei tune`` can prefer
+``final.pt``).
 """
 
 from __future__ import annotations
@@ -236,13 +239,16 @@ def train(data: str | Path | None, out: str | Path, net_cfg: NetConfig, target_c
             log.info("step %d: %s", step, dict(zip(fields, row)))
             running[:] = 0
             count, window_start = 0, time.time()
+            model_record = {"provenance": {**provenance, "steps": step,
+                                           "elapsed_s": round(time.time() - started)},
+                            "metrics": {**scores, "split": "validation"}}
             if score > best:
                 best = score
                 checkpoints.save(out / "best.pt", net, mpp=MONUSEG_MPP * cfg.downsample,
-                                 watershed=WatershedParams(), targets=target_cfg,
-                                 provenance={**provenance, "steps": step,
-                                             "elapsed_s": round(time.time() - started)},
-                                 metrics={**scores, "split": "validation"})
+                                 watershed=WatershedParams(), targets=target_cfg, **model_record)
+            if step == cfg.steps:  # the end of the schedule, for selection by another metric
+                checkpoints.save(out / "final.pt", net, mpp=MONUSEG_MPP * cfg.downsample,
+                                 watershed=WatershedParams(), targets=target_cfg, **model_record)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             checkpoints.atomic_torch_save({
                 "model": net.state_dict(), "optimizer": opt.state_dict(), "step": step,

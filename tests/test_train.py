@@ -53,6 +53,10 @@ def test_tiny_training_learns_and_writes_a_checkpoint(run: tuple[Path, Path]) ->
     assert payload["metrics"]["split"] == "validation"
     state = torch.load(out / "last.pt", weights_only=False)
     assert state["step"] == 30
+    final = load(out / "final.pt")  # the end of the schedule, whatever validation said
+    assert final.provenance["steps"] == 30
+    for key, value in final.net.state_dict().items():
+        assert torch.equal(value, state["model"][key]), key
 
 
 def test_best_checkpoint_loads(run: tuple[Path, Path]) -> None:
