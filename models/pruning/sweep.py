@@ -323,15 +323,14 @@ def plot_sweep(csv_path: str | Path, png_path: str | Path) -> Path:
         for r in rows:
             if r["branch"] == branch:
                 series.setdefault((r["method"], r["finetune_steps"]), []).append(r)
-        for (method, steps), items in sorted(series.items()):
+        for k, ((method, steps), items) in enumerate(sorted(series.items())):
             items.sort(key=lambda r: float(r["sparsity"]))
             label = method if int(steps) == 0 else f"{method} +ft{steps}"
             # compression ratio, as the paper counts: 1 / (1 - sparsity), log axis
             crs = [1.0 / max(1.0 - float(r["sparsity"]), 1e-3) for r in items]
-            for metric in metrics:
-                ax.plot(crs, [float(r[metric]) for r in items],
-                        styles[metric], marker="o", ms=3,
-                        label=label if len(metrics) == 1 else f"{label} {metric}")
+            for metric in metrics:  # one colour per series, one line style per metric
+                ax.plot(crs, [float(r[metric]) for r in items], styles[metric], color=f"C{k % 10}",
+                        marker="o", ms=3, label=label if len(metrics) == 1 else f"{label} {metric}")
         ax.set_title(title, fontsize=10)
         ax.set_xscale("log")
         ticks = [1, 2, 5, 10, 20, 50, 100]
