@@ -10,8 +10,10 @@ What it answers: does pruning make the network faster? Unstructured (layer-wise 
 network-wide) 80 % copies of the reference are measured next to the structured model to
 show that zeros in dense kernels save nothing, while fewer channels do.
 
-Runtimes: ``eager`` (what the pipeline runs) and ``torchscript`` (traced, frozen and
-``optimize_for_inference``: batch-norm folded into the convolutions). Each runtime's
+Runtimes: ``eager`` (what the pipeline runs: channels-last tensors, oneDNN's NHWC
+convolutions), ``eager-nchw`` (the same in PyTorch's default layout, for comparison) and
+``torchscript`` (channels-last, traced, frozen and ``optimize_for_inference``: batch-norm
+folded into the convolutions). Each runtime's
 output is compared with eager's (``max_abs_diff``) so a faster runtime cannot silently
 compute something else.
 
@@ -40,7 +42,7 @@ from models.network import NucleusNet, count_parameters
 from models.watershed import postprocess
 
 NAME = "model_speed"
-RUNTIMES = ("eager", "torchscript")
+RUNTIMES = ("eager", "eager-nchw", "torchscript")
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -105,12 +107,20 @@ def _with_unstructured(models: dict[str, tuple[NucleusNet, WatershedParams]],
 
 
 def _compile(net: NucleusNet, runtime: str, x: torch.Tensor) -> Forward:
+    """A forward function taking the NCHW input; ``eager`` and ``torchscript`` run
+    channels-last (NHWC) like ``models.inference.predict_batch``, ``eager-nchw`` does not."""
+    nhwc = torch.channels_last
+    if runtime == "eager-nchw":
+        plain = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
+        return lambda t: plain(t.contiguous())
+    last = copy.deepcopy(net).to(memory_format=nhwc)
     if runtime == "eager":
-        return net
+        return lambda t: last(t.contiguous(memory_format=nhwc))
     if runtime == "torchscript":
         with torch.inference_mode(False), torch.no_grad():
-            traced = torch.jit.trace(net, x, check_trace=False)
-            return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+            traced = torch.jit.trace(last, x.contiguous(memory_format=nhwc), check_trace=False)
+            frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+        return lambda t: frozen(t.contiguous(memory_format=nhwc))
     raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
 
 
