@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from models.config import DistanceNorm, TrainConfig
-from models.data import batch, list_pairs, load_sample, prepare
+from models.data import TrainingImage, batch, list_pairs, load_sample, prepare
 from models.network import NucleusNet
 from models.pruning.unstructured import Masks, apply_masks, mask_gradients
 from models.train import distill_items, learning_rate, regression_loss, semantic_loss
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def load_training_items(data_folder: str | Path, names: list[str] | None, downsample: int,
-                        distance_norm: DistanceNorm) -> list:
+                        distance_norm: DistanceNorm) -> list[TrainingImage]:
     """The named annotated images of a folder (all if None) with their targets."""
     pairs = {img.stem: (img, lab) for img, lab in list_pairs(data_folder)}
     names = sorted(pairs) if names is None else sorted(names)
@@ -41,7 +41,7 @@ def load_training_items(data_folder: str | Path, names: list[str] | None, downsa
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(net: NucleusNet, items: list, batches: int, *, patch_size: int = 256,
+def recalibrate_batchnorm(net: NucleusNet, items: list[TrainingImage], batches: int, *, patch_size: int = 256,
                           batch_size: int = 8, seed: int = 0) -> int:
     """Re-estimate every BatchNorm's running mean and variance on training patches
     (cumulative average over ``batches`` forward passes), weights untouched.
