@@ -74,16 +74,18 @@ def finetune(net: NucleusNet, data_folder: str | Path, steps: int, *, masks: Mas
              train_names: list[str] | None = None, downsample: int = 1,
              distance_norm: DistanceNorm = "per_nucleus", color_jitter: float = 0.08,
              weight_decay: float = 1e-5, teacher: NucleusNet | None = None, distill: float = 0.0,
-             progress: bool = True) -> dict[str, float]:
+             items: list[TrainingImage] | None = None, progress: bool = True) -> dict[str, float]:
     """Train ``net`` in place for ``steps`` AdamW steps on ``train_names`` of
     ``data_folder`` (all images if None); pruned weights (``masks``) stay exactly zero.
     With a ``teacher`` (the dense network) and ``distill`` > 0 the targets are blended
-    with its outputs (:func:`models.train.distill_items`).
+    with its outputs (:func:`models.train.distill_items`). ``items``: the training images
+    already loaded (:func:`load_training_items`), instead of ``train_names`` of the folder.
 
     Returns the mean semantic and regression loss of the last steps (for the log)."""
     if steps <= 0:
         return {}
-    items = load_training_items(data_folder, train_names, downsample, distance_norm)
+    if items is None:
+        items = load_training_items(data_folder, train_names, downsample, distance_norm)
     if distill > 0:
         if teacher is None:
             raise ValueError("distillation needs a teacher network")

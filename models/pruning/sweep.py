@@ -100,20 +100,18 @@ def prune_bundle(bundle: ModelBundle, method: str, ratio: float, *, branch: str 
         apply_masks(net, masks)
     tuned: dict[str, float] = {}
     train_cfg = bundle.provenance.get("train_config") or {}
+    batch = batch_size or int(train_cfg.get("batch_size", 8))
+    patch = patch_size or int(train_cfg.get("patch_size", 256))
     bn_layers = 0
-    if bn_batches > 0:
+    if bn_batches > 0 or finetune_steps > 0:  # the training images, loaded once for both
         items = load_training_items(data, _train_names(bundle, Path(data)),
                                     resolution_factor(bundle.mpp), bundle.targets.distance_norm)
-        bn_layers = recalibrate_batchnorm(
-            net, items, bn_batches, patch_size=patch_size or int(train_cfg.get("patch_size", 256)),
-            batch_size=batch_size or int(train_cfg.get("batch_size", 8)), seed=seed)
+    if bn_batches > 0:
+        bn_layers = recalibrate_batchnorm(net, items, bn_batches, patch_size=patch,
+                                          batch_size=batch, seed=seed)
     if finetune_steps > 0:
-        tuned = finetune(net, data, finetune_steps, masks=masks, lr=lr,
-                         batch_size=batch_size or int(train_cfg.get("batch_size", 8)),
-                         patch_size=patch_size or int(train_cfg.get("patch_size", 256)),
-                         seed=seed, train_names=_train_names(bundle, Path(data)),
-                         downsample=resolution_factor(bundle.mpp),
-                         distance_norm=bundle.targets.distance_norm,
+        tuned = finetune(net, data, finetune_steps, masks=masks, lr=lr, batch_size=batch,
+                         patch_size=patch, seed=seed, items=items,
                          teacher=dense if distill > 0 else None, distill=distill,
                          progress=progress)
     after = _counts(net, branch)
