@@ -87,6 +87,18 @@ def prepare(sample: Sample, downsample: int, norm: DistanceNorm) -> TrainingImag
     return TrainingImage(image, semantic_mask(labels), distance_map(labels, norm))
 
 
+def load_training_items(folder: str | Path, names: list[str] | None, downsample: int,
+                        norm: DistanceNorm) -> list[TrainingImage]:
+    """The named annotated images of a folder (all if None) with their targets, in name
+    order; a clear error for names the folder does not hold."""
+    pairs = {img.stem: (img, lab) for img, lab in list_pairs(folder)}
+    names = sorted(pairs) if names is None else sorted(names)
+    missing = sorted(set(names) - set(pairs))
+    if missing:
+        raise FileNotFoundError(f"{folder}: training image(s) {', '.join(missing)} not found")
+    return [prepare(load_sample(*pairs[n]), downsample, norm) for n in names]
+
+
 def soften_targets(item: TrainingImage, prob: np.ndarray, distance: np.ndarray,
                    alpha: float) -> TrainingImage:
     """Distillation targets: ``(1 - alpha) * truth + alpha * teacher`` for the BCE target

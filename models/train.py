@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from models import checkpoints
 from models.config import NetConfig, TargetConfig, TrainConfig, WatershedParams, from_dict
-from models.data import TrainingImage, batch, list_pairs, load_sample, prepare, soften_targets
+from models.data import TrainingImage, batch, list_pairs, load_training_items, soften_targets
 from models.inference import predict_image
 from models.network import NucleusNet
 
@@ -151,13 +151,11 @@ def train(data: str | Path | None, out: str | Path, net_cfg: NetConfig, target_c
 
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     torch.manual_seed(cfg.seed)
-    pairs = {img.stem: (img, lab) for img, lab in list_pairs(data)}
-    train_names, val_names = split_names(list(pairs), cfg.val_fraction, cfg.seed)
+    names = [image.stem for image, _ in list_pairs(data)]
+    train_names, val_names = split_names(names, cfg.val_fraction, cfg.seed)
     log.info("training on %d images, validating on %d", len(train_names), len(val_names))
-    train_items = [prepare(load_sample(*pairs[n]), cfg.downsample, target_cfg.distance_norm)
-                   for n in train_names]
-    val_items = [prepare(load_sample(*pairs[n]), cfg.downsample, target_cfg.distance_norm)
-                 for n in val_names]
+    train_items = load_training_items(data, train_names, cfg.downsample, target_cfg.distance_norm)
+    val_items = load_training_items(data, val_names, cfg.downsample, target_cfg.distance_norm)
     if cfg.distill > 0:  # validation keeps the true targets: selection is against the truth
         if not cfg.teacher:
             raise ValueError("distillation needs a teacher checkpoint")

@@ -151,8 +151,8 @@ def test_batchnorm_recalibration_matches_batch_statistics(make_annotated_folder)
     mode (batch statistics) gives on that batch; weights and momenta are untouched."""
     import numpy as np
 
-    from models.data import batch
-    from models.pruning.finetune import load_training_items, recalibrate_batchnorm
+    from models.data import batch, load_training_items
+    from models.pruning.finetune import recalibrate_batchnorm
 
     folder = make_annotated_folder(n_images=3, size=64)
     items = load_training_items(folder, None, 1, "per_nucleus")

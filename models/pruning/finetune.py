@@ -19,25 +19,12 @@ import torch
 from tqdm import tqdm
 
 from models.config import DistanceNorm, TrainConfig
-from models.data import TrainingImage, batch, list_pairs, load_sample, prepare
+from models.data import TrainingImage, batch, load_training_items
 from models.network import NucleusNet
 from models.pruning.unstructured import Masks, apply_masks, mask_gradients
 from models.train import distill_items, learning_rate, regression_loss, semantic_loss
 
 log = logging.getLogger(__name__)
-
-
-def load_training_items(data_folder: str | Path, names: list[str] | None, downsample: int,
-                        distance_norm: DistanceNorm) -> list[TrainingImage]:
-    """The named annotated images of a folder (all if None) with their targets."""
-    pairs = {img.stem: (img, lab) for img, lab in list_pairs(data_folder)}
-    names = sorted(pairs) if names is None else sorted(names)
-    missing = sorted(set(names) - set(pairs))
-    if missing:
-        raise FileNotFoundError(f"{data_folder}: training image(s) {', '.join(missing)} not found")
-    if not names:
-        raise ValueError("no training images to fine-tune on")
-    return [prepare(load_sample(*pairs[n]), downsample, distance_norm) for n in names]
 
 
 @torch.no_grad()
@@ -86,6 +73,8 @@ def finetune(net: NucleusNet, data_folder: str | Path, steps: int, *, masks: Mas
         return {}
     if items is None:
         items = load_training_items(data_folder, train_names, downsample, distance_norm)
+    if not items:
+        raise ValueError("no training images to fine-tune on")
     if distill > 0:
         if teacher is None:
             raise ValueError("distillation needs a teacher network")

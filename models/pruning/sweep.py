@@ -29,9 +29,10 @@ from tqdm import tqdm
 
 from models.checkpoints import ModelBundle
 from models.config import WatershedParams
+from models.data import load_training_items
 from models.evaluate import predict_folder, resolution_factor, score_predictions
 from models.network import NucleusNet, count_parameters
-from models.pruning.finetune import finetune, load_training_items, recalibrate_batchnorm
+from models.pruning.finetune import finetune, recalibrate_batchnorm
 from models.pruning.structured import Keep, conv_macs, keep_schedule, structured_prune
 from models.pruning.unstructured import BRANCHES, apply_masks, magnitude_masks, sparsity_report
 
