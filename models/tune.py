@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from models import checkpoints
-from models.config import WatershedParams
+from models.config import DistanceNorm, WatershedParams
 from models.evaluate import Prediction, predict_folder, upsample_labels
 from models.metrics import Overlap
 from models.watershed import foreground_components, split_components
@@ -29,17 +29,25 @@ GRID_KEYS = ("fg_threshold", "marker_threshold", "min_marker_size", "min_size")
 # Areas in um^2, converted to model pixels by default_grid: a small nucleus is ~20 um^2.
 MARKER_AREAS_UM2 = (0.5, 1.5, 3.0)
 MIN_SIZE_AREAS_UM2 = (2.0, 5.0, 10.0)
+MARKER_THRESHOLDS: dict[str, tuple[float, ...]] = {
+    "per_nucleus": (0.3, 0.4, 0.5, 0.6, 0.7),
+    "per_image": (0.1, 0.15, 0.2, 0.3, 0.4),
+}
 
 
-def default_grid(mpp: float) -> dict[str, tuple]:
-    """3 x 5 x 3 x 3 = 135 settings; sizes scale with the model pixel area."""
+def default_grid(mpp: float, distance_norm: DistanceNorm = "per_nucleus") -> dict[str, tuple]:
+    """3 x 5 x 3 x 3 = 135 settings; sizes scale with the model pixel area.
+
+    Marker thresholds follow the distance target: a per-nucleus map peaks at 1 in every
+    nucleus, a per-image map only in the image's largest one (typical centres then sit at
+    0.2-0.5), so its markers need lower thresholds to be found at all."""
     pixel_area = mpp * mpp
 
     def px(areas: Sequence[float]) -> tuple[int, ...]:
         return tuple(sorted({max(1, round(a / pixel_area)) for a in areas}))
 
     return {"fg_threshold": (0.4, 0.5, 0.6),
-            "marker_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
+            "marker_threshold": MARKER_THRESHOLDS[distance_norm],
             "min_marker_size": px(MARKER_AREAS_UM2),
             "min_size": px(MIN_SIZE_AREAS_UM2)}
 
@@ -104,7 +112,7 @@ def retune_checkpoint(model: str | Path, data: str | Path, out: str | Path, *,
     if trained_on and Path(trained_on).resolve() != Path(data).resolve():
         log.warning("tuning on %s but the model was trained on %s", data, trained_on)
     predictions = predict_folder(bundle, data, names=val_names, progress=progress)
-    grid = dict(grid or default_grid(bundle.mpp))
+    grid = dict(grid or default_grid(bundle.mpp, bundle.targets.distance_norm))
     params, rows = tune_watershed(predictions, grid)
     best = max(rows, key=lambda r: r["aji"])
     before = next((r["aji"] for r in rows if all(r[k] == getattr(bundle.watershed, k)

@@ -137,6 +137,19 @@ def test_default_grid_scales_with_resolution() -> None:
     assert coarse["fg_threshold"] == fine["fg_threshold"]
 
 
+def test_default_grid_finds_markers_of_per_image_targets() -> None:
+    """A nucleus a quarter the radius of the image's largest peaks at ~0.25 of a per-image
+    map: below every per-nucleus marker threshold, above the lowest per-image one."""
+    yy, xx = np.mgrid[:96, :96]
+    labels = np.zeros((96, 96), np.uint16)
+    labels[(yy - 40) ** 2 + (xx - 40) ** 2 <= 20 ** 2] = 1
+    labels[(yy - 80) ** 2 + (xx - 80) ** 2 <= 5 ** 2] = 2
+    small_peak = distance_map(labels, "per_image")[labels == 2].max()
+    assert small_peak < min(default_grid(0.25)["marker_threshold"])
+    assert small_peak > min(default_grid(0.25, "per_image")["marker_threshold"])
+    assert max(distance_map(labels, "per_nucleus")[labels == 2]) == pytest.approx(1.0)
+
+
 def test_retune_checkpoint(synthetic_folder: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
     grid = {"fg_threshold": (0.3, 0.5), "marker_threshold": (0.5,), "min_marker_size": (2,),
             "min_size": (1, 5)}
@@ -196,7 +209,7 @@ def test_cli_tune(synthetic_folder: Path, tiny_checkpoint: Path, tmp_path: Path,
 
     small = {"fg_threshold": (0.5,), "marker_threshold": (0.4, 0.6), "min_marker_size": (2,),
              "min_size": (5,)}
-    monkeypatch.setattr(models.tune, "default_grid", lambda mpp: small)
+    monkeypatch.setattr(models.tune, "default_grid", lambda mpp, distance_norm="per_nucleus": small)
     out = tmp_path / "tuned.pt"
     assert main(["--quiet", "tune", "--model", str(tiny_checkpoint), "--data",
                  str(synthetic_folder), "--out", str(out), "--device", "cpu"]) == 0
