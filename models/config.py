@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 Architecture = Literal["paper", "dual"]
+# (batchnorm, dropout) of each architecture when not given
+ARCH_DEFAULTS: dict[str, tuple[bool, float]] = {"paper": (False, 0.1), "dual": (True, 0.0)}
 DistanceNorm = Literal["per_nucleus", "per_image"]
 
 
@@ -54,6 +56,18 @@ class NetConfig:
         # pooling/upsampling alignment adds less than one cell of the coarsest level
         radius += 2 ** (self.depth - 1) - 1
         return radius
+
+    @classmethod
+    def for_arch(cls, arch: Architecture, widths: tuple[int, ...] = (16, 32, 64, 128, 256),
+                 batchnorm: bool | None = None, dropout: float | None = None) -> NetConfig:
+        """A config with the defaults that serve each architecture, unless overridden:
+        ``paper`` as the authors built it (no batch-norm, dropout 0.1 between the two convs
+        of a block), ``dual`` as shipped (batch-norm, no dropout)."""
+        bn_default, dropout_default = ARCH_DEFAULTS[arch]
+        return cls(arch=arch, widths=tuple(widths),
+                   batchnorm=bn_default if batchnorm is None else batchnorm,
+                   dropout=dropout_default if dropout is None else dropout)
+
 
 
 @dataclass(frozen=True)

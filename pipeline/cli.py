@@ -37,15 +37,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                "  wsi-nuclei train --data ../shared/data/monuseg/train --out runs/dense\n"
                "  wsi-nuclei train --out runs/dense --resume          # continue a run\n"
                "  wsi-nuclei train --data DIR --out runs/more --init dense.pt --lr 2e-4\n"
-               "  wsi-nuclei train --data DIR --out runs/paper --arch paper --no-batchnorm\n"
+               "  wsi-nuclei train --data DIR --out runs/paper --arch paper   # the authors' U-Nets\n"
                "  wsi-nuclei train --data DIR --out runs/p80 --init slim80.pt --teacher dense.pt "
                "--lr 5e-4   # distil a pruned model")
     p.add_argument("--data", help="annotated folder with images/ and labels/")
     p.add_argument("--out", required=True, help="run folder (log.csv, last.pt, best.pt)")
     p.add_argument("--arch", choices=["paper", "dual"], default="dual")
     p.add_argument("--widths", default="16,32,64,128,256", help="filters per level")
-    p.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=None,
+                   help="batch-norm after each conv (default: on for dual, off for paper)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="dropout between the two convs of a block (default: 0 for dual, "
+                        "0.1 for paper, as the authors' U-Nets)")
     p.add_argument("--distance-norm", choices=["per_nucleus", "per_image"], default="per_nucleus")
     p.add_argument("--downsample", type=int, default=1,
                    help="train at 1/N resolution (2 = 20x / 0.5 um/px from 40x data)")
@@ -76,8 +79,8 @@ def _run_train(args: argparse.Namespace) -> int:
         raise UsageError("--data is required unless --resume is given")
     if not 0.0 <= args.distill <= 1.0:
         raise UsageError(f"--distill must be in [0, 1], not {args.distill}")
-    net_cfg = NetConfig(arch=args.arch, widths=tuple(int(w) for w in args.widths.split(",")),
-                        batchnorm=args.batchnorm, dropout=args.dropout)
+    net_cfg = NetConfig.for_arch(args.arch, tuple(int(w) for w in args.widths.split(",")),
+                                 batchnorm=args.batchnorm, dropout=args.dropout)
     cfg = TrainConfig(patch_size=args.patch_size, batch_size=args.batch_size, lr=args.lr,
                       seed=args.seed, val_every=args.val_every, downsample=args.downsample,
                       checkpoint_every=args.checkpoint_every, threads=args.threads,

@@ -207,3 +207,25 @@ def test_distillation_pulls_the_student_to_the_teacher(tmp_path: Path, make_anno
                            watershed=WatershedParams(), targets=TargetConfig())
     with pytest.raises(ValueError, match="um/px"):
         train(data, tmp_path / "bad", net, TargetConfig(), replace(CFG, teacher=str(far), distill=0.5))
+
+
+@pytest.mark.parametrize(("argv", "batchnorm", "dropout"), [
+    (["--arch", "paper"], False, 0.1),                      # the authors' U-Nets
+    (["--arch", "dual"], True, 0.0),                        # as shipped
+    (["--arch", "paper", "--batchnorm", "--dropout", "0"], True, 0.0),  # explicit wins
+])
+def test_train_command_defaults_follow_the_architecture(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, argv: list[str], batchnorm: bool,
+        dropout: float) -> None:
+    import models.train
+    from pipeline.cli import main
+
+    seen = {}
+
+    def fake_train(data, out, net_cfg, target_cfg, cfg, **kwargs):
+        seen["net"] = net_cfg
+        return tmp_path / "best.pt"
+
+    monkeypatch.setattr(models.train, "train", fake_train)
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), *argv]) == 0
+    assert (seen["net"].batchnorm, seen["net"].dropout) == (batchnorm, dropout)
