@@ -10,10 +10,10 @@ import argparse
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import atomic_write_text
 from pipeline.cliutil import formatter
 
 log = logging.getLogger("wsi_nuclei")
@@ -104,16 +104,7 @@ def format_table(result: dict[str, Any]) -> str:
 def write_json(data: Any, path: str | os.PathLike) -> Path:
     """Write JSON atomically (temp file in the same folder + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
     return path
 
 

@@ -141,3 +141,24 @@ def test_half_precision_storage_is_smaller_and_loads_as_float32(tmp_path: Path) 
     x = torch.rand(1, 3, 32, 32)
     a, b = outputs(net.eval(), x), outputs(loaded.net, x)
     assert torch.allclose(a[0], b[0], atol=1e-2) and torch.allclose(a[1], b[1], atol=1e-2)
+
+
+def test_saved_files_follow_the_umask_and_leave_no_temporaries(tmp_path: Path) -> None:
+    """Checkpoints and score JSON get the usual 0644 under umask 022 (mkstemp would give
+    0600, unreadable to the rest of a group sharing a models folder)."""
+    import os
+    import stat
+
+    from pipeline.commands_models import write_json
+
+    old = os.umask(0o022)
+    try:
+        model = save(tmp_path / "m.pt", tiny_net("dual"), mpp=0.25, watershed=WatershedParams(),
+                     targets=TargetConfig())
+        scores = write_json({"aji": 0.5}, tmp_path / "scores.json")
+    finally:
+        os.umask(old)
+    for path in (model, scores):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "scores.json"]
+    assert load(model).mpp == 0.25
