@@ -69,7 +69,6 @@ class NetConfig:
                    dropout=dropout_default if dropout is None else dropout)
 
 
-
 @dataclass(frozen=True)
 class TargetConfig:
     """How the regression target (distance map) is built from instance labels."""
