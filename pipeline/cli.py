@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pipeline import __version__
-from pipeline.cliutil import formatter
+from pipeline.cliutil import add_threads_argument, formatter
 from pipeline.commands_models import add_evaluate, add_tune
 from pipeline.commands_prune import add_prune, add_prune_sweep
 from pipeline.commands_run import add_demo, add_run
@@ -59,7 +59,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    add_threads_argument(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--init", default=None,
                    help="start from the weights of a model checkpoint (path or shipped name)")

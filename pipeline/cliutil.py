@@ -9,3 +9,17 @@ import argparse
 def formatter(prog: str) -> argparse.HelpFormatter:
     """Help text that keeps the examples in each epilog as written."""
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch CPU threads, the same meaning in every command."""
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's default: all cores)")
+
+
+def set_torch_threads(threads: int) -> None:
+    """Apply ``--threads`` (0 leaves torch's default)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import atomic_write_text
-from pipeline.cliutil import formatter
+from pipeline.cliutil import add_threads_argument, formatter, set_torch_threads
 
 log = logging.getLogger("wsi_nuclei")
 
@@ -28,7 +28,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="checkpoint path or shipped model name (dense, pruned80 ...)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    add_threads_argument(p)
 
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -68,12 +68,9 @@ def add_tune(sub: argparse._SubParsersAction) -> None:
 
 
 def _setup_torch(args: argparse.Namespace) -> Any:
-    import torch
-
     from models.inference import pick_device
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     return pick_device(args.device)
 
 

@@ -12,7 +12,7 @@ import argparse
 import logging
 from typing import Any
 
-from pipeline.cliutil import formatter
+from pipeline.cliutil import add_threads_argument, formatter, set_torch_threads
 
 log = logging.getLogger("wsi_nuclei")
 
@@ -73,7 +73,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill", type=float, default=0.0,
                    help="fine-tuning: weight of the dense model's outputs in the targets "
                         "(knowledge distillation; 0 = ground truth only)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    add_threads_argument(p)
 
 
 def add_prune(sub: argparse._SubParsersAction) -> None:
@@ -132,12 +132,9 @@ def add_prune_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    import torch
-
     from models import checkpoints
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     return checkpoints.load(args.model)
 
 
