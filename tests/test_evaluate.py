@@ -189,6 +189,21 @@ def test_cli_evaluate_writes_json(synthetic_folder: Path, tiny_checkpoint: Path,
     assert [p.name for p in out.parent.iterdir()] == ["eval.json"]  # no temp file left
 
 
+def test_cli_threads_sets_torch_threads(synthetic_folder: Path, tiny_checkpoint: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["--quiet", "evaluate", "--model", str(tiny_checkpoint), "--data",
+                     str(synthetic_folder), "--device", "cpu", "--images", "img0",
+                     "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["--quiet", "evaluate", "--model", str(tiny_checkpoint), "--data",
+                     str(synthetic_folder), "--device", "cpu", "--images", "img0"]) == 0
+        assert torch.get_num_threads() == 1  # 0 (the default) leaves torch's setting alone
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cli_errors_are_one_line(synthetic_folder: Path, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["evaluate", "--model", str(tmp_path / "missing.pt"), "--data",
