@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 
 from models.config import NetConfig, TargetConfig, WatershedParams, from_dict
 from models.network import NucleusNet
+from pipeline.atomic import atomic_path
 
 FORMAT = "wsi-nuclei/1"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -135,18 +135,12 @@ def save(path: str | os.PathLike, net: NucleusNet, *, mpp: float,
 
 
 def atomic_torch_save(payload: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a hidden name in the same folder, then rename: a crash never
-    leaves a half-written checkpoint. The file gets the usual permissions (umask), not
-    ``mkstemp``'s owner-only 0600, so a group sharing a models folder can read it."""
+    """``torch.save`` through :func:`pipeline.atomic.atomic_path` (the project's one atomic
+    write: hidden name in the same folder, then rename; usual permissions), so a crash never
+    leaves a half-written checkpoint."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
