@@ -28,8 +28,8 @@ class NetConfig:
 
     arch: Architecture = "paper"
     widths: tuple[int, ...] = (16, 32, 64, 128, 256)
-    batchnorm: bool = False
-    dropout: float = 0.1
+    batchnorm: bool = ARCH_DEFAULTS["paper"][0]
+    dropout: float = ARCH_DEFAULTS["paper"][1]
     in_channels: int = 3
     # Per-conv channel counts after structured pruning; None = derived from ``widths``.
     semantic_channels: tuple[int, ...] | None = None
@@ -58,7 +58,7 @@ class NetConfig:
         return radius
 
     @classmethod
-    def for_arch(cls, arch: Architecture, widths: tuple[int, ...] = (16, 32, 64, 128, 256),
+    def for_arch(cls, arch: Architecture, widths: tuple[int, ...],
                  batchnorm: bool | None = None, dropout: float | None = None) -> NetConfig:
         """A config with the defaults that serve each architecture, unless overridden:
         ``paper`` as the authors built it (no batch-norm, dropout 0.1 between the two convs
