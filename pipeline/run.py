@@ -174,6 +174,11 @@ class TileSummary:
     truncated: int
     seconds: float
     cached: bool
+    # worker-seconds per phase (read, network, watershed, save); zeros for cached tiles
+    phases: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+
+
+PHASES = ("read", "network", "watershed", "save")
 
 
 def tile_file(work_dir: str | Path, index: int) -> Path:
@@ -197,7 +202,10 @@ def infer_tiles(job: TileJob) -> list[TileSummary]:
     t0 = time.perf_counter()
     with open_slide(job.path, mpp_override=job.mpp_override) as reader:
         windows = np.stack([read_region(reader, job.plan, t.window) for t in todo])
+        t_read = time.perf_counter()
         probs, dists = predict_batch(net, windows)
+        t_net = time.perf_counter()
+        shared = ((t_read - t0) / len(todo), (t_net - t_read) / len(todo))
 
         def predict_window(box: Box) -> tuple[np.ndarray, np.ndarray]:
             p, d = predict_batch(net, read_region(reader, job.plan, box)[None])
@@ -208,12 +216,15 @@ def infer_tiles(job: TileJob) -> list[TileSummary]:
                                       max(windows.shape[1:3]), image)
 
         for tile, prob, dist in zip(todo, probs, dists):
+            t_seg = time.perf_counter()
             result = segment_tile(tile.core, tile.window, prob, dist, image, params,
                                   job.margin, job.multiple, predict)
-            seconds = (time.perf_counter() - t0) / len(todo)
+            t_save = time.perf_counter()
+            seconds = (t_save - t0) / len(todo)
             _save_tile(job, tile, result, seconds)
+            phases = (*shared, t_save - t_seg, time.perf_counter() - t_save)
             out.append(TileSummary(tile.index, result.count, result.extent, result.recomputed,
-                                   result.truncated, seconds, False))
+                                   result.truncated, seconds, False, phases))
     return sorted(out, key=lambda s: s.index)
 
 
@@ -444,6 +455,8 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
             "clusters_truncated": sum(s.truncated for s in tiles),
             "label_blocks": n_blocks, "label_blocks_from_cache": skipped_blocks,
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            "tile_phases_s": {name: round(sum(s.phases[k] for s in tiles), 3)
+                              for k, name in enumerate(PHASES)},
             "seconds": round(time.time() - started, 3), "versions": _versions(),
             "outputs": final["outputs"], "origin_shift_xy": list(plan.info.bounds_xy),
         })

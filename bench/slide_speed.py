@@ -1,0 +1,212 @@
+"""Whole-slide speed in seconds per mm² of tissue, split by phase, with slide-level AJI.
+
+Why: the number a user feels is how long a slide takes, not the network's Mpx/s. A 3x
+faster network gives a much smaller slide speed-up when half of the slide's time is spent
+around the network (reading, halo pixels, watershed, polygons, measurements, writing).
+This benchmark runs the real command (``wsi-nuclei run SLIDE --model M``, a fresh process
+per run, default cluster layout unless ``--cluster none``) on MoNuSeg-test mosaics that it
+builds itself: the 14 test tiles laid at irregular offsets on glass, written as pyramidal
+JPEG TIFFs at 40x (0.25 µm/px) and, box-downsampled, at 20x (0.5 µm/px). Truth is known, so
+every run also gets a slide-level AJI (mean over the placed tiles, scored at 40x).
+
+Seconds are the slide's own ``seconds`` from its ``summary.json`` (cluster start-up and
+imports excluded; the process wall time is reported beside it). Tissue area is the area of
+the placed tiles (0.875 mm² for the 14 MoNuSeg tiles), so every model is divided by the
+same figure. Phases: ``read``, ``network``, ``watershed`` (incl. re-predicting grown
+clusters), ``save`` (polygons, measurements, tile file) are worker-seconds summed over
+tiles (``summary.json`` ``tile_phases_s``); ``labels`` and ``outputs`` (pyramid, table,
+GeoJSON, preview) are wall seconds of the later phases.
+
+    python -m bench.slide_speed                                  # 20x + 40x, every shipped model
+    python -m bench.slide_speed --models pruned80.pt --mags 40 --cluster none
+    python -m bench.slide_speed --quick                          # synthetic tiles, tiny model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from bench.common import (
+    REPO,
+    default_json,
+    headline,
+    quiet_logs,
+    run_info,
+    scratch,
+    tiny_checkpoint,
+    weight_files,
+    write_json,
+)
+
+NAME = "slide_speed"
+TRUTH_MPP = 0.25  # MoNuSeg (and the mosaic's 40x level 0)
+PHASES = ("read", "network", "watershed", "save")
+ANCHORS_S_PER_MM2 = {"StarDist/QuPath TF, 4-core CPU": 2.4, "StarDist/QuPath OpenVINO INT8, 4-core CPU": 1.25,
+                     "HoVer-NeXt, GPU": 1.8}
+
+
+def default_data() -> Path:
+    from bench.accuracy_speed import default_data as monuseg_test
+
+    return monuseg_test()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{NAME}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=None,
+                        help="checkpoints (default: every models/weights/*.pt; --quick: a tiny model)")
+    parser.add_argument("--mags", nargs="*", type=int, default=[20, 40], choices=[20, 40],
+                        help="mosaic magnifications (40: 0.25 µm/px, 20: 0.5 µm/px)")
+    parser.add_argument("--data", type=Path, default=None, help="annotated folder (MoNuSeg test)")
+    parser.add_argument("--cluster", choices=["local", "none"], default="local",
+                        help="cluster layout of the runs (local = the default of wsi-nuclei run)")
+    parser.add_argument("--run-args", default="", help="extra arguments for every wsi-nuclei run")
+    parser.add_argument("--seed", type=int, default=5, help="mosaic layout seed")
+    parser.add_argument("--keep", default=None, help="keep slides and outputs in this folder")
+    parser.add_argument("--quick", action="store_true", help="synthetic tiles, tiny model (~1 min)")
+    parser.add_argument("--json", type=Path, default=None)
+    return parser.parse_args(argv)
+
+
+def quick_folder(root: Path) -> Path:
+    """Four synthetic 512² annotated tiles in the MoNuSeg layout (quick mode needs no data)."""
+    import tifffile
+    from PIL import Image
+
+    from pipeline.synthetic import synthetic_he
+
+    for sub in ("images", "labels"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for k in range(4):
+        rgb, labels = synthetic_he(512, 512, seed=100 + k)
+        Image.fromarray(rgb).save(root / "images" / f"syn{k}.png")
+        tifffile.imwrite(root / "labels" / f"syn{k}.tif", labels)
+    return root
+
+
+def build_mosaics(folder: Path, work: Path, mags: list[int], seed: int,
+                  quick: bool) -> tuple[dict[int, Path], np.ndarray, list[tuple[str, int, int, int, int]]]:
+    """Pyramidal JPEG TIFFs of the mosaic at each magnification, the 40x truth and the
+    placements (name, y, x, height, width)."""
+    import tifffile
+
+    from models.data import downsample_image
+    from pipeline.pyramid_tiff import write_pyramidal_tiff
+    from pipeline.synthetic import monuseg_mosaic
+
+    canvas = (1400, 1400) if quick else (4600, 4600)
+    rgb, truth, placements = monuseg_mosaic(folder, seed=seed, canvas=canvas)
+    sized = []
+    for name, y, x in placements:
+        h, w = tifffile.imread(folder / "labels" / f"{name}.tif").shape
+        sized.append((name, y, x, h, w))
+    slides = {}
+    for mag in mags:
+        factor = 40 // mag
+        slides[mag] = write_pyramidal_tiff(work / f"mosaic-{mag}x.tif", downsample_image(rgb, factor),
+                                           mpp=TRUTH_MPP * factor, compression="jpeg", quality=90)
+    return slides, truth, sized
+
+
+def slide_aji(out_dir: Path, factor: int, truth: np.ndarray,
+              placements: list[tuple[str, int, int, int, int]]) -> float:
+    """Mean AJI over the placed tiles, the slide's labels brought to the 40x truth grid."""
+    import zarr
+
+    from models.evaluate import upsample_labels
+    from models.metrics import aji
+
+    labels = zarr.open_group(str(out_dir / "nuclei.zarr"), mode="r")["labels/nuclei/s0"][...]
+    labels = upsample_labels(labels, factor, truth.shape)
+    scores = [aji(truth[y:y + h, x:x + w].astype(np.int64), labels[y:y + h, x:x + w].astype(np.int64))
+              for _, y, x, h, w in placements]
+    return float(np.mean(scores))
+
+
+def run_one(slide: Path, model: str, out: Path, cluster: str, extra: list[str]) -> dict[str, Any]:
+    """``wsi-nuclei run`` in a fresh process; returns its summary.json and the wall time."""
+    cmd = [sys.executable, "-m", "pipeline.cli", "--quiet", "run", str(slide), "--model", model,
+           "--out", str(out), "--cluster", cluster, *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    summaries = list(out.glob("*/summary.json"))
+    if proc.returncode != 0 or len(summaries) != 1:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr[-2000:]}")
+    summary = json.loads(summaries[0].read_text())
+    summary["wall_s"] = wall
+    summary["out_dir"] = str(summaries[0].parent)
+    return summary
+
+
+def row_for(summary: dict[str, Any], tissue_mm2: float, aji_value: float) -> dict[str, Any]:
+    seconds = float(summary["seconds"])
+    phases = summary.get("tile_phases_s", {})
+    timings = summary.get("timings_s", {})
+    split = {name: float(phases.get(name, 0.0)) for name in PHASES}
+    split["labels"] = float(timings.get("labels_s", 0.0))
+    split["outputs"] = float(timings.get("outputs_s", 0.0))
+    return {"seconds": seconds, "wall_s": round(summary["wall_s"], 2), "s_per_mm2": seconds / tissue_mm2,
+            "phase_s_per_mm2": {k: v / tissue_mm2 for k, v in split.items()},
+            "nuclei": int(summary["nuclei"]), "slide_aji": aji_value, "tiles": summary["tiles_processed"],
+            "level_read": summary["level_read"], "scale": summary["scale"],
+            "model_mpp": summary["model_mpp"], "tissue_mask_mm2": (summary.get("tissue_area_um2") or 0) / 1e6}
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    cols = ["slide", "model", "s/mm2", *PHASES, "labels", "outputs", "nuclei", "AJI"]
+    print("  ".join(f"{c:>12}" for c in cols))
+    for r in rows:
+        p = r["phase_s_per_mm2"]
+        vals = [f"{r['mag']}x", r["model"], f"{r['s_per_mm2']:.2f}", *(f"{p[k]:.2f}" for k in PHASES),
+                f"{p['labels']:.2f}", f"{p['outputs']:.2f}", str(r["nuclei"]), f"{r['slide_aji']:.3f}"]
+        print("  ".join(f"{v:>12}" for v in vals))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    quiet_logs()
+    with scratch("bench-slide-speed-", args.keep) as work:
+        if args.quick:
+            folder = quick_folder(work / "tiles")
+            models = args.models or [str(tiny_checkpoint(work, mpp=0.5))]
+        else:
+            folder = args.data or default_data()
+            if not (folder / "images").is_dir():
+                raise SystemExit(f"no MoNuSeg test folder at {folder} (use --data or --quick)")
+            models = args.models or [str(p) for p in weight_files()]
+        slides, truth, placements = build_mosaics(folder, work, args.mags, args.seed, args.quick)
+        tissue_mm2 = sum(h * w for _, _, _, h, w in placements) * TRUTH_MPP ** 2 / 1e6
+        rows = []
+        bar = tqdm(total=len(slides) * len(models), desc=NAME, unit="run", file=sys.stderr)
+        for mag, slide in slides.items():
+            for model in models:
+                out = work / f"out-{mag}x-{Path(model).stem}"
+                summary = run_one(slide, model, out, args.cluster, args.run_args.split())
+                score = slide_aji(Path(summary["out_dir"]), 40 // mag, truth, placements)
+                rows.append({"mag": mag, "model": Path(model).name, **row_for(summary, tissue_mm2, score)})
+                bar.update()
+        bar.close()
+    print_table(rows)
+    best = min(rows, key=lambda r: r["s_per_mm2"])
+    result = {**run_info(NAME, argv, 0), "cluster": args.cluster, "tissue_mm2": tissue_mm2,
+              "tiles_placed": len(placements), "anchors_s_per_mm2": ANCHORS_S_PER_MM2, "runs": rows}
+    result["headline"] = headline(
+        f"fastest {best['model']} on the {best['mag']}x mosaic: {best['s_per_mm2']:.2f} s/mm² of tissue "
+        f"(slide AJI {best['slide_aji']:.3f}, cluster {args.cluster})")
+    write_json(args.json or default_json(NAME, args.quick), result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
