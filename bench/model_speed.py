@@ -10,12 +10,12 @@ What it answers: does pruning make the network faster? Unstructured (layer-wise 
 network-wide) 80 % copies of the reference are measured next to the structured model to
 show that zeros in dense kernels save nothing, while fewer channels do.
 
-Runtimes: ``eager`` (what the pipeline runs: channels-last tensors, oneDNN's NHWC
-convolutions), ``eager-nchw`` (the same in PyTorch's default layout, for comparison) and
-``torchscript`` (channels-last, traced, frozen and ``optimize_for_inference``: batch-norm
-folded into the convolutions). Each runtime's
-output is compared with eager's (``max_abs_diff``) so a faster runtime cannot silently
-compute something else.
+Runtimes: ``eager`` (what the pipeline runs: BatchNorm folded into the convolutions,
+channels-last tensors, oneDNN's NHWC convolutions), ``eager-bn`` (the same with BatchNorm
+as separate layers, i.e. before folding), ``eager-nchw`` (unfolded, PyTorch's default
+layout) and ``torchscript`` (channels-last, traced, frozen and ``optimize_for_inference``).
+Each runtime's output is compared with eager's (``max_abs_diff``) so a faster runtime
+cannot silently compute something else.
 
 Fairness on a noisy machine: repeats are interleaved (one timed forward of every variant
 per round) and the median round is used, so a burst of load hits all variants alike.
@@ -38,11 +38,12 @@ from tqdm import tqdm
 from bench.common import default_json, headline, quiet_logs, run_info, set_threads, write_json
 from models import checkpoints
 from models.config import NetConfig, WatershedParams
+from models.inference import fold_batchnorm
 from models.network import NucleusNet, count_parameters
 from models.watershed import postprocess
 
 NAME = "model_speed"
-RUNTIMES = ("eager", "eager-nchw", "torchscript")
+RUNTIMES = ("eager", "eager-bn", "eager-nchw", "torchscript")
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -114,8 +115,11 @@ def _compile(net: NucleusNet, runtime: str, x: torch.Tensor) -> Forward:
         plain = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
         return lambda t: plain(t.contiguous())
     last = copy.deepcopy(net).to(memory_format=nhwc)
-    if runtime == "eager":
+    if runtime == "eager-bn":
         return lambda t: last(t.contiguous(memory_format=nhwc))
+    if runtime == "eager":
+        folded = fold_batchnorm(net).to(memory_format=nhwc)
+        return lambda t: folded(t.contiguous(memory_format=nhwc))
     if runtime == "torchscript":
         with torch.inference_mode(False), torch.no_grad():
             traced = torch.jit.trace(last, x.contiguous(memory_format=nhwc), check_trace=False)

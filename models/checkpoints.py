@@ -152,8 +152,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load(name: str | os.PathLike, device: str | torch.device = "cpu") -> ModelBundle:
-    """Load a checkpoint by path or shipped name; :class:`CheckpointError` if unusable."""
+def load(name: str | os.PathLike, device: str | torch.device = "cpu", *,
+         fold_bn: bool = False) -> ModelBundle:
+    """Load a checkpoint by path or shipped name; :class:`CheckpointError` if unusable.
+
+    ``fold_bn``: the network as inference runs it (BatchNorm folded into the convs, see
+    :func:`models.inference.fold_batchnorm`): for segmenting, never for training or saving."""
     path = resolve(name)
     try:
         # TorchVersion: provenance of checkpoints written before it was stored as str
@@ -169,7 +173,12 @@ def load(name: str | os.PathLike, device: str | torch.device = "cpu") -> ModelBu
         net.load_state_dict(_unpack(payload["state_dict"]))
     except (KeyError, RuntimeError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: weights do not match the stored architecture ({exc})") from exc
-    net.to(device).eval()
+    net.eval()
+    if fold_bn:
+        from models.inference import fold_batchnorm
+
+        net = fold_batchnorm(net)
+    net.to(device)
     return ModelBundle(
         net=net,
         mpp=float(payload["mpp"]),

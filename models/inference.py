@@ -10,6 +10,8 @@ receptive field, so tiled results can equal whole-image results.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -21,6 +23,31 @@ def context_margin(config: NetConfig) -> int:
     """Receptive-field radius rounded up to the pooling grid."""
     m = config.size_multiple
     return -(-config.context_radius // m) * m
+
+
+def fold_batchnorm(net: NucleusNet) -> NucleusNet:
+    """An inference copy of ``net`` with every BatchNorm folded into the conv before it.
+
+    Why: in eval mode a BatchNorm is an affine map per channel, so it can live in the
+    conv's weights and bias; the CPU then skips one pass over every feature map (~19 % of
+    the pruned network's time in a profile). Outputs equal the unfolded network's to float
+    rounding (``docs/design.md``). ``net`` is untouched; the copy is for inference only
+    (no BatchNorm left to train or re-estimate).
+    """
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fused = copy.deepcopy(net).eval()
+    for module in fused.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.named_children())
+        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                folded = fuse_conv_bn_eval(conv, bn)
+                conv.weight, conv.bias = folded.weight, folded.bias
+                setattr(module, bn_name, nn.Identity())
+    return fused
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -629,7 +629,7 @@ class ModelPlugin(WorkerPlugin):
     def _load(self) -> None:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
-        self.bundle = load(self.model, pick_device(self.device))
+        self.bundle = load(self.model, pick_device(self.device), fold_bn=True)
         self.loads += 1
 
     async def setup(self, worker: Any) -> None:
@@ -665,7 +665,7 @@ _local_lock = threading.Lock()
 
 @functools.lru_cache(maxsize=4)
 def _load_in_process(path: str, device: str) -> ModelBundle:
-    return load(path, pick_device(device))
+    return load(path, pick_device(device), fold_bn=True)
 
 
 def get_worker_model(model: str | os.PathLike | None = None, device: str = "auto") -> ModelBundle:

@@ -162,3 +162,27 @@ def test_saved_files_follow_the_umask_and_leave_no_temporaries(tmp_path: Path) -
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "scores.json"]
     assert load(model).mpp == 0.25
+
+
+@pytest.mark.parametrize("arch", ["dual", "paper"])
+def test_folded_batchnorm_gives_the_same_outputs(tmp_path: Path, arch: str) -> None:
+    """Inference folds BatchNorm into the convs: no BN left, same outputs to float
+    rounding, the checkpoint's own network untouched."""
+    net = tiny_net(arch, seed=5, batchnorm=True)
+    net.train()
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.5, 0.5)
+        net(torch.rand(4, 3, 32, 32))
+    net.eval()
+    path = save(tmp_path / "bn.pt", net, mpp=0.5, watershed=WatershedParams(), targets=TargetConfig())
+    plain, folded = load(path), load(path, fold_bn=True)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.net.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.net.modules())
+    x = torch.rand(2, 3, 64, 64)
+    for a, b in zip(outputs(plain.net, x), outputs(folded.net, x)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+        assert not torch.equal(a, torch.zeros_like(a))
+    assert sum(p.numel() for p in folded.net.parameters()) < sum(p.numel() for p in plain.net.parameters())
