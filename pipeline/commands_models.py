@@ -37,13 +37,21 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         description="Segment every image of an annotated folder (images/*.png, labels/*.tif) "
                     "with the model and its stored watershed parameters, and report Dice, "
                     "AJI, PQ, detection F1 (native resolution) and the semantic Dice and "
-                    "regression MSE of the raw outputs (model resolution).",
+                    "regression MSE of the raw outputs (model resolution). Images at another "
+                    "resolution than the model's are resampled as 'wsi-nuclei run' resamples "
+                    "a slide, and instances are scored against the native labels.",
         epilog="examples:\n"
                "  wsi-nuclei evaluate --model dense.pt --data ../shared/data/monuseg/test\n"
                "  wsi-nuclei evaluate --model runs/dense/best.pt --data DIR --json scores.json\n"
-               "  wsi-nuclei evaluate --model pruned80 --data DIR --images NAME1,NAME2")
+               "  wsi-nuclei evaluate --model pruned80 --data DIR --images NAME1,NAME2\n"
+               "  wsi-nuclei evaluate --model dense.pt --data DIR20X --mpp 0.5   "
+               "# a 20x folder, a 40x model")
     _model_arguments(p)
     p.add_argument("--data", required=True, help="annotated folder with images/ and labels/")
+    p.add_argument("--mpp", type=float, default=None, metavar="X",
+                   help="µm per pixel of the folder's images (default: 0.25, MoNuSeg); they "
+                        "are resampled to the model's µm/px like a slide, e.g. up 2x for "
+                        "0.5 with a 0.25 model")
     p.add_argument("--json", metavar="OUT", help="also write all scores as JSON (atomic)")
     p.add_argument("--images", help="comma-separated image names (default: all)")
     p.set_defaults(func=_run_evaluate)
@@ -108,13 +116,17 @@ def write_json(data: Any, path: str | os.PathLike) -> Path:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from models import checkpoints
     from models.evaluate import evaluate_folder
+    from models.train import MONUSEG_MPP
 
     device = _setup_torch(args)
-    bundle = checkpoints.load(args.model, device=device)
+    bundle = checkpoints.load(args.model, device=device, fold_bn=True)
     names = [n.strip() for n in args.images.split(",") if n.strip()] if args.images else None
-    result = evaluate_folder(bundle, args.data, names=names, progress=not args.quiet)
+    data_mpp = MONUSEG_MPP if args.mpp is None else args.mpp
+    result = evaluate_folder(bundle, args.data, names=names, progress=not args.quiet,
+                             data_mpp=data_mpp)
     print(format_table(result))
-    print(f"model {bundle.path} (sha256 {bundle.sha256[:12]}), watershed {result['watershed']}")
+    print(f"model {bundle.path} (sha256 {bundle.sha256[:12]}, {bundle.mpp} µm/px) on data at "
+          f"{data_mpp} µm/px, watershed {result['watershed']}")
     if args.json:
         log.info("wrote %s", write_json(result, args.json))
     return 0

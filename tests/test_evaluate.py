@@ -11,21 +11,30 @@ import pytest
 import tifffile
 import torch
 from conftest import save_tiny_checkpoint
+from PIL import Image
+from scipy import ndimage as ndi
 
-from models.checkpoints import CheckpointError, load
+import models.evaluate
+from models.checkpoints import CheckpointError, ModelBundle, load
 from models.config import WatershedParams
-from models.data import downsample_labels
+from models.data import downsample_image, downsample_labels, list_pairs, load_sample
 from models.evaluate import (
     Prediction,
     evaluate_folder,
+    native_index,
     predict_folder,
     resolution_factor,
     score_predictions,
+    segment,
     upsample_labels,
 )
+from models.inference import predict_image
 from models.targets import distance_map
 from models.tune import default_grid, retune_checkpoint, tune_watershed
 from pipeline.cli import main
+from pipeline.run import block_rows
+from pipeline.slide import MemorySlide, plan_read, read_region
+from pipeline.types import Box
 
 TOP_KEYS = {"dice", "aji", "pq", "f1", "semantic_dice", "regression_mse", "n_images",
             "per_image", "model", "watershed"}
@@ -46,6 +55,39 @@ def perfect_predictions(folder: Path, factor: int = 1) -> list[Prediction]:
     return out
 
 
+def halve_folder(src: Path, dst: Path) -> Path:
+    """The annotated folder ``src`` as a 20x scan would give it: images box-downsampled 2x,
+    labels sampled at the centres (nearest)."""
+    (dst / "images").mkdir(parents=True)
+    (dst / "labels").mkdir(parents=True)
+    for image_path, label_path in list_pairs(src):
+        sample = load_sample(image_path, label_path)
+        Image.fromarray(downsample_image(sample.image, 2)).save(dst / "images" / image_path.name)
+        tifffile.imwrite(dst / "labels" / label_path.name, downsample_labels(sample.labels, 2))
+    return dst
+
+
+def spy_predict_image(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
+    """Record every image the network is given by ``predict_folder``."""
+    seen: list[np.ndarray] = []
+
+    def spy(net, image):
+        seen.append(image.copy())
+        return predict_image(net, image)
+
+    monkeypatch.setattr(models.evaluate, "predict_image", spy)
+    return seen
+
+
+def colour_network(net, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A "network" that finds the synthetic purple nuclei by colour in the image it is
+    given: its instances land where the native labels are only if the image and the label
+    mappings agree on the geometry."""
+    mask = image[..., 0] < 156  # nuclei red ~85, stroma ~228
+    labels, _ = ndi.label(mask)
+    return (mask * np.float32(0.9)).astype(np.float32), distance_map(labels)
+
+
 def test_resolution_factor() -> None:
     assert resolution_factor(0.25) == 1 and resolution_factor(0.5) == 2
     assert resolution_factor(0.5034, 0.2517) == 2
@@ -60,6 +102,113 @@ def test_upsample_labels() -> None:
     expected = np.array([[1, 1, 2], [1, 1, 2], [0, 0, 3], [0, 0, 3], [0, 0, 0]])
     np.testing.assert_array_equal(up, expected)
     np.testing.assert_array_equal(upsample_labels(small, 1, (2, 2)), small)
+
+
+def test_non_integer_factors_map_labels_like_the_pipeline() -> None:
+    model = np.arange(16).reshape(4, 4)
+    # 0.5: native pixel y is model pixel 2y + 1 (the pipeline's block_rows)
+    np.testing.assert_array_equal(upsample_labels(model, 0.5, (2, 2)), [[5, 7], [13, 15]])
+    # 1.5: floor((y + 0.5) / 1.5) = 0, 1, 1, 2, 2 (clipped to the model grid)
+    up = upsample_labels(np.arange(3)[None, :] * np.ones((3, 1), int), 1.5, (5, 5))
+    np.testing.assert_array_equal(up[0], [0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(up[0], block_rows(0, 5, 1.5, 3))
+    # targets go the other way: model pixel i is native pixel floor((i + 0.5) * scale)
+    np.testing.assert_array_equal(native_index(4, 0.5, 2), [0, 0, 1, 1])
+    np.testing.assert_array_equal(native_index(3, 1.5, 5), [0, 2, 3])
+    np.testing.assert_array_equal(native_index(3, 2.0, 5), [1, 3, 4])  # = downsample_labels
+    labels = np.arange(36).reshape(6, 6)
+    np.testing.assert_array_equal(labels[np.ix_(native_index(3, 2, 6), native_index(3, 2, 6))],
+                                  downsample_labels(labels, 2))
+
+
+def legacy_predictions(bundle: ModelBundle, folder: Path) -> list[Prediction]:
+    """What ``predict_folder`` computed before it learnt other data resolutions (0.25 um/px
+    data, integer factor only): the reference of the integer path."""
+    factor = round(bundle.mpp / 0.25)
+    out = []
+    for image_path, label_path in list_pairs(folder):
+        sample = load_sample(image_path, label_path)
+        image = downsample_image(sample.image, factor)
+        prob, dist = predict_image(bundle.net, image)
+        small = downsample_labels(sample.labels, factor)[: image.shape[0], : image.shape[1]]
+        inter = int(((small > 0) & (prob > 0.5)).sum())
+        total = int((small > 0).sum()) + int((prob > 0.5).sum())
+        sem = 1.0 if total == 0 else 2.0 * inter / total
+        mse = float(np.mean((dist.astype(np.float64)
+                             - distance_map(small, bundle.targets.distance_norm)) ** 2))
+        out.append(Prediction(sample.name, prob, dist, sample.labels, factor, bundle.mpp, sem, mse))
+    return out
+
+
+@pytest.mark.parametrize("model_mpp", [0.5, 0.25])
+def test_integer_factor_scores_are_unchanged(make_annotated_folder, tmp_path: Path,
+                                             model_mpp: float,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = make_annotated_folder(size=67, n_images=2)  # odd: the floor-sized grid is kept
+    bundle = load(save_tiny_checkpoint(tmp_path / "m.pt", mpp=model_mpp))
+    ws = WatershedParams(min_marker_size=1, min_size=3)
+    expected = score_predictions(legacy_predictions(bundle, folder), ws)
+    seen = spy_predict_image(monkeypatch)
+    for kwargs in ({}, {"data_mpp": 0.25}):
+        result = evaluate_folder(bundle, folder, watershed=ws, progress=False, **kwargs)
+        data = result.pop("data")
+        result.pop("model")
+        assert result == expected
+        assert data["mpp"] == 0.25 and data["factor"] == round(model_mpp / 0.25)
+        assert data["scale"] == model_mpp / 0.25
+    k = round(model_mpp / 0.25)
+    assert seen[0].shape == (67 // k, 67 // k, 3)
+
+
+@pytest.mark.parametrize(("data_mpp", "model_mpp", "model_shape"), [
+    (0.5, 0.25, (64, 64)),  # a 20x folder, a 40x model: up-sampled 2x
+    (0.2428, 0.25, (63, 63)),  # ceil(64 / 1.0297)
+    (0.2428, 0.5, (32, 32)),  # ceil(64 / 2.0593): not a box mean (drift 1.9 px)
+])
+def test_other_resolutions_are_read_like_a_slide(
+        make_annotated_folder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        data_mpp: float, model_mpp: float, model_shape: tuple[int, int]) -> None:
+    folder = make_annotated_folder(n_images=2)
+    if data_mpp == 0.5:
+        folder = halve_folder(folder, tmp_path / "20x")
+    bundle = load(save_tiny_checkpoint(tmp_path / "m.pt", mpp=model_mpp))
+    seen = spy_predict_image(monkeypatch)
+    predictions = predict_folder(bundle, folder, progress=False, data_mpp=data_mpp)
+    assert len(seen) == len(predictions) == 2
+    for image, pred, (image_path, _) in zip(seen, predictions, list_pairs(folder)):
+        native = np.asarray(Image.open(image_path).convert("RGB"))
+        slide = MemorySlide(native, data_mpp)
+        plan = plan_read(slide.info, model_mpp)
+        assert plan.shape == model_shape and image.shape == (*model_shape, 3)
+        np.testing.assert_array_equal(image, read_region(slide, plan, Box(0, 0, *plan.shape)))
+        assert pred.prob.shape == pred.dist.shape == model_shape
+        assert pred.truth.shape == native.shape[:2]
+        assert pred.factor == pytest.approx(model_mpp / data_mpp)
+        assert segment(pred, bundle.watershed).shape == native.shape[:2]
+    result = evaluate_folder(bundle, folder, progress=False, data_mpp=data_mpp)
+    assert result["data"]["mpp"] == data_mpp and result["data"]["factor"] is None
+    assert result["data"]["scale"] == pytest.approx(model_mpp / data_mpp)
+    assert all(0.0 <= result[k] <= 1.0 for k in ("dice", "aji", "pq", "f1", "semantic_dice"))
+    json.dumps(result)
+
+
+@pytest.mark.parametrize(("data_mpp", "model_mpp"), [(0.5, 0.25), (0.25, 0.25), (0.25, 0.5),
+                                                     (0.2428, 0.25), (0.2428, 0.5)])
+def test_a_network_that_sees_nuclei_scores_well_at_any_resolution(
+        make_annotated_folder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        data_mpp: float, model_mpp: float) -> None:
+    """Images, instances and targets stay aligned. Correct mappings give Dice and semantic
+    Dice >= 0.89 here; shifting the targets by one native pixel or the instances by one
+    model pixel gives <= 0.83 in every non-integer case (tried by hand)."""
+    folder = make_annotated_folder(n_images=2, size=96, nuclei=14, touching=0.0)
+    if data_mpp == 0.5:
+        folder = halve_folder(folder, tmp_path / "20x")
+    bundle = load(save_tiny_checkpoint(tmp_path / "m.pt", mpp=model_mpp))
+    monkeypatch.setattr(models.evaluate, "predict_image", colour_network)
+    result = evaluate_folder(bundle, folder, progress=False, data_mpp=data_mpp,
+                             watershed=WatershedParams(min_marker_size=1, min_size=2))
+    assert result["dice"] > 0.85 and result["semantic_dice"] > 0.85, result
+    assert result["f1"] > 0.95 and result["aji"] > 0.75, result
 
 
 def test_perfect_predictions_score_one(make_annotated_folder) -> None:
@@ -95,7 +244,8 @@ def test_evaluate_folder_with_a_tiny_model(synthetic_folder: Path, tiny_checkpoi
     assert result["model"]["sha256"] == bundle.sha256
     assert result["model"]["path"] == str(tiny_checkpoint)
     assert result["watershed"] == bundle.watershed.to_dict()
-    assert result["data"]["factor"] == 2
+    assert result["data"] == {"folder": str(synthetic_folder.resolve()), "mpp": 0.25,
+                              "factor": 2, "scale": 2.0}
     for row in result["per_image"]:
         assert set(row) == ROW_KEYS
         truth = tifffile.imread(synthetic_folder / "labels" / f"{row['name']}.tif")
@@ -187,6 +337,33 @@ def test_cli_evaluate_writes_json(synthetic_folder: Path, tiny_checkpoint: Path,
     assert "img0" in printed and "img3" in printed and "mean" in printed
     assert "regression_mse" in printed.splitlines()[0]
     assert [p.name for p in out.parent.iterdir()] == ["eval.json"]  # no temp file left
+    assert result["data"]["mpp"] == 0.25 and result["data"]["scale"] == 2.0  # MoNuSeg default
+
+
+def test_cli_evaluate_mpp(synthetic_folder: Path, tiny_checkpoint: Path, tmp_path: Path,
+                          capsys: pytest.CaptureFixture[str],
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = models.evaluate.evaluate_folder
+    monkeypatch.setattr(models.evaluate, "evaluate_folder",
+                        lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    out = tmp_path / "eval.json"
+    assert main(["--quiet", "evaluate", "--model", str(tiny_checkpoint), "--data",
+                 str(synthetic_folder), "--json", str(out), "--device", "cpu",
+                 "--images", "img0", "--mpp", "0.3"]) == 0
+    assert calls[-1]["data_mpp"] == 0.3
+    data = json.loads(out.read_text())["data"]
+    assert data["mpp"] == 0.3 and data["scale"] == pytest.approx(0.5 / 0.3)
+    assert data["factor"] is None
+    assert "0.3 µm/px" in capsys.readouterr().out
+    assert main(["--quiet", "evaluate", "--model", str(tiny_checkpoint), "--data",
+                 str(synthetic_folder), "--device", "cpu", "--images", "img0"]) == 0
+    assert calls[-1]["data_mpp"] == 0.25
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(tiny_checkpoint), "--data", str(synthetic_folder),
+                 "--device", "cpu", "--mpp", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "positive" in err and len(err.splitlines()) == 1
 
 
 def test_cli_threads_sets_torch_threads(synthetic_folder: Path, tiny_checkpoint: Path) -> None:
