@@ -125,6 +125,7 @@ class PrepareJob:
 
 def prepare_slide(job: PrepareJob) -> SlidePlan:
     """Open the slide, choose the level, compute the tissue mask and the tile list."""
+    from models.inference import context_margin
     from pipeline.cluster import get_worker_model
     from pipeline.slide import open_slide, plan_read
     from pipeline.tiling import halo_for, plan_tiles
@@ -137,9 +138,8 @@ def prepare_slide(job: PrepareJob) -> SlidePlan:
         tissue = tissue_mask(reader) if job.tissue else full_mask(reader.info)
         info = reader.info
     halo = halo_for(cfg, job.cluster_margin)
-    tiles = plan_tiles(plan.shape, job.tile_size, halo, cfg.size_multiple)
+    tiles = plan_tiles(plan.shape, job.tile_size, halo, cfg.size_multiple, context_margin(cfg))
     kept = tuple(t for t in tiles if tissue.covers(level0_box(t.core, plan.scale)))
-    from models.inference import context_margin
 
     return SlidePlan(info, plan, kept, len(tiles), tissue, halo, context_margin(cfg),
                      cfg.size_multiple)
@@ -201,9 +201,9 @@ def infer_tiles(job: TileJob) -> list[TileSummary]:
     image = Box(0, 0, *job.plan.shape)
     t0 = time.perf_counter()
     with open_slide(job.path, mpp_override=job.mpp_override) as reader:
-        windows = np.stack([read_region(reader, job.plan, t.window) for t in todo])
+        windows = [read_region(reader, job.plan, t.window) for t in todo]
         t_read = time.perf_counter()
-        probs, dists = predict_batch(net, windows)
+        probs, dists = _predict_by_shape(net, windows)
         t_net = time.perf_counter()
         shared = ((t_read - t0) / len(todo), (t_net - t_read) / len(todo))
 
@@ -213,7 +213,7 @@ def infer_tiles(job: TileJob) -> list[TileSummary]:
 
         # grown cluster windows run in tile-sized pieces: worker memory stays bounded
         predict = subwindow_predictor(predict_window, job.margin, job.multiple,
-                                      max(windows.shape[1:3]), image)
+                                      max(max(w.shape[:2]) for w in windows), image)
 
         for tile, prob, dist in zip(todo, probs, dists):
             t_seg = time.perf_counter()
@@ -226,6 +226,23 @@ def infer_tiles(job: TileJob) -> list[TileSummary]:
             out.append(TileSummary(tile.index, result.count, result.extent, result.recomputed,
                                    result.truncated, seconds, False, phases))
     return sorted(out, key=lambda s: s.index)
+
+
+def _predict_by_shape(net: Any, windows: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Network outputs per window; windows of one shape go through one forward pass
+    (border tiles have smaller windows than interior ones)."""
+    from models.inference import predict_batch
+
+    probs: list[np.ndarray] = [np.empty(0)] * len(windows)
+    dists: list[np.ndarray] = [np.empty(0)] * len(windows)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, w in enumerate(windows):
+        groups.setdefault(w.shape, []).append(i)
+    for members in groups.values():
+        p, d = predict_batch(net, np.stack([windows[i] for i in members]))
+        for k, i in enumerate(members):
+            probs[i], dists[i] = p[k], d[k]
+    return probs, dists
 
 
 def _save_tile(job: TileJob, tile: Tile, result: Any, seconds: float) -> None:

@@ -37,12 +37,22 @@ def halo_for(net: NetConfig, cluster_margin: int = DEFAULT_CLUSTER_MARGIN) -> in
     return context_margin(net) + round_up(cluster_margin, net.size_multiple)
 
 
-def plan_tiles(shape: tuple[int, int], tile_size: int, halo: int, multiple: int) -> list[Tile]:
-    """Row-major grid of tiles over an image of ``shape`` (model pixels)."""
+def plan_tiles(shape: tuple[int, int], tile_size: int, halo: int, multiple: int,
+               edge_halo: int | None = None) -> list[Tile]:
+    """Row-major grid of tiles over an image of ``shape`` (model pixels).
+
+    Windows are the core grown by ``halo``, except where the core meets the image border:
+    there only ``edge_halo`` (the receptive-field margin; no nucleus lies beyond the
+    image) is added past the border, and the last row/column's window ends at the core's
+    end rounded up to ``multiple``. Why: at tile 1024 a full window on a 100-px wide last
+    column computes 14x the pixels it keeps. Every window still starts and ends on the
+    pooling grid, which is all that exact stitching needs.
+    """
     if tile_size <= 0 or tile_size % multiple:
         raise ConfigError(f"tile size {tile_size} must be a positive multiple of {multiple}")
-    if halo % multiple:
-        raise ConfigError(f"halo {halo} must be a multiple of {multiple}")
+    edge = halo if edge_halo is None else edge_halo
+    if halo % multiple or edge % multiple:
+        raise ConfigError(f"halo {halo} and edge halo {edge} must be multiples of {multiple}")
     height, width = shape
     tiles = []
     rows = -(-height // tile_size)
@@ -51,7 +61,9 @@ def plan_tiles(shape: tuple[int, int], tile_size: int, halo: int, multiple: int)
         for col in range(cols):
             y0, x0 = row * tile_size, col * tile_size
             core = Box(y0, x0, min(y0 + tile_size, height), min(x0 + tile_size, width))
-            window = Box(y0 - halo, x0 - halo, y0 + tile_size + halo, x0 + tile_size + halo)
+            window = Box(y0 - (edge if row == 0 else halo), x0 - (edge if col == 0 else halo),
+                         round_up(core.y1, multiple) + (edge if row == rows - 1 else halo),
+                         round_up(core.x1, multiple) + (edge if col == cols - 1 else halo))
             tiles.append(Tile(len(tiles), row, col, core, window))
     return tiles
 

@@ -72,7 +72,7 @@ def edge_garbage_predictor(prob: np.ndarray, dist: np.ndarray, margin: int, call
 
 
 def tiled(prob: np.ndarray, dist: np.ndarray, tile_size: int, halo: int,
-          margin: int, max_side: int | None = None) -> tuple[np.ndarray, int]:
+          margin: int, max_side: int | None = None, edge_halo: int | None = None) -> tuple[np.ndarray, int]:
     image = Box(0, 0, *prob.shape)
     calls: list[Box] = []
     predict = edge_garbage_predictor(prob, dist, margin, calls)
@@ -80,7 +80,7 @@ def tiled(prob: np.ndarray, dist: np.ndarray, tile_size: int, halo: int,
         predict = subwindow_predictor(predict, margin, MULTIPLE, max_side, image)
     out = np.zeros(prob.shape, dtype=np.int64)
     offset = recomputed = 0
-    for tile in plan_tiles(prob.shape, tile_size, halo, MULTIPLE):
+    for tile in plan_tiles(prob.shape, tile_size, halo, MULTIPLE, edge_halo):
         result = segment_tile(tile.core, tile.window, crop(prob, tile.window), crop(dist, tile.window),
                               image, PARAMS, margin, MULTIPLE, predict)
         recomputed += result.recomputed
@@ -146,4 +146,28 @@ def test_grown_clusters_in_pieces_still_equal_whole_image() -> None:
     whole = postprocess(prob, dist, PARAMS)
     out, recomputed = tiled(prob, dist, 64, 32, 16, max_side=96)
     assert recomputed > 0
+    assert_same_instances(out, whole)
+
+
+@pytest.mark.parametrize("tile_size,halo,margin", [(64, 32, 16), (160, 48, 16), (512, 64, 32)])
+def test_border_windows_trimmed_and_still_exact(tile_size: int, halo: int, margin: int) -> None:
+    """Past the image border a window needs only the receptive-field margin, and the last
+    row/column's window ends at its core (rounded to the grid): fewer pixels, same result."""
+    shape = (300, 470)
+    tiles = plan_tiles(shape, tile_size, halo, MULTIPLE, margin)
+    full = plan_tiles(shape, tile_size, halo, MULTIPLE)
+    assert sum(t.window.height * t.window.width for t in tiles) < sum(
+        t.window.height * t.window.width for t in full)
+    for t in tiles:
+        assert t.window.y0 % MULTIPLE == 0 and t.window.x0 % MULTIPLE == 0
+        assert t.window.height % MULTIPLE == 0 and t.window.width % MULTIPLE == 0
+        assert t.window.grow(-margin).contains(t.core.y0, t.core.x0)
+        assert t.window.y1 - margin >= t.core.y1 and t.window.x1 - margin >= t.core.x1
+        if t.core.y1 == shape[0]:
+            assert t.window.y1 == -(-shape[0] // MULTIPLE) * MULTIPLE + margin
+        if t.core.x0 == 0:
+            assert t.window.x0 == -margin
+    prob, dist = synthetic_maps(shape, seed=1)
+    whole = postprocess(prob, dist, PARAMS)
+    out, _ = tiled(prob, dist, tile_size, halo, margin, edge_halo=margin)
     assert_same_instances(out, whole)
