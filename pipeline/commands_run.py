@@ -24,7 +24,8 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="checkpoint path or shipped name (default: pruned80.pt if shipped, else dense.pt)")
+                   help="checkpoint path or shipped name (default: the first shipped of "
+                        "pruned20x.pt, pruned80.pt, dense.pt)")
     p.add_argument("--out", default="results", help="output folder (one sub-folder per slide)")
     p.add_argument("--tile-size", type=int, default=1024, help="tile core in model pixels (multiple of 16)")
     p.add_argument("--batch-size", type=int, default=1, help="tiles per forward pass")
@@ -63,7 +64,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
                     "real pipeline on it and scores the result (detection F1, AJI).",
         epilog="example:\n  wsi-nuclei demo --out demo-out")
     p.add_argument("--out", default="demo-out")
-    p.add_argument("--model", default=None, help="default: pruned80.pt if shipped, else dense.pt")
+    p.add_argument("--model", default=None, help="default: as for run")
     p.add_argument("--size", type=int, default=2560, help="slide side in pixels (0.25 µm/px)")
     p.add_argument("--cluster", choices=["local", "none"], default="local",
                    help="local Dask cluster (default) or none (one process)")

@@ -186,3 +186,12 @@ def test_folded_batchnorm_gives_the_same_outputs(tmp_path: Path, arch: str) -> N
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
         assert not torch.equal(a, torch.zeros_like(a))
     assert sum(p.numel() for p in folded.net.parameters()) < sum(p.numel() for p in plain.net.parameters())
+
+
+def test_default_model_is_the_first_shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pruned20x.pt when shipped, then pruned80.pt, then dense.pt."""
+    monkeypatch.setattr(checkpoints, "WEIGHTS_DIR", tmp_path)
+    assert checkpoints.default_model() == "dense.pt"
+    for name in ("dense.pt", "pruned80.pt", "pruned20x.pt"):
+        (tmp_path / name).write_bytes(b"")
+        assert checkpoints.default_model() == name
