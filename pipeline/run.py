@@ -14,7 +14,6 @@ loop) executes; tasks carry paths and coordinates, never pixels or weights:
 
 from __future__ import annotations
 
-import io
 import logging
 import shutil
 import time
@@ -163,6 +162,9 @@ class TileJob:
     margin: int
     multiple: int
     slide_mpp: float
+    # (bounds_x, bounds_y) subtracted from GeoJSON coordinates on the worker; finalize
+    # re-shifts (vectorised) tiles saved with another value than FinalJob.origin_shift
+    origin_shift: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -246,28 +248,26 @@ def _predict_by_shape(net: Any, windows: list[np.ndarray]) -> tuple[list[np.ndar
 
 
 def _save_tile(job: TileJob, tile: Tile, result: Any, seconds: float) -> None:
-    """Measurements and polygons are computed here, on the worker, so the single
-    writer of phase 3 only streams them."""
+    """Outlines, measurements and each nucleus's GeoJSON text (all of it but the id,
+    which needs the global nucleus number) are made here, on the worker, vectorised over
+    the tile, so the single writer of phase 3 only splices ids into text."""
     from pipeline.atomic import save_npz_atomic
-    from pipeline.writers.geojson import label_polygons
+    from pipeline.writers.geojson import feature_bodies, tile_polygons
     from pipeline.writers.table import instance_measurements
 
     scale = job.plan.scale
     offset = (result.extent.y0, result.extent.x0)
-    columns = instance_measurements(result.labels, result.prob, offset, scale, job.slide_mpp)
-    wkb = io.BytesIO()
-    lengths = []
-    for _, polygon in label_polygons(result.labels, offset, scale):
-        data = polygon.wkb
-        wkb.write(data)
-        lengths.append(len(data))
-    arrays = {f"col_{k}": np.asarray(v) for k, v in columns.items()}
+    shift = (float(job.origin_shift[0]), float(job.origin_shift[1]))
+    _, polygons = tile_polygons(result.labels, offset, scale, shift)
+    columns = instance_measurements(result.labels, result.prob, offset, scale, job.slide_mpp,
+                                    polygons=polygons)
+    values = {k: columns[k].to_numpy() for k in columns}
+    bodies = "\n".join(feature_bodies(polygons, values)).encode("ascii")
     save_npz_atomic(tile_file(job.work_dir, tile.index),
                     labels=result.labels, extent=np.array([*offset, result.extent.y1, result.extent.x1]),
                     stats=np.array([result.count, result.recomputed, result.truncated]),
-                    seconds=np.array(seconds),
-                    wkb=np.frombuffer(wkb.getvalue(), dtype=np.uint8),
-                    wkb_lengths=np.array(lengths, dtype=np.int64), **arrays)
+                    seconds=np.array(seconds), features=np.frombuffer(bodies, dtype=np.uint8),
+                    feature_shift=np.array(shift), **{f"col_{k}": v for k, v in values.items()})
 
 
 def _cached_summary(work_dir: str, tile: Tile) -> TileSummary:
@@ -336,7 +336,7 @@ class FinalJob:
 
 def finalize_slide(job: FinalJob) -> dict[str, Any]:
     """Phase 3, the single writer of the slide's shared outputs."""
-    from pipeline.writers.geojson import GeoJSONWriter, nucleus_feature
+    from pipeline.writers.geojson import GeoJSONWriter
     from pipeline.writers.labels import build_pyramid, finalize, write_tissue
     from pipeline.writers.table import write_table
 
@@ -352,13 +352,11 @@ def finalize_slide(job: FinalJob) -> dict[str, Any]:
             for index, offset in job.tiles:
                 with np.load(tile_file(job.work_dir, index)) as f:
                     cols = {k[4:]: f[k] for k in f.files if k.startswith("col_")}
-                    wkb = f["wkb"].tobytes()
-                    lengths = f["wkb_lengths"]
-                n = len(lengths)
-                if n == 0:
-                    continue
-                cols["id"] = cols["id"].astype(np.uint64) + np.uint64(offset)
-                _stream_features(writer, nucleus_feature, job, cols, wkb, lengths)
+                    n = len(cols["id"])
+                    if n == 0:
+                        continue
+                    cols["id"] = cols["id"].astype(np.uint64) + np.uint64(offset)
+                    _stream_features(writer, job, f, cols)
                 count += n
                 yield cols
 
@@ -371,19 +369,24 @@ def finalize_slide(job: FinalJob) -> dict[str, Any]:
                                          "table": str(out / "nuclei.parquet"), "preview": str(preview)}}
 
 
-def _stream_features(writer: Any, feature: Callable[..., dict], job: FinalJob,
-                     cols: dict[str, np.ndarray], wkb: bytes, lengths: np.ndarray) -> None:
+def _stream_features(writer: Any, job: FinalJob, tile: Any, cols: dict[str, np.ndarray]) -> None:
+    """Write one tile's features: its worker made each nucleus's text, here only the id
+    (uuid5 of the global nucleus number) is spliced in. Tiles saved with another origin
+    shift, or cached by a version that stored WKB outlines, are re-made vectorised."""
     import shapely
-    from shapely.affinity import translate
 
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    names = [k for k in cols if k != "id"]
-    for i, (start, length) in enumerate(zip(starts, lengths)):
-        polygon = shapely.from_wkb(wkb[start:start + length])
-        if job.origin_shift != (0, 0):
-            polygon = translate(polygon, -job.origin_shift[0], -job.origin_shift[1])
-        measurements = {name: float(cols[name][i]) for name in names}
-        writer.add(feature(job.slide_id, int(cols["id"][i]), polygon, measurements))
+    from pipeline.writers.geojson import feature_bodies, feature_texts, shift_bodies
+
+    if "features" in tile.files:
+        bodies = tile["features"].tobytes().decode("ascii").split("\n")
+        done = tuple(float(v) for v in tile["feature_shift"])
+    else:
+        wkb, lengths = tile["wkb"].tobytes(), tile["wkb_lengths"]
+        starts = np.cumsum(lengths) - lengths
+        polygons = shapely.from_wkb([wkb[a:a + b] for a, b in zip(starts, lengths)])
+        bodies, done = feature_bodies(polygons, cols), (0.0, 0.0)
+    bodies = shift_bodies(bodies, job.origin_shift[0] - done[0], job.origin_shift[1] - done[1])
+    writer.write_texts(feature_texts(job.slide_id, cols["id"].tolist(), bodies))
 
 
 def _write_preview(job: FinalJob, path: Path) -> None:

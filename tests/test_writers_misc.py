@@ -50,6 +50,32 @@ def test_square_measurements_in_level0_units() -> None:
     assert len(empty) == 0 and list(empty.columns) == list(COLUMNS)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_moments_match_skimage_regionprops(seed: int) -> None:
+    """Area, centroid, bbox, eccentricity and mean probability from one bincount pass
+    equal skimage's regionprops (random labels: many shapes, parts and holes)."""
+    from skimage.measure import regionprops_table
+
+    rng = np.random.default_rng(seed)
+    lab = rng.integers(0, 40, (70, 90)).astype(np.int32)
+    lab[rng.random(lab.shape) < 0.5] = 0
+    lab[10:30, 20:60] = 41  # a large elongated one
+    prob = rng.random(lab.shape)
+    s, (oy, ox) = 2.0, (10, 20)
+    t = instance_measurements(lab, prob, (oy, ox), s, 0.5)
+    p = regionprops_table(lab, prob, properties=("label", "area", "centroid", "bbox", "eccentricity",
+                                                 "intensity_mean"))
+    assert t["id"].tolist() == p["label"].tolist()
+    np.testing.assert_allclose(t["eccentricity"], p["eccentricity"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(t["mean_probability"], p["intensity_mean"], rtol=1e-12)
+    np.testing.assert_array_equal(t["area_px"], p["area"] * s * s)
+    np.testing.assert_allclose(t["centroid_y_px"], (p["centroid-0"] + oy + 0.5) * s - 0.5, rtol=1e-12)
+    np.testing.assert_allclose(t["centroid_x_px"], (p["centroid-1"] + ox + 0.5) * s - 0.5, rtol=1e-12)
+    for ours, theirs, off in (("bbox_y0", "bbox-0", oy), ("bbox_x0", "bbox-1", ox),
+                              ("bbox_y1", "bbox-2", oy), ("bbox_x1", "bbox-3", ox)):
+        np.testing.assert_array_equal(t[ours], (p[theirs] + off) * s)
+
+
 def _tiles(n_tiles: int, per_tile: int) -> list[pd.DataFrame]:
     frames = []
     for t in range(n_tiles):

@@ -5,15 +5,25 @@ Coordinates and units (level-0 pixels unless the column says µm):
 * ``centroid_{x,y}_px`` use the **array-index convention**: level-0 pixel (i, j) has its
   centre at (y=i, x=j), as in numpy, napari and our NGFF transforms (scale, no
   translation). Model pixel (r, c) covers level-0 ``[r*s, (r+1)*s)`` (``s`` = level-0 px
-  per model px), so a model-pixel centroid ``c`` (index convention, from regionprops) in a
-  crop at ``offset`` maps to ``(c + offset + 0.5) * s - 0.5``. QuPath's continuous
+  per model px), so a model-pixel centroid ``c`` (index convention, the mean pixel index)
+  in a crop at ``offset`` maps to ``(c + offset + 0.5) * s - 0.5``. QuPath's continuous
   coordinates (pixel i covers [i, i+1)) are these values + 0.5.
 * ``centroid_*_um = centroid_*_px * mpp`` (the NGFF physical coordinate).
-* ``area_px = model_area * s^2`` (= the area of the pixel-edge polygon in the GeoJSON),
-  ``perimeter_um = skimage_perimeter * s * mpp`` (skimage's 4-connected estimate).
+* ``area_px = model_area * s^2`` (the label's pixel count; the GeoJSON outline's area is
+  within a few % of it, see ``geojson.tile_polygons``).
+* ``perimeter_um`` and ``solidity`` come from the GeoJSON outline itself (the smoothed,
+  sub-pixel polygon in level-0 px): its length x mpp, and its area / its convex hull's
+  area. So the table and QuPath's view of a nucleus agree, and a perimeter does not
+  count staircase steps.
+* ``eccentricity`` is skimage's: from the second central moments of the pixels (the
+  ellipse with the same moments), scale-free.
 * ``bbox_*`` is the half-open level-0 pixel range covering the nucleus:
   ``floor(model_bbox_start * s)`` .. ``ceil(model_bbox_stop * s)``; exact when s is an integer.
 * Without an mpp every ``*_um*`` column is NaN.
+
+All of it is computed for the whole crop at once (``numpy.bincount`` over the
+foreground pixels, shapely's vectorised functions over the outlines): no Python loop per
+nucleus.
 
 The writer streams: rows are buffered only up to one row group, which goes both to a
 Parquet row group (``nuclei.parquet``, atomic) and to the 1-D Zarr arrays
@@ -34,8 +44,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import shapely
 import zarr
-from skimage.measure import regionprops_table
 
 from pipeline.atomic import atomic_path
 from pipeline.writers.labels import LabelStoreSpec
@@ -62,7 +72,6 @@ COLUMNS: dict[str, str] = {
     "bbox_x1": "int64",
     "bbox_y1": "int64",
 }
-_PROPS = ("label", "area", "centroid", "bbox", "perimeter", "eccentricity", "solidity", "intensity_mean")
 
 
 def empty_table(id_dtype: str = "uint32") -> pd.DataFrame:
@@ -80,12 +89,15 @@ def instance_measurements(
     *,
     id_offset: int = 0,
     id_dtype: str = "uint32",
+    polygons: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Measure every instance of a model-pixel label crop, in level-0 units.
 
     ``labels``: local ids (> 0) on a crop whose [0, 0] is model pixel ``offset_yx``;
     ``prob``: nucleus probability on the same crop; ``scale``: level-0 px per model px;
     ``id`` = local id + ``id_offset`` (the global label value painted in the store).
+    ``polygons``: the outlines from ``geojson.tile_polygons`` on the same crop (one per
+    label, ascending), when the caller has them already; traced here otherwise.
     """
     if labels.shape != prob.shape or labels.ndim != 2:
         raise ValueError(f"labels {labels.shape} and prob {prob.shape} must be equal 2-D shapes")
@@ -94,29 +106,72 @@ def instance_measurements(
     if labels.size == 0 or not labels.any():
         return empty_table(id_dtype)
     lab = labels if labels.dtype.kind in "iu" else labels.astype(np.int64)
-    p = regionprops_table(lab, np.asarray(prob, dtype=np.float64), properties=_PROPS)
+    if lab.dtype.kind == "i" and lab.min() < 0:
+        raise ValueError("label values must be >= 0")
+    flat = lab.ravel()
+    fg = np.flatnonzero(flat != 0)
+    value = flat[fg].astype(np.intp)
+    rows, cols = np.divmod(fg, lab.shape[1])
+    size = int(value.max()) + 1
+    count = np.bincount(value, minlength=size)
+    ids = np.flatnonzero(count)
+    n = count[ids].astype(np.float64)
+    # centroids, then second central moments about them (two passes: no cancellation)
+    cy_all = np.bincount(value, rows, size)
+    cx_all = np.bincount(value, cols, size)
+    cy_all[ids] /= n
+    cx_all[ids] /= n
+    dy = rows - cy_all[value]
+    dx = cols - cx_all[value]
+    mu_yy = np.bincount(value, dy * dy, size)[ids] / n
+    mu_xx = np.bincount(value, dx * dx, size)[ids] / n
+    mu_xy = np.bincount(value, dy * dx, size)[ids] / n
+    # eigenvalues of the inertia tensor [[xx, -xy], [-xy, yy]] (skimage's eccentricity)
+    half = (mu_yy + mu_xx) / 2
+    root = np.hypot((mu_yy - mu_xx) / 2, mu_xy)
+    l1 = half + root
+    l2 = np.clip(half - root, 0, None)
+    ecc = np.sqrt(1 - np.divide(l2, l1, out=np.ones_like(l1), where=l1 > 0))
+    mean_prob = np.bincount(value, np.asarray(prob, dtype=np.float64).ravel()[fg], size)[ids] / n
+    big = np.iinfo(np.int64).max
+    y0 = np.full(size, big)
+    x0 = np.full(size, big)
+    y1 = np.full(size, -1)
+    x1 = np.full(size, -1)
+    np.minimum.at(y0, value, rows)
+    np.minimum.at(x0, value, cols)
+    np.maximum.at(y1, value, rows)
+    np.maximum.at(x1, value, cols)
+    if polygons is None:
+        from pipeline.writers.geojson import tile_polygons
+
+        polygons = tile_polygons(lab, offset_yx, scale)[1]
+    if len(polygons) != len(ids):
+        raise ValueError(f"{len(polygons)} polygons for {len(ids)} labels")
+    poly_area = shapely.area(polygons)
+    hull_area = shapely.area(shapely.convex_hull(polygons))
     oy, ox = float(offset_yx[0]), float(offset_yx[1])
     s = float(scale)
-    cy = (p["centroid-0"] + oy + 0.5) * s - 0.5
-    cx = (p["centroid-1"] + ox + 0.5) * s - 0.5
+    cy = (cy_all[ids] + oy + 0.5) * s - 0.5
+    cx = (cx_all[ids] + ox + 0.5) * s - 0.5
     mpp = float(mpp_level0) if mpp_level0 is not None else np.nan
-    area = p["area"].astype(np.float64) * s * s
+    area = n * s * s
     out = {
-        "id": (p["label"].astype(np.int64) + int(id_offset)).astype(id_dtype),
+        "id": (ids.astype(np.int64) + int(id_offset)).astype(id_dtype),
         "centroid_x_px": cx,
         "centroid_y_px": cy,
         "centroid_x_um": cx * mpp,
         "centroid_y_um": cy * mpp,
         "area_px": area,
         "area_um2": area * mpp * mpp,
-        "perimeter_um": p["perimeter"] * s * mpp,
-        "eccentricity": p["eccentricity"],
-        "solidity": p["solidity"],
-        "mean_probability": p["intensity_mean"],
-        "bbox_x0": np.floor((p["bbox-1"] + ox) * s).astype(np.int64),
-        "bbox_y0": np.floor((p["bbox-0"] + oy) * s).astype(np.int64),
-        "bbox_x1": np.ceil((p["bbox-3"] + ox) * s).astype(np.int64),
-        "bbox_y1": np.ceil((p["bbox-2"] + oy) * s).astype(np.int64),
+        "perimeter_um": shapely.length(polygons) * mpp,
+        "eccentricity": ecc,
+        "solidity": np.divide(poly_area, hull_area, out=np.ones_like(poly_area), where=hull_area > 0),
+        "mean_probability": mean_prob,
+        "bbox_x0": np.floor((x0[ids] + ox) * s).astype(np.int64),
+        "bbox_y0": np.floor((y0[ids] + oy) * s).astype(np.int64),
+        "bbox_x1": np.ceil((x1[ids] + 1 + ox) * s).astype(np.int64),
+        "bbox_y1": np.ceil((y1[ids] + 1 + oy) * s).astype(np.int64),
     }
     return pd.DataFrame(out).astype({**COLUMNS, "id": id_dtype})
 
