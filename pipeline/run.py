@@ -252,17 +252,17 @@ def _save_tile(job: TileJob, tile: Tile, result: Any, seconds: float) -> None:
     which needs the global nucleus number) are made here, on the worker, vectorised over
     the tile, so the single writer of phase 3 only splices ids into text."""
     from pipeline.atomic import save_npz_atomic
-    from pipeline.writers.geojson import feature_bodies, tile_polygons
+    from pipeline.writers.geojson import feature_bodies, trace_tile
     from pipeline.writers.table import instance_measurements
 
     scale = job.plan.scale
     offset = (result.extent.y0, result.extent.x0)
     shift = (float(job.origin_shift[0]), float(job.origin_shift[1]))
-    _, polygons = tile_polygons(result.labels, offset, scale, shift)
+    outlines = trace_tile(result.labels, offset, scale, shift)
     columns = instance_measurements(result.labels, result.prob, offset, scale, job.slide_mpp,
-                                    polygons=polygons)
+                                    outlines=outlines)
     values = {k: columns[k].to_numpy() for k in columns}
-    bodies = "\n".join(feature_bodies(polygons, values)).encode("ascii")
+    bodies = "\n".join(feature_bodies(outlines.polygons, values)).encode("ascii")
     save_npz_atomic(tile_file(job.work_dir, tile.index),
                     labels=result.labels, extent=np.array([*offset, result.extent.y1, result.extent.x1]),
                     stats=np.array([result.count, result.recomputed, result.truncated]),

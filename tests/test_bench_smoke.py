@@ -106,3 +106,42 @@ def test_model_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         assert row["runtimes"]["torchscript"]["max_abs_diff_vs_eager"] < 1e-3, name
     pruned = [r for n, r in data["results"].items() if "80%" in n]
     assert all(r["nonzero_parameters"] < 0.3 * r["parameters"] for r in pruned)
+
+
+def test_runtime_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for module in ("onnx", "onnxruntime", "openvino"):  # the optional extras [onnx,openvino]
+        pytest.importorskip(module)
+    from bench.runtime_speed import RUNTIMES, main, missing_packages
+
+    _, text = _run(main, ["--quick", "--json", str(tmp_path / "r.json")], capsys)
+    assert text.startswith("fastest runtime within 1 % AJI of torch (2 images): tiny.pt ")
+    data = _json(tmp_path / "r.json", {"headline", "results", "runtimes", "skipped", "threads", "size",
+                                        "images", "int8", "versions", "command", "date"})
+    installed = [rt for rt in RUNTIMES if not missing_packages(rt)]  # int8 also needs nncf
+    assert data["runtimes"] == installed and set(data["skipped"]) == set(RUNTIMES) - set(installed)
+    (row,) = data["results"].values()
+    rows = row["runtimes"]
+    assert set(rows) == set(installed) and row["fastest_within_bar"] in rows
+    for rt in ("onnxruntime", "openvino"):  # FP32: the same network to float rounding
+        assert rows[rt]["max_abs_diff_prob"] < 1e-4 and rows[rt]["max_abs_diff_dist"] < 1e-4, rt
+        assert rows[rt]["aji"] == pytest.approx(rows["torch"]["aji"], abs=1e-3), rt
+    for rt, r in rows.items():
+        assert r["model_mpx_s"] > 0 and 0 <= r["aji"] <= 1 and "delta_aji_pct" in r, rt
+
+
+def test_postprocess_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.postprocess_speed import main
+
+    summary, text = _run(main, ["--quick", "--json", str(tmp_path / "p.json")], capsys)
+    data = _json(tmp_path / "p.json", {"headline", "results", "crops", "phases", "repeats", "command",
+                                        "date"})
+    assert data["headline"] == summary["headline"] == text
+    assert "ms/nucleus" in text and "B/nucleus" in text
+    for res in ("40x", "20x"):
+        row = data["results"][res]
+        assert row["nuclei"] > 0 and row["bytes_per_nucleus_new"] > 0
+        for clock in ("cpu", "wall"):
+            ms = row[f"ms_per_nucleus_{clock}"]
+            assert set(ms["old"]) == set(ms["new"]) == {*data["phases"], "total"}
+            assert row[f"speedup_{clock}"]["total"] > 0
+        assert row["outline_area_vs_label_area"]["mean_abs_rel_diff"] < 0.05

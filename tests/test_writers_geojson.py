@@ -231,11 +231,12 @@ def test_feature_text_equals_the_dict_api() -> None:
     assert _uuids("s", [0, 7, 2**40]) == [nucleus_uuid("s", i) for i in (0, 7, 2**40)]
 
 
-def test_shift_bodies_equals_shifting_on_the_worker() -> None:
+@pytest.mark.parametrize("scale", [1.0, 1.9771])
+def test_shift_bodies_equals_shifting_on_the_worker(scale: float) -> None:
     lab = synthetic_labels()
     cols = {"eccentricity": np.zeros(8)}
-    plain = feature_bodies(tile_polygons(lab, (3, 5), 1.9771)[1], cols)
-    shifted = feature_bodies(tile_polygons(lab, (3, 5), 1.9771, origin_shift=(100.0, 7.0))[1], cols)
+    plain = feature_bodies(tile_polygons(lab, (3, 5), scale)[1], cols)
+    shifted = feature_bodies(tile_polygons(lab, (3, 5), scale, origin_shift=(100.0, 7.0))[1], cols)
     assert shift_bodies(plain, 100.0, 7.0) == shifted
     assert shift_bodies(plain, 0.0, 0.0) == plain
 

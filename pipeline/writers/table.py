@@ -21,9 +21,11 @@ Coordinates and units (level-0 pixels unless the column says µm):
   ``floor(model_bbox_start * s)`` .. ``ceil(model_bbox_stop * s)``; exact when s is an integer.
 * Without an mpp every ``*_um*`` column is NaN.
 
-All of it is computed for the whole crop at once (``numpy.bincount`` over the
-foreground pixels, shapely's vectorised functions over the outlines): no Python loop per
-nucleus.
+All of it is computed for the whole crop at once, with no Python loop per nucleus: pixel
+count, centroid, second moments (eccentricity) and bbox from the traced pixel edges
+(``geojson.trace_tile``: Green's theorem, exact, equal to the sums over the pixels), the
+mean probability by one ``numpy.bincount`` over the foreground pixels, perimeter and
+solidity by shapely's vectorised functions over the outlines.
 
 The writer streams: rows are buffered only up to one row group, which goes both to a
 Parquet row group (``nuclei.parquet``, atomic) and to the 1-D Zarr arrays
@@ -48,6 +50,7 @@ import shapely
 import zarr
 
 from pipeline.atomic import atomic_path
+from pipeline.writers.geojson import TileOutlines, trace_tile
 from pipeline.writers.labels import LabelStoreSpec
 
 log = logging.getLogger(__name__)
@@ -89,73 +92,52 @@ def instance_measurements(
     *,
     id_offset: int = 0,
     id_dtype: str = "uint32",
-    polygons: np.ndarray | None = None,
+    outlines: TileOutlines | None = None,
 ) -> pd.DataFrame:
     """Measure every instance of a model-pixel label crop, in level-0 units.
 
     ``labels``: local ids (> 0) on a crop whose [0, 0] is model pixel ``offset_yx``;
     ``prob``: nucleus probability on the same crop; ``scale``: level-0 px per model px;
     ``id`` = local id + ``id_offset`` (the global label value painted in the store).
-    ``polygons``: the outlines from ``geojson.tile_polygons`` on the same crop (one per
-    label, ascending), when the caller has them already; traced here otherwise.
+    ``outlines``: ``geojson.trace_tile`` of the same crop, when the caller has it already
+    (it holds the outlines and the label moments); traced here otherwise.
     """
     if labels.shape != prob.shape or labels.ndim != 2:
         raise ValueError(f"labels {labels.shape} and prob {prob.shape} must be equal 2-D shapes")
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
-    if labels.size == 0 or not labels.any():
+    if outlines is None:
+        outlines = trace_tile(labels, offset_yx, scale)
+    ids = outlines.values
+    if len(ids) == 0:
         return empty_table(id_dtype)
-    lab = labels if labels.dtype.kind in "iu" else labels.astype(np.int64)
-    if lab.dtype.kind == "i" and lab.min() < 0:
-        raise ValueError("label values must be >= 0")
-    flat = lab.ravel()
+    # mean probability: the one pass over the pixels (everything else comes from the edges)
+    flat = labels.ravel()
     fg = np.flatnonzero(flat != 0)
     value = flat[fg].astype(np.intp)
-    rows, cols = np.divmod(fg, lab.shape[1])
-    size = int(value.max()) + 1
-    count = np.bincount(value, minlength=size)
-    ids = np.flatnonzero(count)
-    n = count[ids].astype(np.float64)
-    # centroids, then second central moments about them (two passes: no cancellation)
-    cy_all = np.bincount(value, rows, size)
-    cx_all = np.bincount(value, cols, size)
-    cy_all[ids] /= n
-    cx_all[ids] /= n
-    dy = rows - cy_all[value]
-    dx = cols - cx_all[value]
-    mu_yy = np.bincount(value, dy * dy, size)[ids] / n
-    mu_xx = np.bincount(value, dx * dx, size)[ids] / n
-    mu_xy = np.bincount(value, dy * dx, size)[ids] / n
-    # eigenvalues of the inertia tensor [[xx, -xy], [-xy, yy]] (skimage's eccentricity)
-    half = (mu_yy + mu_xx) / 2
-    root = np.hypot((mu_yy - mu_xx) / 2, mu_xy)
+    if ids[-1] > 4 * (len(ids) + len(fg)):  # sparse large ids: compact them first
+        value, ids_at = np.searchsorted(ids, value), np.arange(len(ids))
+    else:
+        ids_at = ids
+    weights = np.asarray(prob).ravel()[fg].astype(np.float64)
+    mean_prob = np.bincount(value, weights, int(ids_at[-1]) + 1)[ids_at] / outlines.pixels
+    # eigenvalues of the inertia tensor (skimage's eccentricity)
+    m_rr, m_cc, m_rc = outlines.moments.T
+    half = (m_rr + m_cc) / 2
+    root = np.hypot((m_rr - m_cc) / 2, m_rc)
     l1 = half + root
     l2 = np.clip(half - root, 0, None)
     ecc = np.sqrt(1 - np.divide(l2, l1, out=np.ones_like(l1), where=l1 > 0))
-    mean_prob = np.bincount(value, np.asarray(prob, dtype=np.float64).ravel()[fg], size)[ids] / n
-    big = np.iinfo(np.int64).max
-    y0 = np.full(size, big)
-    x0 = np.full(size, big)
-    y1 = np.full(size, -1)
-    x1 = np.full(size, -1)
-    np.minimum.at(y0, value, rows)
-    np.minimum.at(x0, value, cols)
-    np.maximum.at(y1, value, rows)
-    np.maximum.at(x1, value, cols)
-    if polygons is None:
-        from pipeline.writers.geojson import tile_polygons
-
-        polygons = tile_polygons(lab, offset_yx, scale)[1]
-    if len(polygons) != len(ids):
-        raise ValueError(f"{len(polygons)} polygons for {len(ids)} labels")
+    polygons = outlines.polygons
     poly_area = shapely.area(polygons)
     hull_area = shapely.area(shapely.convex_hull(polygons))
     oy, ox = float(offset_yx[0]), float(offset_yx[1])
     s = float(scale)
-    cy = (cy_all[ids] + oy + 0.5) * s - 0.5
-    cx = (cx_all[ids] + ox + 0.5) * s - 0.5
+    cy = (outlines.centroid[:, 0] + oy + 0.5) * s - 0.5
+    cx = (outlines.centroid[:, 1] + ox + 0.5) * s - 0.5
     mpp = float(mpp_level0) if mpp_level0 is not None else np.nan
-    area = n * s * s
+    area = outlines.pixels * s * s
+    y0, x0, y1, x1 = outlines.bbox.T
     out = {
         "id": (ids.astype(np.int64) + int(id_offset)).astype(id_dtype),
         "centroid_x_px": cx,
@@ -168,12 +150,12 @@ def instance_measurements(
         "eccentricity": ecc,
         "solidity": np.divide(poly_area, hull_area, out=np.ones_like(poly_area), where=hull_area > 0),
         "mean_probability": mean_prob,
-        "bbox_x0": np.floor((x0[ids] + ox) * s).astype(np.int64),
-        "bbox_y0": np.floor((y0[ids] + oy) * s).astype(np.int64),
-        "bbox_x1": np.ceil((x1[ids] + 1 + ox) * s).astype(np.int64),
-        "bbox_y1": np.ceil((y1[ids] + 1 + oy) * s).astype(np.int64),
+        "bbox_x0": np.floor((x0 + ox) * s).astype(np.int64),
+        "bbox_y0": np.floor((y0 + oy) * s).astype(np.int64),
+        "bbox_x1": np.ceil((x1 + ox) * s).astype(np.int64),
+        "bbox_y1": np.ceil((y1 + oy) * s).astype(np.int64),
     }
-    return pd.DataFrame(out).astype({**COLUMNS, "id": id_dtype})
+    return pd.DataFrame(out, copy=False)  # every column has its COLUMNS dtype already
 
 
 def _as_frame(chunk: pd.DataFrame | Mapping[str, Any], dtypes: dict[str, str]) -> pd.DataFrame:

@@ -1,0 +1,357 @@
+"""Per-nucleus work after the watershed: old (per-nucleus Python) vs new (vectorised),
+side by side on the same label crops, in ms per nucleus, and what the GeoJSON costs in
+bytes per nucleus.
+
+    python -m bench.postprocess_speed                # MoNuSeg test labels (when present) + synthetic tiles
+    python -m bench.postprocess_speed --repeats 5 --no-monuseg
+    python -m bench.postprocess_speed --quick        # two small crops, one repeat (CI smoke)
+
+Phases, as the pipeline runs them (``run._save_tile`` on a worker, then
+``run.finalize_slide``, the single writer):
+
+* ``measurements``: the table's columns. Old: skimage ``regionprops_table`` (perimeter,
+  eccentricity, solidity, intensity_mean, ...). New: ``table.instance_measurements``
+  (mean probability by one ``bincount``; moments and bbox come with the tracing, counted
+  under ``polygons``; perimeter and solidity from the outlines).
+* ``polygons``: one outline per nucleus. Old: rasterio ``features.shapes`` + a per-polygon
+  ``make_valid`` / ``set_precision`` / ``orient``. New: ``geojson.trace_tile`` (outlines
+  and the label moments).
+* ``feature text`` (worker): what a tile stores for the GeoJSON. Old: WKB per polygon.
+  New: each nucleus's feature JSON but its id (``geojson.feature_bodies``).
+* ``finalize`` (single writer): old: parse WKB, build a dict, ``json.dumps`` per nucleus;
+  new: splice uuid + ``Nucleus id`` into the stored text (``feature_texts``) and write it.
+  Both write a real ``.geojson`` file (plain), which gives the bytes per nucleus.
+
+Crops: the 14 MoNuSeg test label images (1000^2 at 40x, 0.25 µm/px, dense tumour
+nuclei; ``$WSI_NUCLEI_SHARED_DATA/monuseg/test``, default ``../shared/data``) and
+synthetic 1024^2 tiles (``pipeline.synthetic.synthetic_region_labels``). "40x" runs them
+as a 40x model sees them (scale 1: one model px = one level-0 px); "20x" as a 20x model on
+a 40x slide sees them (labels sampled at 0.5 µm/px, scale 2). The probability map is
+flat inside / outside the nuclei (only its mean is measured). The old implementation is
+a copy kept in this file only, to measure the ratio (``_old_*``; it was the pipeline's
+code up to commit 6affab6).
+
+Timing: each phase of each crop runs ``--repeats`` times, old and new interleaved, and the
+median is summed over crops and divided by the number of nuclei. Both clocks are kept:
+**CPU** time of the process (``time.process_time``: what the work costs; on the shared
+2-core machine the wall clock also counts the time spent waiting for a core) and wall
+time. Everything here is single-threaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import rasterio.features
+import shapely
+from rasterio.transform import Affine
+from shapely.geometry import Polygon, shape
+from shapely.geometry.polygon import orient
+from skimage.measure import regionprops_table
+from tqdm import tqdm
+
+from bench.common import default_json, headline, quiet_logs, run_info, write_json
+from pipeline.writers.geojson import (
+    PRECISION,
+    GeoJSONWriter,
+    _largest_polygon,
+    feature_bodies,
+    feature_texts,
+    nucleus_feature,
+    trace_tile,
+)
+from pipeline.writers.table import COLUMNS, instance_measurements
+
+NAME = "postprocess_speed"
+PHASES = ("measurements", "polygons", "feature text", "finalize")
+MPP = 0.25  # level-0 µm/px of the (40x) slide the crops come from
+SLIDE_ID = "bench-slide"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=f"python -m bench.{NAME}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=None, help="MoNuSeg test folder (labels/*.tif)")
+    p.add_argument("--no-monuseg", action="store_true", help="synthetic crops only")
+    p.add_argument("--synthetic", type=int, default=4, help="synthetic 1024^2 tiles (40x)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="two small crops, one repeat")
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- old path
+# The implementation before the vectorised one, kept here only to measure the ratio.
+
+
+def _old_instance_measurements(labels: np.ndarray, prob: np.ndarray, offset_yx: tuple[int, int],
+                               scale: float, mpp: float) -> pd.DataFrame:
+    props = ("label", "area", "centroid", "bbox", "perimeter", "eccentricity", "solidity", "intensity_mean")
+    p = regionprops_table(labels, np.asarray(prob, dtype=np.float64), properties=props)
+    oy, ox, s = float(offset_yx[0]), float(offset_yx[1]), float(scale)
+    cy = (p["centroid-0"] + oy + 0.5) * s - 0.5
+    cx = (p["centroid-1"] + ox + 0.5) * s - 0.5
+    area = p["area"].astype(np.float64) * s * s
+    out = {
+        "id": p["label"].astype(np.int64).astype("uint32"),
+        "centroid_x_px": cx, "centroid_y_px": cy, "centroid_x_um": cx * mpp, "centroid_y_um": cy * mpp,
+        "area_px": area, "area_um2": area * mpp * mpp, "perimeter_um": p["perimeter"] * s * mpp,
+        "eccentricity": p["eccentricity"], "solidity": p["solidity"], "mean_probability": p["intensity_mean"],
+        "bbox_x0": np.floor((p["bbox-1"] + ox) * s).astype(np.int64),
+        "bbox_y0": np.floor((p["bbox-0"] + oy) * s).astype(np.int64),
+        "bbox_x1": np.ceil((p["bbox-3"] + ox) * s).astype(np.int64),
+        "bbox_y1": np.ceil((p["bbox-2"] + oy) * s).astype(np.int64),
+    }
+    return pd.DataFrame(out).astype(COLUMNS)
+
+
+def _old_clean(poly: Polygon, value: int) -> Polygon:
+    geom = poly if poly.is_valid else shapely.make_valid(poly)
+    part = _largest_polygon(geom, value) or poly
+    snapped = _largest_polygon(shapely.set_precision(part, PRECISION), value) or part
+    return orient(snapped, sign=1.0)
+
+
+def _old_label_polygons(labels: np.ndarray, offset_yx: tuple[int, int], scale: float) -> list[Polygon]:
+    lab = labels.astype(np.int32, copy=False)
+    s = float(scale)
+    transform = Affine(s, 0.0, offset_yx[1] * s, 0.0, s, offset_yx[0] * s)
+    parts: dict[int, list[Polygon]] = {}
+    for geom, value in rasterio.features.shapes(lab, mask=lab > 0, connectivity=4, transform=transform):
+        parts.setdefault(int(value), []).append(shape(geom))
+    return [_old_clean(max(parts[v], key=lambda p: p.area), v) for v in sorted(parts)]
+
+
+def _old_feature_text(polygons: list[Polygon]) -> tuple[bytes, np.ndarray]:
+    wkb = io.BytesIO()
+    lengths = []
+    for polygon in polygons:
+        data = polygon.wkb
+        wkb.write(data)
+        lengths.append(len(data))
+    return wkb.getvalue(), np.array(lengths, dtype=np.int64)
+
+
+def _old_finalize(writer: GeoJSONWriter, table: pd.DataFrame, stored: tuple[bytes, np.ndarray]) -> None:
+    wkb, lengths = stored
+    cols = {k: table[k].to_numpy() for k in table}
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    names = [k for k in cols if k != "id"]
+    for i, (start, length) in enumerate(zip(starts, lengths)):
+        polygon = shapely.from_wkb(wkb[start:start + length])
+        measurements = {name: float(cols[name][i]) for name in names}
+        writer.add(nucleus_feature(SLIDE_ID, int(cols["id"][i]), polygon, measurements))
+
+
+# --------------------------------------------------------------------------- new path
+
+
+def _new_feature_text(polygons: np.ndarray, table: pd.DataFrame) -> bytes:
+    return "\n".join(feature_bodies(polygons, {k: table[k].to_numpy() for k in table})).encode("ascii")
+
+
+def _new_finalize(writer: GeoJSONWriter, table: pd.DataFrame, stored: bytes) -> None:
+    bodies = stored.decode("ascii").split("\n")
+    writer.write_texts(feature_texts(SLIDE_ID, table["id"].tolist(), bodies))
+
+
+# --------------------------------------------------------------------------- crops
+
+
+def _local(labels: np.ndarray) -> np.ndarray:
+    """Consecutive local ids 1..n, as the watershed hands them to ``_save_tile``."""
+    _, inverse = np.unique(labels, return_inverse=True)
+    return inverse.reshape(labels.shape).astype(np.int32)
+
+
+def _crops(args: argparse.Namespace) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, 40x labels, 20x labels) of every crop."""
+    from models.data import downsample_labels
+    from pipeline.synthetic import synthetic_region_labels
+    from pipeline.types import Box
+
+    side, n_syn = (384, 1) if args.quick else (1024, args.synthetic)
+    for i in range(n_syn):
+        box = Box(0, i * side, side, (i + 1) * side)
+        half = Box(0, i * side // 2, side // 2, (i + 1) * side // 2)
+        yield (f"synthetic-{i}", _local(synthetic_region_labels(box, seed=5, mpp=0.25)),
+               _local(synthetic_region_labels(half, seed=5, mpp=0.5)))
+    if args.no_monuseg:
+        return
+    import tifffile
+
+    from bench.accuracy_speed import default_data
+
+    files = sorted(((args.data or default_data()) / "labels").glob("*.tif"))
+    for path in files[:1] if args.quick else files:
+        lab = tifffile.imread(path)
+        if args.quick:
+            lab = lab[:400, :400]
+        yield f"monuseg/{path.stem}", _local(lab), _local(downsample_labels(lab, 2))
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+CLOCKS = ("cpu", "wall")
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[tuple[float, float], Any]:
+    """((CPU seconds of this process, wall seconds), fn())."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = fn()
+    return (time.process_time() - c0, time.perf_counter() - t0), out
+
+
+def _write(path: Path, finalize: Callable[..., None], table: pd.DataFrame, stored: Any) -> None:
+    with GeoJSONWriter(path) as writer:
+        finalize(writer, table, stored)
+
+
+def _run_once(labels: np.ndarray, prob: np.ndarray, scale: float, folder: Path,
+              ) -> dict[str, dict[str, Any]]:
+    """Both paths on one crop: (cpu, wall) seconds per phase, and the outputs for the checks."""
+    mpp = MPP  # level-0 µm/px
+    res: dict[str, dict[str, Any]] = {"old": {}, "new": {}}
+    old, new = res["old"], res["new"]
+    old["polygons"], old_polys = _timed(lambda: _old_label_polygons(labels, (0, 0), scale))
+    new["polygons"], outlines = _timed(lambda: trace_tile(labels, (0, 0), scale))
+    new_polys = outlines.polygons
+    old["measurements"], old_table = _timed(
+        lambda: _old_instance_measurements(labels, prob, (0, 0), scale, mpp))
+    new["measurements"], new_table = _timed(
+        lambda: instance_measurements(labels, prob, (0, 0), scale, mpp, outlines=outlines))
+    old["feature text"], old_stored = _timed(lambda: _old_feature_text(old_polys))
+    new["feature text"], new_stored = _timed(lambda: _new_feature_text(new_polys, new_table))
+    for name, fn, stored, table in (("old", _old_finalize, old_stored, old_table),
+                                    ("new", _new_finalize, new_stored, new_table)):
+        path = folder / f"{name}.geojson"
+        res[name]["finalize"], _ = _timed(lambda: _write(path, fn, table, stored))  # noqa: B023
+        data = path.read_bytes()
+        res[name]["bytes"] = len(data)
+        res[name]["bytes_gz"] = len(gzip.compress(data, compresslevel=6, mtime=0))
+    res["new"]["polygons_out"], res["old"]["polygons_out"] = new_polys, old_polys
+    return res
+
+
+def _summarise(seconds: dict[tuple[str, ...], float], sizes: dict[tuple[str, str, str], int],
+               n: int, ratio: np.ndarray, res: str) -> dict[str, Any]:
+    """One resolution's row: ms per nucleus per phase (CPU and wall), speed-ups, sizes,
+    outline-vs-label area agreement."""
+    n = max(n, 1)
+    row: dict[str, Any] = {"nuclei": n}
+    for clock in CLOCKS:
+        ms_all, speed = {}, {}
+        for path in ("old", "new"):
+            ms = {ph: 1e3 * seconds[(res, path, ph, clock)] / n for ph in PHASES}
+            ms["total"] = sum(ms.values())
+            ms_all[path] = ms
+        for ph in (*PHASES, "total"):
+            speed[ph] = ms_all["old"][ph] / ms_all["new"][ph]
+        row[f"ms_per_nucleus_{clock}"], row[f"speedup_{clock}"] = ms_all, speed
+    for path in ("old", "new"):
+        for key in ("bytes", "gzip_bytes", "vertices"):
+            row[f"{key}_per_nucleus_{path}"] = sizes[(res, path, key)] / n
+    row["outline_area_vs_label_area"] = {
+        "mean_abs_rel_diff": float(np.mean(np.abs(ratio - 1))),
+        "median_ratio": float(np.median(ratio)),
+        "p5_ratio": float(np.percentile(ratio, 5)),
+        "share_beyond_10pct": float(np.mean(np.abs(ratio - 1) > 0.1)),
+    }
+    return row
+
+
+def _print_tables(results: dict[str, dict[str, Any]], n_crops: int, repeats: int) -> None:
+    print(f"\n{n_crops} crops, median of {repeats} run(s) per phase; "
+          "ms per nucleus: old / new = speed-up")
+    print(f"{'':<10}{'nuclei':>7}" + "".join(f"{ph:>27}" for ph in (*PHASES, "total")))
+    for r, row in results.items():
+        for clock in CLOCKS:
+            ms, speed = row[f"ms_per_nucleus_{clock}"], row[f"speedup_{clock}"]
+            cells = [f"{ms['old'][ph]:>9.4f} / {ms['new'][ph]:.4f} ={speed[ph]:>5.1f}x"
+                     for ph in (*PHASES, "total")]
+            print(f"{r + ' ' + clock:<10}{row['nuclei']:>7}" + "".join(f"{c:>27}" for c in cells))
+    print(f"\n{'':<6}{'B/nucleus old':>15}{'new':>7}{'gzip old':>10}{'new':>7}{'vertices old':>14}"
+          f"{'new':>7}{'mean |outline/label - 1|':>26}{'> 10 %':>8}")
+    for r, row in results.items():
+        agree = row["outline_area_vs_label_area"]
+        print(f"{r:<6}{row['bytes_per_nucleus_old']:>15.0f}{row['bytes_per_nucleus_new']:>7.0f}"
+              f"{row['gzip_bytes_per_nucleus_old']:>10.0f}{row['gzip_bytes_per_nucleus_new']:>7.0f}"
+              f"{row['vertices_per_nucleus_old']:>14.1f}{row['vertices_per_nucleus_new']:>7.1f}"
+              f"{100 * agree['mean_abs_rel_diff']:>25.2f}%{100 * agree['share_beyond_10pct']:>7.1f}%")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    started = time.perf_counter()
+    args = parse_args(argv)
+    quiet_logs()
+    logging.getLogger("pipeline.writers.geojson").setLevel(logging.ERROR)  # split-part notices
+    info = run_info(NAME, argv, 1)
+    repeats = 1 if args.quick else max(1, args.repeats)
+    crops = list(_crops(args))
+    resolutions = {"40x": (1, 1.0), "20x": (2, 2.0)}  # index into the crop tuple, scale
+    paths = ("old", "new")
+    seconds = {(r, p, ph, c): 0.0 for r in resolutions for p in paths for ph in PHASES for c in CLOCKS}
+    sizes = {(r, p, k): 0 for r in resolutions for p in paths for k in ("bytes", "gzip_bytes", "vertices")}
+    nuclei = {r: 0 for r in resolutions}
+    ratios: dict[str, list[np.ndarray]] = {r: [] for r in resolutions}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-postprocess-") as tmp:  # warm-up: first calls
+        small = crops[0][1][:128, :128]
+        _run_once(_local(small), np.where(small > 0, 0.9, 0.05).astype(np.float32), 1.0, Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="bench-postprocess-") as tmp, \
+            tqdm(total=len(crops) * len(resolutions) * repeats, desc="crops x resolutions x repeats",
+                 unit="run") as bar:
+        for crop in crops:
+            for res_name, (k, scale) in resolutions.items():
+                labels = crop[k]
+                prob = np.where(labels > 0, 0.9, 0.05).astype(np.float32)
+                runs = []
+                for _ in range(repeats):
+                    runs.append(_run_once(labels, prob, scale, Path(tmp)))
+                    bar.update()
+                nuclei[res_name] += int(labels.max())
+                for path in paths:
+                    for ph in PHASES:
+                        for c, clock in enumerate(CLOCKS):
+                            seconds[(res_name, path, ph, clock)] += statistics.median(
+                                r[path][ph][c] for r in runs)
+                    last = runs[-1][path]
+                    sizes[(res_name, path, "bytes")] += last["bytes"]
+                    sizes[(res_name, path, "gzip_bytes")] += last["bytes_gz"]
+                    sizes[(res_name, path, "vertices")] += int(shapely.get_num_coordinates(
+                        np.asarray(last["polygons_out"], dtype=object)).sum())
+                label_area = np.bincount(labels.ravel())[1:] * scale * scale
+                ratios[res_name].append(shapely.area(runs[-1]["new"]["polygons_out"]) / label_area)
+                rows.append({"name": crop[0], "resolution": res_name, "nuclei": int(labels.max())})
+
+    results = {r: _summarise(seconds, sizes, nuclei[r], np.concatenate(ratios[r]), r) for r in resolutions}
+    _print_tables(results, len(crops), repeats)
+    a, b = results["40x"], results["20x"]
+    cpu, wall = a["ms_per_nucleus_cpu"], a["ms_per_nucleus_wall"]
+    agree = a["outline_area_vs_label_area"]["mean_abs_rel_diff"]
+    text = (f"new {cpu['new']['total']:.3f} ms/nucleus CPU ({wall['new']['total']:.3f} wall) vs old "
+            f"{cpu['old']['total']:.3f} ({a['speedup_cpu']['total']:.0f}x) at 40x; GeoJSON "
+            f"{a['bytes_per_nucleus_new']:.0f} B/nucleus at 40x (old {a['bytes_per_nucleus_old']:.0f}), "
+            f"{b['bytes_per_nucleus_new']:.0f} at 20x (old {b['bytes_per_nucleus_old']:.0f}); "
+            f"outline area within {100 * agree:.1f} % of label area (mean, 40x)")
+    summary = {**info, "repeats": repeats, "crops": rows, "phases": list(PHASES), "results": results}
+    summary["headline"] = headline(text)
+    summary["wall_s"] = time.perf_counter() - started
+    write_json(args.json or default_json(NAME, args.quick), summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
