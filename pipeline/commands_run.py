@@ -14,6 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.cliutil import formatter
+from pipeline.tiling import DEFAULT_TILE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="checkpoint path or shipped name (default: the first shipped of "
                         "pruned20x.pt, pruned80.pt, dense.pt)")
     p.add_argument("--out", default="results", help="output folder (one sub-folder per slide)")
-    p.add_argument("--tile-size", type=int, default=1024, help="tile core in model pixels (multiple of 16)")
+    p.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE,
+                   help="tile core in model pixels (multiple of 16)")
     p.add_argument("--batch-size", type=int, default=1, help="tiles per forward pass")
     p.add_argument("--mpp", type=float, default=None, help="override the slide's µm/px (level 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from models.checkpoints import default_model
+from pipeline.tiling import DEFAULT_CLUSTER_MARGIN, DEFAULT_TILE_SIZE
 from pipeline.types import Box, ReadPlan, SlideInfo, Tile
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class RunConfig:
 
     model: str = field(default_factory=default_model)
     out: str = "results"
-    tile_size: int = 1024
+    tile_size: int = DEFAULT_TILE_SIZE
     batch_size: int = 1
     mpp: float | None = None
     device: str = "auto"
@@ -46,7 +47,7 @@ class RunConfig:
     overwrite: bool = False
     tissue_mask: bool = True
     chunk: int = 1024
-    cluster_margin: int = 64
+    cluster_margin: int = DEFAULT_CLUSTER_MARGIN
 
 
 @dataclass(frozen=True)
@@ -505,7 +506,10 @@ def _one(executor: Any, fn: Task, job: Any) -> Any:
 
 def _run_tiles(plan: SlidePlan, cfg: RunConfig, executor: Any, work: str,
                progress: Callable[[int, int], None] | None) -> list[TileSummary]:
-    batches = [plan.tiles[i:i + cfg.batch_size] for i in range(0, len(plan.tiles), cfg.batch_size)]
+    # largest windows first (border tiles are smaller): the last tasks to finish are short,
+    # so workers do not idle at the end of a slide; results are re-sorted by tile index
+    tiles = sorted(plan.tiles, key=lambda t: (-t.window.height * t.window.width, t.index))
+    batches = [tiles[i:i + cfg.batch_size] for i in range(0, len(tiles), cfg.batch_size)]
     jobs = [TileJob(plan.info.path, cfg.mpp, cfg.model, cfg.device, plan.plan, batch, work,
                     plan.margin, plan.multiple, plan.info.mpp or 0.0) for batch in batches]
     done: list[TileSummary] = []

@@ -1,16 +1,14 @@
 """The tile grid: cores that partition the model-pixel image, windows with a halo.
 
-Every window has the same size (so windows batch together) and starts on the network's
-pooling grid, which is what makes a window's output equal the whole-image output
-(see ``models.inference``).
+Every window starts and ends on the network's pooling grid, which is what makes a window's
+output equal the whole-image output (see ``models.inference``); interior windows share one
+size (so they batch together), border windows are trimmed (see :func:`plan_tiles`).
+The tile size and cluster-margin defaults live here, once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from models.config import NetConfig
-from models.inference import context_margin
 from pipeline.errors import ConfigError
 from pipeline.types import Box, Tile
 
@@ -20,20 +18,14 @@ DEFAULT_CLUSTER_MARGIN = 64
 DEFAULT_TILE_SIZE = 1024
 
 
-@dataclass(frozen=True)
-class TilingConfig:
-    """Tile core size and extra halo beyond the receptive field, in model pixels."""
-
-    tile_size: int = DEFAULT_TILE_SIZE
-    cluster_margin: int = DEFAULT_CLUSTER_MARGIN
-
-
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
 def halo_for(net: NetConfig, cluster_margin: int = DEFAULT_CLUSTER_MARGIN) -> int:
     """Halo = receptive-field margin + room for a nucleus cluster, on the pooling grid."""
+    from models.inference import context_margin  # torch: not needed to read the defaults
+
     return context_margin(net) + round_up(cluster_margin, net.size_multiple)
 
 
