@@ -18,6 +18,7 @@ import rasterio.features
 import shapely
 from scipy import ndimage as ndi
 from shapely.geometry import Polygon, shape
+from skimage.measure import label
 
 from pipeline.writers.geojson import (
     GeoJSONWriter,
@@ -149,6 +150,21 @@ def test_traced_pixel_edges_equal_rasterio_shapes(seed: int) -> None:
         mine = _region(corner_rings[rings.label == value])
         assert mine.area == (lab == value).sum() == np.sum(rings.area[rings.label == value])
         assert mine.symmetric_difference(shapely.union_all(parts)).area == 0
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0, 1.9771])
+def test_outlines_of_irregular_labels_are_valid(scale: float) -> None:
+    """Ragged shapes (pepper, split parts, holes, 1-px bits): one valid Polygon per label,
+    on the grid, CCW, at least half the pixels' area."""
+    rng = np.random.default_rng(7)
+    lab = ndi.zoom(rng.integers(0, 40, (20, 24)), 4, order=0).astype(np.int32)
+    lab[rng.random(lab.shape) < 0.1] = 0
+    lab = label(lab, connectivity=1, background=0).astype(np.int32)  # 4-connected parts
+    values, polys = tile_polygons(lab, (11, 3), scale)
+    assert values.tolist() == np.unique(lab[lab > 0]).tolist()
+    assert shapely.is_valid(polys).all() and (shapely.get_type_id(polys) == 3).all()
+    assert all(_on_grid(p) and p.exterior.is_ccw for p in polys)
+    assert (shapely.area(polys) >= 0.5 * np.bincount(lab.ravel())[values] * scale**2 * 0.999).all()
 
 
 def test_tiny_nuclei_and_holes_and_big_ids() -> None:

@@ -8,8 +8,9 @@ What QuPath needs (docs formats.md §1):
 * ``measurements`` as a flat dict of finite numbers: JSON has no NaN and QuPath 0.4 cannot
   read NaN strings, so non-finite values are left out.
 * Valid polygons on a 0.01 px grid: QuPath 0.6+ reduces precision on import and rejects
-  invalid polygons, so every polygon is snapped to the grid, checked, and repaired
-  (``make_valid``, largest part) in the rare case that snapping broke it.
+  invalid polygons, so every vertex is snapped to the grid, and a polygon that is not
+  valid by construction (GEOS's simplification validates its own output) is checked and
+  repaired (``make_valid``, largest part) when needed.
 * Coordinates in **level-0 pixels**, origin at the top-left corner, y down, continuous
   (pixel (i, j) covers [j, j+1) x [i, i+1)).
 * **OpenSlide bounds**: QuPath's default OpenSlide reader crops slides that declare
@@ -174,14 +175,14 @@ class TileOutlines:
     bbox: np.ndarray  # (n, 4) row0, col0, row1, col1: half-open model-px range in the crop
 
 
-def _trace(labels: np.ndarray) -> _Rings:
+def _trace(labels: np.ndarray) -> _Rings | None:
     """All boundary rings of all labels at once, with array operations only.
 
     Every pixel side facing another value is a unit edge. Its successor is found locally
     (turn right around the same pixel if possible, else go straight, else turn left):
     this keeps each label 4-connected, like ``rasterio.features.shapes(connectivity=4)``.
     The successor permutation is split into cycles and ordered by pointer jumping
-    (O(edges log ring length), no loop over nuclei or pixels).
+    (O(edges log ring length), no loop over nuclei or pixels). None without labels.
     """
     stride = labels.shape[1] + 2
     flat = np.pad(labels, 1).ravel()
@@ -192,11 +193,15 @@ def _trace(labels: np.ndarray) -> _Rings:
     parts = ((below[flat[below] != 0], 0), (vk[flat[vk] != 0], 1),
              (hk[flat[hk] != 0], 2), (right_of[flat[right_of] != 0], 3))
     pix = np.concatenate([p for p, _ in parts])
+    if len(pix) == 0:
+        return None
     side = np.concatenate([np.full(len(p), s, dtype=np.int64) for p, s in parts])
     key = pix * 4 + side
     order = np.argsort(key, kind="stable")  # four sorted runs: a merge
     key, pix, side = key[order], pix[order], side[order]
     lab = flat[pix]
+    if lab.min() < 0:
+        raise ValueError("label values must be >= 0")
     step = np.array([1, stride, -1, -stride])  # walking direction of each side, flat index
     out = np.roll(step, 1)  # the neighbour across each side: up, right, down, left
     ahead = pix + step[side]
@@ -408,29 +413,33 @@ def trace_tile(
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
     lab = labels if labels.dtype.kind in "iu" else labels.astype(np.int64)
-    if lab.dtype.kind == "i" and lab.size and lab.min() < 0:
-        raise ValueError("label values must be >= 0")
-    if lab.size == 0 or not lab.any():
+    rings = _trace(lab) if lab.size else None
+    if rings is None:
         empty = np.zeros(0)
         return TileOutlines(np.zeros(0, dtype=np.int64), np.empty(0, dtype=object), empty,
                             empty.reshape(0, 2), empty.reshape(0, 3), np.zeros((0, 4), dtype=np.int64))
-    rings = _trace(lab)
     values, index = np.unique(rings.label, return_inverse=True)
     pixels, centroid, moments, bbox = _label_stats(rings, index, len(values))
     chosen, poly_index = _choose_rings(rings, values, index)
     s = float(scale)
     transform = (s, offset_yx[1] * s - origin_shift[0], offset_yx[0] * s - origin_shift[1])
     smooth = _build(rings.mid, rings.mid_start, chosen, poly_index, transform)
-    polys = shapely.simplify(smooth, tolerance * s, preserve_topology=False) if tolerance > 0 else smooth
-    # Douglas-Peucker keeps a subset of the (snapped) vertices; only where GEOS had to
-    # repair its result (new vertices) is a snap needed again
-    coords, owner = shapely.get_coordinates(polys, return_index=True)
-    off = np.unique(owner[np.any(np.abs(coords * _GRID - np.rint(coords * _GRID)) > 1e-6, axis=1)])
-    if len(off):
-        polys[off] = shapely.set_precision(polys[off], PRECISION, mode="pointwise")
+    if tolerance > 0:
+        # GEOS's Douglas-Peucker returns valid areas (it checks its result and repairs it
+        # with buffer(0)) made of a subset of the (snapped) vertices; only a repair can
+        # add vertices off the grid: those are snapped again, and need checking again
+        polys = shapely.simplify(smooth, tolerance * s, preserve_topology=False)
+        coords, owner = shapely.get_coordinates(polys, return_index=True)
+        check = np.unique(owner[np.any(np.abs(coords * _GRID - np.rint(coords * _GRID)) > 1e-6, axis=1)])
+        if len(check):
+            polys[check] = shapely.set_precision(polys[check], PRECISION, mode="pointwise")
+    else:
+        polys, check = smooth, np.arange(len(smooth))
+    valid = np.ones(len(polys), dtype=bool)
+    valid[check] = shapely.is_valid(polys[check])
     # degenerate: invalid, or less than half the pixels' area (a 1-px diamond is half)
     least = 0.5 * np.bincount(poly_index, weights=rings.area[chosen]) * s * s
-    good = (shapely.get_type_id(polys) == 3) & shapely.is_valid(polys) & (shapely.area(polys) >= least)
+    good = (shapely.get_type_id(polys) == 3) & valid & (shapely.area(polys) >= least)
     bad = np.flatnonzero(~good)
     if len(bad):  # rare: a simplification or snap that broke one, tiny nuclei that collapse
         edges = _build(rings.corner, rings.start, chosen, poly_index, transform)
