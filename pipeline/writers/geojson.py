@@ -608,8 +608,11 @@ def feature_texts(slide_id: str, nucleus_ids: Iterable[int], bodies: Iterable[st
 
 
 def shift_bodies(bodies: Sequence[str], dx: float, dy: float) -> list[str]:
-    """Bodies with their geometry translated by (-dx, -dy), re-snapped to the grid
-    (vectorised: parse, translate, write), for an origin shift known only later."""
+    """Bodies with their geometry translated by (-dx, -dy), for an origin shift known only
+    after the workers wrote them (vectorised: parse, translate, write with 2 decimals, which
+    snaps to the grid; an integer shift such as OpenSlide's bounds keeps every vertex, so
+    the outline stays what it was). Costs ~0.05 ms per nucleus: ``TileJob.origin_shift``
+    makes the workers write shifted text in the first place."""
     if not len(bodies) or (dx == 0 and dy == 0):
         return list(bodies)
     heads, rests = [], []
@@ -621,7 +624,6 @@ def shift_bodies(bodies: Sequence[str], dx: float, dy: float) -> list[str]:
         rests.append(rest)
     geoms = shapely.from_geojson(np.asarray(heads, dtype=object))
     geoms = shapely.transform(geoms, lambda c: c - np.array([dx, dy]))
-    geoms = shapely.set_precision(geoms, PRECISION, mode="pointwise")
     return [f"{_GEOMETRY_KEY}{g}{_PROPERTIES_KEY}{r}" for g, r in zip(_geometry_texts(geoms), rests)]
 
 
