@@ -511,7 +511,8 @@ def _run_tiles(plan: SlidePlan, cfg: RunConfig, executor: Any, work: str,
     tiles = sorted(plan.tiles, key=lambda t: (-t.window.height * t.window.width, t.index))
     batches = [tiles[i:i + cfg.batch_size] for i in range(0, len(tiles), cfg.batch_size)]
     jobs = [TileJob(plan.info.path, cfg.mpp, cfg.model, cfg.device, plan.plan, batch, work,
-                    plan.margin, plan.multiple, plan.info.mpp or 0.0) for batch in batches]
+                    plan.margin, plan.multiple, plan.info.mpp or 0.0,
+                    origin_shift=tuple(float(v) for v in plan.info.bounds_xy)) for batch in batches]
     done: list[TileSummary] = []
     for _, result in executor.map(infer_tiles, jobs):
         if isinstance(result, Exception):
