@@ -108,6 +108,27 @@ def test_model_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert all(r["nonzero_parameters"] < 0.3 * r["parameters"] for r in pruned)
 
 
+def test_runtime_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for module in ("onnx", "onnxruntime", "openvino"):  # the optional extras [onnx,openvino]
+        pytest.importorskip(module)
+    from bench.runtime_speed import RUNTIMES, main, missing_packages
+
+    _, text = _run(main, ["--quick", "--json", str(tmp_path / "r.json")], capsys)
+    assert text.startswith("fastest runtime within 1 % AJI of torch (2 images): tiny.pt ")
+    data = _json(tmp_path / "r.json", {"headline", "results", "runtimes", "skipped", "threads", "size",
+                                        "images", "int8", "versions", "command", "date"})
+    installed = [rt for rt in RUNTIMES if not missing_packages(rt)]  # int8 also needs nncf
+    assert data["runtimes"] == installed and set(data["skipped"]) == set(RUNTIMES) - set(installed)
+    (row,) = data["results"].values()
+    rows = row["runtimes"]
+    assert set(rows) == set(installed) and row["fastest_within_bar"] in rows
+    for rt in ("onnxruntime", "openvino"):  # FP32: the same network to float rounding
+        assert rows[rt]["max_abs_diff_prob"] < 1e-4 and rows[rt]["max_abs_diff_dist"] < 1e-4, rt
+        assert rows[rt]["aji"] == pytest.approx(rows["torch"]["aji"], abs=1e-3), rt
+    for rt, r in rows.items():
+        assert r["model_mpx_s"] > 0 and 0 <= r["aji"] <= 1 and "delta_aji_pct" in r, rt
+
+
 def test_postprocess_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from bench.postprocess_speed import main
 
