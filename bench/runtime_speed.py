@@ -67,6 +67,7 @@ from bench.common import (
     tiny_checkpoint,
     write_json,
 )
+from models.inference import retain_freed_memory
 
 NAME = "runtime_speed"
 RUNTIMES = ("torch", "onnxruntime", "openvino", "openvino-int8", "openvino-int8-mixed")
@@ -124,26 +125,6 @@ def versions() -> dict[str, str | None]:
             out[dist] = None
     return out
 
-
-def retain_freed_memory() -> bool:
-    """Make glibc keep freed memory in the heap for reuse (``mallopt``: no mmap per large
-    block, no trimming); False where that is not possible (not glibc).
-
-    Why: eager torch allocates every activation map afresh; with glibc's defaults each one
-    above 32 MiB is a new mmap, so every forward pass page-faults its whole working set
-    (~200k minor faults, ~30 % of pruned80.pt's time at 1376^2, as system time), while
-    ONNX Runtime and OpenVINO reuse their buffers. ``--malloc retain`` measures the
-    runtimes without that difference (the same as ``MALLOC_MMAP_THRESHOLD_`` and
-    ``MALLOC_TRIM_THRESHOLD_`` in the environment). The process keeps its peak RSS.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold, most = -1, -3, 2**31 - 1
-    return bool(libc.mallopt(m_trim_threshold, most)) and bool(libc.mallopt(m_mmap_threshold, most))
 
 
 # --------------------------------------------------------------------------- runtimes

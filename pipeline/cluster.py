@@ -46,7 +46,7 @@ from dask.utils import format_bytes, parse_bytes, parse_timedelta
 from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
 
 from models.checkpoints import ModelBundle, load, resolve
-from models.inference import pick_device
+from models.inference import pick_device, retain_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -629,6 +629,7 @@ class ModelPlugin(WorkerPlugin):
     def _load(self) -> None:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
+        retain_freed_memory()  # ~1.5x faster forward passes on the CPU (no page faults)
         self.bundle = load(self.model, pick_device(self.device), fold_bn=True)
         self.loads += 1
 
@@ -665,6 +666,7 @@ _local_lock = threading.Lock()
 
 @functools.lru_cache(maxsize=4)
 def _load_in_process(path: str, device: str) -> ModelBundle:
+    retain_freed_memory()
     return load(path, pick_device(device), fold_bn=True)
 
 

@@ -76,9 +76,10 @@ def add_tune(sub: argparse._SubParsersAction) -> None:
 
 
 def _setup_torch(args: argparse.Namespace) -> Any:
-    from models.inference import pick_device
+    from models.inference import pick_device, retain_freed_memory
 
     set_torch_threads(args.threads)
+    retain_freed_memory()
     return pick_device(args.device)
 
 
