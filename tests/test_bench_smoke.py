@@ -102,8 +102,9 @@ def test_model_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     # the reference, its layer-wise and global 80 % copies, the thin model; both runtimes each
     assert len(data["results"]) == 4
     for name, row in data["results"].items():
-        assert set(row["runtimes"]) == {"eager", "eager-nchw", "torchscript"}
+        assert set(row["runtimes"]) == {"eager", "eager-bn", "eager-nchw", "torchscript"}
         assert row["runtimes"]["torchscript"]["max_abs_diff_vs_eager"] < 1e-3, name
+        assert row["runtimes"]["eager-bn"]["max_abs_diff_vs_eager"] < 1e-4, name  # BN folding
     pruned = [r for n, r in data["results"].items() if "80%" in n]
     assert all(r["nonzero_parameters"] < 0.3 * r["parameters"] for r in pruned)
 
