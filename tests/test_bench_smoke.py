@@ -146,3 +146,19 @@ def test_postprocess_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[s
             assert set(ms["old"]) == set(ms["new"]) == {*data["phases"], "total"}
             assert row[f"speedup_{clock}"]["total"] > 0
         assert row["outline_area_vs_label_area"]["mean_abs_rel_diff"] < 0.05
+
+
+@pytest.mark.slow
+def test_slide_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.slide_speed import PHASES, main
+
+    summary, text = _run(main, ["--quick", "--cluster", "none", "--json", str(tmp_path / "s.json")], capsys)
+    data = _json(tmp_path / "s.json", {"headline", "runs", "tissue_mm2", "tiles_placed", "cluster",
+                                        "anchors_s_per_mm2", "command", "date"})
+    assert data["headline"] == summary["headline"] == text and "s/mm² of tissue" in text
+    assert {r["mag"] for r in data["runs"]} == {20, 40} and data["tissue_mm2"] > 0
+    for row in data["runs"]:
+        assert row["s_per_mm2"] > 0 and row["nuclei"] > 0 and 0 <= row["slide_aji"] <= 1
+        phases = row["phase_s_per_mm2"]
+        assert set(phases) == {*PHASES, "labels", "outputs"} and phases["network"] > 0
+        assert sum(phases[k] for k in PHASES) <= 2 * row["s_per_mm2"]  # worker-seconds, 1 process
