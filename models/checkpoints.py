@@ -51,10 +51,11 @@ class ModelBundle:
         return self.net.config
 
 
-# The model a run uses unless told otherwise: the first of these that is shipped. The
-# pruned 20x network first: it reads 40x slides at 0.5 um/px (4x fewer pixels) and is
-# structured-pruned (models/weights/README.md says how each was chosen).
-DEFAULT_MODELS = ("pruned20x.pt", "pruned80.pt", "dense.pt")
+# The model a run uses unless told otherwise: the first of these that is shipped. 20x
+# networks first: they read 40x slides at 0.5 um/px (4x fewer pixels); dense20x.pt segments
+# a slide faster than pruned80.pt at the same accuracy (bench.slide_speed; the README's
+# performance table). pruned20x.pt takes over once it is shipped (models/weights/README.md).
+DEFAULT_MODELS = ("pruned20x.pt", "dense20x.pt", "pruned80.pt", "dense.pt")
 
 
 def default_model() -> str:

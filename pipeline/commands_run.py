@@ -26,7 +26,7 @@ EXIT_OK, EXIT_FAILED = 0, 1
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="checkpoint path or shipped name (default: the first shipped of "
-                        "pruned20x.pt, pruned80.pt, dense.pt)")
+                        "pruned20x.pt, dense20x.pt, pruned80.pt, dense.pt)")
     p.add_argument("--out", default="results", help="output folder (one sub-folder per slide)")
     p.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE,
                    help="tile core in model pixels (multiple of 16)")

@@ -189,9 +189,9 @@ def test_folded_batchnorm_gives_the_same_outputs(tmp_path: Path, arch: str) -> N
 
 
 def test_default_model_is_the_first_shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """pruned20x.pt when shipped, then pruned80.pt, then dense.pt."""
+    """pruned20x.pt when shipped, then dense20x.pt, pruned80.pt, dense.pt."""
     monkeypatch.setattr(checkpoints, "WEIGHTS_DIR", tmp_path)
     assert checkpoints.default_model() == "dense.pt"
-    for name in ("dense.pt", "pruned80.pt", "pruned20x.pt"):
+    for name in ("dense.pt", "pruned80.pt", "dense20x.pt", "pruned20x.pt"):
         (tmp_path / name).write_bytes(b"")
         assert checkpoints.default_model() == name
