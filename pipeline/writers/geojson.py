@@ -295,43 +295,6 @@ def _label_stats(rings: _Rings, index: np.ndarray, n_labels: int,
     return area, centroid, np.column_stack([myy, mxx, mxy]), bbox
 
 
-def _label_stats(rings: _Rings, index: np.ndarray, n_labels: int,
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Pixel count, mean pixel index, central second moments and bbox of every label
-    (``index``: label of each ring) from its pixel-edge rings, by Green's theorem.
-
-    Pixel (i, j) is the unit square [j, j+1] x [i, i+1]: the integrals of 1, x, y, xy over
-    it equal the pixel-centre sums, and the one of x^2 exceeds (j + 1/2)^2 by 1/12. Each
-    label's coordinates are taken from its first corner, so the numbers stay small.
-    """
-    lengths = np.diff(rings.start)
-    first = rings.start[:-1]
-    first_ring = np.unique(index, return_index=True)[1]
-    origin = rings.corner[rings.start[first_ring]]
-    xy = rings.corner - np.repeat(origin[index], lengths, axis=0)
-    x0, y0 = xy[:, 0].astype(np.float64), xy[:, 1].astype(np.float64)
-    x1, y1 = x0[rings.nxt], y0[rings.nxt]
-    c = x0 * y1 - x1 * y0
-
-    def total(term: np.ndarray) -> np.ndarray:  # sum per ring (contiguous), then per label
-        return np.bincount(index, np.add.reduceat(term * c, first), n_labels)
-
-    area = np.bincount(index, np.add.reduceat(c, first), n_labels) / 2
-    mx = total(x0 + x1) / 6 / area
-    my = total(y0 + y1) / 6 / area
-    mxx = (total(x0 * x0 + x0 * x1 + x1 * x1) / 12 - area / 12) / area - mx * mx
-    myy = (total(y0 * y0 + y0 * y1 + y1 * y1) / 12 - area / 12) / area - my * my
-    mxy = total(x0 * y1 + 2 * x0 * y0 + 2 * x1 * y1 + x1 * y0) / 24 / area - mx * my
-    centroid = np.column_stack([my + origin[:, 1] - 0.5, mx + origin[:, 0] - 0.5])
-    bbox = np.empty((n_labels, 4), dtype=np.int64)
-    for k, (ufunc, fill, axis) in enumerate(((np.minimum, np.iinfo(np.int64).max, 1),
-                                             (np.minimum, np.iinfo(np.int64).max, 0),
-                                             (np.maximum, -1, 1), (np.maximum, -1, 0))):
-        bbox[:, k] = fill
-        ufunc.at(bbox[:, k], index, ufunc.reduceat(rings.corner[:, axis], first))
-    return area, centroid, np.column_stack([myy, mxx, mxy]), bbox
-
-
 def _drop_collinear(coords: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rings without their exactly collinear vertices (straight and 45-degree runs of the
     midpoint outline; half-pixel coordinates, so the test is exact): same shapes, about
