@@ -291,10 +291,21 @@ def _print_tables(results: dict[str, dict[str, Any]], n_crops: int, repeats: int
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    # split-part notices of the writer would flood the table; restored afterwards, since
+    # main() also runs inside other processes (the smoke tests)
+    writer_log = logging.getLogger("pipeline.writers.geojson")
+    level = writer_log.level
+    writer_log.setLevel(logging.ERROR)
+    try:
+        return _main(argv)
+    finally:
+        writer_log.setLevel(level)
+
+
+def _main(argv: list[str] | None) -> dict[str, Any]:
     started = time.perf_counter()
     args = parse_args(argv)
     quiet_logs()
-    logging.getLogger("pipeline.writers.geojson").setLevel(logging.ERROR)  # split-part notices
     info = run_info(NAME, argv, 1)
     repeats = 1 if args.quick else max(1, args.repeats)
     crops = list(_crops(args))

@@ -217,11 +217,7 @@ def test_non_integer_scale_snaps_to_qupath_grid() -> None:
         assert abs(poly.area - (lab == value).sum() * 1.9771**2) < 0.25 * 1.9771 * poly.length
 
 
-def test_split_instance_keeps_largest_part_with_warning(caplog: pytest.LogCaptureFixture,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    # an earlier test's logging.config.dictConfig (Dask, Snakemake) may have disabled the
-    # loggers that existed then; this test is about the warning, so it re-enables it
-    monkeypatch.setattr(logging.getLogger("pipeline.writers.geojson"), "disabled", False)
+def test_split_instance_keeps_largest_part_with_warning(caplog: pytest.LogCaptureFixture) -> None:
     lab = np.zeros((8, 8), np.int32)
     lab[1:4, 1:4] = 3
     lab[6, 6] = 3  # violates the 4-connected contract
