@@ -629,8 +629,7 @@ class ModelPlugin(WorkerPlugin):
     def _load(self) -> None:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
-        retain_freed_memory()  # ~1.5x faster forward passes on the CPU (no page faults)
-        self.bundle = load(self.model, pick_device(self.device), fold_bn=True)
+        self.bundle = load_for_inference(self.model, self.device)
         self.loads += 1
 
     async def setup(self, worker: Any) -> None:
@@ -664,10 +663,16 @@ def register_model(client: Client, model: str | os.PathLike, config: ClusterConf
 _local_lock = threading.Lock()
 
 
+def load_for_inference(model: str | os.PathLike, device: str) -> ModelBundle:
+    """The model as a worker runs it: BatchNorm folded, and this process's allocator told
+    to keep freed memory (~1.5x faster CPU forward passes, no page faults per call)."""
+    retain_freed_memory()
+    return load(model, pick_device(device), fold_bn=True)
+
+
 @functools.lru_cache(maxsize=4)
 def _load_in_process(path: str, device: str) -> ModelBundle:
-    retain_freed_memory()
-    return load(path, pick_device(device), fold_bn=True)
+    return load_for_inference(path, device)
 
 
 def get_worker_model(model: str | os.PathLike | None = None, device: str = "auto") -> ModelBundle:
