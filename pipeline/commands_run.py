@@ -54,7 +54,11 @@ def add_run(sub: argparse._SubParsersAction) -> None:
                "  wsi-nuclei run a.svs b.ndpi --out results/ --gzip\n"
                "  wsi-nuclei run slides/ --cluster slurm --cluster-config workflows/slurm/cluster.yaml\n"
                "  wsi-nuclei run scan.tif --mpp 0.25 --no-tissue-mask --cluster none")
-    p.add_argument("paths", nargs="+", help="slide files and/or folders of slides")
+    p.add_argument("paths", nargs="+",
+                   help="slide files and/or folders of slides (searched recursively)")
+    p.add_argument("--name", default=None,
+                   help="output folder name under OUT for a single slide (the workflows pass the "
+                        "name from their slide list; default: see README, 'Outputs')")
     _add_run_options(p)
     p.set_defaults(func=run_command)
 
@@ -103,36 +107,43 @@ def executor_for(args: argparse.Namespace, model: str, device: str) -> Iterator[
 
 def run_command(args: argparse.Namespace) -> int:
     from models.checkpoints import default_model
+    from pipeline.discovery import slides_to_run
     from pipeline.run import RunConfig, process_slide
-    from pipeline.slide import find_slides
 
-    slides = find_slides(args.paths)
-    if not slides:
-        raise FileNotFoundError(f"no slide files found in {' '.join(args.paths)}")
+    slides = slides_to_run(args.paths, args.out, args.name)
     cfg = RunConfig(model=args.model or default_model(), out=args.out, tile_size=args.tile_size,
                     batch_size=args.batch_size, mpp=args.mpp, device=args.device, gzip=args.gzip,
                     overwrite=args.overwrite, tissue_mask=not args.no_tissue_mask)
     outcomes = []
     with executor_for(args, cfg.model, cfg.device) as executor:
-        for path in slides:
-            with tqdm(total=0, desc=Path(path).name[:30], unit="tile", file=sys.stderr) as bar:
+        for path, name in slides.items():
+            with tqdm(total=0, desc=name[:30], unit="tile", file=sys.stderr) as bar:
                 def progress(done: int, total: int, bar: tqdm = bar) -> None:
                     bar.total = total
                     bar.n = done
                     bar.refresh()
 
-                outcomes.append(process_slide(path, cfg, executor, progress))
+                outcomes.append(process_slide(path, cfg, executor, progress, name))
     _print_table(outcomes)
     return EXIT_FAILED if any(o.status != "done" for o in outcomes) else EXIT_OK
 
 
 def _print_table(outcomes: list[Any]) -> None:
-    print(f"{'slide':<40}{'nuclei':>10}{'time (s)':>10}  status")
+    from pipeline.discovery import slide_id
+
+    def label(o: Any) -> str:  # same-named slides: the output folder tells them apart
+        folder = Path(o.out_dir).name if o.out_dir else slide_id(o.slide)
+        return Path(o.slide).name + ("" if folder == slide_id(o.slide) else f" -> {folder}/")
+
+    width = max([40, *(len(label(o)) + 2 for o in outcomes)])
+    print(f"{'slide':<{width}}{'nuclei':>10}{'time (s)':>10}  status")
     for o in outcomes:
         status = "done (skipped: already done)" if o.skipped else o.status
+        if o.note:
+            status += f"; {o.note}"
         if o.error:
             status += f": {o.error}"
-        print(f"{Path(o.slide).name[:39]:<40}{o.nuclei:>10}{o.seconds:>10.1f}  {status}")
+        print(f"{label(o):<{width}}{o.nuclei:>10}{o.seconds:>10.1f}  {status}")
 
 
 def demo_command(args: argparse.Namespace) -> int:

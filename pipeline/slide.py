@@ -41,19 +41,18 @@ import threading
 import uuid
 import xml.etree.ElementTree as ET
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.discovery import slide_id
 from pipeline.errors import ConfigError, MissingMppError, SlideReadError
 from pipeline.types import Box, Level, ReadPlan, SlideInfo
 
 log = logging.getLogger(__name__)
 
-SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif",
-                    ".svslide", ".dcm", ".qptiff")
 MEMORY_SCHEME = "memory://"
 # OpenSlide's read buffer is w*h uint32 from ctypes; large reads are split into chunks
 MAX_READ = 4096
@@ -63,15 +62,6 @@ ANCHOR = 512
 MEMORY_COARSEST = 1024
 
 PixelFn = Callable[[int, Box], np.ndarray]
-
-
-def slide_id_of(path: str | Path) -> str:
-    """Output folder name: file stem without ``.ome`` (``x.ome.tif`` -> ``x``)."""
-    name = Path(str(path)).name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
 
 
 # --------------------------------------------------------------------------- readers
@@ -177,7 +167,7 @@ class OpenSlideReader(SlideReader):
         bounds = (int(props.get(openslide.PROPERTY_NAME_BOUNDS_X) or 0),
                   int(props.get(openslide.PROPERTY_NAME_BOUNDS_Y) or 0))
         w0, h0 = slide.dimensions
-        return SlideInfo(path=self.path, slide_id=slide_id_of(self.path), width=int(w0),
+        return SlideInfo(path=self.path, slide_id=slide_id(self.path), width=int(w0),
                          height=int(h0), mpp=mpp, levels=levels, backend=self.backend,
                          vendor=props.get(openslide.PROPERTY_NAME_VENDOR) or "",
                          bounds_xy=bounds, properties=props)
@@ -340,7 +330,7 @@ class TiffFileReader(SlideReader):
                  if tag.name in ("ImageDescription", "Software", "Make", "Model", "DateTime",
                                  "XResolution", "YResolution", "ResolutionUnit")}
         props["tifffile.series-axes"] = series.axes
-        return SlideInfo(path=self.path, slide_id=slide_id_of(self.path), width=int(w0),
+        return SlideInfo(path=self.path, slide_id=slide_id(self.path), width=int(w0),
                          height=int(h0), mpp=mpp, levels=tuple(levels), backend=self.backend,
                          vendor="ome-tiff" if tiff.is_ome else "tiff", properties=props)
 
@@ -591,36 +581,6 @@ def _one_line(exc: BaseException) -> str:
 def _is_ome_generic_tiff(info: SlideInfo) -> bool:
     return info.vendor == "generic-tiff" and "<OME" in info.properties.get(
         "tiff.ImageDescription", "")
-
-
-def find_slides(paths: Iterable[str | Path]) -> list[Path]:
-    """Slide files among ``paths``: files as given, folders scanned (not recursively).
-
-    Folder scans are flat on purpose: slide formats with companion folders (MRXS data
-    folders, VMS tiles) would otherwise be entered, and a batch folder is usually flat.
-    Hidden files (``._x.svs`` from macOS) are skipped in scans. DICOM is kept simple:
-    every ``.dcm`` file is listed, so a folder should hold one file per DICOM slide.
-    Sorted and deduplicated (by resolved path); ``FileNotFoundError`` names a path
-    that does not exist.
-    """
-    found: dict[Path, Path] = {}
-    for item in paths:
-        p = Path(item)
-        if not p.exists():
-            raise FileNotFoundError(f"{p}: no such file or folder")
-        if p.is_dir() and p.suffix.lower() != ".mrxs":
-            candidates = [c for c in p.iterdir() if c.is_file() and is_slide_name(c.name)
-                          and not c.name.startswith(".")]
-        else:
-            candidates = [p]
-        for c in candidates:
-            found.setdefault(c.resolve(), c)
-    return sorted(found.values(), key=lambda c: str(c))
-
-
-def is_slide_name(name: str) -> bool:
-    """Whether the file name has a slide extension (``.ome.tif`` ends in ``.tif``)."""
-    return name.lower().endswith(SLIDE_EXTENSIONS)
 
 
 # --------------------------------------------------------------------------- plan + reads

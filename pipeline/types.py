@@ -68,7 +68,7 @@ class SlideInfo:
     """What the pipeline needs to know about a slide, without holding it open."""
 
     path: str
-    slide_id: str  # file stem, names the output folder
+    slide_id: str  # pipeline.discovery.slide_id: file name without its slide suffix
     width: int  # level 0
     height: int
     mpp: float | None  # level-0 micrometres per pixel (None: unknown)

@@ -18,7 +18,6 @@ from pipeline.slide import (
     OpenSlideReader,
     SlideReader,
     TiffFileReader,
-    find_slides,
     nominal_downsample,
     open_slide,
     plan_read,
@@ -502,23 +501,6 @@ def test_memory_slide_pyramid_and_registry() -> None:
         slide.read_level(0, Box(-1, 0, 5, 5))
     with pytest.raises(ValueError):
         slide.read_level(3, Box(0, 0, 5, 5))
-
-
-def test_find_slides(tmp_path: Path) -> None:
-    for name in ("b.svs", "a.ome.tif", "c.NDPI", "d.qptiff", "notes.txt", "e.png", "f.mrxs",
-                 "._b.svs"):
-        (tmp_path / name).write_bytes(b"")
-    sub = tmp_path / "sub"
-    sub.mkdir()
-    (sub / "deep.svs").write_bytes(b"")
-    found = find_slides([tmp_path, tmp_path / "b.svs", sub / "deep.svs"])
-    names = [p.name for p in found]
-    assert set(names) == {"a.ome.tif", "b.svs", "c.NDPI", "d.qptiff", "f.mrxs", "deep.svs"}
-    assert len(found) == len(set(p.resolve() for p in found))
-    assert found == sorted(found, key=str)
-    with pytest.raises(FileNotFoundError, match="nope"):
-        find_slides([tmp_path / "nope"])
-    assert find_slides([sub]) == [sub / "deep.svs"]
 
 
 def test_concurrent_reads_from_threads(slides_dir: Path) -> None:

@@ -2,8 +2,10 @@
 ``open_client`` on a real SLURM.
 
 ``wsi-nuclei run`` is replaced by a stand-in (WSI_NUCLEI_CMD / Snakemake ``command``) that
-records its arguments and environment in OUT/<slide>/summary.json: these tests check the
-workflow mechanics (which slide each task gets, the flags, resume, logs). The real
+parses its arguments with the real ``wsi-nuclei`` parser, picks each slide's output folder
+with the real naming code (``pipeline.discovery.slides_to_run``, as ``run_command`` does) and
+records its arguments and environment in OUT/<name>/summary.json: these tests check the
+workflow mechanics (which slide each task gets, the flags, the folder names, resume, logs). The real
 ``wsi-nuclei run`` through ``--cluster slurm`` and array.sbatch is tested in
 test_distributed.py. Tests marked ``slurm`` submit small jobs (1 CPU, <= 2 GB) to the
 single-node SLURM of ../shared/hpc/slurm-up.sh and cancel them at the end.
@@ -11,6 +13,7 @@ single-node SLURM of ../shared/hpc/slurm-up.sh and cancel them at the end.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,11 +24,13 @@ from pathlib import Path
 
 import pytest
 from slurm_fixtures import Slurm, slurm_fixture  # noqa: F401  (the "slurm" fixture)
+from tiny_slides import MODEL, TILE, results, write_slides
 
 from models.checkpoints import save
 from models.config import NetConfig, TargetConfig, WatershedParams
 from models.network import NucleusNet
 from pipeline.cluster import ClusterConfig, cluster_config_from, get_worker_model, open_client, register_model
+from pipeline.discovery import slides_to_run
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -35,18 +40,19 @@ TESTS = Path(__file__).resolve().parent
 STAND_IN = '''
 import json, os, sys
 from pathlib import Path
+from pipeline.cli import build_parser
+from pipeline.discovery import slides_to_run
 argv = sys.argv[1:]
 assert argv[0] == "run", argv
-out = Path(argv[argv.index("--out") + 1])
-slides = argv[1:argv.index("--model")]
+args = build_parser().parse_args(argv)
 env = {k: os.environ.get(k) for k in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_CPUS_PER_TASK",
                                       "OMP_NUM_THREADS", "PROLOGUE_RAN")}
-for slide in slides:
-    if "fail" in Path(slide).name:
+for slide, name in slides_to_run(args.paths, args.out, args.name).items():
+    if "fail" in slide.name:
         sys.exit(3)
-    folder = out / Path(slide).stem
+    folder = Path(args.out) / name
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "summary.json").write_text(json.dumps({"status": "done", "slide": slide,
+    (folder / "summary.json").write_text(json.dumps({"status": "done", "slide": str(slide),
                                                      "argv": argv, "env": env}))
 '''
 
@@ -97,49 +103,81 @@ def test_scripts_are_executable_and_shellcheck_clean() -> None:
     _run(["shellcheck", "-x", *map(str, scripts), str(ci_script)])
 
 
+def _sha8(path: Path) -> str:
+    """The documented suffix of same-named slides: SHA-1 of the resolved path, 8 hex digits."""
+    return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+
+
 def test_make_slide_list(slides: Path, tmp_path: Path) -> None:
     proc = _run([str(SLURM_DIR / "make-slide-list.sh"), str(slides)])
-    lines = proc.stdout.splitlines()
-    # absolute, sorted (C locale), recursive, extensions case-insensitive, others ignored
-    assert lines == [str((slides / "b-slide.svs").resolve()),
-                     str((slides / "batch2" / "a-slide.ome.TIFF").resolve())]
+    # NAME<TAB>absolute path, sorted by path, recursive, extensions case-insensitive, others
+    # ignored; x.ome.TIFF is named x, as wsi-nuclei run names it
+    assert proc.stdout.splitlines() == [f"b-slide\t{slides / 'b-slide.svs'}",
+                                        f"a-slide\t{slides / 'batch2' / 'a-slide.ome.TIFF'}"]
     only_svs = _run([str(SLURM_DIR / "make-slide-list.sh"), str(slides)], env={"SLIDE_EXTENSIONS": "svs"})
-    assert only_svs.stdout.splitlines() == [str((slides / "b-slide.svs").resolve())]
+    assert only_svs.stdout.splitlines() == [f"b-slide\t{slides / 'b-slide.svs'}"]
     empty = tmp_path / "empty"
     empty.mkdir()
     failed = _run([str(SLURM_DIR / "make-slide-list.sh"), str(empty)], check=False)
     assert failed.returncode != 0 and "no slides" in failed.stderr
     assert _run([str(SLURM_DIR / "make-slide-list.sh")], check=False).returncode == 2
-    (slides / "batch2" / "b-slide.ndpi").write_text("x")  # same stem as b-slide.svs
-    clash = _run([str(SLURM_DIR / "make-slide-list.sh"), str(slides)], check=False)
-    assert clash.returncode == 1 and "share a name" in clash.stderr and "b-slide" in clash.stderr
+    other = slides / "batch2" / "b-slide.ndpi"  # the same name as b-slide.svs: told apart
+    other.write_text("x")
+    both = _run([str(SLURM_DIR / "make-slide-list.sh"), str(slides)]).stdout.splitlines()
+    assert f"b-slide-{_sha8(slides / 'b-slide.svs')}\t{slides / 'b-slide.svs'}" in both
+    assert f"b-slide-{_sha8(other)}\t{other}" in both
 
 
 def test_array_task_runs_its_line(slides: Path, tmp_path: Path, stand_in: str) -> None:
     """array.sbatch outside SLURM with SLURM_ARRAY_TASK_ID set: the slide-list mechanics."""
     listing = tmp_path / "slides.txt"
     listing.write_text(_run([str(SLURM_DIR / "make-slide-list.sh"), str(slides)]).stdout)
-    second = listing.read_text().splitlines()[1]
+    name, second = listing.read_text().splitlines()[1].split("\t")
+    assert name == "a-slide"
     out = tmp_path / "out"
     env = {"SLIDES": str(listing), "OUT": str(out), "MODEL": "/models/m.pt", "WSI_NUCLEI_CMD": stand_in,
            "SLURM_ARRAY_TASK_ID": "2", "SLURM_CPUS_PER_TASK": "3",
            "WSI_NUCLEI_ARGS": "--tile-size 512 --gzip",
            "WSI_NUCLEI_PROLOGUE": "export PROLOGUE_RAN=yes"}
     _run(["bash", str(SLURM_DIR / "array.sbatch")], env=env)
-    summary = _summary(out, Path(second).stem)
+    summary = _summary(out, name)
     assert summary["slide"] == second
-    assert summary["argv"] == ["run", second, "--model", "/models/m.pt", "--out", str(out), "--cluster",
-                               "local", "--workers", "3", "--tile-size", "512", "--gzip"]
+    assert summary["argv"] == ["run", second, "--name", name, "--model", "/models/m.pt", "--out", str(out),
+                               "--cluster", "local", "--workers", "3", "--tile-size", "512", "--gzip"]
     assert summary["env"]["PROLOGUE_RAN"] == "yes" and summary["env"]["OMP_NUM_THREADS"] == "1"
     # done -> skipped without running the command (the stand-in would rewrite the file)
-    (out / Path(second).stem / "summary.json").write_text(json.dumps({"status": "done", "marker": 1}))
+    (out / name / "summary.json").write_text(json.dumps({"status": "done", "slide": second, "marker": 1}))
     again = _run(["bash", str(SLURM_DIR / "array.sbatch")], env=env)
     assert "already done" in again.stdout
-    assert _summary(out, Path(second).stem) == {"status": "done", "marker": 1}
+    assert _summary(out, name) == {"status": "done", "slide": second, "marker": 1}
+    # another slide's "done" is no reason to skip: wsi-nuclei run decides (it refuses the folder)
+    (out / name / "summary.json").write_text(json.dumps({"status": "done", "slide": "/elsewhere/a.svs"}))
+    third = _run(["bash", str(SLURM_DIR / "array.sbatch")], env=env)
+    assert "already done" not in third.stdout and _summary(out, name)["slide"] == second
     # a line past the end of the list is an error, not a silent success
     missing = _run(["bash", str(SLURM_DIR / "array.sbatch")], env={**env, "SLURM_ARRAY_TASK_ID": "9"},
                    check=False)
     assert missing.returncode == 2 and "line 9" in missing.stderr
+
+
+def test_array_names_bare_paths_as_the_cli(tmp_path: Path, stand_in: str) -> None:
+    """A hand-made list of bare paths: each task names its slide among the list's paths,
+    as ``wsi-nuclei run`` names the same slides (same-named slides told apart)."""
+    root = tmp_path / "slides"
+    paths = [root / "c" / "x.ome.tif", root / "a" / "slide.tif", root / "b" / "slide.tif"]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    listing = tmp_path / "slides.txt"
+    listing.write_text("".join(f"{p}\n" for p in paths))
+    out = tmp_path / "out"
+    for task in range(1, len(paths) + 1):
+        _run(["bash", str(SLURM_DIR / "array.sbatch")],
+             env={"SLIDES": str(listing), "OUT": str(out), "WSI_NUCLEI_CMD": stand_in,
+                  "WSI_NUCLEI_PYTHON": sys.executable, "SLURM_ARRAY_TASK_ID": str(task)})
+    written = {folder.name: _summary(out, folder.name)["slide"] for folder in out.iterdir()}
+    assert written == {name: str(path) for path, name in slides_to_run([root], out).items()}
+    assert sorted(written) == sorted(["x", f"slide-{_sha8(paths[1])}", f"slide-{_sha8(paths[2])}"])
 
 
 def _fake_sbatch(tmp_path: Path) -> str:
@@ -210,13 +248,50 @@ def test_snakemake_local_runs_each_slide_once(slides: Path, tmp_path: Path, stan
     out = tmp_path / "out"
     args = _snakemake_args(slides, out, stand_in, "local")
     _run(args, cwd=tmp_path)
-    assert _summary(out, "b-slide")["argv"][:2] == ["run", str((slides / "b-slide.svs").resolve())]
-    assert _summary(out, "a-slide.ome")["argv"][-4:] == ["--cluster", "local", "--workers", "1"]
+    assert _summary(out, "b-slide")["argv"][:4] == ["run", str(slides / "b-slide.svs"), "--name", "b-slide"]
+    assert _summary(out, "a-slide")["argv"][-4:] == ["--cluster", "local", "--workers", "1"]
     again = _run(args, cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr  # resume: finished slides skipped
-    (out / "a-slide.ome" / "summary.json").unlink()
+    (out / "a-slide" / "summary.json").unlink()
     third = _run(args, cwd=tmp_path)
     assert "1 of 2 steps" in third.stdout + third.stderr  # only the missing slide (+ 'all')
+
+
+@pytest.mark.slow
+def test_cli_snakemake_and_array_name_slides_alike(tmp_path: Path) -> None:
+    """The real ``wsi-nuclei run`` three ways on an OME-TIFF and two same-named slides:
+    the folders the CLI writes are those Snakemake waits for (no MissingOutputException)
+    and those array.sbatch checks, each with its own slide and count."""
+    root = tmp_path / "slides"
+    a, b, ome = write_slides(root, ["a/slide.tif", "b/slide.tif", "c/x.ome.tif"])
+    cli = f"{sys.executable} -m pipeline.cli"
+    extra = f"--cluster none --tile-size {TILE} --device cpu"  # after the workflows' --cluster local
+
+    _run([*cli.split(), "--quiet", "run", str(root), "--out", str(tmp_path / "cli"), "--model", MODEL,
+          *extra.split()])
+    expected = results(tmp_path / "cli")
+    assert sorted(expected) == sorted(["x", f"slide-{_sha8(a)}", f"slide-{_sha8(b)}"])
+    assert {v[0] for v in expected.values()} == {str(a), str(b), str(ome)}
+    assert all(v[1] == "done" and v[2] > 0 for v in expected.values())
+
+    snake_out = tmp_path / "snakemake"
+    _run([*_snakemake(), "-s", str(WORKFLOWS / "Snakefile"), "--workflow-profile",
+          str(WORKFLOWS / "profile" / "local"), "--config", f"slides={root}", f"out={snake_out}",
+          f"command={cli}", "threads=1", "mem_mb=2000", "runtime_min=10", f"model={MODEL}",
+          f"extra={extra}"], cwd=tmp_path)
+    assert results(snake_out) == expected
+
+    listing = tmp_path / "slides.txt"
+    listing.write_text(_run([str(SLURM_DIR / "make-slide-list.sh"), str(root)]).stdout)
+    array_out = tmp_path / "array"
+    for task in range(1, 4):
+        _run(["bash", str(SLURM_DIR / "array.sbatch")],
+             env={"SLIDES": str(listing), "OUT": str(array_out), "MODEL": MODEL, "WSI_NUCLEI_CMD": cli,
+                  "WSI_NUCLEI_ARGS": extra, "SLURM_ARRAY_TASK_ID": str(task)})
+    assert results(array_out) == expected
+    again = _run(["bash", str(SLURM_DIR / "array.sbatch")],  # the resume shortcut finds the folder
+                 env={"SLIDES": str(listing), "OUT": str(array_out), "SLURM_ARRAY_TASK_ID": "3"})
+    assert "already done" in again.stdout
 
 
 # ------------------------------------------------------------------------- real SLURM
@@ -276,15 +351,17 @@ def test_array_job_one_task_per_slide(slurm: Slurm, slides: Path, tmp_path: Path
     listing = tmp_path / "slides.txt"
     listing.write_text(_run([str(SLURM_DIR / "make-slide-list.sh"), str(slides)]).stdout)
     lines = listing.read_text().splitlines()
+    rows = [line.split("\t") for line in lines]  # name, path
     out = tmp_path / "out"
     sbatch_opts = ["-p", slurm.partition, "--cpus-per-task=1", "--mem=500M", "--time=00:05:00",
                    "--job-name=wsi-nuclei-array-test"]
-    env = {"WSI_NUCLEI_CMD": stand_in, "MAX_PARALLEL": "2"}
+    # WSI_NUCLEI_PYTHON names the bare path line of the second list
+    env = {"WSI_NUCLEI_CMD": stand_in, "MAX_PARALLEL": "2", "WSI_NUCLEI_PYTHON": sys.executable}
     submit = [str(SLURM_DIR / "submit-array.sh"), str(listing), str(out), "dense.pt", *sbatch_opts]
     job = slurm.track(_run(submit, env=env, cwd=tmp_path).stdout)
     slurm.wait_gone(job)
-    for task, slide in enumerate(lines, start=1):
-        summary = _summary(out, Path(slide).stem)
+    for task, (name, slide) in enumerate(rows, start=1):
+        summary = _summary(out, name)
         assert summary["slide"] == slide
         assert summary["env"]["SLURM_ARRAY_TASK_ID"] == str(task)
         assert summary["env"]["SLURM_CPUS_PER_TASK"] == "1"
@@ -292,13 +369,14 @@ def test_array_job_one_task_per_slide(slurm: Slurm, slides: Path, tmp_path: Path
         log = out / "logs" / f"wsi-nuclei-array-test_{job}_{task}.log"
         assert log.is_file() and f"task {task}/2" in log.read_text()
     # re-submitting skips the finished slides (resume), and a failing slide fails alone
-    (out / Path(lines[0]).stem / "summary.json").write_text(json.dumps({"status": "done", "kept": True}))
+    kept = {"status": "done", "slide": rows[0][1], "kept": True}
+    (out / rows[0][0] / "summary.json").write_text(json.dumps(kept))
     failing = slides / "will-fail.svs"
     failing.write_text("x")
     listing.write_text(f"{lines[0]}\n{failing}\n")
     job2 = slurm.track(_run(submit, env=env, cwd=tmp_path).stdout)
     slurm.wait_gone(job2)
-    assert _summary(out, Path(lines[0]).stem) == {"status": "done", "kept": True}
+    assert _summary(out, rows[0][0]) == kept
     assert "already done" in (out / "logs" / f"wsi-nuclei-array-test_{job2}_1.log").read_text()
     assert not (out / "will-fail").exists()
 
@@ -312,5 +390,5 @@ def test_snakemake_slurm_executor(slurm: Slurm, slides: Path, tmp_path: Path, st
         "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
         "--slurm-no-account"]
     _run(args, cwd=tmp_path)  # Snakemake cancels its own jobs if it fails
-    for slide_id in ("b-slide", "a-slide.ome"):
+    for slide_id in ("b-slide", "a-slide"):
         assert _summary(out, slide_id)["env"]["SLURM_JOB_ID"], "ran inside a SLURM job"

@@ -1,38 +1,20 @@
 #!/usr/bin/env bash
-# List the whole-slide images under one or more folders, one absolute path per line,
-# sorted, for array.sbatch / submit-array.sh (slide names must be unique):
+# List the whole-slide images of files and folders for array.sbatch / submit-array.sh, one
+# "NAME<TAB>PATH" line per slide (absolute path, sorted by path):
 #   workflows/slurm/make-slide-list.sh /data/cohort1 [/data/cohort2 ...] > slides.txt
-# Folders are searched recursively (symlinks followed). Recognised extensions (case-
+# NAME is the slide's output folder, OUT/NAME/, named as 'wsi-nuclei run' names it (the
+# rules live in pipeline/discovery.py; this script only calls them): folders are searched
+# recursively (symlinks followed; hidden and *.zarr folders skipped), x.ome.tif -> x, and
+# slides that share a name get NAME-<hash of the path>. Recognised extensions (case-
 # insensitive) can be replaced with SLIDE_EXTENSIONS="svs ndpi". Line i of the list is
 # array task i, so do not edit the list while an array that uses it is queued.
+# WSI_NUCLEI_PYTHON: the Python to run (default python3; only its standard library is used).
 set -euo pipefail
 
-[ $# -ge 1 ] || { echo "usage: $(basename "$0") DIR [DIR...] > slides.txt" >&2; exit 2; }
-read -r -a exts <<<"${SLIDE_EXTENSIONS:-svs tif tiff ndpi mrxs scn vms vmu bif svslide}"
-
-expr=()
-for ext in "${exts[@]}"; do
-  [ ${#expr[@]} -eq 0 ] || expr+=(-o)
-  expr+=(-iname "*.${ext#.}")
-done
-
-for dir in "$@"; do
-  [ -d "$dir" ] || { echo "$(basename "$0"): not a folder: $dir" >&2; exit 2; }
-done
-
-list=$(for dir in "$@"; do
-  root=$(cd "$dir" && pwd -P)
-  find -L "$root" -type f \( "${expr[@]}" \) -print
-done | LC_ALL=C sort -u)
-
-if [ -z "$list" ]; then
-  echo "$(basename "$0"): no slides (${exts[*]}) under $*" >&2
-  exit 1
-fi
-# the output folder is OUT/<file stem>: two slides with one stem would overwrite each other
-dups=$(printf '%s\n' "$list" | sed 's|.*/||; s|\.[^.]*$||' | LC_ALL=C sort | uniq -d)
-if [ -n "$dups" ]; then
-  echo "$(basename "$0"): several slides share a name (their outputs would collide): ${dups//$'\n'/ }" >&2
-  exit 1
-fi
-printf '%s\n' "$list"
+[ $# -ge 1 ] || { echo "usage: $(basename "$0") PATH [PATH...] > slides.txt" >&2; exit 2; }
+root=$(cd "$(dirname "$0")/../.." && pwd -P)
+suffixes=()
+[ -z "${SLIDE_EXTENSIONS:-}" ] || suffixes=(--suffixes "$SLIDE_EXTENSIONS")
+# this checkout's pipeline/discovery.py, whichever environment is active
+PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" exec "${WSI_NUCLEI_PYTHON:-python3}" -m pipeline.discovery \
+  list ${suffixes[@]+"${suffixes[@]}"} -- "$@"
