@@ -13,8 +13,9 @@ half to even where ``read_region`` rounds half up: at most one grey level on exa
 
 Instances are post-processed at model resolution and brought back to the native labels'
 grid by nearest neighbour, as ``pipeline.run.write_label_block`` does (native pixel y takes
-model pixel floor((y + 0.5) / scale)), so that scores are always against the original
-annotations and comparable across resolutions. The semantic Dice and the regression MSE
+model pixel floor((y + 0.5) / scale); below 1, nuclei that this splits are bridged,
+``pipeline.label_sampling``), so that scores are always against the original annotations
+and comparable across resolutions. The semantic Dice and the regression MSE
 describe the raw network outputs and are computed at model resolution against the native
 labels sampled by the opposite nearest map (model pixel i takes native pixel
 floor((i + 0.5) * scale), which is :func:`models.data.downsample_labels` for an integer k).
@@ -83,8 +84,9 @@ def upsample_labels(labels: np.ndarray, factor: float, shape: tuple[int, int]) -
     pixel (i, j) covers native ``[i*f, (i+1)*f) x [j*f, (j+1)*f)``, and native rows/columns
     dropped by the downsampling (the remainder of H/f) stay background. Any other factor
     (the scale of a pipeline read) maps native pixel y to model pixel
-    floor((y + 0.5) / factor), with ``pipeline.run.block_rows`` as the pipeline's label
-    writer does, so that a folder is scored as the pipeline would label it."""
+    floor((y + 0.5) / factor), and below 1 bridges nuclei that this sampling splits, with
+    ``pipeline.label_sampling`` as the pipeline's label writer does, so that a folder is
+    scored as the pipeline would label it."""
     if float(factor).is_integer():
         f = int(factor)
         if f > 1:
@@ -93,11 +95,9 @@ def upsample_labels(labels: np.ndarray, factor: float, shape: tuple[int, int]) -
         h, w = min(shape[0], labels.shape[0]), min(shape[1], labels.shape[1])
         out[:h, :w] = labels[:h, :w]
         return out
-    from pipeline.run import block_rows
+    from pipeline.label_sampling import sample_labels
 
-    rows = block_rows(0, shape[0], float(factor), labels.shape[0])
-    cols = block_rows(0, shape[1], float(factor), labels.shape[1])
-    return labels[np.ix_(rows, cols)]
+    return sample_labels(labels, float(factor), shape).astype(labels.dtype, copy=False)
 
 
 def native_index(n: int, scale: float, limit: int) -> np.ndarray:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.run import TileSummary, _tiles_by_block, block_rows
+from pipeline.label_sampling import model_box
+from pipeline.run import TileSummary, _tiles_by_block
 from pipeline.types import Box
 
 
@@ -14,16 +15,15 @@ def _brute_force(tiles, step, scale, shape, model_shape):
     found = {}
     for y0 in range(0, shape[0], step):
         for x0 in range(0, shape[1], step):
-            rows = block_rows(y0, min(y0 + step, shape[0]), scale, model_shape[0])
-            cols = block_rows(x0, min(x0 + step, shape[1]), scale, model_shape[1])
-            mbox = Box(int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
+            block = Box(y0, x0, min(y0 + step, shape[0]), min(x0 + step, shape[1]))
+            mbox = model_box(block, scale, model_shape)  # what the block's painting reads
             hits = {s.index for s in tiles if s.count and not s.extent.intersect(mbox).is_empty()}
             if hits:
                 found[(y0 // step, x0 // step)] = hits
     return found
 
 
-@pytest.mark.parametrize("scale", [1.0, 2.0, 2.0000874, 0.5, 3.7])
+@pytest.mark.parametrize("scale", [1.0, 2.0, 2.0000874, 0.5, 3.7, 0.37, 0.9901])
 def test_index_is_a_superset_of_the_exact_intersections(scale: float) -> None:
     rng = np.random.default_rng(int(scale * 1000))
     shape = (1900, 2300)  # level 0
