@@ -151,7 +151,7 @@ def _zarr_arrays(path: Path) -> dict[str, np.ndarray]:
             if isinstance(member, zarr.Group):
                 walk(member)
             else:
-                arrays[member.path] = member[...]
+                arrays[member.path] = np.asarray(member[...])  # 0-d strings come back as str
 
     walk(zarr.open_group(str(path), mode="r"))
     return arrays

@@ -1,4 +1,4 @@
-"""Nucleus table (measurements, Parquet + Zarr twin, streaming), preview PNG, summary JSON
+"""Nucleus table (measurements, Parquet + AnnData twin, streaming), preview PNG, summary JSON
 and the atomic file helpers."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -16,7 +17,7 @@ from PIL import Image
 from pipeline.atomic import atomic_path, atomic_write_bytes, atomic_write_text, save_npz_atomic
 from pipeline.writers.preview import NUCLEUS_RGB, TISSUE_RGB, write_preview
 from pipeline.writers.summary import is_done, read_summary, write_summary
-from pipeline.writers.table import COLUMNS, instance_measurements, write_table
+from pipeline.writers.table import COLUMNS, X_COLUMNS, instance_measurements, write_table
 
 
 def _square() -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +88,7 @@ def _tiles(n_tiles: int, per_tile: int) -> list[pd.DataFrame]:
     return frames
 
 
-def test_table_parquet_equals_zarr_columns(tmp_path: Path) -> None:
+def test_table_parquet_equals_anndata(tmp_path: Path) -> None:
     frames = _tiles(5, 7)
     n = write_table(tmp_path, iter(frames), row_group_size=8)
     assert n == 35
@@ -96,13 +97,16 @@ def test_table_parquet_equals_zarr_columns(tmp_path: Path) -> None:
     assert df["id"].tolist() == list(range(1, 36))
     pd.testing.assert_frame_equal(df, pd.concat(frames, ignore_index=True))
     assert pq.ParquetFile(tmp_path / "nuclei.parquet").metadata.num_row_groups == 5  # 8,8,8,8,3
-    group = zarr.open_group(tmp_path / "nuclei.zarr" / "tables" / "nuclei", mode="r")
-    assert group.attrs["instance_key"] == "id" and group.attrs["region"] == "labels/nuclei"
-    assert group.attrs["columns"] == list(COLUMNS) and group.attrs["n_rows"] == 35
-    for col in COLUMNS:
-        arr = group[col]
-        assert arr.shape == (35,) and arr.dtype == df[col].dtype
-        np.testing.assert_array_equal(arr[:], df[col].to_numpy())
+    table = ad.read_zarr(tmp_path / "nuclei.zarr" / "tables" / "nuclei")
+    assert table.n_obs == 35 and list(table.var_names) == list(X_COLUMNS)
+    assert table.obs["id"].dtype == np.uint32 and table.obs["id"].tolist() == df["id"].tolist()
+    np.testing.assert_array_equal(table.X, df[list(X_COLUMNS)].to_numpy())
+    # a bare store has no mpp: obsm["spatial"] is in level-0 pixels, and says so
+    assert table.uns["wsi_nuclei"]["spatial_unit"] == "pixel"
+    np.testing.assert_array_equal(table.obsm["spatial"], df[["centroid_x_px", "centroid_y_px"]])
+    np.testing.assert_array_equal(table.obsm["bbox_px"], df[["bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]])
+    chunks = zarr.open_array(tmp_path / "nuclei.zarr", path="tables/nuclei/X", mode="r").chunks
+    assert chunks == (8, len(X_COLUMNS))  # one chunk per row group
 
 
 def test_table_into_given_store_from_column_dicts(tmp_path: Path) -> None:
@@ -112,9 +116,15 @@ def test_table_into_given_store_from_column_dicts(tmp_path: Path) -> None:
     dicts = [{k: v.to_numpy() for k, v in f.items()} for f in _tiles(2, 4)]
     dicts[1]["id"] = dicts[1]["id"].astype(np.uint64)  # wider ids are narrowed when they fit
     assert write_table(tmp_path / "out", dicts, store=spec) == 8
-    ids = zarr.open_array(spec.path, path="tables/nuclei/id", mode="r")
-    assert ids.dtype == np.uint32 and ids[:].tolist() == list(range(1, 9))
-    assert pd.read_parquet(tmp_path / "out" / "nuclei.parquet")["id"].tolist() == list(range(1, 9))
+    table = ad.read_zarr(Path(spec.path) / "tables" / "nuclei")
+    assert table.obs["id"].dtype == np.uint32 and table.obs["id"].tolist() == list(range(1, 9))
+    df = pd.read_parquet(tmp_path / "out" / "nuclei.parquet")
+    assert df["id"].tolist() == list(range(1, 9))
+    # the store knows its mpp: spatial coordinates in µm, like the labels' NGFF coordinates
+    assert table.uns["wsi_nuclei"]["spatial_unit"] == "micrometer"
+    np.testing.assert_array_equal(table.obsm["spatial"], df[["centroid_x_um", "centroid_y_um"]])
+    meta = pq.read_schema(tmp_path / "out" / "nuclei.parquet").metadata
+    assert json.loads(meta[b"wsi_nuclei"])["mpp"] == 0.5
 
 
 def test_table_streams_row_groups(tmp_path: Path) -> None:
@@ -124,8 +134,8 @@ def test_table_streams_row_groups(tmp_path: Path) -> None:
     def frames():
         for i, frame in enumerate(_tiles(6, 5)):
             if i == 4:  # 20 rows already yielded, row group 6 -> >= 3 groups flushed
-                ids = zarr.open_array(tmp_path / "nuclei.zarr", path="tables/nuclei/id", mode="r")
-                seen.append(ids.shape[0])
+                x = zarr.open_array(tmp_path / "nuclei.zarr", path="tables/nuclei/X", mode="r")
+                seen.append(x.shape[0])
             yield frame
 
     assert write_table(tmp_path, frames(), row_group_size=6) == 30

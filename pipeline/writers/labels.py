@@ -14,7 +14,8 @@ Store layout (``<out>/nuclei.zarr``)::
     labels/zarr.json     ome: {version: "0.5", labels: ["nuclei"]}
     labels/nuclei/       ome: {version, multiscales, image-label{version, source, colors?}}
       s0 .. sN           uint32 instance ids (0 = background), chunks (C, C)
-    tables/nuclei/       per-nucleus columns (pipeline.writers.table), instance_key "id"
+    tables/nuclei/       AnnData table, one row per label id, SpatialData table attributes
+                         (region "nuclei", instance_key "id"; pipeline.writers.table)
 
 Why the tissue mask is the root image: NGFF labels live inside an image group and need
 the same number of levels as that image. We do not copy the H&E pixels, so the tissue mask
