@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
+from pipeline.overview import reduced_level
 from pipeline.types import Box, SlideInfo
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ MIN_OBJECT_UM2 = 10_000.0  # ~100 x 100 µm: smaller bits are dust or debris
 MIN_HOLE_UM2 = 10_000.0
 MIN_OBJECT_PX = 16  # the same in mask pixels when the mpp is unknown
 MIN_HOLE_PX = 16
-READ_CHUNK = 2048  # level pixels per read, keeps memory flat on single-level slides
 
 
 @dataclass
@@ -110,21 +110,6 @@ def full_mask(info: SlideInfo) -> TissueMask:
     return TissueMask(np.ones(shape, dtype=bool), float(step))
 
 
-def _box_mean(rgb: np.ndarray, f: int) -> np.ndarray:
-    """f x f box average (partial edge blocks average the pixels they have), float32."""
-    if f == 1:
-        return rgb.astype(np.float32)
-    h, w = rgb.shape[:2]
-    hh, ww = -(-h // f), -(-w // f)
-    padded = np.zeros((hh * f, ww * f, 3), dtype=np.float32)
-    padded[:h, :w] = rgb
-    count = np.zeros((hh * f, ww * f), dtype=np.float32)
-    count[:h, :w] = 1
-    s = padded.reshape(hh, f, ww, f, 3).sum(axis=(1, 3))
-    n = count.reshape(hh, f, ww, f).sum(axis=(1, 3))
-    return s / n[..., None]
-
-
 def mask_resolution(info: SlideInfo, target_um_per_px: float = TARGET_UM_PER_PX,
                     target_width: int = TARGET_WIDTH_PX, max_side: int = MAX_MASK_SIDE) -> float:
     """Level-0 pixels per mask pixel wanted: ``target_um_per_px`` when the mpp is known,
@@ -135,37 +120,6 @@ def mask_resolution(info: SlideInfo, target_um_per_px: float = TARGET_UM_PER_PX,
     else:
         target = info.width / target_width
     return max(1.0, target, max(info.width, info.height) / max_side)
-
-
-def _low_res_saturation(reader: SlideReader, info: SlideInfo, target: float,
-                        max_side: int) -> tuple[np.ndarray, float]:
-    """HSV saturation at about ``target`` level-0 pixels per pixel, and the exact value.
-
-    Reads the coarsest level at least that fine and box-averages it further by an integer
-    factor (rounded down, unless that breaks ``max_side``), chunk by chunk: saturation per
-    chunk keeps memory at one float per mask pixel. The level's nominal downsample is used
-    (4 for a level of floor(W / 4) px that OpenSlide reports as 4.016), so mask pixels line
-    up with level-0 pixels.
-    """
-    from pipeline.slide import nominal_downsample
-
-    downsamples = [nominal_downsample(info, i) for i in range(len(info.levels))]
-    level = 0
-    for i, ds in enumerate(downsamples):
-        if ds <= target * (1 + 1e-3) and ds >= downsamples[level]:
-            level = i
-    lv = info.levels[level]
-    f = max(1, int(math.floor(target / downsamples[level] + 1e-3)),
-            math.ceil(max(lv.width, lv.height) / max_side))
-    step = max(f, READ_CHUNK // f * f)  # chunks aligned to the averaging blocks
-    rows = []
-    for y in range(0, lv.height, step):
-        row = []
-        for x in range(0, lv.width, step):
-            box = Box(y, x, min(y + step, lv.height), min(x + step, lv.width))
-            row.append(saturation(_box_mean(reader.read_level(level, box), f)))
-        rows.append(np.concatenate(row, axis=1))
-    return np.concatenate(rows, axis=0), downsamples[level] * f
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
@@ -198,7 +152,7 @@ def tissue_mask(reader: SlideReader, target_um_per_px: float = TARGET_UM_PER_PX,
 
     info = reader.info
     target = mask_resolution(info, target_um_per_px, target_width, max_side)
-    sat, per_px = _low_res_saturation(reader, info, target, max_side)
+    sat, per_px = reduced_level(reader, target, max_side, saturation)  # chunked reads
     sat = ndimage.uniform_filter(sat, size=3, mode="nearest")
     if float(sat.max() - sat.min()) > 1e-3:
         otsu = float(threshold_otsu(sat))

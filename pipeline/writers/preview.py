@@ -19,7 +19,9 @@ from pipeline.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NUCLEUS_RGB", "TISSUE_RGB", "write_preview"]
+__all__ = ["NUCLEUS_RGB", "PREVIEW_SIDE", "TISSUE_RGB", "write_preview"]
+
+PREVIEW_SIDE = 2048  # px, the preview's long side (at most)
 
 NUCLEUS_RGB = (0, 255, 0)  # green: visible on pink/purple H&E
 TISSUE_RGB = (0, 90, 255)  # blue tissue contour

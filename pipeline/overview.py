@@ -1,0 +1,80 @@
+"""Whole-slide overviews at low resolution, read chunk by chunk with bounded memory.
+
+Why: the tissue mask and the preview each need the whole slide at a few µm per pixel. A
+single-level 60k x 80k TIFF has no coarse level: reading its "coarsest level" whole would
+take ~14 GB. Here the coarsest level at least as fine as wanted is read in chunks of
+``READ_CHUNK`` level pixels, and each chunk is box-averaged by an integer factor before
+the next is read, so memory is one overview plus one chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from pipeline.types import Box
+
+READ_CHUNK = 2048  # level pixels per read, keeps memory flat on single-level slides
+
+__all__ = ["READ_CHUNK", "box_mean", "reduced_level", "slide_overview"]
+
+
+def box_mean(rgb: np.ndarray, f: int) -> np.ndarray:
+    """f x f box average (partial edge blocks average the pixels they have), float32."""
+    if f == 1:
+        return rgb.astype(np.float32)
+    h, w = rgb.shape[:2]
+    hh, ww = -(-h // f), -(-w // f)
+    padded = np.zeros((hh * f, ww * f, 3), dtype=np.float32)
+    padded[:h, :w] = rgb[..., :3]
+    count = np.zeros((hh * f, ww * f), dtype=np.float32)
+    count[:h, :w] = 1
+    s = padded.reshape(hh, f, ww, f, 3).sum(axis=(1, 3))
+    n = count.reshape(hh, f, ww, f).sum(axis=(1, 3))
+    return s / n[..., None]
+
+
+def reduced_level(reader: object, target: float, max_side: int,
+                  per_chunk: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, float]:
+    """``per_chunk`` of the slide box-averaged to about ``target`` level-0 px per pixel
+    (float32 RGB in, any per-pixel array out), and the exact level-0 px per pixel.
+
+    The coarsest level at least that fine is read and averaged further by an integer factor
+    (rounded down, unless that breaks ``max_side``). The level's nominal downsample is used
+    (4 for a level of floor(W / 4) px that OpenSlide reports as 4.016), so overview pixels
+    line up with level-0 pixels.
+    """
+    from pipeline.slide import nominal_downsample
+
+    info = reader.info  # type: ignore[attr-defined]
+    downsamples = [nominal_downsample(info, i) for i in range(len(info.levels))]
+    level = 0
+    for i, ds in enumerate(downsamples):
+        if ds <= target * (1 + 1e-3) and ds >= downsamples[level]:
+            level = i
+    lv = info.levels[level]
+    f = max(1, int(math.floor(target / downsamples[level] + 1e-3)),
+            math.ceil(max(lv.width, lv.height) / max_side))
+    step = max(f, READ_CHUNK // f * f)  # chunks aligned to the averaging blocks
+    rows = []
+    for y in range(0, lv.height, step):
+        row = []
+        for x in range(0, lv.width, step):
+            box = Box(y, x, min(y + step, lv.height), min(x + step, lv.width))
+            row.append(per_chunk(box_mean(reader.read_level(level, box), f)))  # type: ignore[attr-defined]
+        rows.append(np.concatenate(row, axis=1))
+    return np.concatenate(rows, axis=0), downsamples[level] * f
+
+
+def _to_uint8(rgb: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def slide_overview(reader: object, max_side: int) -> tuple[np.ndarray, float]:
+    """The slide as uint8 RGB with its long side about ``max_side`` px (never more than
+    ``max_side``; at least level 0's pixels), and the level-0 px per overview pixel."""
+    info = reader.info  # type: ignore[attr-defined]
+    target = max(1.0, max(info.width, info.height) / max_side)
+    return reduced_level(reader, target, max_side, _to_uint8)
