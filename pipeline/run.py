@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from models.checkpoints import default_model
+from pipeline.label_sampling import block_rows as block_rows  # its home; re-exported
+from pipeline.label_sampling import model_box, paint_block
 from pipeline.tiling import DEFAULT_CLUSTER_MARGIN, DEFAULT_TILE_SIZE
 from pipeline.types import Box, ReadPlan, SlideInfo, Tile
 
@@ -62,6 +64,7 @@ class SlidePlan:
     halo: int
     margin: int
     multiple: int
+    device: str = "cpu"  # the kind of device the planning worker's model runs on
 
 
 @dataclass
@@ -74,6 +77,7 @@ class SlideOutcome:
     out_dir: str = ""
     skipped: bool = False
     counters: dict[str, int] = field(default_factory=dict)
+    note: str = ""  # e.g. why a skipped slide's results differ from this run's settings
 
 
 # --------------------------------------------------------------------------- executors
@@ -141,8 +145,9 @@ def prepare_slide(job: PrepareJob) -> SlidePlan:
     tiles = plan_tiles(plan.shape, job.tile_size, halo, cfg.size_multiple, context_margin(cfg))
     kept = tuple(t for t in tiles if tissue.covers(level0_box(t.core, plan.scale)))
 
+    device = next(bundle.net.parameters()).device.type
     return SlidePlan(info, plan, kept, len(tiles), tissue, halo, context_margin(cfg),
-                     cfg.size_multiple)
+                     cfg.size_multiple, device)
 
 
 def level0_box(box: Box, scale: float) -> Box:
@@ -289,31 +294,19 @@ class BlockJob:
     work_dir: str
 
 
-def block_rows(start: int, stop: int, scale: float, limit: int) -> np.ndarray:
-    """Model pixel of each level-0 pixel centre: floor((y + 0.5) / scale)."""
-    idx = np.floor((np.arange(start, stop) + 0.5) / scale).astype(np.int64)
-    return np.clip(idx, 0, limit - 1)
-
-
 def write_label_block(job: BlockJob) -> int:
     """Phase 2: paint one level-0 block with global ids and write it; returns nuclei
-    pixels written (for logging). Only this task writes these chunks."""
+    pixels written (for logging). Only this task writes these chunks. Nearest sampling,
+    plus bridges that keep split nuclei whole when the model is finer than level 0
+    (``pipeline.label_sampling``)."""
     from pipeline.writers.labels import write_block
 
-    rows = block_rows(job.block.y0, job.block.y1, job.scale, job.model_shape[0])
-    cols = block_rows(job.block.x0, job.block.x1, job.scale, job.model_shape[1])
-    mbox = Box(int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
-    canvas = np.zeros(mbox.shape, dtype=np.uint32)
-    for index, extent, offset in job.sources:
-        inter = extent.intersect(mbox)
-        if inter.is_empty():
-            continue
-        with np.load(tile_file(job.work_dir, index)) as f:
-            src = f["labels"][inter.slices((extent.y0, extent.x0))]
-        dst = canvas[inter.slices((mbox.y0, mbox.x0))]
-        mask = src > 0
-        dst[mask] = src[mask].astype(np.uint32) + np.uint32(offset)
-    labels = canvas[np.ix_(rows - mbox.y0, cols - mbox.x0)]
+    def sources() -> Iterator[tuple[np.ndarray, Box, int]]:
+        for index, extent, offset in job.sources:
+            with np.load(tile_file(job.work_dir, index)) as f:
+                yield f["labels"], extent, offset
+
+    labels = paint_block(job.block, job.scale, job.model_shape, job.store.shape, sources())
     write_block(job.store, job.block, labels)
     return int((labels > 0).sum())
 
@@ -333,6 +326,7 @@ class FinalJob:
     origin_shift: tuple[int, int]
     model_name: str
     painted: tuple[Box, ...] = ()  # level-0 label blocks holding nuclei (pyramid scope)
+    model_sha256: str = ""  # recorded in the table metadata
 
 
 def finalize_slide(job: FinalJob) -> dict[str, Any]:
@@ -361,7 +355,9 @@ def finalize_slide(job: FinalJob) -> dict[str, Any]:
                 count += n
                 yield cols
 
-    write_table(out, frames(), store=job.store)
+    write_table(out, frames(), store=job.store, metadata={
+        "slide": job.path, "slide_id": job.slide_id, "model": job.model_name,
+        "model_sha256": job.model_sha256})
     finalize(job.store, name="nuclei", extra_attrs={"wsi-nuclei": {"slide": job.path,
                                                                    "model": job.model_name}})
     preview = out / "preview.png"
@@ -373,34 +369,23 @@ def finalize_slide(job: FinalJob) -> dict[str, Any]:
 def _stream_features(writer: Any, job: FinalJob, tile: Any, cols: dict[str, np.ndarray]) -> None:
     """Write one tile's features: its worker made each nucleus's text, here only the id
     (uuid5 of the global nucleus number) is spliced in. Tiles saved with another origin
-    shift, or cached by a version that stored WKB outlines, are re-made vectorised."""
-    import shapely
+    shift are re-shifted vectorised."""
+    from pipeline.writers.geojson import feature_texts, shift_bodies
 
-    from pipeline.writers.geojson import feature_bodies, feature_texts, shift_bodies
-
-    if "features" in tile.files:
-        bodies = tile["features"].tobytes().decode("ascii").split("\n")
-        done = tuple(float(v) for v in tile["feature_shift"])
-    else:
-        wkb, lengths = tile["wkb"].tobytes(), tile["wkb_lengths"]
-        starts = np.cumsum(lengths) - lengths
-        polygons = shapely.from_wkb([wkb[a:a + b] for a, b in zip(starts, lengths)])
-        bodies, done = feature_bodies(polygons, cols), (0.0, 0.0)
+    bodies = tile["features"].tobytes().decode("ascii").split("\n")
+    done = tuple(float(v) for v in tile["feature_shift"])
     bodies = shift_bodies(bodies, job.origin_shift[0] - done[0], job.origin_shift[1] - done[1])
     writer.write_texts(feature_texts(job.slide_id, cols["id"].tolist(), bodies))
 
 
 def _write_preview(job: FinalJob, path: Path) -> None:
+    from pipeline.overview import slide_overview
     from pipeline.slide import open_slide
     from pipeline.writers.labels import labels_thumbnail
-    from pipeline.writers.preview import write_preview
+    from pipeline.writers.preview import PREVIEW_SIDE, write_preview
 
     with open_slide(job.path, mpp_override=job.mpp_override) as reader:
-        level = len(reader.info.levels) - 1
-        lv = reader.info.levels[level]
-        thumb = reader.read_level(level, Box(0, 0, lv.height, lv.width))
-    step = max(1, int(np.ceil(max(thumb.shape[:2]) / 2048)))
-    thumb = thumb[::step, ::step]
+        thumb, _ = slide_overview(reader, PREVIEW_SIDE)  # chunked: memory stays bounded
     labels_thumb = labels_thumbnail(job.store, thumb.shape[:2])
     tissue = job.tissue.mask
     ty = np.linspace(0, tissue.shape[0] - 1, thumb.shape[0]).astype(int)
@@ -411,35 +396,46 @@ def _write_preview(job: FinalJob, path: Path) -> None:
 # --------------------------------------------------------------------------- per slide
 
 
-def slide_dir(cfg: RunConfig, path: str | Path) -> Path:
-    name = Path(path).name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return Path(cfg.out) / name[: -len(suffix)]
-    return Path(cfg.out) / Path(path).stem
+def slide_dir(cfg: RunConfig, path: str | Path, name: str | None = None) -> Path:
+    """``OUT/<name>``; ``name`` from :func:`pipeline.discovery.output_names` (default: the
+    slide id, right when the slide is the only one of its id in the run)."""
+    from pipeline.discovery import check_name, slide_id
+
+    return Path(cfg.out) / check_name(name if name is not None else slide_id(path))
 
 
 def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
-                  progress: Callable[[int, int], None] | None = None) -> SlideOutcome:
-    """Run one slide through the three phases; never raises for slide errors."""
+                  progress: Callable[[int, int], None] | None = None,
+                  name: str | None = None) -> SlideOutcome:
+    """Run one slide through the three phases; never raises for slide errors.
+
+    A finished slide is skipped (its note says which settings differ from this run's, if
+    any; only ``overwrite`` recomputes it). Partial work of an interrupted run is reused
+    only when its fingerprint equals this run's, and discarded otherwise."""
     from models.checkpoints import load as load_model
+    from pipeline.discovery import owner_conflict
+    from pipeline.fingerprint import settings_fingerprint
     from pipeline.writers.summary import is_done, read_summary, write_summary
 
     path = str(path)
-    out = slide_dir(cfg, path)
+    out = slide_dir(cfg, path, name)
     summary_path = out / "summary.json"
+    conflict = owner_conflict(summary_path, path)
+    if conflict:  # never skipped as done with, nor overwriting, another slide's results
+        log.error("%s: %s", path, conflict)
+        return SlideOutcome(path, "failed", error=conflict, out_dir=str(out))
+    bundle = load_model(cfg.model, "cpu")  # metadata only on the client: name, checksum, mpp
+    settings = settings_fingerprint(cfg, bundle.sha256, bundle.watershed)
     if not cfg.overwrite and is_done(summary_path):
         done = read_summary(summary_path) or {}
         return SlideOutcome(path, "done", int(done.get("nuclei", 0)), 0.0, out_dir=str(out),
-                            skipped=True)
+                            skipped=True, note=_skip_note(done, settings))
     if cfg.overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / WORK_DIR
-    work.mkdir(exist_ok=True)
     started = time.time()
     timings: dict[str, float] = {}
-    bundle = load_model(cfg.model, "cpu")  # metadata only on the client: name, checksum, mpp
     summary: dict[str, Any] = {"slide": path, "status": "running", "model": str(bundle.path),
                                "model_sha256": bundle.sha256, "config": asdict(cfg)}
     try:
@@ -448,6 +444,7 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
                                                         cfg.tissue_mask, cfg.tile_size,
                                                         cfg.cluster_margin))
         timings["prepare_s"] = time.time() - t
+        summary["fingerprint"] = _claim_work_dir(out, path, settings, plan)
         t = time.time()
         tiles = _run_tiles(plan, cfg, executor, str(work), progress)
         timings["inference_s"] = time.time() - t
@@ -460,7 +457,8 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
         final = _one(executor, finalize_slide, FinalJob(
             path, cfg.mpp, plan.info.slide_id, store, str(out), str(work),
             tuple((s.index, offsets[s.index]) for s in tiles), plan.tissue, cfg.gzip,
-            plan.info.mpp, plan.info.bounds_xy, Path(cfg.model).name, painted))
+            plan.info.mpp, plan.info.bounds_xy, Path(cfg.model).name, painted,
+            model_sha256=bundle.sha256))
         timings["outputs_s"] = time.time() - t
         n = final["nuclei"]
         if n != sum(s.count for s in tiles):
@@ -494,6 +492,44 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
         write_summary(summary_path, summary)
         return SlideOutcome(path, "failed", error=str(exc), seconds=time.time() - started,
                             out_dir=str(out))
+
+
+def _skip_note(done: dict[str, Any], settings: dict[str, Any]) -> str:
+    """Why a finished slide's results may not be what this run would make."""
+    from pipeline.fingerprint import differences
+
+    old = (done.get("fingerprint") or {}).get("settings")
+    changed = differences(old, settings)
+    if not changed:
+        return ""
+    return f"made with other settings ({', '.join(changed)}); --overwrite recomputes it"
+
+
+def _claim_work_dir(out: Path, path: str, settings: dict[str, Any], plan: SlidePlan) -> dict[str, Any]:
+    """Make ``out/.work`` hold only work this run would make: partial results of an
+    interrupted run with another fingerprint (other settings, model, slide file or device
+    kind; or none, from an older version) are discarded with the label store they fed.
+    Returns the fingerprint, recorded in the work folder and later in the summary."""
+    from pipeline.fingerprint import (
+        differences,
+        fingerprint,
+        read_work_fingerprint,
+        slide_fingerprint,
+        write_work_fingerprint,
+    )
+
+    work = out / WORK_DIR
+    current = fingerprint(settings, slide_fingerprint(path, plan))
+    if work.exists():
+        changed = differences(read_work_fingerprint(work), current)
+        if changed:
+            log.warning("%s: discarding partial work of an earlier run (%s differ)", path,
+                        ", ".join(changed))
+            shutil.rmtree(work)
+            shutil.rmtree(out / "nuclei.zarr", ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    write_work_fingerprint(work, current)
+    return current
 
 
 def _one(executor: Any, fn: Task, job: Any) -> Any:
@@ -557,9 +593,7 @@ def _write_blocks(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, exe
                 skipped += 1
                 painted.append(block)
                 continue
-            rows = block_rows(block.y0, block.y1, plan.plan.scale, plan.plan.shape[0])
-            cols = block_rows(block.x0, block.x1, plan.plan.scale, plan.plan.shape[1])
-            mbox = Box(int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
+            mbox = model_box(block, plan.plan.scale, plan.plan.shape)
             sources = tuple((s.index, s.extent, offsets[s.index])
                             for s in candidates.get((y0 // step, x0 // step), ())
                             if not s.extent.intersect(mbox).is_empty())
@@ -580,9 +614,10 @@ def _tiles_by_block(tiles: list[TileSummary], step: int, scale: float,
     the exact intersection), so that block planning is linear in tiles, not blocks x tiles.
 
     A model row ``m`` is painted on level-0 rows ``y`` with ``floor((y + 0.5) / scale) = m``,
-    i.e. ``y`` in ``[m * scale - 0.5, (m + 1) * scale - 0.5)``; one block of slack on each
-    side absorbs rounding, and extents reaching the model edge extend to the slide edge
-    (``block_rows`` clamps there)."""
+    i.e. ``y`` in ``[m * scale - 0.5, (m + 1) * scale - 0.5)``; for ``scale < 1`` a block
+    also reads its pixels' cells (``label_sampling.model_box``: model pixels whose centre
+    lies in the block). One block of slack on each side absorbs both and rounding, and
+    extents reaching the model edge extend to the slide edge (``block_rows`` clamps there)."""
     last = ((shape[0] - 1) // step, (shape[1] - 1) // step)
     index: dict[tuple[int, int], list[TileSummary]] = {}
     for s in tiles:

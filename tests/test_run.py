@@ -13,10 +13,12 @@ import pytest
 import shapely.geometry
 import torch
 import zarr
+from scipy import ndimage as ndi
 
 from models import checkpoints
 from models.inference import predict_image
 from models.watershed import postprocess
+from pipeline.label_sampling import CONNECTIVITY
 from pipeline.run import RunConfig, SerialExecutor, process_slide
 from pipeline.slide import MemorySlide, register_memory_slide
 from pipeline.synthetic import synthetic_he
@@ -101,24 +103,36 @@ def test_outputs_agree_and_are_readable(tmp_path: Path, slide_image) -> None:
 
 
 @pytest.mark.slow
-def test_rerun_skips_and_resume_reuses_tiles(tmp_path: Path, slide_image) -> None:
+def test_rerun_skips_a_finished_slide(tmp_path: Path, slide_image) -> None:
+    """(Resuming an interrupted run: tests/test_resume.py.)"""
     rgb, _ = slide_image
     out, first = _run(tmp_path, rgb, 256)
     before = _labels(out)
     _, again = _run(tmp_path, rgb, 256)
-    assert again.skipped
-
-    # an interrupted run: summary missing, some tile results cached
-    (out / "summary.json").unlink()
-    work = out / ".work"
-    work.mkdir()
-    path = register_memory_slide(MemorySlide(rgb, mpp=0.25, name="synthetic-256"))
-    cfg = RunConfig(model=MODEL, out=str(tmp_path), tile_size=256, chunk=256, tissue_mask=False)
-    from pipeline.run import TileJob, infer_tiles, prepare_slide, PrepareJob  # noqa: I001
-
-    plan = prepare_slide(PrepareJob(path, None, MODEL, "cpu", False, 256, cfg.cluster_margin))
-    infer_tiles(TileJob(path, None, MODEL, "cpu", plan.plan, plan.tiles[:2], str(work), plan.margin,
-                        plan.multiple, 0.25))
-    resumed = process_slide(path, cfg, SerialExecutor())
-    assert resumed.status == "done" and resumed.counters["tiles_from_cache"] == 2
+    assert again.skipped and again.nuclei == first.nuclei and again.note == ""
     assert (_labels(out) == before).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("mpp", "size"), [(0.5, (300, 350)), (0.3, (500, 580))])
+def test_model_finer_than_the_slide_keeps_each_nucleus_whole(tmp_path: Path, mpp: float,
+                                                             size: tuple[int, int]) -> None:
+    """Slides coarser than the 0.25 µm/px model (scale 0.5 and 0.83): level 0 skips model
+    rows and columns, and nearest sampling alone split a nucleus on each of these slides;
+    each must be one 4-connected piece, with the table's id, inside the table's box."""
+    rgb, _ = synthetic_he(*size, seed=11, mpp=mpp)
+    out, outcome = _run(tmp_path, rgb, 256, mpp=mpp)
+    assert json.loads((out / "summary.json").read_text())["scale"] == pytest.approx(0.25 / mpp)
+    labels = _labels(out).astype(np.int64)
+    ids = np.unique(labels[labels > 0])
+    table = pd.read_parquet(out / "nuclei.parquet").set_index("id")
+    assert outcome.nuclei > 50 and len(ids) == outcome.nuclei == len(table)
+    assert sorted(table.index.tolist()) == ids.tolist()
+    structure = ndi.generate_binary_structure(2, CONNECTIVITY)
+    objects = ndi.find_objects(labels)
+    for nucleus in ids.tolist():
+        sl = objects[nucleus - 1]
+        assert ndi.label(labels[sl] == nucleus, structure)[1] == 1, f"nucleus {nucleus} is split"
+        row = table.loc[nucleus]
+        assert row.bbox_y0 <= sl[0].start and sl[0].stop <= row.bbox_y1
+        assert row.bbox_x0 <= sl[1].start and sl[1].stop <= row.bbox_x1
