@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from models.checkpoints import default_model
+from pipeline.errors import PipelineError
 from pipeline.label_sampling import block_rows as block_rows  # its home; re-exported
 from pipeline.label_sampling import model_box, paint_block
 from pipeline.tiling import DEFAULT_CLUSTER_MARGIN, DEFAULT_TILE_SIZE
@@ -65,6 +66,7 @@ class SlidePlan:
     margin: int
     multiple: int
     device: str = "cpu"  # the kind of device the planning worker's model runs on
+    damaged: tuple[tuple[int, int, int, int, str], ...] = ()  # seen by the tissue mask's reads
 
 
 @dataclass
@@ -141,13 +143,14 @@ def prepare_slide(job: PrepareJob) -> SlidePlan:
         plan = plan_read(reader.info, bundle.mpp)
         tissue = tissue_mask(reader) if job.tissue else full_mask(reader.info)
         info = reader.info
+        damaged = _damage_records(reader)
     halo = halo_for(cfg, job.cluster_margin)
     tiles = plan_tiles(plan.shape, job.tile_size, halo, cfg.size_multiple, context_margin(cfg))
     kept = tuple(t for t in tiles if tissue.covers(level0_box(t.core, plan.scale)))
 
     device = next(bundle.net.parameters()).device.type
     return SlidePlan(info, plan, kept, len(tiles), tissue, halo, context_margin(cfg),
-                     cfg.size_multiple, device)
+                     cfg.size_multiple, device, damaged)
 
 
 def level0_box(box: Box, scale: float) -> Box:
@@ -184,6 +187,9 @@ class TileSummary:
     cached: bool
     # worker-seconds per phase (read, network, watershed, save); zeros for cached tiles
     phases: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    # stored slide tiles this tile's reads found damaged (level-0 y0, x0, y1, x1, error):
+    # painted as glass, so the nuclei there are missing; such tiles are recomputed on a re-run
+    damaged: tuple[tuple[int, int, int, int, str], ...] = ()
 
 
 PHASES = ("read", "network", "watershed", "save")
@@ -209,7 +215,11 @@ def infer_tiles(job: TileJob) -> list[TileSummary]:
     image = Box(0, 0, *job.plan.shape)
     t0 = time.perf_counter()
     with open_slide(job.path, mpp_override=job.mpp_override) as reader:
-        windows = [read_region(reader, job.plan, t.window) for t in todo]
+        windows, saw_damage = [], []
+        for t in todo:
+            before = reader.damage_fills
+            windows.append(read_region(reader, job.plan, t.window))
+            saw_damage.append(reader.damage_fills > before)
         t_read = time.perf_counter()
         probs, dists = _predict_by_shape(net, windows)
         t_net = time.perf_counter()
@@ -223,17 +233,32 @@ def infer_tiles(job: TileJob) -> list[TileSummary]:
         predict = subwindow_predictor(predict_window, job.margin, job.multiple,
                                       max(max(w.shape[:2]) for w in windows), image)
 
-        for tile, prob, dist in zip(todo, probs, dists):
+        for tile, prob, dist, damaged in zip(todo, probs, dists, saw_damage):
             t_seg = time.perf_counter()
+            before = reader.damage_fills
             result = segment_tile(tile.core, tile.window, prob, dist, image, params,
                                   job.margin, job.multiple, predict)
             t_save = time.perf_counter()
             seconds = (t_save - t0) / len(todo)
             _save_tile(job, tile, result, seconds)
             phases = (*shared, t_save - t_seg, time.perf_counter() - t_save)
+            damaged = damaged or reader.damage_fills > before  # grown windows read too
             out.append(TileSummary(tile.index, result.count, result.extent, result.recomputed,
-                                   result.truncated, seconds, False, phases))
+                                   result.truncated, seconds, False, phases,
+                                   _damage_records(reader) if damaged else ()))
     return sorted(out, key=lambda s: s.index)
+
+
+def _damage_records(reader: Any) -> tuple[tuple[int, int, int, int, str], ...]:
+    """The reader's damaged stored tiles as level-0 boxes (y0, x0, y1, x1, error)."""
+    from pipeline.slide import nominal_downsample
+
+    out = []
+    for (level, box), error in sorted(reader.damaged.items(), key=lambda kv: (kv[0][0], kv[0][1].y0, kv[0][1].x0)):
+        ds = nominal_downsample(reader.info, level)
+        out.append((int(box.y0 * ds), int(box.x0 * ds), min(int(box.y1 * ds), reader.info.height),
+                    min(int(box.x1 * ds), reader.info.width), error))
+    return tuple(out)
 
 
 def _predict_by_shape(net: Any, windows: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -447,6 +472,7 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
         summary["fingerprint"] = _claim_work_dir(out, path, settings, plan)
         t = time.time()
         tiles = _run_tiles(plan, cfg, executor, str(work), progress)
+        unreadable = _unreadable_regions(plan, tiles)
         timings["inference_s"] = time.time() - t
         t = time.time()
         store, painted, n_blocks, skipped_blocks = _write_blocks(plan, tiles, cfg, executor, out,
@@ -463,8 +489,9 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
         n = final["nuclei"]
         if n != sum(s.count for s in tiles):
             raise RuntimeError(f"wrote {n} nuclei but tiles found {sum(s.count for s in tiles)}")
+        status = "partial" if unreadable else "done"
         summary.update({
-            "status": "done", "nuclei": n, "dimensions": [plan.info.width, plan.info.height],
+            "status": status, "nuclei": n, "dimensions": [plan.info.width, plan.info.height],
             "slide_mpp": plan.info.mpp, "model_mpp": plan.plan.mpp, "level_read": plan.plan.level,
             "scale": plan.plan.scale, "tissue_area_um2": _tissue_area(plan),
             "tiles_total": plan.n_tiles_total, "tiles_processed": len(plan.tiles),
@@ -478,10 +505,23 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
                               for k, name in enumerate(PHASES)},
             "seconds": round(time.time() - started, 3), "versions": _versions(),
             "outputs": final["outputs"], "origin_shift_xy": list(plan.info.bounds_xy),
+            "tiles_with_damage": sum(bool(s.damaged) for s in tiles),
+            "unreadable_regions": unreadable,
         })
         write_summary(summary_path, summary)
-        shutil.rmtree(work, ignore_errors=True)
-        return SlideOutcome(path, "done", n, time.time() - started, out_dir=str(out),
+        if unreadable:
+            # keep the tiles for a re-run, which recomputes only those that met damage; the
+            # label blocks are all repainted then (nucleus ids shift by the new counts)
+            shutil.rmtree(work / "blocks", ignore_errors=True)
+            for s in tiles:
+                if s.damaged:
+                    tile_file(work, s.index).unlink(missing_ok=True)
+            log.error("%s: %d region(s) could not be read; the slide's other results are "
+                      "complete (summary.json: unreadable_regions)", path, len(unreadable))
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        return SlideOutcome(path, status, n, time.time() - started, out_dir=str(out),
+                            error=f"{len(unreadable)} unreadable region(s)" if unreadable else "",
                             counters={"tiles_from_cache": summary["tiles_from_cache"],
                                       "label_blocks_from_cache": skipped_blocks})
     except Exception as exc:  # a bad slide fails alone, with its error in its summary
@@ -492,6 +532,13 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
         write_summary(summary_path, summary)
         return SlideOutcome(path, "failed", error=str(exc), seconds=time.time() - started,
                             out_dir=str(out))
+
+
+def _unreadable_regions(plan: SlidePlan, tiles: list[TileSummary]) -> list[dict[str, Any]]:
+    """Each damaged stored tile once (level-0 box, error), for summary.json."""
+    found = {r[:4]: r[4] for s in tiles for r in s.damaged}
+    found.update({r[:4]: r[4] for r in plan.damaged})
+    return [{"box_level0_yx": list(box), "error": error} for box, error in sorted(found.items())]
 
 
 def _skip_note(done: dict[str, Any], settings: dict[str, Any]) -> str:
@@ -532,8 +579,23 @@ def _claim_work_dir(out: Path, path: str, settings: dict[str, Any], plan: SlideP
     return current
 
 
+@dataclass(frozen=True)
+class NoRetry:
+    """``fn`` with errors that cannot succeed on a retry (an unreadable file, bad settings:
+    :class:`PipelineError`) returned instead of raised, so that Dask neither re-runs the
+    task nor logs its traceback; the client raises them (``_one``)."""
+
+    fn: Task
+
+    def __call__(self, job: Any) -> Any:
+        try:
+            return self.fn(job)
+        except PipelineError as exc:
+            return exc
+
+
 def _one(executor: Any, fn: Task, job: Any) -> Any:
-    for _, result in executor.map(fn, [job]):
+    for _, result in executor.map(NoRetry(fn), [job]):
         if isinstance(result, Exception):
             raise result
         return result

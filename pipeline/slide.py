@@ -67,6 +67,10 @@ PixelFn = Callable[[int, Box], np.ndarray]
 # --------------------------------------------------------------------------- readers
 
 
+DAMAGED_FILL = 255  # white, like glass: the network finds no nuclei in it
+DEFAULT_STORED_TILE = (256, 256)  # damage unit when a format does not tell its tile size
+
+
 class SlideReader(ABC):
     """One slide: ``info`` plus RGB reads of any pyramid level.
 
@@ -77,14 +81,24 @@ class SlideReader(ABC):
     info: SlideInfo
 
     def read_level(self, level: int, box: Box) -> np.ndarray:
-        """RGB uint8 ``(h, w, 3)`` of ``box`` in pixels of ``level`` (must lie inside it)."""
+        """RGB uint8 ``(h, w, 3)`` of ``box`` in pixels of ``level`` (must lie inside it).
+
+        A read that fails is retried tile by tile on the file's own tile grid; tiles that
+        still cannot be read (a damaged JPEG tile) are painted ``DAMAGED_FILL`` and recorded
+        in ``damaged``. Because damage is per stored tile, every read that covers a damaged
+        tile sees the same fill, so overlapping windows still see identical pixels (exact
+        stitching) and only the nuclei on or next to the damage are lost.
+        """
         if not 0 <= level < len(self.info.levels):
             raise ValueError(f"level {level} out of range (slide has {len(self.info.levels)})")
         lv = self.info.levels[level]
         if box.is_empty() or box.y0 < 0 or box.x0 < 0 or box.y1 > lv.height or box.x1 > lv.width:
             raise ValueError(f"{box} is empty or not inside level {level} "
                              f"({lv.height} x {lv.width})")
-        out = self._read(level, box)
+        try:
+            out = self._read(level, box)
+        except SlideReadError:
+            out = self._read_around_damage(level, box)
         if out.shape != (box.height, box.width, 3) or out.dtype != np.uint8:
             raise SlideReadError(f"{self.info.path}: reader returned {out.shape} {out.dtype} "
                                  f"for {box} at level {level}")
@@ -93,6 +107,47 @@ class SlideReader(ABC):
     @abstractmethod
     def _read(self, level: int, box: Box) -> np.ndarray:
         """RGB uint8 of a box inside the level."""
+
+    def tile_shape(self, level: int) -> tuple[int, int]:
+        """The (height, width) of the tiles the level is stored in (``DEFAULT_STORED_TILE``
+        when the format does not say): the unit in which a file is damaged."""
+        return DEFAULT_STORED_TILE
+
+    @property
+    def damaged(self) -> dict[tuple[int, Box], str]:
+        """``(level, box in level pixels) -> error`` of each stored tile that could not be
+        read by this reader (filled with ``DAMAGED_FILL``)."""
+        return self.__dict__.setdefault("_damaged", {})
+
+    @property
+    def damage_fills(self) -> int:
+        """How many times a damaged tile was filled in a read: a caller compares the count
+        before and after its reads to learn whether they saw damage."""
+        return int(self.__dict__.get("_fills", 0))
+
+    def _read_around_damage(self, level: int, box: Box) -> np.ndarray:
+        self.close()  # e.g. OpenSlide refuses every read after an error: a fresh handle
+        out = np.empty((box.height, box.width, 3), np.uint8)
+        th, tw = self.tile_shape(level)
+        for y in range(box.y0 // th * th, box.y1, th):
+            for x in range(box.x0 // tw * tw, box.x1, tw):
+                part = Box(max(y, box.y0), max(x, box.x0), min(y + th, box.y1), min(x + tw, box.x1))
+                dst = out[part.slices((box.y0, box.x0))]
+                cell = Box(y, x, y + th, x + tw)
+                if (level, cell) in self.damaged:
+                    dst[...] = DAMAGED_FILL
+                    self.__dict__["_fills"] = self.damage_fills + 1
+                    continue
+                try:
+                    dst[...] = self._read(level, part)
+                except SlideReadError as exc:
+                    self.damaged[(level, cell)] = _one_line(exc)
+                    log.warning("%s: level %d, stored tile at y %d, x %d cannot be read (%s); "
+                                "painted as glass", self.info.path, level, y, x, _one_line(exc))
+                    dst[...] = DAMAGED_FILL
+                    self.__dict__["_fills"] = self.damage_fills + 1
+                    self.close()  # e.g. OpenSlide refuses every read after an error
+        return out
 
     def close(self) -> None:  # noqa: B027 - readers without handles need nothing
         """Release file handles (reads after ``close`` reopen lazily)."""
@@ -171,6 +226,14 @@ class OpenSlideReader(SlideReader):
                          height=int(h0), mpp=mpp, levels=levels, backend=self.backend,
                          vendor=props.get(openslide.PROPERTY_NAME_VENDOR) or "",
                          bounds_xy=bounds, properties=props)
+
+    def tile_shape(self, level: int) -> tuple[int, int]:
+        props = self.info.properties
+        try:
+            return (int(props[f"openslide.level[{level}].tile-height"]),
+                    int(props[f"openslide.level[{level}].tile-width"]))
+        except (KeyError, ValueError):
+            return DEFAULT_STORED_TILE
 
     def _read(self, level: int, box: Box) -> np.ndarray:
         ds = self.info.levels[level].downsample
@@ -284,7 +347,7 @@ class TiffFileReader(SlideReader):
         # decode one pixel now: tifffile opens files whose tiles it cannot decode (unknown
         # compression), and such a slide must fail at open, naming the cause, not per tile
         try:
-            self.read_level(len(self.info.levels) - 1, Box(0, 0, 1, 1))
+            self._read(len(self.info.levels) - 1, Box(0, 0, 1, 1))  # strict: no damage fill
         except SlideReadError:
             self.close()
             raise
@@ -311,6 +374,16 @@ class TiffFileReader(SlideReader):
                     self._series = series
                     self._tiff = tiff
         return self._tiff
+
+    def tile_shape(self, level: int) -> tuple[int, int]:
+        self._open()
+        page = self._series.levels[level].pages[0]
+        if getattr(page, "is_tiled", False) and page.tilelength and page.tilewidth:
+            return int(page.tilelength), int(page.tilewidth)
+        rows = int(getattr(page, "rowsperstrip", 0) or 0)  # a strip spans the full width
+        if rows:
+            return rows, int(self.info.levels[level].width)
+        return DEFAULT_STORED_TILE
 
     def _make_info(self) -> SlideInfo:
         tiff = self._tiff
