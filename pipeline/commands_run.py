@@ -114,6 +114,9 @@ def run_command(args: argparse.Namespace) -> int:
     cfg = RunConfig(model=args.model or default_model(), out=args.out, tile_size=args.tile_size,
                     batch_size=args.batch_size, mpp=args.mpp, device=args.device, gzip=args.gzip,
                     overwrite=args.overwrite, tissue_mask=not args.no_tissue_mask)
+    cfg.validate()  # bad values exit 2 here, before any cluster starts
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers {args.workers} must be at least 1")
     outcomes = []
     with executor_for(args, cfg.model, cfg.device) as executor:
         for path, name in slides.items():

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from models.checkpoints import default_model
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.label_sampling import block_rows as block_rows  # its home; re-exported
 from pipeline.label_sampling import model_box, paint_block
 from pipeline.tiling import DEFAULT_CLUSTER_MARGIN, DEFAULT_TILE_SIZE
@@ -51,6 +51,29 @@ class RunConfig:
     tissue_mask: bool = True
     chunk: int = 1024
     cluster_margin: int = DEFAULT_CLUSTER_MARGIN
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` (the CLI exits 2) for settings no slide can run with, before
+        any cluster starts; loads the model's metadata (a missing model raises too)."""
+        import math
+
+        from models.checkpoints import load
+
+        multiple = load(self.model, "cpu").config.size_multiple
+        problems = []
+        if self.tile_size <= 0 or self.tile_size % multiple:
+            problems.append(f"tile size {self.tile_size} must be a positive multiple of "
+                            f"{multiple} (e.g. {max(multiple, self.tile_size // multiple * multiple)})")
+        if self.batch_size < 1:
+            problems.append(f"batch size {self.batch_size} must be at least 1")
+        if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
+            problems.append(f"--mpp {self.mpp} must be a positive number of µm per pixel")
+        if self.chunk <= 0 or self.chunk % 16:
+            problems.append(f"label chunk {self.chunk} must be a positive multiple of 16")
+        if self.cluster_margin < 0:
+            problems.append(f"cluster margin {self.cluster_margin} must not be negative")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -254,7 +277,10 @@ def _damage_records(reader: Any) -> tuple[tuple[int, int, int, int, str], ...]:
     from pipeline.slide import nominal_downsample
 
     out = []
-    for (level, box), error in sorted(reader.damaged.items(), key=lambda kv: (kv[0][0], kv[0][1].y0, kv[0][1].x0)):
+    def order(item: tuple[tuple[int, Box], str]) -> tuple[int, int, int]:
+        return item[0][0], item[0][1].y0, item[0][1].x0
+
+    for (level, box), error in sorted(reader.damaged.items(), key=order):
         ds = nominal_downsample(reader.info, level)
         out.append((int(box.y0 * ds), int(box.x0 * ds), min(int(box.y1 * ds), reader.info.height),
                     min(int(box.x1 * ds), reader.info.width), error))
