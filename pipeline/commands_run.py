@@ -36,6 +36,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gzip", action="store_true", help="write nuclei.geojson.gz")
     p.add_argument("--overwrite", action="store_true", help="recompute finished slides")
     p.add_argument("--no-tissue-mask", action="store_true", help="process the whole slide")
+    p.add_argument("--keep-outside-tissue", action="store_true",
+                   help="keep nuclei whose centre lies off the tissue mask (debris, dye and "
+                        "flakes on the glass are dropped by default; summary.json counts them)")
     p.add_argument("--cluster", choices=["local", "slurm", "none"], default=None,
                    help="local Dask cluster (default), SLURM via dask-jobqueue, or none (one process)")
     p.add_argument("--cluster-config", default=None, help="YAML/JSON file with cluster settings")
@@ -113,7 +116,8 @@ def run_command(args: argparse.Namespace) -> int:
     slides = slides_to_run(args.paths, args.out, args.name)
     cfg = RunConfig(model=args.model or default_model(), out=args.out, tile_size=args.tile_size,
                     batch_size=args.batch_size, mpp=args.mpp, device=args.device, gzip=args.gzip,
-                    overwrite=args.overwrite, tissue_mask=not args.no_tissue_mask)
+                    overwrite=args.overwrite, tissue_mask=not args.no_tissue_mask,
+                    keep_outside_tissue=args.keep_outside_tissue)
     cfg.validate()  # bad values exit 2 here, before any cluster starts
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers} must be at least 1")

@@ -45,6 +45,7 @@ def settings_fingerprint(cfg: Any, model_sha256: str, watershed: Any) -> dict[st
         "cluster_margin": cfg.cluster_margin,
         "mpp_override": cfg.mpp,
         "tissue_mask": cfg.tissue_mask,
+        "keep_outside_tissue": cfg.keep_outside_tissue,
         "chunk": cfg.chunk,
     }
 

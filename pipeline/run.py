@@ -18,7 +18,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ class RunConfig:
     tissue_mask: bool = True
     chunk: int = 1024
     cluster_margin: int = DEFAULT_CLUSTER_MARGIN
+    keep_outside_tissue: bool = False  # keep nuclei whose centroid is off the tissue mask
 
     def validate(self) -> None:
         """Raise ``ConfigError`` (the CLI exits 2) for settings no slide can run with, before
@@ -197,6 +198,9 @@ class TileJob:
     # (bounds_x, bounds_y) subtracted from GeoJSON coordinates on the worker; finalize
     # re-shifts (vectorised) tiles saved with another value than FinalJob.origin_shift
     origin_shift: tuple[float, float] = (0.0, 0.0)
+    # the tissue mask around these tiles (TissueMask.crop); nuclei centred off it are
+    # dropped on the worker, before ids are counted. None keeps every nucleus.
+    tissue: Any = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,7 @@ class TileSummary:
     cached: bool
     # worker-seconds per phase (read, network, watershed, save); zeros for cached tiles
     phases: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    dropped: int = 0  # nuclei centred off the tissue, not kept
     # stored slide tiles this tile's reads found damaged (level-0 y0, x0, y1, x1, error):
     # painted as glass, so the nuclei there are missing; such tiles are recomputed on a re-run
     damaged: tuple[tuple[int, int, int, int, str], ...] = ()
@@ -228,6 +233,7 @@ def infer_tiles(job: TileJob) -> list[TileSummary]:
     from pipeline.cluster import get_worker_model
     from pipeline.slide import open_slide, read_region
     from pipeline.stitch import segment_tile, subwindow_predictor
+    from pipeline.tissue import keep_in_tissue
 
     todo = [t for t in job.tiles if not tile_file(job.work_dir, t.index).exists()]
     out = [_cached_summary(job.work_dir, t) for t in job.tiles if t not in todo]
@@ -261,13 +267,18 @@ def infer_tiles(job: TileJob) -> list[TileSummary]:
             before = reader.damage_fills
             result = segment_tile(tile.core, tile.window, prob, dist, image, params,
                                   job.margin, job.multiple, predict)
+            dropped = 0
+            if job.tissue is not None:
+                labels, dropped = keep_in_tissue(result.labels, (result.extent.y0, result.extent.x0),
+                                                 job.plan.scale, job.tissue)
+                result = replace(result, labels=labels)
             t_save = time.perf_counter()
             seconds = (t_save - t0) / len(todo)
-            _save_tile(job, tile, result, seconds)
+            _save_tile(job, tile, result, seconds, dropped)
             phases = (*shared, t_save - t_seg, time.perf_counter() - t_save)
             damaged = damaged or reader.damage_fills > before  # grown windows read too
             out.append(TileSummary(tile.index, result.count, result.extent, result.recomputed,
-                                   result.truncated, seconds, False, phases,
+                                   result.truncated, seconds, False, phases, dropped,
                                    _damage_records(reader) if damaged else ()))
     return sorted(out, key=lambda s: s.index)
 
@@ -304,7 +315,7 @@ def _predict_by_shape(net: Any, windows: list[np.ndarray]) -> tuple[list[np.ndar
     return probs, dists
 
 
-def _save_tile(job: TileJob, tile: Tile, result: Any, seconds: float) -> None:
+def _save_tile(job: TileJob, tile: Tile, result: Any, seconds: float, dropped: int = 0) -> None:
     """Outlines, measurements and each nucleus's GeoJSON text (all of it but the id,
     which needs the global nucleus number) are made here, on the worker, vectorised over
     the tile, so the single writer of phase 3 only splices ids into text."""
@@ -322,7 +333,7 @@ def _save_tile(job: TileJob, tile: Tile, result: Any, seconds: float) -> None:
     bodies = "\n".join(feature_bodies(outlines.polygons, values)).encode("ascii")
     save_npz_atomic(tile_file(job.work_dir, tile.index),
                     labels=result.labels, extent=np.array([*offset, result.extent.y1, result.extent.x1]),
-                    stats=np.array([result.count, result.recomputed, result.truncated]),
+                    stats=np.array([result.count, result.recomputed, result.truncated, dropped]),
                     seconds=np.array(seconds), features=np.frombuffer(bodies, dtype=np.uint8),
                     feature_shift=np.array(shift), **{f"col_{k}": v for k, v in values.items()})
 
@@ -330,9 +341,9 @@ def _save_tile(job: TileJob, tile: Tile, result: Any, seconds: float) -> None:
 def _cached_summary(work_dir: str, tile: Tile) -> TileSummary:
     with np.load(tile_file(work_dir, tile.index)) as f:
         y0, x0, y1, x1 = (int(v) for v in f["extent"])
-        count, recomputed, truncated = (int(v) for v in f["stats"])
+        count, recomputed, truncated, dropped = (int(v) for v in f["stats"])
         return TileSummary(tile.index, count, Box(y0, x0, y1, x1), recomputed, truncated,
-                           float(f["seconds"]), True)
+                           float(f["seconds"]), True, dropped=dropped)
 
 
 @dataclass(frozen=True)
@@ -525,6 +536,7 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
             "tiles_from_cache": sum(s.cached for s in tiles),
             "clusters_recomputed": sum(s.recomputed for s in tiles),
             "clusters_truncated": sum(s.truncated for s in tiles),
+            "nuclei_outside_tissue_dropped": sum(s.dropped for s in tiles),
             "label_blocks": n_blocks, "label_blocks_from_cache": skipped_blocks,
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "tile_phases_s": {name: round(sum(s.phases[k] for s in tiles), 3)
@@ -636,7 +648,9 @@ def _run_tiles(plan: SlidePlan, cfg: RunConfig, executor: Any, work: str,
     batches = [tiles[i:i + cfg.batch_size] for i in range(0, len(tiles), cfg.batch_size)]
     jobs = [TileJob(plan.info.path, cfg.mpp, cfg.model, cfg.device, plan.plan, batch, work,
                     plan.margin, plan.multiple, plan.info.mpp or 0.0,
-                    origin_shift=tuple(float(v) for v in plan.info.bounds_xy)) for batch in batches]
+                    origin_shift=tuple(float(v) for v in plan.info.bounds_xy),
+                    tissue=None if cfg.keep_outside_tissue else _tissue_around(plan, batch))
+            for batch in batches]
     done: list[TileSummary] = []
     for _, result in executor.map(infer_tiles, jobs):
         if isinstance(result, Exception):
@@ -645,6 +659,18 @@ def _run_tiles(plan: SlidePlan, cfg: RunConfig, executor: Any, work: str,
         if progress:
             progress(len(done), len(plan.tiles))
     return sorted(done, key=lambda s: s.index)
+
+
+def _tissue_around(plan: SlidePlan, tiles: list[Tile]) -> Any:
+    """The tissue mask where these tiles' nuclei can lie: their windows, grown as far as a
+    cluster window may grow (``stitch.MAX_WINDOW``)."""
+    from pipeline.stitch import MAX_WINDOW
+
+    y0 = min(t.window.y0 for t in tiles) - MAX_WINDOW
+    x0 = min(t.window.x0 for t in tiles) - MAX_WINDOW
+    y1 = max(t.window.y1 for t in tiles) + MAX_WINDOW
+    x1 = max(t.window.x1 for t in tiles) + MAX_WINDOW
+    return plan.tissue.crop(level0_box(Box(y0, x0, y1, x1), plan.plan.scale))
 
 
 def _offsets(tiles: list[TileSummary]) -> dict[int, int]:

@@ -48,7 +48,9 @@ class TissueMask:
 
     mask: np.ndarray
     level0_per_pixel: float
+    origin: tuple[int, int] = (0, 0)  # mask-pixel index of mask[0, 0] (crops: see ``crop``)
     _integral: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _grown: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.mask = np.asarray(self.mask, dtype=bool)
@@ -57,11 +59,44 @@ class TissueMask:
         if not self.level0_per_pixel > 0:
             raise ValueError(f"level0_per_pixel must be positive, got {self.level0_per_pixel}")
 
+    def _dilated(self) -> np.ndarray:
+        """The mask grown by one pixel (8-neighbourhood): what tiles and nuclei are judged
+        by, so that the mask's coarse border never cuts tissue off."""
+        if self._grown is None:
+            self._grown = ndimage.binary_dilation(self.mask, structure=np.ones((3, 3), bool))
+        return self._grown
+
+    def crop(self, box_level0: Box) -> TissueMask:
+        """The part of the mask around a level-0 box (with the pixels its dilation needs),
+        small enough to travel with a tile task; ``contains`` answers as the whole mask's
+        for points inside the box."""
+        s = self.level0_per_pixel
+        h, w = self.mask.shape
+        y0 = min(h, max(0, math.floor(box_level0.y0 / s) - 2 - self.origin[0]))
+        x0 = min(w, max(0, math.floor(box_level0.x0 / s) - 2 - self.origin[1]))
+        y1 = max(y0, min(h, math.ceil(box_level0.y1 / s) + 2 - self.origin[0]))
+        x1 = max(x0, min(w, math.ceil(box_level0.x1 / s) + 2 - self.origin[1]))
+        part = TissueMask(self.mask[y0:y1, x0:x1], s, (self.origin[0] + y0, self.origin[1] + x0))
+        part._grown = self._dilated()[y0:y1, x0:x1]  # exact, unlike re-dilating the crop
+        return part
+
+    def contains(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Whether level-0 points (pixel-index coordinates, as the table's centroids) lie
+        on (dilated) tissue; points off the slide are not."""
+        s = self.level0_per_pixel
+        iy = np.floor((np.asarray(y, np.float64) + 0.5) / s).astype(np.int64) - self.origin[0]
+        ix = np.floor((np.asarray(x, np.float64) + 0.5) / s).astype(np.int64) - self.origin[1]
+        h, w = self.mask.shape
+        inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+        out = np.zeros(iy.shape, bool)
+        out[inside] = self._dilated()[iy[inside], ix[inside]]
+        return out
+
     def _table(self) -> np.ndarray:
         """Summed-area table of the mask dilated by one pixel (8-neighbourhood), so that
         ``covers`` is O(1) per tile and tiles touching the mask border are kept."""
         if self._integral is None:
-            dilated = ndimage.binary_dilation(self.mask, structure=np.ones((3, 3), bool))
+            dilated = self._dilated()
             # int32 counts are exact up to 2^31 mask pixels and halve the table (128 MiB
             # as int64 for a 4k x 4k mask, found by bench.scaling)
             dtype = np.int32 if dilated.size < 2**31 else np.int64
@@ -74,10 +109,11 @@ class TissueMask:
         """Whether any (dilated) tissue lies inside a level-0 box."""
         s = self.level0_per_pixel
         h, w = self.mask.shape
-        y0 = max(0, math.floor(box_level0.y0 / s))
-        x0 = max(0, math.floor(box_level0.x0 / s))
-        y1 = min(h, math.ceil(box_level0.y1 / s))
-        x1 = min(w, math.ceil(box_level0.x1 / s))
+        oy, ox = self.origin
+        y0 = max(0, math.floor(box_level0.y0 / s) - oy)
+        x0 = max(0, math.floor(box_level0.x0 / s) - ox)
+        y1 = min(h, math.ceil(box_level0.y1 / s) - oy)
+        x1 = min(w, math.ceil(box_level0.x1 / s) - ox)
         if y1 <= y0 or x1 <= x0:
             return False
         t = self._table()
@@ -93,12 +129,15 @@ class TissueMask:
         return float(self.mask.sum()) * (self.level0_per_pixel * mpp) ** 2
 
     def __getstate__(self) -> dict[str, object]:
-        return {"mask": self.mask, "level0_per_pixel": self.level0_per_pixel}
+        return {"mask": self.mask, "level0_per_pixel": self.level0_per_pixel,
+                "origin": self.origin, "grown": self._grown if self.origin != (0, 0) else None}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.mask = state["mask"]  # type: ignore[assignment]
         self.level0_per_pixel = state["level0_per_pixel"]  # type: ignore[assignment]
+        self.origin = tuple(state.get("origin", (0, 0)))  # type: ignore[assignment, arg-type]
         self._integral = None
+        self._grown = state.get("grown")  # type: ignore[assignment]
 
 
 def full_mask(info: SlideInfo) -> TissueMask:
@@ -174,3 +213,29 @@ def tissue_mask(reader: SlideReader, target_um_per_px: float = TARGET_UM_PER_PX,
              "%.1f level-0 px per mask px)", info.path, 100 * result.fraction, threshold,
              otsu, per_px)
     return result
+
+
+def keep_in_tissue(labels: np.ndarray, offset: tuple[int, int], scale: float,
+                   tissue: TissueMask) -> tuple[np.ndarray, int]:
+    """``labels`` (model pixels, local ids 1..n in raster order, crop at ``offset``) without
+    the nuclei whose centroid lies off the tissue (keratin flakes, dye and debris on the
+    glass), renumbered 1..k in the same order; and how many were dropped.
+
+    Centroids map to level 0 as the table's do: ``(c + offset + 0.5) * scale - 0.5``. Each
+    nucleus is judged alone, by its own pixels, so the result does not depend on tiling.
+    """
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        return labels, 0
+    ys, xs = np.nonzero(labels)
+    ids = labels[ys, xs]
+    count = np.bincount(ids, minlength=n + 1)[1:].astype(np.float64)
+    cy = np.bincount(ids, weights=ys, minlength=n + 1)[1:] / np.maximum(count, 1)
+    cx = np.bincount(ids, weights=xs, minlength=n + 1)[1:] / np.maximum(count, 1)
+    keep = tissue.contains((cy + offset[0] + 0.5) * scale - 0.5, (cx + offset[1] + 0.5) * scale - 0.5)
+    keep &= count > 0
+    if keep.all():
+        return labels, 0
+    lut = np.zeros(n + 1, labels.dtype)
+    lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=labels.dtype)
+    return lut[labels], int(n - keep.sum())
