@@ -13,13 +13,5 @@ class MissingMppError(PipelineError):
     """The slide has no pixel size; the user must pass --mpp."""
 
 
-class NoTissueError(PipelineError):
-    """No tissue found on the slide."""
-
-
 class ConfigError(PipelineError, ValueError):
     """Invalid configuration."""
-
-
-class StitchError(PipelineError):
-    """Tile results that do not fit together."""

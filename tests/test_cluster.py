@@ -4,13 +4,18 @@ worker that dies mid-task. One small LocalCluster (2 processes x 1 thread) is sh
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import dask
+import numpy as np
 import pytest
 import torch
 
@@ -26,8 +31,9 @@ from pipeline.cluster import (
     bounded_map,
     cluster_config_from,
     get_worker_model,
-    local_cluster_size,
     open_client,
+    plan_layout,
+    predict_resources,
     register_model,
 )
 
@@ -40,32 +46,115 @@ from pipeline.cluster import (
 
 @pytest.mark.parametrize("cores, expected", [(1, (1, 1, 1)), (2, (2, 1, 1)), (8, (8, 1, 1)),
                                              (32, (8, 1, 4))])
-def test_local_cluster_size_cpu(cores: int, expected: tuple[int, int, int]) -> None:
-    n, threads, torch_threads = local_cluster_size(cores)
-    assert (n, threads, torch_threads) == expected
-    assert n * threads * torch_threads <= cores
+def test_plan_layout_cpu(cores: int, expected: tuple[int, int, int]) -> None:
+    layout = plan_layout(cores, 0)
+    assert (layout.cpu_workers, layout.cpu_threads, layout.torch_threads) == expected
+    assert layout.n_workers * layout.cpu_threads * layout.torch_threads <= cores
+    assert not layout.gpu and layout.cuda_devices == () and predict_resources(layout) is None
 
 
-@pytest.mark.parametrize("cores", [1, 2, 8, 64])
-def test_local_cluster_size_gpu_one_worker(cores: int) -> None:
-    n, threads, torch_threads = local_cluster_size(cores, gpu=True)
-    assert n == 1 and torch_threads == 1 and 1 <= threads <= min(cores, cl.GPU_TASK_THREADS)
+@pytest.mark.parametrize("n_gpus", [0, 1, 4])
+def test_plan_layout_one_worker_per_gpu_plus_a_cpu_pool(n_gpus: int) -> None:
+    layout = plan_layout(32, n_gpus, "auto")
+    assert layout.gpu_workers == n_gpus
+    assert layout.cuda_devices == tuple(str(i) for i in range(n_gpus))  # each pinned to its own
+    if n_gpus:
+        assert layout.device == "auto"  # each worker's CUDA_VISIBLE_DEVICES decides
+        assert layout.gpu_threads == cl.LOCAL_GPU_THREADS and layout.torch_threads == 1
+        # the cores the GPU workers leave are single-threaded post-processing processes
+        assert layout.cpu_workers == 32 - n_gpus * cl.LOCAL_GPU_THREADS and layout.cpu_threads == 1
+        assert predict_resources(layout) == {"GPU": 1}
+    else:
+        assert (layout.cpu_workers, layout.torch_threads) == (8, 4)
+        assert predict_resources(layout) is None
+
+
+def test_plan_layout_respects_device_cpu_and_pins_cuda_n() -> None:
+    cpu = plan_layout(8, 4, "cpu")
+    assert not cpu.gpu and cpu.device == "cpu" and cpu.cpu_workers == 8
+    one = plan_layout(8, 4, "cuda:2", visible=("3", "5", "GPU-abc", "7"))
+    assert one.cuda_devices == ("GPU-abc",) and one.cpu_workers == 8 - cl.LOCAL_GPU_THREADS
+    assert plan_layout(2, 1, "cuda").cpu_workers == 1  # never without a CPU worker
+    assert plan_layout(16, 2, "auto", n_workers=3).cpu_workers == 3
+    with pytest.raises(ClusterConfigError, match="no CUDA device"):
+        plan_layout(8, 0, "cuda")
+    with pytest.raises(ClusterConfigError, match="cuda:0..cuda:1"):
+        plan_layout(8, 2, "cuda:2")
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    """Make torch report ``n`` CUDA devices (no CUDA needed)."""
+
+    def fake(n: int) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "16")
+    return fake
+
+
+@pytest.mark.parametrize("n_gpus", [0, 1, 4])
+def test_config_layout_follows_the_machine_and_device_flag(fake_gpus, monkeypatch: pytest.MonkeyPatch,
+                                                           n_gpus: int) -> None:
+    fake_gpus(n_gpus)
+    auto = cluster_config_from({"cluster": "local"}).layout()
+    assert auto.gpu_workers == n_gpus and auto.n_workers == (n_gpus + 16 - 2 * n_gpus if n_gpus else 8)
+    # --device cpu: a CPU layout even on a CUDA machine
+    cpu = cluster_config_from({"cluster": "local", "device": "cpu"}).layout()
+    assert (cpu.gpu_workers, cpu.cpu_workers, cpu.device) == (0, 8, "cpu")
+    if n_gpus:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7"[: 2 * n_gpus - 1])
+        assert ClusterConfig(device="cuda").layout().cuda_devices == ("4", "5", "6", "7")[:n_gpus]
+
+
+def test_local_worker_specs_pin_gpus_and_hide_them_from_the_pool() -> None:
+    specs = cl.local_worker_specs(plan_layout(8, 2, "auto", visible=("2", "3")), memory_limit="1GiB")
+    assert sorted(specs) == ["cpu-0", "cpu-1", "cpu-2", "cpu-3", "gpu-0", "gpu-1"]
+    for i, device in enumerate(("2", "3")):
+        options = specs[f"gpu-{i}"]["options"]
+        assert options["env"] == {"CUDA_VISIBLE_DEVICES": device} and options["resources"] == {"GPU": 1}
+        assert options["nthreads"] == cl.LOCAL_GPU_THREADS
+    pool = specs["cpu-0"]["options"]
+    assert pool["env"] == {"CUDA_VISIBLE_DEVICES": ""} and "resources" not in pool and pool["nthreads"] == 1
+    cpu_only = cl.local_worker_specs(plan_layout(2, 0))
+    assert sorted(cpu_only) == ["cpu-0", "cpu-1"] and "env" not in cpu_only["cpu-0"]["options"]
 
 
 def test_available_cores_follows_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
     assert cl.available_cores() == 3
-    assert ClusterConfig(device="cpu").layout() == (3, 1, 1)
+    layout = ClusterConfig(device="cpu").layout()
+    assert (layout.cpu_workers, layout.cpu_threads, layout.torch_threads) == (3, 1, 1)
 
 
 def test_layout_explicit_workers_share_cores() -> None:
-    cfg = ClusterConfig(n_workers=2, device="cpu")
-    assert cfg.layout(cores=8) == (2, 1, 4)
-    slurm = ClusterConfig(kind="slurm", cores=8, memory="8GB")
-    assert slurm.layout() == (1, 1, 8)  # one task thread, torch gets the job's cores
-    gpu = ClusterConfig(kind="slurm", cores=8, memory="8GB", gpus_per_worker=1, jobs=3)
-    assert gpu.layout() == (3, 4, 1)
-    assert gpu.task_resources() == {"GPU": 1}
+    layout = ClusterConfig(n_workers=2, device="cpu").layout(cores=8)
+    assert (layout.cpu_workers, layout.cpu_threads, layout.torch_threads) == (2, 1, 4)
+    slurm = ClusterConfig(kind="slurm", cores=8, memory="8GB").layout()
+    # one task thread, torch gets the job's cores
+    assert (slurm.gpu_workers, slurm.cpu_workers, slurm.cpu_threads, slurm.torch_threads) == (0, 1, 1, 8)
+    gpu = ClusterConfig(kind="slurm", cores=8, memory="8GB", gpus_per_worker=1, jobs=3).layout()
+    assert (gpu.gpu_workers, gpu.gpu_threads, gpu.cpu_workers, gpu.torch_threads) == (3, 4, 0, 1)
+    assert predict_resources(gpu) == {"GPU": 1}
+
+
+class _Recorder:
+    """Stands in for a Client: keeps the plugin register_model would send to the workers."""
+
+    def register_plugin(self, plugin, name: str) -> None:
+        self.plugin, self.name = plugin, name
+
+
+def test_register_model_follows_the_layout(fake_gpus, tiny_model: Path) -> None:
+    fake_gpus(2)
+    client = _Recorder()
+    plugin = register_model(client, tiny_model, ClusterConfig())
+    assert client.name == cl.PLUGIN_NAME
+    assert (plugin.device, plugin.cpu_inference, plugin.torch_threads) == ("auto", False, 1)
+    plugin = register_model(client, tiny_model, ClusterConfig(), device="cpu")
+    assert (plugin.device, plugin.cpu_inference, plugin.torch_threads) == ("cpu", True, 2)
 
 
 # ------------------------------------------------------------------------- durations
@@ -107,6 +196,8 @@ def test_default_lifetime_below_walltime() -> None:
     (dict(kind="slurm", walltime="01:00:00", lifetime="58m", lifetime_stagger="5m"), "below the walltime"),
     (dict(kind="slurm", cores=4, processes=3), "divide"),
     (dict(kind="slurm", cores=2, processes=2, gpus_per_worker=1), "GPU"),
+    (dict(kind="slurm", cores=4, gpus_per_worker=2), "must be 0 or 1"),
+    (dict(kind="slurm", gpus_per_worker=1, device="cpu"), "no task uses"),
     (dict(kind="slurm", cores=2, threads_per_worker=4), "exceed"),
     (dict(kind="slurm", minimum_jobs=1), "maximum_jobs"),
     (dict(kind="slurm", minimum_jobs=3, maximum_jobs=2), "minimum_jobs"),
@@ -162,6 +253,7 @@ def _job_script(**kwargs) -> str:
 
 def test_job_script_directives_and_worker_command() -> None:
     script = _job_script(gpus_per_worker=1, log_directory=None, python="/opt/venv/bin/python",
+                         job_name="wsi-nuclei",
                          job_script_prologue=("module load cuda", "source /opt/venv/bin/activate"))
     lines = script.splitlines()
     for directive in ("#SBATCH -p gpu", "#SBATCH -A myproj", "#SBATCH -t 04:00:00", "#SBATCH -n 1",
@@ -197,6 +289,47 @@ def test_missing_interface_on_submit_host_is_explained() -> None:
     ok = cl.slurm_cluster_kwargs(cl.ClusterConfig(kind="slurm", interface="ib-does-not-exist",
                                                   scheduler_interface="lo"))
     assert ok["scheduler_options"]["interface"] == "lo" and ok["interface"] == "ib-does-not-exist"
+
+
+THEIRS = {  # what an HPC user writes in ~/.config/dask/jobqueue.yaml (or DASK_JOBQUEUE__SLURM__*)
+    "jobqueue.slurm.queue": "their-q", "jobqueue.slurm.account": "their-acct",
+    "jobqueue.slurm.walltime": "02:00:00", "jobqueue.slurm.cores": 4, "jobqueue.slurm.memory": "6GB",
+    "jobqueue.slurm.job-extra-directives": ["--constraint=avx2"], "jobqueue.slurm.name": "their-name",
+    "jobqueue.slurm.job-script-prologue": ["module load their-python"],
+    "jobqueue.slurm.worker-extra-args": ["--no-dashboard"],
+}
+
+
+def test_jobqueue_config_fills_what_our_file_leaves_out() -> None:
+    with dask.config.set(THEIRS):
+        config = ClusterConfig(kind="slurm", interface="lo", dashboard_address=":0")
+        script = cl.slurm_job_script(config)
+    lines = script.splitlines()
+    for directive in ("#SBATCH -p their-q", "#SBATCH -A their-acct", "#SBATCH -t 02:00:00",
+                      "#SBATCH --constraint=avx2", "#SBATCH -J their-name", "#SBATCH --cpus-per-task=4",
+                      "#SBATCH --mem=6G"):
+        assert directive in lines, (directive, script)
+    assert "module load their-python" in lines
+    command = next(line for line in lines if "distributed.cli.dask_worker" in line)
+    # their worker arguments, then ours; the lifetime follows their walltime (2 h - 10 min)
+    assert "--no-dashboard" in command and "--lifetime 110m --lifetime-stagger 5m" in command
+    assert "--local-directory ${TMPDIR:-/tmp}" in command  # theirs is unset: node scratch
+
+
+def test_our_cluster_file_overrides_jobqueue_config(tmp_path: Path) -> None:
+    ours = tmp_path / "cluster.yaml"
+    ours.write_text("cluster:\n  kind: slurm\n  queue: our-q\n  account: our-acct\n  walltime: 01:00:00\n"
+                    "  cores: 2\n  job_extra_directives: ['--constraint=gpu']\n  job_script_prologue: []\n"
+                    "  interface: lo\n  dashboard_address: ':0'\n")
+    with dask.config.set(THEIRS):
+        script = cl.slurm_job_script(cluster_config_from(file=ours))
+    lines = script.splitlines()
+    for directive in ("#SBATCH -p our-q", "#SBATCH -A our-acct", "#SBATCH -t 01:00:00",
+                      "#SBATCH --constraint=gpu", "#SBATCH --cpus-per-task=2",
+                      "#SBATCH -J their-name", "#SBATCH --mem=6G"):  # the last two: not in our file
+        assert directive in lines, (directive, script)
+    assert "--constraint=avx2" not in script and "their-python" not in script
+    assert "--lifetime 50m" in script  # from our walltime
 
 
 # ------------------------------------------------------------------------- LocalCluster
@@ -250,8 +383,6 @@ def test_get_worker_model_without_dask(tiny_model: Path) -> None:
 
 
 def test_model_plugin_setup_without_cluster(tiny_model: Path) -> None:
-    import asyncio
-
     class FakeWorker:
         name = "fake"
 
@@ -354,3 +485,121 @@ def test_attach_by_address_and_scheduler_file(client, tmp_path: Path) -> None:
         assert attached.submit(sum, [3, 4], pure=False).result() == 7
     # leaving an attached client does not shut the scheduler down
     assert client.submit(sum, [5, 6], pure=False).result() == 11
+
+
+# ------------------------------------------------------------------------- GPU layouts on a CPU
+
+
+def _where(_: int) -> tuple[str, str | None]:
+    time.sleep(0.05)
+    return str(cl.get_worker().name), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def _name_and_gpus(dask_worker: Any) -> tuple[str, str | None]:
+    return str(dask_worker.name), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_predict_tasks_run_only_on_gpu_workers(fake_gpus) -> None:
+    """One fake GPU: a worker pinned to it with GPU=1, and a CPU worker that sees none;
+    tasks submitted with ``predict_resources`` all run on the GPU worker."""
+    fake_gpus(1)
+    config = ClusterConfig(kind="local", n_workers=1, memory_limit="1GiB", dashboard_address=":0")
+    layout = config.layout()
+    assert (layout.gpu_workers, layout.cpu_workers) == (1, 1)
+    with open_client(config, wait_for_workers=2, timeout=120) as client:
+        info = client.scheduler_info()["workers"].values()
+        assert {w["name"]: w["resources"] for w in info} == {"gpu-0": {"GPU": 1}, "cpu-0": {}}
+        env = client.run(_name_and_gpus)
+        assert sorted(env.values()) == [("cpu-0", ""), ("gpu-0", "0")]  # the pool never sees a GPU
+        placed = dict(bounded_map(client, _where, range(8), max_in_flight=8,
+                                  resources=predict_resources(layout)))
+        assert set(placed.values()) == {("gpu-0", "0")}, placed
+        anywhere = dict(bounded_map(client, _where, range(8), max_in_flight=8))
+        assert len(anywhere) == 8
+
+
+def test_cpu_worker_of_a_gpu_layout_refuses_inference(tiny_model: Path) -> None:
+    from models.inference import predict_batch
+
+    class FakeWorker:
+        name = "cpu-0"
+
+    plugin = ModelPlugin(tiny_model, device="cpu", cpu_inference=False)
+    asyncio.run(plugin.setup(FakeWorker()))
+    assert plugin.bundle is not None and plugin.bundle.config.widths == (4, 8)  # planning works
+    with pytest.raises(RuntimeError, match="predict_resources"):
+        predict_batch(plugin.bundle.net, np.zeros((1, 16, 16, 3), np.uint8))
+
+
+# ------------------------------------------------------------------------- CUDA numerics
+
+
+@pytest.fixture
+def loose_cuda_flags() -> Iterator[None]:
+    """PyTorch's fast, non-deterministic settings; the previous ones restored after the test
+    (by hand: monkeypatch cannot read these module properties back)."""
+    flags = ((torch.backends.cuda.matmul, "allow_tf32", True), (torch.backends.cudnn, "allow_tf32", True),
+             (torch.backends.cudnn, "benchmark", True), (torch.backends.cudnn, "deterministic", False))
+    saved = [(module, name, getattr(module, name)) for module, name, _ in flags]
+    for module, name, value in flags:
+        setattr(module, name, value)
+    yield
+    for module, name, value in saved:
+        setattr(module, name, value)
+
+
+LOOSE = {"cuda.matmul.allow_tf32": True, "cudnn.allow_tf32": True, "cudnn.benchmark": True,
+         "cudnn.deterministic": False}
+
+
+def test_load_for_inference_pins_cuda_numerics(loose_cuda_flags, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.determinism import ENV_VAR, cuda_flags
+
+    loaded: list[str] = []
+    monkeypatch.setattr(cl, "load", lambda model, device, fold_bn: loaded.append(str(device)))
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    cl.load_for_inference("m.pt", "cpu")
+    assert cuda_flags() == LOOSE  # not touched off CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cl.load_for_inference("m.pt", "cuda")
+    assert cuda_flags() == {"cuda.matmul.allow_tf32": False, "cudnn.allow_tf32": False,
+                            "cudnn.benchmark": False, "cudnn.deterministic": True}
+    assert loaded == ["cpu", "cuda"]
+
+
+def test_cuda_numerics_can_be_relaxed(loose_cuda_flags, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.determinism import ENV_VAR, cuda_flags, pin_cuda_numerics
+
+    monkeypatch.setenv(ENV_VAR, "0")
+    assert not pin_cuda_numerics("cuda") and cuda_flags() == LOOSE
+    monkeypatch.setenv(ENV_VAR, "1")
+    assert pin_cuda_numerics("cuda:1") and not cuda_flags()["cudnn.allow_tf32"]
+
+
+# ------------------------------------------------------------------------- Dask's logs
+
+
+def test_task_failure_is_one_line_unless_debug(capfd: pytest.CaptureFixture[str],
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Dask's worker prints a "Compute Failed" block with a traceback for every failed
+    attempt; we print one line per failed item, and Dask's blocks only with --debug."""
+    config = ClusterConfig(kind="local", n_workers=1, threads_per_worker=1, torch_threads=1,
+                           memory_limit="1GiB", dashboard_address=":0", device="cpu")
+    ours = cl.__name__
+    for debug in (False, True):
+        caplog.clear()
+        with open_client(config, wait_for_workers=1, timeout=120, debug=debug) as client:
+            capfd.readouterr()
+            with caplog.at_level(logging.DEBUG, logger=ours):
+                [(_, outcome)] = list(bounded_map(client, _slow_square, [5], max_in_flight=1, retries=1))
+            assert isinstance(outcome, TaskFailure)
+            client.run(lambda: None)  # the worker has flushed what it logged for the task
+            err = capfd.readouterr().err
+        warnings = [r.getMessage() for r in caplog.records if r.name == ours and r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "bad item 5" in warnings[0] and "\n" not in warnings[0], warnings
+        tracebacks = [r.getMessage() for r in caplog.records if r.name == ours and r.levelno == logging.DEBUG]
+        assert any("_slow_square" in t for t in tracebacks)  # shown with --debug (DEBUG level)
+        if debug:
+            assert err.count("Compute Failed") == 2 and "bad item 5" in err, err  # 2 attempts
+        else:
+            assert "Compute Failed" not in err and "Traceback" not in err and "bad item 5" not in err, err
