@@ -16,6 +16,7 @@ from pipeline.cliutil import add_threads_argument, formatter
 from pipeline.commands_models import add_evaluate, add_tune
 from pipeline.commands_prune import add_prune, add_prune_sweep
 from pipeline.commands_run import add_demo, add_run
+from pipeline.view import add_view
 
 log = logging.getLogger("wsi_nuclei")
 
@@ -92,7 +93,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_run, add_demo, _add_train, add_evaluate,
-                                                                add_tune, add_prune, add_prune_sweep]
+                                                                add_tune, add_prune, add_prune_sweep,
+                                                                add_view]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from pipeline.types import Box
 
 READ_CHUNK = 2048  # level pixels per read, keeps memory flat on single-level slides
 
-__all__ = ["READ_CHUNK", "box_mean", "reduced_level", "slide_overview"]
+__all__ = ["READ_CHUNK", "box_mean", "box_reduce", "reduced_level", "slide_overview"]
 
 
 def box_mean(rgb: np.ndarray, f: int) -> np.ndarray:
@@ -34,6 +34,14 @@ def box_mean(rgb: np.ndarray, f: int) -> np.ndarray:
     s = padded.reshape(hh, f, ww, f, 3).sum(axis=(1, 3))
     n = count.reshape(hh, f, ww, f).sum(axis=(1, 3))
     return s / n[..., None]
+
+
+def box_reduce(rgb: np.ndarray, f: int, rows: int = 512) -> np.ndarray:
+    """``box_mean`` of a uint8 RGB image back to uint8, a strip of about ``rows`` rows at
+    a time (a 4096 px overview would otherwise take ~200 MB of float32 at once)."""
+    step = max(f, rows // f * f)
+    strips = [box_mean(rgb[y:y + step], f) for y in range(0, rgb.shape[0], step)]
+    return _to_uint8(np.concatenate(strips, axis=0))
 
 
 def reduced_level(reader: object, target: float, max_side: int,

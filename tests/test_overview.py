@@ -61,7 +61,7 @@ def test_preview_of_a_single_level_slide_reads_in_chunks(tmp_path: Path) -> None
     try:
         store = create_store(tmp_path / "n.zarr", (9000, 12000), 1024, 0.5)
         job = SimpleNamespace(path=path, mpp_override=None, store=store,
-                              tissue=full_mask(slide.info))
+                              tissue=full_mask(slide.info), out_dir=str(tmp_path))
         _write_preview(job, tmp_path / "preview.png")
     finally:
         unregister_memory_slide(path)

@@ -1,5 +1,6 @@
-"""OME-Zarr label store: chunk-wise writing, strided pyramid, tissue image, NGFF 0.5 metadata
-checked by three independent readers (zarr, ome_zarr.reader, ome-zarr-models)."""
+"""OME-Zarr label store: chunk-wise writing, strided pyramid, RGB root image, tissue label,
+NGFF 0.5 metadata checked by three independent readers (zarr, ome_zarr.reader,
+ome-zarr-models), and the coordinate transforms that make them overlay."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from pipeline.writers.labels import (
     open_store,
     pyramid_shapes,
     write_block,
+    write_image,
     write_tissue,
 )
 from pipeline.writers.table import instance_measurements, write_table
@@ -164,11 +166,19 @@ def open_ome_zarr_fails(path: str) -> bool:
     return False
 
 
+def overview_of(lab: np.ndarray, d: int) -> np.ndarray:
+    """A made-up RGB overview of a slide the size of ``lab``, ``d`` level-0 px per pixel."""
+    h, w = -(-lab.shape[0] // d), -(-lab.shape[1] // d)
+    yy, xx = np.mgrid[:h, :w]
+    return np.stack([yy * 7 % 256, xx * 5 % 256, (yy + xx) % 256], axis=2).astype(np.uint8)
+
+
 def _finished(tmp_path: Path, lab: np.ndarray, mpp: float | None = 0.25):
     spec = _write_all(tmp_path, lab, mpp=mpp)
     mask = np.zeros((9, 12), bool)
     mask[1:7, 2:9] = True
     write_tissue(spec, mask, 8.0)
+    write_image(spec, overview_of(lab, 2), 2.0)
     write_table(tmp_path, [instance_measurements(synthetic_labels().astype(np.int32),
                                                  np.ones(lab.shape, np.float32), (0, 0), 1.0, mpp,
                                                  id_offset=BIG)])
@@ -180,16 +190,20 @@ def _finished(tmp_path: Path, lab: np.ndarray, mpp: float | None = 0.25):
 def test_ome_zarr_reader_reads_levels_and_values(tmp_path: Path, lab: np.ndarray) -> None:
     spec = _finished(tmp_path, lab)
     nodes = list(Reader(parse_url(spec.path))())
-    label_nodes = [n for n in nodes if n.first(Label) is not None]
-    assert len(label_nodes) == 1
-    node = label_nodes[0]
-    assert node.metadata["name"] == "nuclei"
+    label_nodes = {n.metadata["name"]: n for n in nodes if n.first(Label) is not None}
+    assert sorted(label_nodes) == ["nuclei", "tissue"]
+    node = label_nodes["nuclei"]
     assert len(node.data) == spec.n_levels == 3
     for k, level in enumerate(node.data):
         np.testing.assert_array_equal(np.asarray(level), lab[:: 2**k, :: 2**k])
-    image = nodes[0]  # the root image is the tissue mask
-    assert image.metadata["name"] == "slide-1"
-    assert [d.shape for d in image.data] == list(spec.level_shapes)
+    assert len(label_nodes["tissue"].data) == spec.n_levels
+    image = nodes[0]  # the root image is the slide, RGB
+    assert image.first(Label) is None and image.metadata["name"] == "slide-1"
+    assert [d.shape for d in image.data] == [(3, 35, 45), (3, 18, 23), (3, 9, 12)]
+    assert image.metadata["axes"][0] == {"name": "c", "type": "channel"}
+    assert image.metadata["channel_names"] == ["Red", "Green", "Blue"]
+    assert image.metadata["contrast_limits"] == [[0, 255]] * 3
+    np.testing.assert_array_equal(np.moveaxis(np.asarray(image.data[0]), 0, 2), overview_of(lab, 2))
 
 
 def test_ome_zarr_models_validate_store(tmp_path: Path, lab: np.ndarray) -> None:
@@ -197,7 +211,8 @@ def test_ome_zarr_models_validate_store(tmp_path: Path, lab: np.ndarray) -> None
     root = zarr.open_group(spec.path, mode="r")
     model = open_ome_zarr(root)
     assert isinstance(model, Image)
-    assert model.labels is not None and model.labels.label_paths == ["nuclei"]
+    assert model.labels is not None and model.labels.label_paths == ["nuclei", "tissue"]
+    assert [a.name for a in model.ome_attributes.multiscales[0].axes] == ["c", "y", "x"]
     Labels.from_zarr(root["labels"])
     image_label = ImageLabel.from_zarr(root["labels/nuclei"])
     assert len(image_label.ome_attributes.multiscales[0].datasets) == spec.n_levels
@@ -218,10 +233,18 @@ def test_metadata_scales_units_and_versions(tmp_path: Path, lab: np.ndarray) -> 
         assert ds["path"] == f"s{k}"
         assert ds["coordinateTransformations"] == [{"type": "scale", "scale": [0.25 * 2**k] * 2}]
     labels_ome = json.loads((store / "labels/zarr.json").read_text())["attributes"]["ome"]
-    assert labels_ome == {"version": "0.5", "labels": ["nuclei"]}
+    assert labels_ome == {"version": "0.5", "labels": ["nuclei", "tissue"]}
     root_attrs = json.loads((store / "zarr.json").read_text())["attributes"]
     assert root_attrs["wsi_nuclei"] == {"slide": "slide-1.svs"}
-    assert root_attrs["ome"]["multiscales"][0]["datasets"] == ms["datasets"]
+    root = root_attrs["ome"]
+    assert root["version"] == "0.5"
+    assert [a.get("unit") for a in root["multiscales"][0]["axes"]] == [None, "micrometer", "micrometer"]
+    channels = root["omero"]["channels"]
+    assert [c["color"] for c in channels] == ["FF0000", "00FF00", "0000FF"]
+    assert all(c["window"]["start"] == 0 and c["window"]["end"] == 255 for c in channels)
+    tissue = json.loads((store / "labels/tissue/zarr.json").read_text())["attributes"]["ome"]
+    assert tissue["image-label"]["source"] == {"image": "../../"}
+    assert tissue["image-label"]["colors"][0]["label-value"] == 1
 
 
 def test_every_array_has_dimension_names(tmp_path: Path, lab: np.ndarray) -> None:
@@ -229,9 +252,10 @@ def test_every_array_has_dimension_names(tmp_path: Path, lab: np.ndarray) -> Non
     root = Path(spec.path)
     nodes = {f.parent.relative_to(root).as_posix(): json.loads(f.read_text())
              for f in root.rglob("zarr.json")}
-    # the NGFF arrays (tissue + nuclei levels); tables/ is AnnData's encoding, not NGFF
+    # the NGFF arrays (RGB, nuclei and tissue levels); tables/ is AnnData's encoding, not NGFF
     arrays = [a for k, a in nodes.items() if a["node_type"] == "array" and not k.startswith("tables/")]
-    assert len(arrays) == 2 * spec.n_levels
+    assert len(arrays) == 3 * spec.n_levels
+    assert nodes["s0"]["dimension_names"] == ["c", "y", "x"]
     assert nodes["tables/nuclei"]["attributes"]["encoding-type"] == "anndata"
     for meta in arrays:
         assert meta.get("dimension_names") and len(meta["dimension_names"]) == len(meta["shape"])
@@ -247,19 +271,85 @@ def test_no_mpp_means_pixel_scale_without_unit(tmp_path: Path, lab: np.ndarray) 
     assert isinstance(open_ome_zarr(zarr.open_group(spec.path, mode="r")), Image)
 
 
+def _centres(ms: dict, level: int, n: int, axis: int = -1) -> tuple[np.ndarray, float]:
+    """Physical centres of pixels 0..n-1 of a level along a spatial axis, and the pixel
+    size, read from NGFF metadata as a viewer does (scale, then translation)."""
+    scale, shift = 1.0, 0.0
+    for t in ms["datasets"][level]["coordinateTransformations"]:
+        if t["type"] == "scale":
+            scale = t["scale"][axis]
+        else:
+            shift = t["translation"][axis]
+    return np.arange(n) * scale + shift, scale
+
+
 @pytest.mark.parametrize("per_pixel", [8.0, 6.5])
-def test_tissue_levels_equal_strided_nearest_upsampling(tmp_path: Path, per_pixel: float) -> None:
+def test_tissue_label_is_strided_and_overlays_level0(tmp_path: Path, per_pixel: float) -> None:
+    """Tissue mask pixel i covers level-0 [i*d, (i+1)*d): each tissue level is the strided
+    mask, and its transform puts pixel i where the level-0 pixels it covers are (level-0
+    pixel p is centred at p * mpp, the nuclei's convention)."""
     rng = np.random.default_rng(3)
     mask = rng.random((12, 15)) > 0.6
-    spec = create_store(tmp_path / "t.zarr", (70, 90), 16, 0.5)
+    mpp = 0.5
+    spec = create_store(tmp_path / "t.zarr", (70, 90), 16, mpp, n_levels=3)
     write_tissue(spec, np.ones_like(mask), per_pixel)  # overwritten below: write is idempotent
     write_tissue(spec, mask, per_pixel)
-    iy = np.minimum(((np.arange(70) + 0.5) // per_pixel).astype(int), mask.shape[0] - 1)
-    ix = np.minimum(((np.arange(90) + 0.5) // per_pixel).astype(int), mask.shape[1] - 1)
-    level0 = mask[np.ix_(iy, ix)].astype(np.uint8)
+    write_image(spec, np.zeros((35, 45, 3), np.uint8), 2.0)
+    finalize(spec, name="t")
     root = zarr.open_group(spec.path, mode="r")
+    ms = root["labels/tissue"].attrs["ome"]["multiscales"][0]
     for k in range(spec.n_levels):
-        np.testing.assert_array_equal(root[f"s{k}"][:], level0[:: 2**k, :: 2**k])
+        level = root[f"labels/tissue/s{k}"][:]
+        np.testing.assert_array_equal(level, mask[:: 2**k, :: 2**k].astype(np.uint8))
+        for axis in (0, 1):
+            n = level.shape[axis]
+            centres, size = _centres(ms, k, n, axis - 2)
+            first = np.arange(n) * 2**k  # the mask pixel each level pixel is
+            np.testing.assert_allclose(centres, ((first + 0.5) * per_pixel - 0.5) * mpp)
+            assert size == pytest.approx(per_pixel * 2**k * mpp)
+    nuclei = root["labels/nuclei"].attrs["ome"]["multiscales"][0]
+    assert _centres(nuclei, 2, 3)[0].tolist() == [0.0, 2.0, 4.0]  # level-0 pixel 4i: 4i * mpp
+
+
+@pytest.mark.parametrize("d", [1, 3, 4])
+def test_rgb_image_levels_are_box_means_and_overlay_level0(tmp_path: Path, d: int) -> None:
+    """RGB level k pixel i is the mean of level-0 pixels [i*d*2^k, (i+1)*d*2^k): its
+    transform centres it on them and gives it their extent, as many levels as the nuclei."""
+    mpp = 0.25
+    shape = (70, 90)
+    spec = create_store(tmp_path / "i.zarr", shape, 16, mpp, n_levels=4)
+    overview = overview_of(np.zeros(shape), d)
+    write_image(spec, overview, float(d))
+    write_tissue(spec, np.ones((9, 12), bool), 8.0)
+    finalize(spec, name="slide")
+    root = zarr.open_group(spec.path, mode="r")
+    ms = root.attrs["ome"]["multiscales"][0]
+    assert len(ms["datasets"]) == spec.n_levels
+    expected = overview.astype(np.float64)
+    for k in range(spec.n_levels):
+        level = root[f"s{k}"][:]
+        assert level.dtype == np.uint8 and level.shape == (3, *expected.shape[:2])
+        np.testing.assert_allclose(np.moveaxis(level, 0, 2), expected, atol=0.5 + 1e-9)
+        for axis in (1, 2):
+            n = level.shape[axis]
+            centres, size = _centres(ms, k, n, axis - 3)
+            step = d * 2**k
+            np.testing.assert_allclose(centres, ((np.arange(n) + 0.5) * step - 0.5) * mpp)
+            assert size == pytest.approx(step * mpp)
+        # the next level: 2 x 2 means of this one (edge blocks average what they have)
+        src = np.moveaxis(level, 0, 2).astype(np.float64)
+        h, w = -(-src.shape[0] // 2), -(-src.shape[1] // 2)
+        expected = np.array([[src[2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(-1, 3).mean(axis=0)
+                              for j in range(w)] for i in range(h)])
+
+
+def test_finalize_needs_the_image(tmp_path: Path, lab: np.ndarray) -> None:
+    spec = _write_all(tmp_path, lab, threads=False)
+    with pytest.raises(ValueError, match="write_image"):
+        finalize(spec, name="x")
+    assert "ome" not in zarr.open_group(spec.path, mode="r").attrs
+    with pytest.raises(ValueError, match="RGB"):
+        write_image(spec, np.zeros((4, 5), np.uint8), 2.0)
 
 
 def test_labels_thumbnail_is_strided_sample(tmp_path: Path, lab: np.ndarray) -> None:
@@ -273,6 +363,7 @@ def test_labels_thumbnail_is_strided_sample(tmp_path: Path, lab: np.ndarray) -> 
 
 def test_create_store_replaces_old_store(tmp_path: Path, lab: np.ndarray) -> None:
     spec = _write_all(tmp_path, lab, threads=False)
+    write_image(spec, overview_of(lab, 4), 4.0)
     finalize(spec, name="x")
     spec2 = create_store(spec.path, (20, 20), 16, None)
     root = zarr.open_group(spec2.path, mode="r")

@@ -1,6 +1,7 @@
-"""Slide outputs: OME-Zarr labels (+ tissue image), nucleus table, QuPath GeoJSON, preview,
-summary. Single-file outputs are written atomically; ``summary.json`` is written last and
-marks a slide as complete (see ``pipeline.writers.summary``)."""
+"""Slide outputs: OME-Zarr store (RGB slide copy, nuclei and tissue labels), nucleus table,
+QuPath GeoJSON, preview, summary. Single-file outputs are written atomically;
+``summary.json`` is written last and marks a slide as complete (see
+``pipeline.writers.summary``)."""
 
 from pipeline.writers.geojson import GeoJSONWriter, label_polygons, nucleus_feature, nucleus_uuid
 from pipeline.writers.labels import (
@@ -10,6 +11,7 @@ from pipeline.writers.labels import (
     finalize,
     labels_thumbnail,
     write_block,
+    write_image,
     write_tissue,
 )
 from pipeline.writers.preview import write_preview
@@ -32,6 +34,7 @@ __all__ = [
     "nucleus_uuid",
     "read_summary",
     "write_block",
+    "write_image",
     "write_preview",
     "write_summary",
     "write_table",

@@ -8,32 +8,47 @@ analysis artefact (docs formats.md §2.2-2.4).
 
 Store layout (``<out>/nuclei.zarr``)::
 
-    zarr.json            root = an NGFF *image*: the tissue mask (uint8, 1 = tissue),
-                         multiscales "s0".."sN"; written LAST by finalize()
-    s0 .. sN             tissue mask levels, same grid and chunks as the nuclei levels
-    labels/zarr.json     ome: {version: "0.5", labels: ["nuclei"]}
+    zarr.json            root = an NGFF *image*: the slide, RGB uint8 (c, y, x) at reduced
+                         resolution (long side <= IMAGE_SIDE), "omero" R/G/B channels with
+                         windows 0-255; written LAST by finalize()
+    s0 .. sN             RGB levels, each a 2 x 2 box mean of the one before
+    labels/zarr.json     ome: {version: "0.5", labels: ["nuclei", "tissue"]}
     labels/nuclei/       ome: {version, multiscales, image-label{version, source, colors?}}
-      s0 .. sN           uint32 instance ids (0 = background), chunks (C, C)
+      s0 .. sN           uint32 instance ids (0 = background), level 0 = slide level 0
+    labels/tissue/       the tissue mask (uint8, 1 = tissue) at its own coarse resolution
+      s0 .. sN           strided [::2, ::2]
     tables/nuclei/       AnnData table, one row per label id, SpatialData table attributes
                          (region "nuclei", instance_key "id"; pipeline.writers.table)
 
-Why the tissue mask is the root image: NGFF labels live inside an image group and need
-the same number of levels as that image. We do not copy the H&E pixels, so the tissue mask
-(which we have, on the same grid after nearest upsampling) is the image. That keeps the
-whole store a valid NGFF image (ome-zarr-models ``Image`` validates it, including the
-level-count rule) and ``ome_zarr.reader`` opens it from the root. The mask is not also
-stored as ``labels/tissue``: it would be a second full copy of the same pixels.
+Why an RGB root image: viewers open an NGFF store at its image and show the labels on top
+(napari-ome-zarr, ome-zarr-py's ``Reader``), so the image must be the slide, not a mask:
+with the tissue mask as the root, napari drew a black 0/1 canvas over the slide. The
+pixels are a reduced copy (a few tens of MB at most, ``IMAGE_SIDE``): the full-resolution
+slide stays in its own file (``wsi-nuclei view`` reads it from there). The layout follows
+ome-zarr-py's own RGB example (``ome_zarr.data.create_zarr``): channel axis first, labels
+without it.
 
-Every array has ``dimension_names=["y", "x"]`` (required by 0.5; gotcha 3). Levels are
-made by **striding** ``[::2, ::2]`` (never averaging: label values must survive), so
-level k pixel (i, j) *is* level-0 pixel (i * 2^k, j * 2^k) and the coordinate transform is
-``scale = mpp * 2^k`` with **no translation** (pixel centres at integer indices). Without
-an mpp the scale is in pixels (``2^k``) and the axes have no unit.
+NGFF rules and how they are met: each label image has **as many levels as the image**
+(a MUST; ome-zarr-models checks it), so the RGB and tissue pyramids get the nuclei
+pyramid's level count. The spec's *should* that a label has the image's shape is not met
+on purpose: the nuclei are at level-0 resolution, the image and the tissue mask coarser;
+the coordinate transforms place every array in the same physical space, so they overlay.
+
+Coordinates: **level-0 pixel centres sit at integer indices** (level-0 pixel y covers
+``[y - 0.5, y + 0.5) * mpp``). Nuclei levels are made by **striding** ``[::2, ::2]``
+(never averaging: label values must survive): level k pixel i *is* level-0 pixel i * 2^k,
+so their transform is ``scale = mpp * 2^k`` with no translation. An array whose pixel i
+covers level-0 pixels ``[i * d, (i + 1) * d)`` (the RGB overview, box-averaged, and each
+tissue mask pixel) has its centre at level-0 index ``i * d + (d - 1) / 2``: ``scale =
+mpp * d`` and ``translation = mpp * (d - 1) / 2``, where d doubles per RGB level; strided
+tissue levels keep the translation of their level 0. Without an mpp the unit is the
+level-0 pixel and the axes have no unit.
 
 Writing protocol (Dask friendly, no locks): ``create_store`` once (groups and empty
-arrays, no OME metadata) -> ``write_block`` per chunk-aligned box, any order, from any
-process (each chunk has exactly one writer) -> ``build_pyramid`` -> ``write_tissue`` ->
-``finalize`` (metadata, root last). A store without root ``multiscales`` is incomplete.
+nuclei arrays, no OME metadata) -> ``write_block`` per chunk-aligned box, any order, from
+any process (each chunk has exactly one writer) -> ``build_pyramid`` -> ``write_tissue``
+and ``write_image`` -> ``finalize`` (metadata, root last). A store without root
+``multiscales`` is incomplete.
 """
 
 from __future__ import annotations
@@ -56,8 +71,10 @@ from pipeline.types import Box
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "IMAGE_SIDE",
     "LABEL_PATH",
     "LabelStoreSpec",
+    "TISSUE_PATH",
     "build_pyramid",
     "create_store",
     "finalize",
@@ -65,14 +82,21 @@ __all__ = [
     "open_store",
     "pyramid_shapes",
     "write_block",
+    "write_image",
     "write_tissue",
 ]
 
 NGFF_VERSION = "0.5"
 LABEL_NAME = "nuclei"
 LABEL_PATH = f"labels/{LABEL_NAME}"
+TISSUE_NAME = "tissue"
+TISSUE_PATH = f"labels/{TISSUE_NAME}"
 DIMS = ("y", "x")
-STORE_ATTR = "wsi_nuclei_store"  # non-OME root attribute: what open_store needs (mpp)
+RGB_DIMS = ("c", "y", "x")  # NGFF: the channel axis before the spatial ones
+IMAGE_SIDE = 4096  # px, the root RGB image's long side (at most): ~50 MB raw, a few MB stored
+STORE_ATTR = "wsi_nuclei_store"  # non-OME root attribute: what open_store / finalize need
+# the omero rendering hints that make viewers compose the three channels as RGB
+RGB_CHANNELS = (("Red", "FF0000"), ("Green", "00FF00"), ("Blue", "0000FF"))
 
 
 def _compressor() -> BloscCodec:
@@ -96,7 +120,7 @@ class LabelStoreSpec:
         return len(self.level_shapes)
 
     def level_path(self, level: int, group: str = LABEL_PATH) -> str:
-        """Path of a level array inside the store (``group=""`` for the tissue image)."""
+        """Path of a level array inside the store (``group=""`` for the RGB image)."""
         return f"{group}/s{level}" if group else f"s{level}"
 
     def scale(self, level: int) -> float:
@@ -131,12 +155,19 @@ def _open(spec: LabelStoreSpec, path: str, mode: str = "r+") -> zarr.Array:
     return zarr.open_array(store=spec.path, path=path, mode=mode, zarr_format=3)
 
 
-def _create_level_arrays(group: zarr.Group, spec: LabelStoreSpec, dtype: str) -> None:
-    for k, shp in enumerate(spec.level_shapes):
-        group.create_array(
-            f"s{k}", shape=shp, chunks=(spec.chunk, spec.chunk), dtype=dtype, fill_value=0,
-            dimension_names=list(DIMS), compressors=_compressor(), overwrite=True,
-        )
+def _create_level_arrays(group: zarr.Group, spec: LabelStoreSpec, dtype: str,
+                         shapes: Sequence[tuple[int, ...]] | None = None) -> list[zarr.Array]:
+    """Empty level arrays ``s0..`` (replacing any); 3-D shapes are (c, y, x) images,
+    chunked one channel at a time (napari shows each channel as its own layer)."""
+    arrays = []
+    for k, shp in enumerate(spec.level_shapes if shapes is None else shapes):
+        rgb = len(shp) == 3
+        arrays.append(group.create_array(
+            f"s{k}", shape=shp, chunks=(1, spec.chunk, spec.chunk) if rgb else (spec.chunk, spec.chunk),
+            dtype=dtype, fill_value=0, dimension_names=list(RGB_DIMS if rgb else DIMS),
+            compressors=_compressor(), overwrite=True,
+        ))
+    return arrays
 
 
 def create_store(
@@ -150,7 +181,8 @@ def create_store(
     """Create a fresh store (an existing one at ``path`` is deleted) with empty arrays.
 
     No OME metadata is written here (see ``finalize``), so a crash mid-run leaves a store
-    that no reader mistakes for a finished one.
+    that no reader mistakes for a finished one. The RGB image and the tissue mask are
+    created by ``write_image`` and ``write_tissue``, whose shapes depend on their inputs.
     """
     if chunk < 1 or min(shape) < 1:
         raise ValueError(f"need a positive shape and chunk, got shape={shape} chunk={chunk}")
@@ -168,7 +200,6 @@ def create_store(
     )
     root = zarr.open_group(store=spec.path, mode="w", zarr_format=3)
     root.attrs[STORE_ATTR] = {"mpp": mpp, "chunk": spec.chunk}
-    _create_level_arrays(root, spec, "uint8")  # tissue image at the root
     nuclei = root.require_group("labels").require_group(LABEL_NAME)
     _create_level_arrays(nuclei, spec, spec.dtype)
     log.info("created label store %s: %d levels %s, chunk %d", p, spec.n_levels, spec.level_shapes, chunk)
@@ -258,61 +289,85 @@ def build_pyramid(spec: LabelStoreSpec, regions: Iterable[Box] | None = None) ->
     return computed
 
 
-def _nearest_index(n_out: int, step: int, per_pixel: float, n_src: int) -> np.ndarray:
-    """Source-mask index of each level pixel: the mask pixel holding the centre of the
-    level-0 pixel ``i * step`` (what striding a level-0 upsampling would pick)."""
-    centre = np.arange(n_out, dtype=np.float64) * step + 0.5
-    return np.clip(np.floor(centre / per_pixel).astype(np.int64), 0, n_src - 1)
+def _record(spec: LabelStoreSpec, key: str, value: float) -> None:
+    """Remember a layer's level-0 px per pixel in the store, for ``finalize``."""
+    root = zarr.open_group(store=spec.path, mode="r+", zarr_format=3)
+    root.attrs[STORE_ATTR] = {**root.attrs[STORE_ATTR], key: float(value)}
+
+
+def _check_per_pixel(value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"level0_per_pixel must be positive, got {value}")
 
 
 def write_tissue(spec: LabelStoreSpec, mask: np.ndarray, level0_per_pixel: float) -> None:
-    """Write the tissue mask (any resolution) as the root image, 1 = tissue.
+    """Write the tissue mask as the label image ``labels/tissue`` (1 = tissue).
 
-    ``mask`` pixel (i, j) covers level-0 ``[i*d, (i+1)*d)`` with ``d = level0_per_pixel``.
-    Each level is computed directly from the small mask with the nearest-neighbour map of
-    the strided level-0 grid, so it equals ``level0[::2^k, ::2^k]`` exactly without ever
-    materialising level 0. The arrays are re-created first (idempotent), then only chunks
-    holding tissue are written (all-background chunks stay implicit fill values).
+    ``mask`` pixel (i, j) covers level-0 ``[i*d, (i+1)*d)`` with ``d = level0_per_pixel``;
+    it is stored at that resolution (its transform places it over the slide, see the
+    module docstring), level k being ``mask[::2^k, ::2^k]``, with as many levels as the
+    nuclei (the NGFF rule). Idempotent: the arrays are re-created.
     """
     if mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"tissue mask must be a non-empty 2-D array, got shape {mask.shape}")
-    if not (math.isfinite(level0_per_pixel) and level0_per_pixel > 0):
-        raise ValueError(f"level0_per_pixel must be positive, got {level0_per_pixel}")
+    _check_per_pixel(level0_per_pixel)
+    m = (np.asarray(mask) != 0).astype(np.uint8)
     root = zarr.open_group(store=spec.path, mode="r+", zarr_format=3)
-    _create_level_arrays(root, spec, "uint8")
-    m = np.asarray(mask) != 0
-    c = spec.chunk
-    for k, (h, w) in enumerate(spec.level_shapes):
-        iy = _nearest_index(h, 2**k, level0_per_pixel, m.shape[0])
-        ix = _nearest_index(w, 2**k, level0_per_pixel, m.shape[1])
-        arr = _open(spec, spec.level_path(k, group=""))
-        written = 0
-        for y0 in range(0, h, c):
-            rows = m[iy[y0:y0 + c]]
-            if not rows.any():
-                continue
-            for x0 in range(0, w, c):
-                block = rows[:, ix[x0:x0 + c]]
-                if block.any():
-                    arr[y0:y0 + block.shape[0], x0:x0 + block.shape[1]] = block.astype(np.uint8)
-                    written += 1
-        log.debug("tissue level %d: %d chunks with tissue", k, written)
+    group = root.require_group("labels").require_group(TISSUE_NAME)
+    shapes = pyramid_shapes(m.shape, spec.chunk, spec.n_levels)
+    for k, arr in enumerate(_create_level_arrays(group, spec, "uint8", shapes)):
+        arr[...] = m[::2**k, ::2**k]
+    _record(spec, "tissue_per_px", level0_per_pixel)
+    log.debug("tissue label %s at %.3g level-0 px per pixel", m.shape, level0_per_pixel)
 
 
-def _multiscale(spec: LabelStoreSpec, name: str) -> dict[str, Any]:
+def write_image(spec: LabelStoreSpec, overview: np.ndarray, level0_per_pixel: float) -> None:
+    """Write the slide overview as the root RGB image (c, y, x), one level per nuclei level.
+
+    ``overview`` is (h, w, 3) uint8 whose pixel (i, j) is the mean of level-0 ``[i*d,
+    (i+1)*d)`` with ``d = level0_per_pixel`` (``pipeline.overview.slide_overview``); level k
+    is level k-1 box-averaged 2 x 2 (pixel size ``d * 2^k``). Idempotent.
+    """
+    rgb = np.asarray(overview)
+    if rgb.ndim != 3 or rgb.shape[2] < 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError(f"overview must be a non-empty (h, w, 3) RGB image, got {rgb.shape}")
+    if rgb.dtype != np.uint8:
+        raise TypeError(f"overview must be uint8, got {rgb.dtype}")
+    _check_per_pixel(level0_per_pixel)
+    from pipeline.overview import box_reduce
+
+    rgb = rgb[..., :3]
+    root = zarr.open_group(store=spec.path, mode="r+", zarr_format=3)
+    shapes = [(3, *hw) for hw in pyramid_shapes(rgb.shape[:2], spec.chunk, spec.n_levels)]
+    for k, arr in enumerate(_create_level_arrays(root, spec, "uint8", shapes)):
+        if k:
+            rgb = box_reduce(rgb, 2)
+        arr[...] = np.moveaxis(rgb, 2, 0)
+    _record(spec, "image_per_px", level0_per_pixel)
+    log.debug("RGB image %s at %.3g level-0 px per pixel, %d levels", shapes[0], level0_per_pixel,
+              len(shapes))
+
+
+def _multiscale(spec: LabelStoreSpec, name: str, per_px: Sequence[float], *, rgb: bool = False,
+                translate: Sequence[float] | None = None, kind: str = "nearest",
+                method: str = "stride [::2, ::2] of the previous level (labels are never averaged)",
+                ) -> dict[str, Any]:
+    """NGFF ``multiscales`` entry: level k's pixel is ``per_px[k]`` level-0 pixels, its
+    centre shifted by ``translate[k]`` level-0 pixels (see the module docstring)."""
+    unit = spec.mpp if spec.mpp is not None else 1.0
     axis_extra = {"unit": "micrometer"} if spec.mpp is not None else {}
-    return {
-        "name": name,
-        "axes": [{"name": d, "type": "space", **axis_extra} for d in DIMS],
-        "datasets": [
-            {"path": f"s{k}", "coordinateTransformations": [{"type": "scale", "scale": [spec.scale(k)] * 2}]}
-            for k in range(spec.n_levels)
-        ],
-        "type": "nearest",
-        "metadata": {"method": "stride [::2, ::2] of the previous level (labels are never averaged)"},
-    }
-
-
+    axes = [{"name": d, "type": "space", **axis_extra} for d in DIMS]
+    if rgb:
+        axes.insert(0, {"name": "c", "type": "channel"})
+    channel_scale, channel_shift = ([1.0], [0.0]) if rgb else ([], [])
+    datasets = []
+    for k, d in enumerate(per_px):
+        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": channel_scale + [unit * d] * 2}]
+        if translate is not None and translate[k]:
+            transforms.append({"type": "translation",
+                               "translation": channel_shift + [unit * translate[k]] * 2})
+        datasets.append({"path": f"s{k}", "coordinateTransformations": transforms})
+    return {"name": name, "axes": axes, "datasets": datasets, "type": kind, "metadata": {"method": method}}
 def _check_colors(colors: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for col in colors:
@@ -323,6 +378,20 @@ def _check_colors(colors: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _omero(name: str) -> dict[str, Any]:
+    """Rendering hints (NGFF transitional "omero"): show the three channels as RGB."""
+    window = {"min": 0, "max": 255, "start": 0, "end": 255}
+    return {"name": name, "rdefs": {"model": "color"},
+            "channels": [{"label": label, "color": color, "window": window, "active": True,
+                          "coefficient": 1, "family": "linear", "inverted": False}
+                         for label, color in RGB_CHANNELS]}
+
+
+def _coarse(per_px: float) -> float:
+    """Centre shift (level-0 px) of a pixel that covers ``per_px`` level-0 pixels."""
+    return (per_px - 1.0) / 2.0
+
+
 def finalize(
     spec: LabelStoreSpec,
     *,
@@ -330,30 +399,57 @@ def finalize(
     colors: Sequence[Mapping[str, Any]] | None = None,
     extra_attrs: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write the NGFF 0.5 metadata; call after all pixels are written.
+    """Write the NGFF 0.5 metadata; call after all pixels are written (``write_image``
+    is required, ``write_tissue`` optional).
 
-    Order: ``labels/nuclei`` -> ``labels`` (with ``version``, formats.md gotcha 2) -> root.
-    The root ``multiscales`` therefore appears last and marks the store complete. ``name``
-    names the root image (e.g. the slide id); ``colors`` are optional NGFF
-    ``{"label-value", "rgba"}`` entries (keep few: viewers colour instances themselves);
-    ``extra_attrs`` go at the top level of the root attributes (not inside ``ome``).
+    Order: ``labels/nuclei``, ``labels/tissue`` -> ``labels`` (with ``version``, formats.md
+    gotcha 2) -> root. The root ``multiscales`` therefore appears last and marks the store
+    complete. ``name`` names the root image (the slide id: viewers show it); ``colors``
+    are optional NGFF ``{"label-value", "rgba"}`` entries for the nuclei (keep few: viewers
+    colour instances themselves); ``extra_attrs`` go at the top level of the root
+    attributes (not inside ``ome``).
     """
+    from pipeline.writers.preview import TISSUE_RGB
+
     if extra_attrs is not None and "ome" in extra_attrs:
         raise ValueError("extra_attrs must not contain the reserved key 'ome'")
     root = zarr.open_group(store=spec.path, mode="r+", zarr_format=3)
+    info = root.attrs[STORE_ATTR]
+    if "image_per_px" not in info:
+        raise ValueError(f"{spec.path}: no RGB image (call write_image before finalize)")
     for k in range(spec.n_levels):  # fail early on a store that was not fully created
-        for group in ("", LABEL_PATH):
-            if _open(spec, spec.level_path(k, group), "r").shape != spec.level_shapes[k]:
-                raise ValueError(f"{spec.path}/{spec.level_path(k, group)} does not match the spec")
+        if _open(spec, spec.level_path(k), "r").shape != spec.level_shapes[k]:
+            raise ValueError(f"{spec.path}/{spec.level_path(k)} does not match the spec")
+        for group in ("", TISSUE_PATH) if "tissue_per_px" in info else ("",):
+            if f"s{k}" not in (root[group] if group else root):
+                raise ValueError(f"{spec.path}/{spec.level_path(k, group)} is missing")
     image_label: dict[str, Any] = {"version": NGFF_VERSION, "source": {"image": "../../"}}
     if colors:
         image_label["colors"] = _check_colors(colors)
+    n = spec.n_levels
     root[LABEL_PATH].attrs["ome"] = {
-        "version": NGFF_VERSION, "multiscales": [_multiscale(spec, LABEL_NAME)], "image-label": image_label,
+        "version": NGFF_VERSION, "image-label": image_label,
+        "multiscales": [_multiscale(spec, LABEL_NAME, [2.0**k for k in range(n)])],
     }
-    root["labels"].attrs["ome"] = {"version": NGFF_VERSION, "labels": [LABEL_NAME]}
+    names = [LABEL_NAME]
+    if "tissue_per_px" in info:
+        d = float(info["tissue_per_px"])
+        root[TISSUE_PATH].attrs["ome"] = {
+            "version": NGFF_VERSION,
+            "multiscales": [_multiscale(spec, TISSUE_NAME, [d * 2**k for k in range(n)],
+                                        translate=[_coarse(d)] * n)],
+            "image-label": {"version": NGFF_VERSION, "source": {"image": "../../"},
+                            "colors": [{"label-value": 1, "rgba": [*TISSUE_RGB, 255]}],
+                            "properties": [{"label-value": 1, "class": "tissue"}]},
+        }
+        names.append(TISSUE_NAME)
+    root["labels"].attrs["ome"] = {"version": NGFF_VERSION, "labels": names}
+    d = float(info["image_per_px"])
+    image = _multiscale(spec, name, [d * 2**k for k in range(n)], rgb=True,
+                        translate=[_coarse(d * 2**k) for k in range(n)], kind="mean",
+                        method="2 x 2 box mean of the previous level")
     attrs: dict[str, Any] = dict(extra_attrs or {})
-    attrs["ome"] = {"version": NGFF_VERSION, "multiscales": [_multiscale(spec, name)]}
+    attrs["ome"] = {"version": NGFF_VERSION, "multiscales": [image], "omero": _omero(name)}
     root.attrs.update(attrs)
     log.info("finalized OME-Zarr %s (%d levels)", spec.path, spec.n_levels)
 
