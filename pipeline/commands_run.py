@@ -6,8 +6,10 @@ import argparse
 import contextlib
 import logging
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from pipeline.tiling import DEFAULT_TILE_SIZE
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED = 0, 1
+SLIDES_IN_FLIGHT = 3  # slides processed at once on a Dask cluster (phases overlap)
 
 
 
@@ -43,6 +46,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="local Dask cluster (default), SLURM via dask-jobqueue, or none (one process)")
     p.add_argument("--cluster-config", default=None, help="YAML/JSON file with cluster settings")
     p.add_argument("--scheduler", default=None, help="attach to tcp://HOST:PORT or a scheduler file")
+    p.add_argument("--slides-at-once", type=int, default=SLIDES_IN_FLIGHT,
+                   help="slides in flight at once on a Dask cluster (their phases overlap, so "
+                        "workers do not wait between one slide's phases); 1 = one after another")
     p.add_argument("--workers", type=int, default=None,
                    help="local worker processes, or SLURM jobs (default: sized to the machine)")
 
@@ -88,9 +94,16 @@ def executor_for(args: argparse.Namespace, model: str, device: str) -> Iterator[
     if args.cluster == "none" and not args.scheduler:
         yield SerialExecutor()
         return
-    from pipeline.cluster import ClusterConfig, cluster_config_from, open_client, register_model
+    from pipeline.cluster import (
+        ClusterConfig,
+        cluster_config_from,
+        open_client,
+        predict_resources,
+        register_model,
+    )
 
-    if not getattr(args, "debug", False):
+    debug = bool(getattr(args, "debug", False))
+    if not debug:
         # importing distributed re-applies its own INFO level; quiet it in this process only,
         # so that worker logs (SLURM job output) keep their start-up lines
         logging.getLogger("distributed").setLevel(logging.WARNING)
@@ -102,10 +115,13 @@ def executor_for(args: argparse.Namespace, model: str, device: str) -> Iterator[
         options["scheduler"] = args.scheduler
     if getattr(args, "workers", None):
         options["workers"] = args.workers
+    if device != "auto":  # an explicit --device sizes the cluster (cpu: no GPU workers)
+        options["device"] = device
     config: ClusterConfig = cluster_config_from(options, getattr(args, "cluster_config", None))
-    with open_client(config) as client:
-        register_model(client, model, config, device=device)
-        yield DaskExecutor(client)
+    with open_client(config, debug=debug) as client:
+        register_model(client, model, config)
+        layout = None if config.kind == "address" else config.layout()
+        yield DaskExecutor(client, predict_resources=predict_resources(layout))
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -121,18 +137,49 @@ def run_command(args: argparse.Namespace) -> int:
     cfg.validate()  # bad values exit 2 here, before any cluster starts
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers} must be at least 1")
-    outcomes = []
+    if args.slides_at_once < 1:
+        raise ValueError(f"--slides-at-once {args.slides_at_once} must be at least 1")
     with executor_for(args, cfg.model, cfg.device) as executor:
-        for path, name in slides.items():
-            with tqdm(total=0, desc=name[:30], unit="tile", file=sys.stderr) as bar:
-                def progress(done: int, total: int, bar: tqdm = bar) -> None:
+        at_once = min(len(slides), args.slides_at_once) if hasattr(executor, "client") else 1
+        outcomes = _run_slides(slides, cfg, executor, at_once, process_slide)
+    _print_table(outcomes)
+    return EXIT_FAILED if any(o.status != "done" for o in outcomes) else EXIT_OK
+
+
+def _run_slides(slides: dict[str, str], cfg: Any, executor: Any, at_once: int,
+                process: Callable[..., Any]) -> list[Any]:
+    """Each slide through ``process``, ``at_once`` slides at a time (one client thread each,
+    sharing the cluster), so that one slide's single-task phases (planning, finalising)
+    overlap other slides' tiles and the workers never wait between phases. Outcomes in the
+    order of ``slides``."""
+    slots = list(range(at_once))
+    lock = threading.Lock()
+
+    def one(path: str, name: str) -> Any:
+        with lock:
+            slot = slots.pop(0)
+        try:
+            with tqdm(total=0, desc=name[:30], unit="tile", file=sys.stderr, position=slot,
+                      leave=at_once == 1) as bar:
+                def progress(done: int, total: int) -> None:
                     bar.total = total
                     bar.n = done
                     bar.refresh()
 
-                outcomes.append(process_slide(path, cfg, executor, progress, name))
-    _print_table(outcomes)
-    return EXIT_FAILED if any(o.status != "done" for o in outcomes) else EXIT_OK
+                return process(path, cfg, executor, progress, name)
+        finally:
+            with lock:
+                slots.append(slot)
+
+    if at_once <= 1:
+        return [one(path, name) for path, name in slides.items()]
+    with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="slide") as pool:
+        futures = [pool.submit(one, path, name) for path, name in slides.items()]
+        try:
+            return [f.result() for f in futures]
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def _print_table(outcomes: list[Any]) -> None:

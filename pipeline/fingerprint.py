@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the saved tile files or the outputs change layout or meaning: older partial
 # work is then recomputed, and older finished slides say so when skipped.
-OUTPUT_FORMAT_VERSION = 4
+OUTPUT_FORMAT_VERSION = 5  # 5: nuclei.zarr root = RGB slide copy, tissue mask in labels/tissue
 
 FINGERPRINT_FILE = "fingerprint.json"
 

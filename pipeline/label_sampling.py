@@ -161,9 +161,12 @@ def sample_block(canvas: np.ndarray, splits: Sequence[tuple[int, Box]], origin: 
 
 def paint_block(block: Box, scale: float, model_shape: tuple[int, int],
                 level0_shape: tuple[int, int],
-                sources: Iterable[tuple[np.ndarray, Box, int]]) -> np.ndarray:
+                sources: Iterable[tuple[np.ndarray, Box, int]],
+                collisions: list[int] | None = None) -> np.ndarray:
     """Level-0 labels (uint32, global ids) of ``block`` from tiles ``(labels, extent,
-    id offset)``: each tile's owned instances with local ids, consumed one at a time."""
+    id offset)``: each tile's owned instances with local ids, consumed one at a time.
+    Model pixels painted by two tiles (which exact stitching rules out) are counted into
+    ``collisions`` when given."""
     mbox = model_box(block, scale, model_shape)
     origin = (mbox.y0, mbox.x0)
     canvas = np.zeros(mbox.shape, dtype=np.uint32)
@@ -175,6 +178,8 @@ def paint_block(block: Box, scale: float, model_shape: tuple[int, int],
         src = labels[inter.slices((extent.y0, extent.x0))]
         dst = canvas[inter.slices(origin)]
         mask = src > 0
+        if collisions is not None:
+            collisions.append(int(np.count_nonzero(dst[mask])))
         dst[mask] = src[mask].astype(np.uint32) + np.uint32(offset)
         if scale < 1:
             splits += _split_boxes(labels, extent, offset, scale, level0_shape, model_shape)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from models.checkpoints import default_model
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, SlideReadError
 from pipeline.label_sampling import block_rows as block_rows  # its home; re-exported
 from pipeline.label_sampling import model_box, paint_block
 from pipeline.tiling import DEFAULT_CLUSTER_MARGIN, DEFAULT_TILE_SIZE
@@ -126,16 +126,22 @@ class SerialExecutor:
 class DaskExecutor:
     """Bounded submission to a Dask client (backpressure, retries, per-item errors)."""
 
-    def __init__(self, client: Any, max_in_flight: int = 64, retries: int = 2):
+    def __init__(self, client: Any, max_in_flight: int = 64, retries: int = 2,
+                 predict_resources: dict[str, float] | None = None):
         self.client = client
         self.max_in_flight = max_in_flight
         self.retries = retries
+        # e.g. {"GPU": 1}: tasks that run the network go to the GPU workers only (planning
+        # too: the fingerprint records the planning worker's device kind)
+        self.predict_resources = predict_resources
 
     def map(self, fn: Task, items: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
         from pipeline.cluster import TaskFailure, bounded_map
 
+        base = getattr(fn, "fn", fn)  # NoRetry wraps the single-task phases
+        resources = self.predict_resources if base in (infer_tiles, prepare_slide) else None
         for item, result in bounded_map(self.client, fn, items, self.max_in_flight,
-                                        retries=self.retries):
+                                        retries=self.retries, resources=resources):
             yield item, result.exception if isinstance(result, TaskFailure) else result
 
 
@@ -168,6 +174,8 @@ def prepare_slide(job: PrepareJob) -> SlidePlan:
         tissue = tissue_mask(reader) if job.tissue else full_mask(reader.info)
         info = reader.info
         damaged = _damage_records(reader)
+        if damaged and not reader.reads_ok:  # not a damaged region: an unreadable slide
+            raise SlideReadError(f"no region of the slide can be read: {damaged[0][4]}")
     halo = halo_for(cfg, job.cluster_margin)
     tiles = plan_tiles(plan.shape, job.tile_size, halo, cfg.size_multiple, context_margin(cfg))
     kept = tuple(t for t in tiles if tissue.covers(level0_box(t.core, plan.scale)))
@@ -209,7 +217,7 @@ class TileSummary:
     count: int
     extent: Box
     recomputed: int
-    truncated: int
+    giants: tuple[Box, ...]  # giant components met (model-pixel boxes as far as seen)
     seconds: float
     cached: bool
     # worker-seconds per phase (read, network, watershed, save); zeros for cached tiles
@@ -278,7 +286,7 @@ def infer_tiles(job: TileJob) -> list[TileSummary]:
             phases = (*shared, t_save - t_seg, time.perf_counter() - t_save)
             damaged = damaged or reader.damage_fills > before  # grown windows read too
             out.append(TileSummary(tile.index, result.count, result.extent, result.recomputed,
-                                   result.truncated, seconds, False, phases, dropped,
+                                   result.giants, seconds, False, phases, dropped,
                                    _damage_records(reader) if damaged else ()))
     return sorted(out, key=lambda s: s.index)
 
@@ -333,7 +341,9 @@ def _save_tile(job: TileJob, tile: Tile, result: Any, seconds: float, dropped: i
     bodies = "\n".join(feature_bodies(outlines.polygons, values)).encode("ascii")
     save_npz_atomic(tile_file(job.work_dir, tile.index),
                     labels=result.labels, extent=np.array([*offset, result.extent.y1, result.extent.x1]),
-                    stats=np.array([result.count, result.recomputed, result.truncated, dropped]),
+                    stats=np.array([result.count, result.recomputed, dropped]),
+                    giants=np.array([(b.y0, b.x0, b.y1, b.x1) for b in result.giants],
+                                    np.int64).reshape(-1, 4),
                     seconds=np.array(seconds), features=np.frombuffer(bodies, dtype=np.uint8),
                     feature_shift=np.array(shift), **{f"col_{k}": v for k, v in values.items()})
 
@@ -341,8 +351,9 @@ def _save_tile(job: TileJob, tile: Tile, result: Any, seconds: float, dropped: i
 def _cached_summary(work_dir: str, tile: Tile) -> TileSummary:
     with np.load(tile_file(work_dir, tile.index)) as f:
         y0, x0, y1, x1 = (int(v) for v in f["extent"])
-        count, recomputed, truncated, dropped = (int(v) for v in f["stats"])
-        return TileSummary(tile.index, count, Box(y0, x0, y1, x1), recomputed, truncated,
+        count, recomputed, dropped = (int(v) for v in f["stats"])
+        giants = tuple(Box(*(int(v) for v in row)) for row in f["giants"])
+        return TileSummary(tile.index, count, Box(y0, x0, y1, x1), recomputed, giants,
                            float(f["seconds"]), True, dropped=dropped)
 
 
@@ -357,10 +368,10 @@ class BlockJob:
 
 
 def write_label_block(job: BlockJob) -> int:
-    """Phase 2: paint one level-0 block with global ids and write it; returns nuclei
-    pixels written (for logging). Only this task writes these chunks. Nearest sampling,
-    plus bridges that keep split nuclei whole when the model is finer than level 0
-    (``pipeline.label_sampling``)."""
+    """Phase 2: paint one level-0 block with global ids and write it; returns the model
+    pixels claimed by two tiles (0 under exact stitching). Only this task writes these
+    chunks. Nearest sampling, plus bridges that keep split nuclei whole when the model is
+    finer than level 0 (``pipeline.label_sampling``)."""
     from pipeline.writers.labels import write_block
 
     def sources() -> Iterator[tuple[np.ndarray, Box, int]]:
@@ -368,9 +379,11 @@ def write_label_block(job: BlockJob) -> int:
             with np.load(tile_file(job.work_dir, index)) as f:
                 yield f["labels"], extent, offset
 
-    labels = paint_block(job.block, job.scale, job.model_shape, job.store.shape, sources())
+    collisions: list[int] = []
+    labels = paint_block(job.block, job.scale, job.model_shape, job.store.shape, sources(),
+                         collisions)
     write_block(job.store, job.block, labels)
-    return int((labels > 0).sum())
+    return sum(collisions)
 
 
 @dataclass(frozen=True)
@@ -393,13 +406,18 @@ class FinalJob:
 
 def finalize_slide(job: FinalJob) -> dict[str, Any]:
     """Phase 3, the single writer of the slide's shared outputs."""
+    from pipeline.overview import slide_overview
+    from pipeline.slide import open_slide
     from pipeline.writers.geojson import GeoJSONWriter
-    from pipeline.writers.labels import build_pyramid, finalize, write_tissue
+    from pipeline.writers.labels import IMAGE_SIDE, build_pyramid, finalize, write_image, write_tissue
     from pipeline.writers.table import write_table
 
     out = Path(job.out_dir)
     build_pyramid(job.store, job.painted)
     write_tissue(job.store, job.tissue.mask, job.tissue.level0_per_pixel)
+    with open_slide(job.path, mpp_override=job.mpp_override) as reader:
+        overview = slide_overview(reader, IMAGE_SIDE)  # chunked: memory stays bounded
+    write_image(job.store, *overview)  # the store's root image; the preview reuses it
     geojson_path = out / ("nuclei.geojson.gz" if job.gzip else "nuclei.geojson")
     count = 0
 
@@ -420,10 +438,10 @@ def finalize_slide(job: FinalJob) -> dict[str, Any]:
     write_table(out, frames(), store=job.store, metadata={
         "slide": job.path, "slide_id": job.slide_id, "model": job.model_name,
         "model_sha256": job.model_sha256})
-    finalize(job.store, name="nuclei", extra_attrs={"wsi-nuclei": {"slide": job.path,
-                                                                   "model": job.model_name}})
+    finalize(job.store, name=job.slide_id, extra_attrs={"wsi-nuclei": {"slide": job.path,
+                                                                       "model": job.model_name}})
     preview = out / "preview.png"
-    _write_preview(job, preview)
+    _write_preview(job, preview, overview)
     return {"nuclei": count, "outputs": {"zarr": str(job.store.path), "geojson": str(geojson_path),
                                          "table": str(out / "nuclei.parquet"), "preview": str(preview)}}
 
@@ -440,19 +458,14 @@ def _stream_features(writer: Any, job: FinalJob, tile: Any, cols: dict[str, np.n
     writer.write_texts(feature_texts(job.slide_id, cols["id"].tolist(), bodies))
 
 
-def _write_preview(job: FinalJob, path: Path) -> None:
-    from pipeline.overview import slide_overview
+def _write_preview(job: FinalJob, path: Path, overview: tuple[np.ndarray, float] | None = None) -> None:
+    """``preview.png`` (pipeline.writers.preview); ``overview``: the slide overview already
+    read for the store, so that the slide is not read whole twice."""
     from pipeline.slide import open_slide
-    from pipeline.writers.labels import labels_thumbnail
-    from pipeline.writers.preview import PREVIEW_SIDE, write_preview
+    from pipeline.writers.preview import make_preview
 
     with open_slide(job.path, mpp_override=job.mpp_override) as reader:
-        thumb, _ = slide_overview(reader, PREVIEW_SIDE)  # chunked: memory stays bounded
-    labels_thumb = labels_thumbnail(job.store, thumb.shape[:2])
-    tissue = job.tissue.mask
-    ty = np.linspace(0, tissue.shape[0] - 1, thumb.shape[0]).astype(int)
-    tx = np.linspace(0, tissue.shape[1] - 1, thumb.shape[1]).astype(int)
-    write_preview(path, thumb, labels_thumb, tissue[np.ix_(ty, tx)])
+        make_preview(path, reader, job.store, job.tissue, Path(job.out_dir) / "nuclei.parquet", overview)
 
 
 # --------------------------------------------------------------------------- per slide
@@ -510,10 +523,12 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
         t = time.time()
         tiles = _run_tiles(plan, cfg, executor, str(work), progress)
         unreadable = _unreadable_regions(plan, tiles)
+        if tiles and all(s.damaged for s in tiles) and not any(s.count for s in tiles):
+            raise SlideReadError(f"no region of the slide can be read: {unreadable[0]['error']}")
         timings["inference_s"] = time.time() - t
         t = time.time()
-        store, painted, n_blocks, skipped_blocks = _write_blocks(plan, tiles, cfg, executor, out,
-                                                                 work)
+        store, painted, n_blocks, skipped_blocks, collisions = _write_blocks(plan, tiles, cfg,
+                                                                             executor, out, work)
         timings["labels_s"] = time.time() - t
         t = time.time()
         offsets = _offsets(tiles)
@@ -535,9 +550,10 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
             "tiles_skipped_no_tissue": plan.n_tiles_total - len(plan.tiles),
             "tiles_from_cache": sum(s.cached for s in tiles),
             "clusters_recomputed": sum(s.recomputed for s in tiles),
-            "clusters_truncated": sum(s.truncated for s in tiles),
+            "giant_clusters": _giant_clusters(tiles, plan.plan.scale),
             "nuclei_outside_tissue_dropped": sum(s.dropped for s in tiles),
             "label_blocks": n_blocks, "label_blocks_from_cache": skipped_blocks,
+            "label_pixel_collisions": collisions,
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "tile_phases_s": {name: round(sum(s.phases[k] for s in tiles), 3)
                               for k, name in enumerate(PHASES)},
@@ -661,6 +677,28 @@ def _run_tiles(plan: SlidePlan, cfg: RunConfig, executor: Any, work: str,
     return sorted(done, key=lambda s: s.index)
 
 
+def _giant_clusters(tiles: list[TileSummary], scale: float) -> list[list[int]]:
+    """Level-0 boxes (y0, x0, y1, x1) of the giant foreground components the tiles met
+    (not segmented; see ``stitch.giant_side``): the boxes each tile saw, overlapping ones
+    merged, so each giant is listed once."""
+    merged = [b for s in tiles for b in s.giants]
+    changed = True
+    while changed:  # a few boxes per slide at most: quadratic merging is fine
+        changed = False
+        for i in range(len(merged)):
+            for j in range(i + 1, len(merged)):
+                a, b = merged[i], merged[j]
+                if not a.intersect(b).is_empty():
+                    merged[i] = Box(min(a.y0, b.y0), min(a.x0, b.x0), max(a.y1, b.y1), max(a.x1, b.x1))
+                    del merged[j]
+                    changed = True
+                    break
+            if changed:
+                break
+    boxes = sorted((level0_box(b, scale) for b in merged), key=lambda b: (b.y0, b.x0))
+    return [[b.y0, b.x0, b.y1, b.x1] for b in boxes]
+
+
 def _tissue_around(plan: SlidePlan, tiles: list[Tile]) -> Any:
     """The tissue mask where these tiles' nuclei can lie: their windows, grown as far as a
     cluster window may grow (``stitch.MAX_WINDOW``)."""
@@ -682,10 +720,11 @@ def _offsets(tiles: list[TileSummary]) -> dict[int, int]:
 
 
 def _write_blocks(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, executor: Any,
-                  out: Path, work: Path) -> tuple[Any, tuple[Box, ...], int, int]:
+                  out: Path, work: Path) -> tuple[Any, tuple[Box, ...], int, int, int]:
     """Phase 2: one task per level-0 block that holds nuclei. Returns the store, the
-    painted blocks (now or in an earlier, interrupted run), the block count and how many
-    came from that earlier run."""
+    painted blocks (now or in an earlier, interrupted run), the block count, how many
+    came from that earlier run, and the model pixels two tiles claimed (0 when exact)."""
+    from pipeline.atomic import atomic_write_text
     from pipeline.writers.labels import create_store, open_store
 
     height, width = plan.info.height, plan.info.width
@@ -699,12 +738,14 @@ def _write_blocks(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, exe
     offsets = _offsets(tiles)
     step = cfg.chunk * max(1, 2048 // cfg.chunk)
     candidates = _tiles_by_block(tiles, step, plan.plan.scale, (height, width))
-    jobs, painted, skipped = [], [], 0
+    jobs, painted, skipped, collisions = [], [], 0, 0
     for y0 in range(0, height, step):
         for x0 in range(0, width, step):
             block = Box(y0, x0, min(y0 + step, height), min(x0 + step, width))
-            if (marker_dir / f"{y0}-{x0}").exists():
+            marker = marker_dir / f"{y0}-{x0}"
+            if marker.exists():  # painted by an interrupted run; holds its collision count
                 skipped += 1
+                collisions += int(marker.read_text() or 0)
                 painted.append(block)
                 continue
             mbox = model_box(block, plan.plan.scale, plan.plan.shape)
@@ -718,8 +759,12 @@ def _write_blocks(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, exe
     for job, result in executor.map(write_label_block, jobs):
         if isinstance(result, Exception):
             raise result
-        (marker_dir / f"{job.block.y0}-{job.block.x0}").touch()
-    return store, tuple(painted), len(jobs) + skipped, skipped
+        collisions += int(result)
+        atomic_write_text(marker_dir / f"{job.block.y0}-{job.block.x0}", str(int(result)))
+    if collisions:
+        log.error("%s: %d model pixels were claimed by two tiles (a stitching bug; please "
+                  "report it)", plan.info.path, collisions)
+    return store, tuple(painted), len(jobs) + skipped, skipped, collisions
 
 
 def _tiles_by_block(tiles: list[TileSummary], step: int, scale: float,

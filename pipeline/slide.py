@@ -97,6 +97,7 @@ class SlideReader(ABC):
                              f"({lv.height} x {lv.width})")
         try:
             out = self._read(level, box)
+            self.__dict__["_ok"] = self.reads_ok + 1
         except SlideReadError:
             out = self._read_around_damage(level, box)
         if out.shape != (box.height, box.width, 3) or out.dtype != np.uint8:
@@ -120,6 +121,11 @@ class SlideReader(ABC):
         return self.__dict__.setdefault("_damaged", {})
 
     @property
+    def reads_ok(self) -> int:
+        """Reads (or stored tiles, when reading around damage) that succeeded."""
+        return int(self.__dict__.get("_ok", 0))
+
+    @property
     def damage_fills(self) -> int:
         """How many times a damaged tile was filled in a read: a caller compares the count
         before and after its reads to learn whether they saw damage."""
@@ -140,6 +146,7 @@ class SlideReader(ABC):
                     continue
                 try:
                     dst[...] = self._read(level, part)
+                    self.__dict__["_ok"] = self.reads_ok + 1
                 except SlideReadError as exc:
                     self.damaged[(level, cell)] = _one_line(exc)
                     log.warning("%s: level %d, stored tile at y %d, x %d cannot be read (%s); "

@@ -8,6 +8,17 @@ receptive-field margin, clipped to the image). Ownership: the tile whose core ho
 component's first pixel in raster order keeps it; nobody else does. Components that leave
 the valid box are recomputed on a larger window around them until they fit. Result: the
 same nuclei with the same pixels as whole-image processing, each exactly once.
+
+Giant components: a foreground component whose bounding box is wider or taller than
+``giant_side`` (MAX_WINDOW less the margins; 2-4 mm at the shipped resolutions, never a
+real nucleus cluster: a fold, pen or an out-of-focus smear) is not segmented by anybody.
+The rule is a property of the component alone, so every tile decides it the same way: a
+tile that sees the component complete measures its box, and a tile growing a window
+around it either completes (then it measures the same box) or sees its box pass
+``giant_side`` while the window stays within ``MAX_WINDOW`` (checked before predicting).
+So no giant is split, doubled or painted twice, and ``drop_giants`` applied to a
+whole-image result gives exactly the tiled one. Tiles report the boxes they saw
+(``TileInstances.giants``) for the run's summary.
 """
 
 from __future__ import annotations
@@ -27,8 +38,31 @@ from pipeline.types import Box
 log = logging.getLogger(__name__)
 
 EIGHT = np.ones((3, 3), dtype=bool)
-# A window grown past this many model pixels per side gives up and keeps the truncated part.
+# Windows never grow past this many model pixels per side; components too large to fit
+# (see ``giant_side``) are dropped, the same way by every tile.
 MAX_WINDOW = 8192
+
+
+def giant_side(margin: int, multiple: int) -> int:
+    """Components with a bounding-box side above this are giants (not segmented): the
+    largest that a window of at most ``MAX_WINDOW`` still holds with its margins."""
+    return MAX_WINDOW - 2 * (margin + 2 * multiple)
+
+
+def drop_giants(instances: np.ndarray, prob: np.ndarray, params: WatershedParams,
+                side: int) -> np.ndarray:
+    """``instances`` without the pixels of foreground components whose bounding box has a
+    side above ``side``: the whole-image counterpart of the tiled rule."""
+    comps, _ = foreground_components(prob, params)
+    giants = [i + 1 for i, o in enumerate(ndi.find_objects(comps))
+              if o is not None and _side(o) > side]
+    if not giants:
+        return instances
+    return np.where(np.isin(comps, giants), 0, instances)
+
+
+def _side(obj: tuple[slice, slice]) -> int:
+    return max(obj[0].stop - obj[0].start, obj[1].stop - obj[1].start)
 
 Predictor = Callable[[Box], tuple[np.ndarray, np.ndarray]]
 """Network outputs (probability, distance) for an aligned window box (model px)."""
@@ -83,7 +117,7 @@ class TileInstances:
     labels: np.ndarray  # int32
     prob: np.ndarray  # float32 nucleus probability on the same extent
     recomputed: int = 0  # components that needed a larger window
-    truncated: int = 0  # components larger than MAX_WINDOW (kept partially)
+    giants: tuple[Box, ...] = ()  # bounding boxes (as far as seen) of giant components met
 
     @property
     def count(self) -> int:
@@ -154,17 +188,22 @@ def segment_tile(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, ima
     in_core = np.unique(comps[core_local.slices()])
     objects = ndi.find_objects(comps)
 
-    keep, overflow = [], []
+    limit = giant_side(margin, multiple)
+    keep, overflow, giants = [], [], []
     for cid in in_core[in_core > 0].tolist():
         if cid in truncated_ids:
             overflow.append(cid)
             continue
-        y, x = _first_pixel(comps, cid, objects[cid - 1])
+        obj = objects[cid - 1]
+        if _side(obj) > limit:
+            giants.append(_global_box(obj, valid))
+            continue
+        y, x = _first_pixel(comps, cid, obj)
         if core.contains(y + valid.y0, x + valid.x0):
             keep.append(cid)
     pieces = [_Piece(valid, _instances(p, d, comps, keep, params), p)]
 
-    recomputed = truncated = 0
+    recomputed = 0
     covered = np.zeros(comps.shape, dtype=bool)
     for cid in overflow:
         obj = objects[cid - 1]
@@ -173,12 +212,16 @@ def segment_tile(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, ima
             continue  # part of a component already recomputed from another piece
         sy, sx = np.argwhere(seed_mask)[0]
         seed = (int(sy) + obj[0].start + valid.y0, int(sx) + obj[1].start + valid.x0)
-        bbox = Box(obj[0].start + valid.y0, obj[1].start + valid.x0,
-                   obj[0].stop + valid.y0, obj[1].stop + valid.x0)
-        piece, complete, owned = _grow_component(seed, bbox, core, image, params, margin,
-                                                 multiple, predict)
+        bbox = _global_box(obj, valid)
+        if _side(obj) > limit:  # a giant already: no window could hold it
+            giants.append(bbox)
+            covered[obj] |= comps[obj] == cid
+            continue
+        piece, giant, owned = _grow_component(seed, bbox, core, image, params, margin,
+                                              multiple, predict)
         recomputed += 1
-        truncated += int(not complete)
+        if giant is not None:
+            giants.append(giant)
         # mark every part of this tile's valid box that belongs to the recomputed component
         inter = piece.box.intersect(valid)
         if not inter.is_empty():
@@ -187,44 +230,68 @@ def segment_tile(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, ima
                 piece.prob[inter.slices((piece.box.y0, piece.box.x0))] > 0)
         if owned:
             pieces.append(piece)
-    return _assemble(pieces, core, recomputed, truncated)
+    return _assemble(pieces, core, recomputed, tuple(giants))
+
+
+def _global_box(obj: tuple[slice, slice], valid: Box) -> Box:
+    return Box(obj[0].start + valid.y0, obj[1].start + valid.x0,
+               obj[0].stop + valid.y0, obj[1].stop + valid.x0)
 
 
 def _grow_component(seed: tuple[int, int], bbox: Box, core: Box, image: Box,
                     params: WatershedParams, margin: int, multiple: int,
-                    predict: Predictor) -> tuple[_Piece, bool, bool]:
+                    predict: Predictor) -> tuple[_Piece, Box | None, bool]:
     """Recompute the component holding ``seed`` on windows that grow until it fits.
 
-    Returns its instances (only that component, zero elsewhere), whether it was complete,
-    and whether this tile owns it.
+    Returns its instances (only that component, zero elsewhere; its probability marks
+    its pixels), its box if it is a giant (then nothing is segmented), and whether this
+    tile owns it. Windows stay within ``MAX_WINDOW``: the growth step shrinks to fit, and
+    a component whose box passes ``giant_side`` stops growing.
     """
+    limit = giant_side(margin, multiple)
     extra = 2 * multiple
     while True:
-        window = aligned_window(bbox, margin + extra, multiple)
+        room = (MAX_WINDOW - max(bbox.height, bbox.width)) // 2 - margin - multiple
+        window = aligned_window(bbox, margin + max(multiple, min(extra, room)), multiple)
         prob, dist = predict(window)
         valid = window.grow(-margin).intersect(image)
         local = valid.slices((window.y0, window.x0))
         p, d = prob[local], dist[local]
         comps, _ = _components(p, params)
-        cid = int(comps[seed[0] - valid.y0, seed[1] - valid.x0])
+        cid = _seed_component(comps, seed, bbox, valid)
+        if cid == 0:  # the component vanished below threshold in this window
+            empty = np.zeros(comps.shape, np.float32)
+            return _Piece(valid, np.zeros(comps.shape, np.int32), empty), None, False
         obj = ndi.find_objects(comps, max_label=cid)[cid - 1]
-        complete = cid not in _edge_ids(comps, _interior_edges(valid, image))
-        too_big = max(window.height, window.width) >= MAX_WINDOW
-        if complete or too_big:
-            if not complete:
-                log.warning("nucleus cluster at %s is larger than %d px; kept truncated",
-                            seed, MAX_WINDOW)
+        box = _global_box(obj, valid)
+        if _side(obj) > limit:
+            log.info("foreground component at %s is larger than %d px: not segmented "
+                     "(summary.json: giant_clusters)", seed, limit)
+            p_only = np.where(comps == cid, p, 0.0).astype(np.float32)
+            return _Piece(valid, np.zeros(comps.shape, np.int32), p_only), box, False
+        if cid not in _edge_ids(comps, _interior_edges(valid, image)):
             y, x = _first_pixel(comps, cid, obj)
             owned = core.contains(y + valid.y0, x + valid.x0)
             labels = _instances(p, d, comps, [cid], params)
             p_only = np.where(comps == cid, p, 0.0).astype(np.float32)
-            return _Piece(valid, labels, p_only), complete, owned
-        bbox = Box(obj[0].start + valid.y0, obj[1].start + valid.x0,
-                   obj[0].stop + valid.y0, obj[1].stop + valid.x0)
+            return _Piece(valid, labels, p_only), None, owned
+        bbox = box
         extra *= 2
 
 
-def _assemble(pieces: list[_Piece], core: Box, recomputed: int, truncated: int) -> TileInstances:
+def _seed_component(comps: np.ndarray, seed: tuple[int, int], bbox: Box, valid: Box) -> int:
+    """The component at ``seed``; if the seed pixel fell just below threshold in this
+    window (outputs of windows of other shapes differ by ~1e-7), the component holding
+    most of the previously seen box; 0 if nothing is left there."""
+    cid = int(comps[seed[0] - valid.y0, seed[1] - valid.x0])
+    if cid:
+        return cid
+    inside = comps[bbox.intersect(valid).slices((valid.y0, valid.x0))]
+    ids, counts = np.unique(inside[inside > 0], return_counts=True)
+    return int(ids[np.argmax(counts)]) if ids.size else 0
+
+
+def _assemble(pieces: list[_Piece], core: Box, recomputed: int, giants: tuple[Box, ...]) -> TileInstances:
     """Paint the pieces on one extent and number instances in raster order."""
     boxes = [core]
     for piece in pieces:
@@ -249,7 +316,7 @@ def _assemble(pieces: list[_Piece], core: Box, recomputed: int, truncated: int) 
         labels[dst][mask] = src[mask].astype(np.int64) + (next_id - 1)
         prob[dst][mask] = piece.prob[inter.slices((piece.box.y0, piece.box.x0))][mask]
         next_id += int(src.max()) if src.size else 0
-    return TileInstances(extent, _raster_order(labels), prob, recomputed, truncated)
+    return TileInstances(extent, _raster_order(labels), prob, recomputed, giants)
 
 
 def _raster_order(labels: np.ndarray) -> np.ndarray:

@@ -240,3 +240,17 @@ def test_evaluation_labels_like_the_pipeline() -> None:
     assert up.dtype == lab.dtype
     np.testing.assert_array_equal(up, sample_labels(lab, 0.5, shape))
     assert (pieces(up, int(lab.max())) == 1).all()
+
+
+def test_paint_block_counts_pixels_claimed_by_two_tiles() -> None:
+    a = np.zeros((8, 8), np.int32)
+    a[2:5, 2:5] = 1
+    b = np.zeros((8, 8), np.int32)
+    b[4:6, 4:6] = 1  # overlaps tile a's nucleus in one pixel (4, 4)
+    collisions: list[int] = []
+    paint_block(Box(0, 0, 8, 8), 1.0, (8, 8), (8, 8),
+                [(a, Box(0, 0, 8, 8), 0), (b, Box(0, 0, 8, 8), 1)], collisions)
+    assert sum(collisions) == 1
+    collisions.clear()
+    paint_block(Box(0, 0, 8, 8), 1.0, (8, 8), (8, 8), [(a, Box(0, 0, 8, 8), 0)], collisions)
+    assert sum(collisions) == 0

@@ -171,3 +171,49 @@ def test_border_windows_trimmed_and_still_exact(tile_size: int, halo: int, margi
     whole = postprocess(prob, dist, PARAMS)
     out, _ = tiled(prob, dist, tile_size, halo, margin, edge_halo=margin)
     assert_same_instances(out, whole)
+
+
+@pytest.mark.parametrize("max_window,tile_size,halo", [(160, 64, 32), (192, 96, 48), (256, 64, 32)])
+def test_giant_components_dropped_the_same_by_every_tile(monkeypatch, max_window: int, tile_size: int,
+                                                         halo: int) -> None:
+    """With a tiny MAX_WINDOW the chain and the ring are giants: no tile segments them, so
+    nothing is split, doubled or claimed twice; the rest equals whole-image processing,
+    and no window ever exceeds MAX_WINDOW (checked before predicting)."""
+    import pipeline.stitch as stitch
+
+    monkeypatch.setattr(stitch, "MAX_WINDOW", max_window)
+    margin = 16
+    prob, dist = synthetic_maps((300, 470), seed=1)
+    whole = stitch.drop_giants(postprocess(prob, dist, PARAMS), prob, PARAMS,
+                               stitch.giant_side(margin, MULTIPLE))
+    assert (whole == 0).sum() > (postprocess(prob, dist, PARAMS) == 0).sum() + 1000, "no giant"
+    calls: list[Box] = []
+    image = Box(0, 0, *prob.shape)
+    predict = edge_garbage_predictor(prob, dist, margin, calls)
+    out = np.zeros(prob.shape, dtype=np.int64)
+    offset, giants = 0, []
+    for tile in plan_tiles(prob.shape, tile_size, halo, MULTIPLE):
+        result = stitch.segment_tile(tile.core, tile.window, crop(prob, tile.window),
+                                     crop(dist, tile.window), image, PARAMS, margin, MULTIPLE, predict)
+        giants += result.giants
+        region = result.extent.intersect(image)
+        src = result.labels[region.slices((result.extent.y0, result.extent.x0))]
+        dst = out[region.slices()]
+        assert not (dst[src > 0] > 0).any(), "a pixel was claimed by two tiles"
+        dst[src > 0] = src[src > 0] + offset
+        offset += result.count
+    assert giants
+    assert max(max(b.height, b.width) for b in calls) <= max_window
+    assert_same_instances(out, whole)
+
+
+def test_a_seed_that_vanishes_in_a_grown_window_does_not_crash() -> None:
+    """Outputs of windows of other shapes differ by ~1e-7: the seed pixel of a grown
+    component may fall below threshold there; the component is found by its box."""
+    from pipeline.stitch import _seed_component
+
+    comps = np.zeros((20, 20), np.int32)
+    comps[5:10, 5:15] = 3
+    comps[6, 6] = 0  # the seed pixel, now background
+    assert _seed_component(comps, (6, 6), Box(5, 5, 10, 15), Box(0, 0, 20, 20)) == 3
+    assert _seed_component(np.zeros((20, 20), np.int32), (6, 6), Box(5, 5, 10, 15), Box(0, 0, 20, 20)) == 0

@@ -85,6 +85,7 @@ def test_debris_off_tissue_is_dropped_and_counted(tmp_path: Path) -> None:
     assert dropped["nuclei_outside_tissue_dropped"] >= on_glass
     assert dropped["nuclei"] == kept["nuclei"] - dropped["nuclei_outside_tissue_dropped"]
     assert (table["centroid_x_px"] > 560).sum() == 0
+    assert dropped["label_pixel_collisions"] == 0 and dropped["giant_clusters"] == []
     assert len(np.unique(labels[labels > 0])) == dropped["nuclei"] == len(table)
     assert sorted(table["id"]) == list(range(1, len(table) + 1))
 
