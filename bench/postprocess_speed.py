@@ -5,6 +5,7 @@ bytes per nucleus.
     python -m bench.postprocess_speed                # MoNuSeg test labels (when present) + synthetic tiles
     python -m bench.postprocess_speed --repeats 5 --no-monuseg
     python -m bench.postprocess_speed --quick        # two small crops, one repeat (CI smoke)
+    python -m bench.postprocess_speed --origin 60000 # crops placed far into a slide: 5-digit coordinates
 
 Phases, as the pipeline runs them (``run._save_tile`` on a worker, then
 ``run.finalize_slide``, the single writer):
@@ -20,16 +21,25 @@ Phases, as the pipeline runs them (``run._save_tile`` on a worker, then
   New: each nucleus's feature JSON but its id (``geojson.feature_bodies``).
 * ``finalize`` (single writer): old: parse WKB, build a dict, ``json.dumps`` per nucleus;
   new: splice uuid + ``Nucleus id`` into the stored text (``feature_texts``) and write it.
-  Both write a real ``.geojson`` file (plain), which gives the bytes per nucleus.
+  Both write a real ``.geojson`` file (plain), which gives the bytes per nucleus, and
+  where the new file's bytes go (``bytes_breakdown_new``: the feature's type and id, its
+  geometry, objectType + classification, measurements, separators).
+
+Outline fidelity: the new outline's area over the label's pixel area (median, 5th and
+95th percentile, share beyond 10 %), and its Hausdorff distance to the unsimplified
+sub-pixel outline in model px (what ``geojson.SIMPLIFY_TOLERANCE`` is about), per resolution.
 
 Crops: the 14 MoNuSeg test label images (1000^2 at 40x, 0.25 µm/px, dense tumour
 nuclei; ``$WSI_NUCLEI_SHARED_DATA/monuseg/test``, default ``../shared/data``) and
 synthetic 1024^2 tiles (``pipeline.synthetic.synthetic_region_labels``). "40x" runs them
 as a 40x model sees them (scale 1: one model px = one level-0 px); "20x" as a 20x model on
 a 40x slide sees them (labels sampled at 0.5 µm/px, scale 2). The probability map is
-flat inside / outside the nuclei (only its mean is measured). The old implementation is
+uniform noise, 0.5-1 inside the nuclei and 0-0.5 outside (only its mean is measured; the noise
+gives the means the digits a real probability map gives). The old implementation is
 a copy kept in this file only, to measure the ratio (``_old_*``; it was the pipeline's
-code up to commit 6affab6).
+code up to commit 6affab6). The crops sit at the slide's origin (coordinates of 1-4
+digits) unless ``--origin`` moves them (``--origin 60000``: 5 digits, as far into a 40x
+slide; the bytes per nucleus grow with the digits).
 
 Timing: each phase of each crop runs ``--repeats`` times, old and new interleaved, and the
 median is summed over crops and divided by the number of nuclei. Both clocks are kept:
@@ -65,7 +75,7 @@ from tqdm import tqdm
 
 from bench.common import default_json, headline, quiet_logs, run_info, write_json
 from pipeline.writers.geojson import (
-    PRECISION,
+    SIMPLIFY_TOLERANCE,
     GeoJSONWriter,
     _largest_polygon,
     feature_bodies,
@@ -79,6 +89,7 @@ NAME = "postprocess_speed"
 PHASES = ("measurements", "polygons", "feature text", "finalize")
 MPP = 0.25  # level-0 µm/px of the (40x) slide the crops come from
 SLIDE_ID = "bench-slide"
+OLD_PRECISION = 0.01  # the old code's vertex grid (QuPath's)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -89,6 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--synthetic", type=int, default=4, help="synthetic 1024^2 tiles (40x)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="two small crops, one repeat")
+    p.add_argument("--origin", type=int, default=0,
+                   help="level-0 px added to x and y of every crop (coordinate digits in the GeoJSON)")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -121,7 +134,7 @@ def _old_instance_measurements(labels: np.ndarray, prob: np.ndarray, offset_yx: 
 def _old_clean(poly: Polygon, value: int) -> Polygon:
     geom = poly if poly.is_valid else shapely.make_valid(poly)
     part = _largest_polygon(geom, value) or poly
-    snapped = _largest_polygon(shapely.set_precision(part, PRECISION), value) or part
+    snapped = _largest_polygon(shapely.set_precision(part, OLD_PRECISION), value) or part
     return orient(snapped, sign=1.0)
 
 
@@ -171,6 +184,13 @@ def _new_finalize(writer: GeoJSONWriter, table: pd.DataFrame, stored: bytes) -> 
 # --------------------------------------------------------------------------- crops
 
 
+def _probability(labels: np.ndarray) -> np.ndarray:
+    """A nucleus probability map for the crop: noise above 0.5 on the nuclei, below it
+    elsewhere (seeded), so that the mean probabilities have as many digits as real ones."""
+    noise = np.random.default_rng(0).uniform(0.0, 0.5, labels.shape)
+    return (noise + 0.5 * (labels > 0)).astype(np.float32)
+
+
 def _local(labels: np.ndarray) -> np.ndarray:
     """Consecutive local ids 1..n, as the watershed hands them to ``_save_tile``."""
     _, inverse = np.unique(labels, return_inverse=True)
@@ -216,19 +236,42 @@ def _timed(fn: Callable[[], Any]) -> tuple[tuple[float, float], Any]:
     return (time.process_time() - c0, time.perf_counter() - t0), out
 
 
-def _run_once(labels: np.ndarray, prob: np.ndarray, scale: float, folder: Path,
+# where a feature's bytes go: the parts of its text, each from its marker to the next one
+PARTS = (("type_and_id", b'{"type":"Feature"'), ("geometry", b'"geometry":'),
+         ("classification", b',"properties":'), ("measurements", b'"measurements":'))
+SIZE_PARTS = (*(name for name, _ in PARTS), "separators")
+
+
+def _byte_parts(data: bytes) -> dict[str, int]:
+    """Bytes of each part (``PARTS``) summed over the features of a GeoJSON file written
+    one feature per line; ``separators``: the rest (line ends, commas, the collection)."""
+    out = dict.fromkeys([name for name, _ in PARTS], 0)
+    for line in data.split(b"\n"):
+        feature = line.rstrip(b",")
+        starts = [feature.find(marker) for _, marker in PARTS]
+        if min(starts) < 0:
+            continue
+        for (name, _), a, b in zip(PARTS, starts, [*starts[1:], len(feature)]):
+            out[name] += b - a
+    out["separators"] = len(data) - sum(out.values())
+    return out
+
+
+def _run_once(labels: np.ndarray, prob: np.ndarray, scale: float, folder: Path, origin: int = 0,
               ) -> dict[str, dict[str, Any]]:
-    """Both paths on one crop: (cpu, wall) seconds per phase, and the outputs for the checks."""
+    """Both paths on one crop: (cpu, wall) seconds per phase, and the outputs for the checks.
+    ``origin``: level-0 px of the crop's corner in x and y (rounded to whole model px)."""
     mpp = MPP  # level-0 µm/px
+    at = (round(origin / scale),) * 2  # model px
     res: dict[str, dict[str, Any]] = {"old": {}, "new": {}}
     old, new = res["old"], res["new"]
-    old["polygons"], old_polys = _timed(lambda: _old_label_polygons(labels, (0, 0), scale))
-    new["polygons"], outlines = _timed(lambda: trace_tile(labels, (0, 0), scale))
+    old["polygons"], old_polys = _timed(lambda: _old_label_polygons(labels, at, scale))
+    new["polygons"], outlines = _timed(lambda: trace_tile(labels, at, scale))
     new_polys = outlines.polygons
     old["measurements"], old_table = _timed(
-        lambda: _old_instance_measurements(labels, prob, (0, 0), scale, mpp))
+        lambda: _old_instance_measurements(labels, prob, at, scale, mpp))
     new["measurements"], new_table = _timed(
-        lambda: instance_measurements(labels, prob, (0, 0), scale, mpp, outlines=outlines))
+        lambda: instance_measurements(labels, prob, at, scale, mpp, outlines=outlines))
     old["feature text"], old_stored = _timed(lambda: _old_feature_text(old_polys))
     new["feature text"], new_stored = _timed(lambda: _new_feature_text(new_polys, new_table))
     for name, fn, stored, table in (("old", _old_finalize, old_stored, old_table),
@@ -239,12 +282,21 @@ def _run_once(labels: np.ndarray, prob: np.ndarray, scale: float, folder: Path,
         data = path.read_bytes()
         res[name]["bytes"] = len(data)
         res[name]["bytes_gz"] = len(gzip.compress(data, compresslevel=6, mtime=0))
+        res[name]["parts"] = _byte_parts(data)
     res["new"]["polygons_out"], res["old"]["polygons_out"] = new_polys, old_polys
     return res
 
 
+def _hausdorff(labels: np.ndarray, scale: float, polygons: np.ndarray, origin: int) -> np.ndarray:
+    """Hausdorff distance (model px) of each outline to the unsimplified midpoint outline
+    (GEOS, segments densified to a tenth), what the simplification tolerance bounds."""
+    at = (round(origin / scale),) * 2
+    full = trace_tile(labels, at, scale, tolerance=0).polygons
+    return shapely.hausdorff_distance(polygons, full, densify=0.1) / scale
+
+
 def _summarise(seconds: dict[tuple[str, ...], float], sizes: dict[tuple[str, str, str], int],
-               n: int, ratio: np.ndarray, res: str) -> dict[str, Any]:
+               n: int, ratio: np.ndarray, hausdorff: np.ndarray, res: str) -> dict[str, Any]:
     """One resolution's row: ms per nucleus per phase (CPU and wall), speed-ups, sizes,
     outline-vs-label area agreement."""
     n = max(n, 1)
@@ -261,11 +313,18 @@ def _summarise(seconds: dict[tuple[str, ...], float], sizes: dict[tuple[str, str
     for path in ("old", "new"):
         for key in ("bytes", "gzip_bytes", "vertices"):
             row[f"{key}_per_nucleus_{path}"] = sizes[(res, path, key)] / n
+    row["bytes_breakdown_new"] = {part: sizes[(res, "new", part)] / n for part in SIZE_PARTS}
     row["outline_area_vs_label_area"] = {
         "mean_abs_rel_diff": float(np.mean(np.abs(ratio - 1))),
         "median_ratio": float(np.median(ratio)),
         "p5_ratio": float(np.percentile(ratio, 5)),
+        "p95_ratio": float(np.percentile(ratio, 95)),
         "share_beyond_10pct": float(np.mean(np.abs(ratio - 1) > 0.1)),
+    }
+    row["hausdorff_to_unsimplified_model_px"] = {
+        "median": float(np.median(hausdorff)), "p99": float(np.percentile(hausdorff, 99)),
+        "max": float(hausdorff.max()),
+        "share_over_tolerance": float(np.mean(hausdorff > SIMPLIFY_TOLERANCE + 0.01)),
     }
     return row
 
@@ -281,13 +340,21 @@ def _print_tables(results: dict[str, dict[str, Any]], n_crops: int, repeats: int
                      for ph in (*PHASES, "total")]
             print(f"{r + ' ' + clock:<12}{row['nuclei']:>7}" + "".join(f"{c:>27}" for c in cells))
     print(f"\n{'':<6}{'B/nucleus old':>15}{'new':>7}{'gzip old':>10}{'new':>7}{'vertices old':>14}"
-          f"{'new':>7}{'mean |outline/label - 1|':>26}{'> 10 %':>8}")
+          f"{'new':>7}{'outline/label area p50 [p5, p95]':>34}{'mean |r - 1|':>14}{'> 10 %':>8}")
     for r, row in results.items():
         agree = row["outline_area_vs_label_area"]
+        spread = f"{agree['median_ratio']:.3f} [{agree['p5_ratio']:.3f}, {agree['p95_ratio']:.3f}]"
         print(f"{r:<6}{row['bytes_per_nucleus_old']:>15.0f}{row['bytes_per_nucleus_new']:>7.0f}"
               f"{row['gzip_bytes_per_nucleus_old']:>10.0f}{row['gzip_bytes_per_nucleus_new']:>7.0f}"
               f"{row['vertices_per_nucleus_old']:>14.1f}{row['vertices_per_nucleus_new']:>7.1f}"
-              f"{100 * agree['mean_abs_rel_diff']:>25.2f}%{100 * agree['share_beyond_10pct']:>7.1f}%")
+              f"{spread:>34}{100 * agree['mean_abs_rel_diff']:>13.2f}%"
+              f"{100 * agree['share_beyond_10pct']:>7.1f}%")
+    print("\nnew GeoJSON, bytes per nucleus by part; Hausdorff distance to the unsimplified outline:")
+    for r, row in results.items():
+        dist = row["hausdorff_to_unsimplified_model_px"]
+        print(f"{r:<6}" + "  ".join(f"{k} {v:.1f}" for k, v in row["bytes_breakdown_new"].items())
+              + f"  | Hausdorff median {dist['median']:.3f}, p99 {dist['p99']:.3f}, max {dist['max']:.3f}"
+              + f" model px ({100 * dist['share_over_tolerance']:.2f} % over {SIMPLIFY_TOLERANCE})")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -312,23 +379,25 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     resolutions = {"40x": (1, 1.0), "20x": (2, 2.0)}  # index into the crop tuple, scale
     paths = ("old", "new")
     seconds = {(r, p, ph, c): 0.0 for r in resolutions for p in paths for ph in PHASES for c in CLOCKS}
-    sizes = {(r, p, k): 0 for r in resolutions for p in paths for k in ("bytes", "gzip_bytes", "vertices")}
+    sizes = {(r, p, k): 0 for r in resolutions for p in paths
+             for k in ("bytes", "gzip_bytes", "vertices", *SIZE_PARTS)}
     nuclei = {r: 0 for r in resolutions}
     ratios: dict[str, list[np.ndarray]] = {r: [] for r in resolutions}
+    hausdorff: dict[str, list[np.ndarray]] = {r: [] for r in resolutions}
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-postprocess-") as tmp:  # warm-up: first calls
         small = crops[0][1][:128, :128]
-        _run_once(_local(small), np.where(small > 0, 0.9, 0.05).astype(np.float32), 1.0, Path(tmp))
+        _run_once(_local(small), _probability(small), 1.0, Path(tmp))
     with tempfile.TemporaryDirectory(prefix="bench-postprocess-") as tmp, \
             tqdm(total=len(crops) * len(resolutions) * repeats, desc="crops x resolutions x repeats",
                  unit="run") as bar:
         for crop in crops:
             for res_name, (k, scale) in resolutions.items():
                 labels = crop[k]
-                prob = np.where(labels > 0, 0.9, 0.05).astype(np.float32)
+                prob = _probability(labels)
                 runs = []
                 for _ in range(repeats):
-                    runs.append(_run_once(labels, prob, scale, Path(tmp)))
+                    runs.append(_run_once(labels, prob, scale, Path(tmp), args.origin))
                     bar.update()
                 nuclei[res_name] += int(labels.max())
                 for path in paths:
@@ -340,25 +409,35 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
                     last = runs[-1][path]
                     sizes[(res_name, path, "bytes")] += last["bytes"]
                     sizes[(res_name, path, "gzip_bytes")] += last["bytes_gz"]
+                    for part, count in last["parts"].items():
+                        sizes[(res_name, path, part)] += count
                     sizes[(res_name, path, "vertices")] += int(shapely.get_num_coordinates(
                         np.asarray(last["polygons_out"], dtype=object)).sum())
                 label_area = np.bincount(labels.ravel())[1:] * scale * scale
-                ratios[res_name].append(shapely.area(runs[-1]["new"]["polygons_out"]) / label_area)
+                outlines = runs[-1]["new"]["polygons_out"]
+                ratios[res_name].append(shapely.area(outlines) / label_area)
+                hausdorff[res_name].append(_hausdorff(labels, scale, outlines, args.origin))
                 rows.append({"name": crop[0], "resolution": res_name, "nuclei": int(labels.max())})
 
-    results = {r: _summarise(seconds, sizes, nuclei[r], np.concatenate(ratios[r]), r) for r in resolutions}
+    results = {r: _summarise(seconds, sizes, nuclei[r], np.concatenate(ratios[r]),
+                             np.concatenate(hausdorff[r]), r) for r in resolutions}
     _print_tables(results, len(crops), repeats)
     a, b = results["40x"], results["20x"]
     cpu, wall = a["ms_per_nucleus_cpu"], a["ms_per_nucleus_wall"]
-    agree = a["outline_area_vs_label_area"]["mean_abs_rel_diff"]
     best = a["ms_per_nucleus_cpu_best"]
+
+    def spread(row: dict[str, Any]) -> str:
+        agree = row["outline_area_vs_label_area"]
+        return f"{agree['median_ratio']:.3f} [{agree['p5_ratio']:.3f}, {agree['p95_ratio']:.3f}]"
+
     text = (f"new {cpu['new']['total']:.3f} ms/nucleus CPU (best {best['new']['total']:.3f}, wall "
             f"{wall['new']['total']:.3f}) vs old "
             f"{cpu['old']['total']:.3f} ({a['speedup_cpu']['total']:.0f}x) at 40x; GeoJSON "
             f"{a['bytes_per_nucleus_new']:.0f} B/nucleus at 40x (old {a['bytes_per_nucleus_old']:.0f}), "
             f"{b['bytes_per_nucleus_new']:.0f} at 20x (old {b['bytes_per_nucleus_old']:.0f}); "
-            f"outline area within {100 * agree:.1f} % of label area (mean, 40x)")
-    summary = {**info, "repeats": repeats, "crops": rows, "phases": list(PHASES), "results": results}
+            f"outline area / label area {spread(a)} at 40x, {spread(b)} at 20x (median [p5, p95])")
+    summary = {**info, "repeats": repeats, "origin": args.origin, "crops": rows, "phases": list(PHASES),
+               "results": results}
     summary["headline"] = headline(text)
     summary["wall_s"] = time.perf_counter() - started
     write_json(args.json or default_json(NAME, args.quick), summary)

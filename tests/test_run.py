@@ -92,11 +92,11 @@ def test_outputs_agree_and_are_readable(tmp_path: Path, slide_image) -> None:
         geometry = shapely.geometry.shape(feature["geometry"])
         assert geometry.is_valid and feature["properties"]["objectType"] == "detection"
         nucleus = int(feature["properties"]["measurements"]["Nucleus id"])
-        # smoothed sub-pixel outlines: a little smaller than the pixels, over that nucleus
+        # smoothed sub-pixel outlines: within a few % of the pixels' area, over that nucleus
         ratios.append(geometry.area / by_id[nucleus])
         point = geometry.representative_point()
         assert labels[int(point.y), int(point.x)] == nucleus
-    assert 0.5 <= min(ratios) and max(ratios) <= 1.0 and np.mean(np.abs(np.subtract(ratios, 1))) < 0.03
+    assert 0.5 <= min(ratios) and max(ratios) <= 1.03 and np.mean(np.abs(np.subtract(ratios, 1))) < 0.03
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "done" and summary["nuclei"] == outcome.nuclei
     assert (out / "preview.png").exists() and not (out / ".work").exists()

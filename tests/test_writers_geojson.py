@@ -1,13 +1,15 @@
 """QuPath GeoJSON: one smoothed outline per label (traced like rasterio's pixel edges,
-areas within a few % of the pixel count), valid geometry on the 0.01 grid, deterministic
-ids, vectorised feature text equal to the dict API, streaming + atomic writer (plain and
-gzip)."""
+areas within a few % of the pixel count, within the simplification tolerance of the
+sub-pixel outline, holes kept), valid geometry on a 0.1 px grid (QuPath's is 0.01),
+measurements at their precision, bytes per nucleus, deterministic ids, vectorised feature
+text equal to the dict API, streaming + atomic writer (plain and gzip)."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import logging
+import re
 import uuid
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from shapely.geometry import Polygon, shape
 from skimage.measure import label
 
 from pipeline.writers.geojson import (
+    AREA_SLACK,
+    SIMPLIFY_TOLERANCE,
     GeoJSONWriter,
     _trace,
     _uuids,
@@ -31,6 +35,7 @@ from pipeline.writers.geojson import (
     nucleus_uuid,
     shift_bodies,
     tile_polygons,
+    trace_tile,
 )
 from pipeline.writers.table import instance_measurements
 
@@ -124,6 +129,96 @@ def test_outline_area_agrees_with_label_area_on_nucleus_shapes() -> None:
     assert shapely.get_num_coordinates(polys).mean() < 0.6 * np.mean(staircase)
 
 
+def thin_labels() -> np.ndarray:
+    """2-4 px wide nuclei (bars, an L, a cross): the corners a coarse simplification cuts;
+    and a nucleus with a 1-px hole, which it closes."""
+    lab = np.zeros((60, 60), np.int32)
+    lab[2:6, 2:10] = 1  # 4 x 8
+    lab[2:5, 14:26] = 2  # 3 x 12
+    lab[10:22, 2:5] = 3
+    lab[19:22, 5:12] = 3  # L, 3 px arms
+    lab[10:24, 20:23] = 4
+    lab[15:18, 15:29] = 4  # cross, 3 px arms
+    lab[28:32, 30:34] = 5  # 4 x 4
+    lab[30:32, 40:55] = 6  # 2 x 15
+    yy, xx = np.mgrid[:60, :60]
+    lab[(yy - 48) ** 2 + (xx - 12) ** 2 <= 81] = 7
+    lab[48, 12] = 0  # a 1-px hole
+    return lab
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_lean_outlines_stay_within_the_tolerance(scale: float) -> None:
+    """Few vertices, yet every outline within SIMPLIFY_TOLERANCE model px of the sub-pixel
+    outline (Hausdorff; GEOS's dropped ring start points are redone), its holes kept and,
+    thin parts included, within AREA_SLACK of its area."""
+    for lab in (random_ellipses(1), random_ellipses(2), thin_labels()):
+        _, polys = tile_polygons(lab, (7, 3), scale)
+        _, full = tile_polygons(lab, (7, 3), scale, tolerance=0)
+        assert shapely.is_valid(polys).all() and all(_on_grid(p) for p in polys)
+        assert (shapely.get_num_interior_rings(polys) == shapely.get_num_interior_rings(full)).all()
+        distance = shapely.hausdorff_distance(polys, full, densify=0.1) / scale
+        assert distance.max() <= SIMPLIFY_TOLERANCE + 1e-9
+        assert (np.abs(shapely.area(polys) / shapely.area(full) - 1) <= AREA_SLACK).all()
+    # lean: a nucleus of 8-40 px needs ~15 vertices (Douglas-Peucker at 0.35 px kept ~24)
+    assert shapely.get_num_coordinates(tile_polygons(random_ellipses(1), (0, 0), scale)[1]).mean() - 1 < 17
+
+
+def _tile_features(side: int, mpp: float, scale: float) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """GeoJSON feature texts of a synthetic tile at ``mpp`` (ids 1..n; a noisy probability
+    map, so mean probabilities have all their decimals), its outlines and label areas (px)."""
+    from pipeline.synthetic import synthetic_region_labels
+    from pipeline.types import Box
+
+    region = synthetic_region_labels(Box(0, 0, side, side), seed=5, mpp=mpp)
+    lab = np.unique(region, return_inverse=True)[1].reshape(side, side).astype(np.int32)
+    rng = np.random.default_rng(0)
+    prob = np.where(lab > 0, rng.uniform(0.5, 1.0, lab.shape), rng.uniform(0.0, 0.5, lab.shape))
+    outlines = trace_tile(lab, (0, 0), scale)
+    table = instance_measurements(lab, prob.astype(np.float32), (0, 0), scale, 0.25, outlines=outlines)
+    bodies = feature_bodies(outlines.polygons, {k: table[k].to_numpy() for k in table})
+    texts = feature_texts("slide-A", table["id"].tolist(), bodies)
+    return texts, outlines.polygons, outlines.pixels * scale**2
+
+
+@pytest.mark.parametrize(("side", "mpp", "scale", "most_bytes", "area_range"),
+                         [(512, 0.25, 1.0, 620, (0.97, 1.02)), (256, 0.5, 2.0, 490, (0.95, 1.02))])
+def test_geojson_bytes_per_nucleus_and_area_agreement(side: int, mpp: float, scale: float, most_bytes: int,
+                                                      area_range: tuple[float, float]) -> None:
+    """The same slide region as a 40x model (scale 1) and a 20x model (scale 2) sees it:
+    bytes per nucleus of the GeoJSON (features and their separators; 807 / 589 on this
+    tile with 0.35 px outlines and full-precision measurements), with outlines whose area
+    stays close to the label's (5th / 95th percentile within ``area_range``)."""
+    texts, polys, label_area = _tile_features(side, mpp, scale)
+    assert len(texts) > 100
+    assert sum(len(t.encode()) + len(",\n") for t in texts) / len(texts) <= most_bytes
+    ratio = shapely.area(polys) / label_area
+    low, high = np.percentile(ratio, [5, 95])
+    assert area_range[0] <= low and high <= area_range[1] and abs(np.median(ratio) - 1) < 0.01
+    features = [json.loads(t) for t in texts]
+    assert all(shape(f["geometry"]).is_valid and f["geometry"]["type"] == "Polygon" for f in features)
+
+
+def test_measurements_are_written_with_their_precision() -> None:
+    """Areas to 0.01 µm^2 (0.01 px^2 without an mpp), perimeter to 0.01 µm, ratios and the
+    probability to 0.001, as the shortest text; "Area px^2" only where "Area µm^2" is
+    missing; the dict API writes the same numbers. Non-finite values stay out."""
+    poly = Polygon([(0, 0), (4, 0), (4, 3), (0, 3)])
+    cols = {"area_px": [415.0, 390.88814440999995], "area_um2": [25.937512345, np.nan],
+            "perimeter_um": [19.776750080582790, 19.7649], "eccentricity": [0.38140963919697835, 0.0004],
+            "solidity": [0.974132863021752, 1.0], "mean_probability": [0.8999999761581421, np.inf]}
+    texts = feature_texts("s", [1, 2], feature_bodies([poly, poly], cols))
+    first = ('"measurements":{"Area \\u00b5m^2":25.94,"Perimeter \\u00b5m":19.78,"Eccentricity":0.381,'
+             '"Solidity":0.974,"Mean probability":0.9,"Nucleus id":1.0}')
+    assert texts[0].endswith(first + "}}")
+    second = json.loads(texts[1])["properties"]["measurements"]
+    assert second == {"Area px^2": 390.89, "Perimeter µm": 19.76, "Eccentricity": 0.0, "Solidity": 1.0,
+                      "Nucleus id": 2.0}
+    for k, text in enumerate(texts):
+        row = {key: values[k] for key, values in cols.items()}
+        assert json.loads(text) == json.loads(json.dumps(nucleus_feature("s", k + 1, poly, row)))
+
+
 def _region(rings: np.ndarray) -> shapely.Geometry:
     """Nested rings of one label -> its area (exteriors and holes alternate: XOR)."""
     out = shapely.Polygon()
@@ -200,6 +295,20 @@ def test_polygons_align_with_table_rows() -> None:
         # outline is symmetric to within its simplification
         assert poly.centroid.x - 0.5 == pytest.approx(cx, abs=1.0)
         assert poly.centroid.y - 0.5 == pytest.approx(cy, abs=1.0)
+
+
+@pytest.mark.parametrize("scale", [1.002, 1.9771, 0.4987])
+def test_vertices_lie_on_a_tenth_of_a_pixel(scale: float) -> None:
+    """At a scale that is not a whole number (a 0.5 µm/px model on a 0.499 µm/px Aperio
+    slide) the vertices take one decimal, not two, and the text writes no more; the outlines
+    stay valid and within the tolerance of the sub-pixel outline on the same grid."""
+    lab = random_ellipses(3)
+    _, polys = tile_polygons(lab, (1000, 2000), scale)
+    coords = shapely.get_coordinates(polys)
+    assert np.all(np.abs(coords * 10 - np.round(coords * 10)) < 1e-6) and shapely.is_valid(polys).all()
+    assert re.search(r"\d\.\d\d", ",".join(feature_bodies(polys, {}))) is None
+    _, full = tile_polygons(lab, (1000, 2000), scale, tolerance=0)
+    assert shapely.hausdorff_distance(polys, full, densify=0.1).max() <= SIMPLIFY_TOLERANCE * scale + 1e-9
 
 
 def test_origin_shift_is_subtracted() -> None:
@@ -301,10 +410,10 @@ def test_featurecollection_round_trip_plain_and_gzip(tmp_path: Path) -> None:
         assert all(isinstance(v, float) and np.isfinite(v) for v in meas.values())
         nid = int(meas["Nucleus id"])
         assert f["id"] == nucleus_uuid("slide-A", nid)
-        assert meas["Area px^2"] == (lab == nid).sum() * 4.0
-        assert 0.5 * meas["Area px^2"] <= geom.area <= meas["Area px^2"]
+        area_px = (lab == nid).sum() * 4.0
+        assert 0.5 * area_px <= geom.area <= area_px
         assert _on_grid(geom) and shapely.is_ccw(geom.exterior)
-        assert meas["Area µm^2"] == pytest.approx(meas["Area px^2"] * 0.25)
+        assert meas["Area µm^2"] == round(area_px * 0.25, 2) and "Area px^2" not in meas  # calibrated
         assert meas["Mean probability"] == 0.75
         assert {"Solidity", "Eccentricity", "Perimeter µm"} <= set(meas)
         assert not any(k.startswith(("centroid", "bbox")) for k in meas)
@@ -374,14 +483,12 @@ def test_invalid_polygon_is_repaired_to_largest_valid_part(caplog: pytest.LogCap
     assert "nucleus 7" in caplog.text
 
 
-@pytest.mark.parametrize("legacy", [False, True])
-def test_worker_text_and_finalize_splice(tmp_path: Path, legacy: bool) -> None:
+def test_worker_text_and_finalize_splice(tmp_path: Path) -> None:
     """run._save_tile stores each nucleus's text; run._stream_features splices the global
-    id in and applies an origin shift the worker did not know (or re-makes the text of a
-    tile cached as WKB by an earlier version): the features equal the dict API's."""
+    id in and applies an origin shift the worker did not know: the features equal the
+    dict API's."""
     from types import SimpleNamespace
 
-    from pipeline.atomic import save_npz_atomic
     from pipeline.run import _save_tile, _stream_features, tile_file
     from pipeline.types import Box
 
@@ -390,16 +497,10 @@ def test_worker_text_and_finalize_splice(tmp_path: Path, legacy: bool) -> None:
     job = SimpleNamespace(plan=SimpleNamespace(scale=2.0), slide_mpp=0.25, origin_shift=(0.0, 0.0),
                           work_dir=str(tmp_path))
     result = SimpleNamespace(labels=lab, prob=prob, extent=Box(3, 5, 3 + lab.shape[0], 5 + lab.shape[1]),
-                             count=8, recomputed=0, truncated=0)
+                             count=8, recomputed=0, truncated=0, giants=())
     _save_tile(job, SimpleNamespace(index=4), result, 0.1)
     path = tile_file(tmp_path, 4)
     values, polys = tile_polygons(lab, (3, 5), 2.0, origin_shift=(100.0, 7.0))
-    if legacy:  # the tile format before feature texts: WKB outlines (unshifted)
-        with np.load(path) as f:
-            arrays = {k: f[k] for k in f.files if k not in ("features", "feature_shift")}
-        wkb = [p.wkb for p in tile_polygons(lab, (3, 5), 2.0)[1]]
-        save_npz_atomic(path, **arrays, wkb=np.frombuffer(b"".join(wkb), np.uint8),
-                        wkb_lengths=np.array([len(w) for w in wkb]))
     final = SimpleNamespace(slide_id="slide-A", origin_shift=(100, 7))
     with np.load(path) as f, GeoJSONWriter(tmp_path / "out.geojson") as out:
         cols = {k[4:]: f[k] for k in f.files if k.startswith("col_")}
