@@ -22,9 +22,10 @@ __all__ = ["READ_CHUNK", "box_mean", "box_reduce", "reduced_level", "slide_overv
 
 
 def box_mean(rgb: np.ndarray, f: int) -> np.ndarray:
-    """f x f box average (partial edge blocks average the pixels they have), float32."""
+    """f x f box average (partial edge blocks average the pixels they have), float32
+    (for f = 1 the pixels as they are: nothing to average, nothing to convert)."""
     if f == 1:
-        return rgb.astype(np.float32)
+        return rgb[..., :3]
     h, w = rgb.shape[:2]
     hh, ww = -(-h // f), -(-w // f)
     padded = np.zeros((hh * f, ww * f, 3), dtype=np.float32)
@@ -77,12 +78,22 @@ def reduced_level(reader: object, target: float, max_side: int,
 
 
 def _to_uint8(rgb: np.ndarray) -> np.ndarray:
+    if rgb.dtype == np.uint8:
+        return rgb
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
 def slide_overview(reader: object, max_side: int) -> tuple[np.ndarray, float]:
-    """The slide as uint8 RGB with its long side about ``max_side`` px (never more than
-    ``max_side``; at least level 0's pixels), and the level-0 px per overview pixel."""
+    """The slide as uint8 RGB with its long side at most ``max_side`` px, and the level-0
+    px per overview pixel: the finest pyramid level that fits, as it is (a 4600 px slide
+    with a 2300 px level reads that level, not level 0 averaged 2x2: 4x fewer pixels
+    for the same size); without such a level, a finer one box-averaged to fit."""
+    from pipeline.slide import nominal_downsample
+
     info = reader.info  # type: ignore[attr-defined]
     target = max(1.0, max(info.width, info.height) / max_side)
+    fitting = [nominal_downsample(info, i) for i, lv in enumerate(info.levels)
+               if max(lv.width, lv.height) <= max_side]
+    if fitting:
+        target = max(target, min(fitting))
     return reduced_level(reader, target, max_side, _to_uint8)
