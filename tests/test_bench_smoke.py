@@ -69,6 +69,19 @@ def test_workers_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert {"slides", "queue_bounded", "queue_unbounded"} <= set(data["part_b"])
 
 
+@pytest.mark.slow
+def test_batch_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Slides overlapping: the task stream is read, every worker is accounted for."""
+    from bench.batch import main
+
+    out = main(["--quick", "--json", str(tmp_path / "b.json")])
+    runs = out["runs"]
+    assert set(runs) == {"1", "4"}
+    for r in (runs["1"][0], runs["4"][0]):
+        assert 0 < r["utilisation"] <= 1.0 and r["nuclei"] >= 0 and r["seconds"] > 0
+    assert "slides at once" in capsys.readouterr().out
+
+
 def test_accuracy_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from bench.accuracy_speed import default_data, main
 
