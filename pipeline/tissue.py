@@ -5,6 +5,9 @@ the HSV saturation: Otsu's threshold clamped to [SAT_FLOOR, SAT_CEIL]. The floor
 white/grey background (and JPEG noise on it) out even on an all-white slide, where Otsu
 would split noise; the ceiling keeps an all-tissue slide whole, where Otsu would split
 the tissue itself. Small specks (dust) and small holes (lumina, fat) are then cleaned up.
+Marker pen and dye are not tissue though saturated: pixels whose hue is green to cyan
+(``PEN_HUE_DEG``, far from eosin's pink and haematoxylin's purple-blue) or that are nearly
+black (``DARK_VALUE``: ink, dye, dirt) count as unsaturated (``tissue_signal``).
 
 The mask is made at ~8 µm/px (a 100 µm tile edge is 12 mask pixels; slides longer than
 32 mm get coarser masks, at most 4096 px long), from the coarsest pyramid level that is at
@@ -37,6 +40,8 @@ SAT_FLOOR = 0.07
 SAT_CEIL = 0.20
 MIN_OBJECT_UM2 = 10_000.0  # ~100 x 100 µm: smaller bits are dust or debris
 MIN_HOLE_UM2 = 10_000.0
+PEN_HUE_DEG = (70.0, 200.0)  # green..cyan: marker pen, never H&E (pink ~330, purple ~280)
+DARK_VALUE = 0.15  # HSV value below this (8 µm averages): ink, dye or dirt, not stained tissue
 MIN_OBJECT_PX = 16  # the same in mask pixels when the mpp is unknown
 MIN_HOLE_PX = 16
 
@@ -168,6 +173,25 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0).astype(np.float32)
 
 
+def hue_degrees(rgb: np.ndarray) -> np.ndarray:
+    """HSV hue in degrees [0, 360) (0 where the pixel is grey)."""
+    x = rgb[..., :3].astype(np.float32)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    mx, mn = x.max(axis=2), x.min(axis=2)
+    d = np.maximum(mx - mn, 1e-6)
+    h = np.where(mx == r, (g - b) / d % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4))
+    return np.where(mx > mn, 60.0 * h, 0.0).astype(np.float32)
+
+
+def tissue_signal(rgb: np.ndarray) -> np.ndarray:
+    """Saturation, with marker pen (green-cyan hues) and near-black pixels set to 0."""
+    sat = saturation(rgb)
+    hue = hue_degrees(rgb)
+    value = rgb[..., :3].max(axis=2).astype(np.float32) / 255.0
+    pen = (hue >= PEN_HUE_DEG[0]) & (hue <= PEN_HUE_DEG[1]) & (sat > SAT_FLOOR)
+    return np.where(pen | (value < DARK_VALUE), 0.0, sat).astype(np.float32)
+
+
 def remove_small_components(mask: np.ndarray, max_size: int) -> np.ndarray:
     """``mask`` without its 4-connected components of at most ``max_size`` pixels.
 
@@ -191,7 +215,7 @@ def tissue_mask(reader: SlideReader, target_um_per_px: float = TARGET_UM_PER_PX,
 
     info = reader.info
     target = mask_resolution(info, target_um_per_px, target_width, max_side)
-    sat, per_px = reduced_level(reader, target, max_side, saturation)  # chunked reads
+    sat, per_px = reduced_level(reader, target, max_side, tissue_signal)  # chunked reads
     sat = ndimage.uniform_filter(sat, size=3, mode="nearest")
     if float(sat.max() - sat.min()) > 1e-3:
         otsu = float(threshold_otsu(sat))

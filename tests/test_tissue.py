@@ -179,3 +179,27 @@ def test_real_slide_has_tissue() -> None:
         tm = tissue_mask(reader)
     assert 0.05 < tm.fraction < 0.95  # a real H&E crop: tissue and glass
     assert tm.level0_per_pixel == 16.0  # 8 µm/px at 0.499 µm/px
+
+
+def test_marker_pen_and_black_dye_are_not_tissue() -> None:
+    slide, truth = blob_slide(specks=False)
+    rgb = slide._level_array(0).copy()
+    rgb[60:100, 100:1100] = (40, 150, 70)  # green marker line across the top
+    rgb[1400:1560, 900:1100] = (18, 18, 22)  # a black dye blot in a corner
+    pen = MemorySlide(rgb, 1.0)
+    found = tissue_mask(pen)
+    s = found.level0_per_pixel
+    assert not found.mask[int(80 / s), int(300 / s):int(1000 / s)].any(), "the pen line counted as tissue"
+    assert not found.mask[int(1480 / s), int(950 / s):int(1050 / s)].any(), "the dye blot counted as tissue"
+    small = truth[::int(s), ::int(s)][: found.mask.shape[0], : found.mask.shape[1]]
+    agree = (found.mask[: small.shape[0], : small.shape[1]] == small).mean()
+    assert agree > 0.97  # the stained blob itself is still found
+
+
+def test_tissue_signal_keeps_h_and_e_colours() -> None:
+    from pipeline.tissue import tissue_signal
+
+    colours = np.array([[PINK, PURPLE, (120, 80, 200), (200, 120, 160)]], np.uint8)  # eosin..haematoxylin
+    assert (tissue_signal(colours) > 0.2).all()
+    pens = np.array([[(40, 150, 70), (40, 160, 170), (20, 20, 20)]], np.uint8)  # green, cyan, black
+    assert (tissue_signal(pens) == 0).all()
