@@ -48,7 +48,8 @@ def box_reduce(rgb: np.ndarray, f: int, rows: int = 512) -> np.ndarray:
 def reduced_level(reader: object, target: float, max_side: int,
                   per_chunk: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, float]:
     """``per_chunk`` of the slide box-averaged to about ``target`` level-0 px per pixel
-    (float32 RGB in, any per-pixel array out), and the exact level-0 px per pixel.
+    (RGB in: float32 averages, or the uint8 pixels as read when no averaging is needed;
+    any per-pixel array out), and the exact level-0 px per pixel.
 
     The coarsest level at least that fine is read and averaged further by an integer factor
     (rounded down, unless that breaks ``max_side``). The level's nominal downsample is used

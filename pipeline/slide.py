@@ -79,6 +79,11 @@ class SlideReader(ABC):
     """
 
     info: SlideInfo
+    # Reads (or stored tiles, when reading around damage) that succeeded, and how many
+    # times a damaged stored tile was filled: callers compare counts before and after
+    # their reads. Class-level zeros; ``+=`` makes them per reader.
+    reads_ok: int = 0
+    damage_fills: int = 0
 
     def read_level(self, level: int, box: Box) -> np.ndarray:
         """RGB uint8 ``(h, w, 3)`` of ``box`` in pixels of ``level`` (must lie inside it).
@@ -97,7 +102,7 @@ class SlideReader(ABC):
                              f"({lv.height} x {lv.width})")
         try:
             out = self._read(level, box)
-            self.__dict__["_ok"] = self.reads_ok + 1
+            self.reads_ok += 1
         except SlideReadError:
             out = self._read_around_damage(level, box)
         if out.shape != (box.height, box.width, 3) or out.dtype != np.uint8:
@@ -120,16 +125,6 @@ class SlideReader(ABC):
         read by this reader (filled with ``DAMAGED_FILL``)."""
         return self.__dict__.setdefault("_damaged", {})
 
-    @property
-    def reads_ok(self) -> int:
-        """Reads (or stored tiles, when reading around damage) that succeeded."""
-        return int(self.__dict__.get("_ok", 0))
-
-    @property
-    def damage_fills(self) -> int:
-        """How many times a damaged tile was filled in a read: a caller compares the count
-        before and after its reads to learn whether they saw damage."""
-        return int(self.__dict__.get("_fills", 0))
 
     def _read_around_damage(self, level: int, box: Box) -> np.ndarray:
         self.close()  # e.g. OpenSlide refuses every read after an error: a fresh handle
@@ -142,17 +137,17 @@ class SlideReader(ABC):
                 cell = Box(y, x, y + th, x + tw)
                 if (level, cell) in self.damaged:
                     dst[...] = DAMAGED_FILL
-                    self.__dict__["_fills"] = self.damage_fills + 1
+                    self.damage_fills += 1
                     continue
                 try:
                     dst[...] = self._read(level, part)
-                    self.__dict__["_ok"] = self.reads_ok + 1
+                    self.reads_ok += 1
                 except SlideReadError as exc:
                     self.damaged[(level, cell)] = _one_line(exc)
                     log.warning("%s: level %d, stored tile at y %d, x %d cannot be read (%s); "
                                 "painted as glass", self.info.path, level, y, x, _one_line(exc))
                     dst[...] = DAMAGED_FILL
-                    self.__dict__["_fills"] = self.damage_fills + 1
+                    self.damage_fills += 1
                     self.close()  # e.g. OpenSlide refuses every read after an error
         return out
 

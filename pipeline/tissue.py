@@ -168,28 +168,30 @@ def mask_resolution(info: SlideInfo, target_um_per_px: float = TARGET_UM_PER_PX,
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation in [0, 1] (0 for black, where hue is undefined)."""
-    mx = rgb.max(axis=2)
-    mn = rgb.min(axis=2)
+    return _saturation(rgb.max(axis=2), rgb.min(axis=2))
+
+
+def _saturation(mx: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0).astype(np.float32)
 
 
-def hue_degrees(rgb: np.ndarray) -> np.ndarray:
-    """HSV hue in degrees [0, 360) (0 where the pixel is grey)."""
-    x = rgb[..., :3].astype(np.float32)
+def _hue(x: np.ndarray, mx: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """HSV hue in degrees [0, 360) (0 where the pixel is grey), from RGB and its max/min."""
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
-    mx, mn = x.max(axis=2), x.min(axis=2)
     d = np.maximum(mx - mn, 1e-6)
     h = np.where(mx == r, (g - b) / d % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4))
     return np.where(mx > mn, 60.0 * h, 0.0).astype(np.float32)
 
 
 def tissue_signal(rgb: np.ndarray) -> np.ndarray:
-    """Saturation, with marker pen (green-cyan hues) and near-black pixels set to 0."""
-    sat = saturation(rgb)
-    hue = hue_degrees(rgb)
-    value = rgb[..., :3].max(axis=2).astype(np.float32) / 255.0
+    """Saturation, with marker pen (green-cyan hues) and near-black pixels set to 0
+    (one max and one min per pixel serve saturation, hue and value)."""
+    x = rgb[..., :3].astype(np.float32)
+    mx, mn = x.max(axis=2), x.min(axis=2)
+    sat = _saturation(mx, mn)
+    hue = _hue(x, mx, mn)
     pen = (hue >= PEN_HUE_DEG[0]) & (hue <= PEN_HUE_DEG[1]) & (sat > SAT_FLOOR)
-    return np.where(pen | (value < DARK_VALUE), 0.0, sat).astype(np.float32)
+    return np.where(pen | (mx < DARK_VALUE * 255.0), 0.0, sat).astype(np.float32)
 
 
 def remove_small_components(mask: np.ndarray, max_size: int) -> np.ndarray:
