@@ -72,9 +72,12 @@ def edge_garbage_predictor(prob: np.ndarray, dist: np.ndarray, margin: int, call
 
 
 def tiled(prob: np.ndarray, dist: np.ndarray, tile_size: int, halo: int,
-          margin: int, max_side: int | None = None, edge_halo: int | None = None) -> tuple[np.ndarray, int]:
+          margin: int, max_side: int | None = None, edge_halo: int | None = None,
+          calls: list[Box] | None = None, giants: list[Box] | None = None) -> tuple[np.ndarray, int]:
+    """Tiled instances and the count of recomputed clusters; ``calls`` and ``giants``, when
+    given, collect the predicted windows and the giant components the tiles met."""
     image = Box(0, 0, *prob.shape)
-    calls: list[Box] = []
+    calls = [] if calls is None else calls
     predict = edge_garbage_predictor(prob, dist, margin, calls)
     if max_side:
         predict = subwindow_predictor(predict, margin, MULTIPLE, max_side, image)
@@ -84,6 +87,8 @@ def tiled(prob: np.ndarray, dist: np.ndarray, tile_size: int, halo: int,
         result = segment_tile(tile.core, tile.window, crop(prob, tile.window), crop(dist, tile.window),
                               image, PARAMS, margin, MULTIPLE, predict)
         recomputed += result.recomputed
+        if giants is not None:
+            giants += result.giants
         region = result.extent.intersect(image)
         src = result.labels[region.slices((result.extent.y0, result.extent.x0))]
         dst = out[region.slices()]
@@ -188,20 +193,8 @@ def test_giant_components_dropped_the_same_by_every_tile(monkeypatch, max_window
                                stitch.giant_side(margin, MULTIPLE))
     assert (whole == 0).sum() > (postprocess(prob, dist, PARAMS) == 0).sum() + 1000, "no giant"
     calls: list[Box] = []
-    image = Box(0, 0, *prob.shape)
-    predict = edge_garbage_predictor(prob, dist, margin, calls)
-    out = np.zeros(prob.shape, dtype=np.int64)
-    offset, giants = 0, []
-    for tile in plan_tiles(prob.shape, tile_size, halo, MULTIPLE):
-        result = stitch.segment_tile(tile.core, tile.window, crop(prob, tile.window),
-                                     crop(dist, tile.window), image, PARAMS, margin, MULTIPLE, predict)
-        giants += result.giants
-        region = result.extent.intersect(image)
-        src = result.labels[region.slices((result.extent.y0, result.extent.x0))]
-        dst = out[region.slices()]
-        assert not (dst[src > 0] > 0).any(), "a pixel was claimed by two tiles"
-        dst[src > 0] = src[src > 0] + offset
-        offset += result.count
+    giants: list[Box] = []
+    out, _ = tiled(prob, dist, tile_size, halo, margin, calls=calls, giants=giants)
     assert giants
     assert max(max(b.height, b.width) for b in calls) <= max_window
     assert_same_instances(out, whole)
