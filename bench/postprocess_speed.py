@@ -20,9 +20,9 @@ Phases, as the pipeline runs them (``run._save_tile`` on a worker, then
 * ``feature text`` (worker): what a tile stores for the GeoJSON. Old: WKB per polygon.
   New: each nucleus's feature JSON but its id (``geojson.feature_bodies``).
 * ``finalize`` (single writer): old: parse WKB, build a dict, ``json.dumps`` per nucleus;
-  new: splice uuid + ``Nucleus id`` into the stored text (``feature_texts``) and write it.
+  new: splice ``Nucleus id`` into the stored text (``feature_texts``) and write it.
   Both write a real ``.geojson`` file (plain), which gives the bytes per nucleus, and
-  where the new file's bytes go (``bytes_breakdown_new``: the feature's type and id, its
+  where the new file's bytes go (``bytes_breakdown_new``: the feature's type, its
   geometry, objectType + classification, measurements, separators).
 
 Outline fidelity: the new outline's area over the label's pixel area (median, 5th and
@@ -88,7 +88,6 @@ from pipeline.writers.table import COLUMNS, instance_measurements
 NAME = "postprocess_speed"
 PHASES = ("measurements", "polygons", "feature text", "finalize")
 MPP = 0.25  # level-0 µm/px of the (40x) slide the crops come from
-SLIDE_ID = "bench-slide"
 OLD_PRECISION = 0.01  # the old code's vertex grid (QuPath's)
 
 
@@ -166,19 +165,19 @@ def _old_finalize(writer: GeoJSONWriter, table: pd.DataFrame, stored: tuple[byte
     for i, (start, length) in enumerate(zip(starts, lengths)):
         polygon = shapely.from_wkb(wkb[start:start + length])
         measurements = {name: float(cols[name][i]) for name in names}
-        writer.add(nucleus_feature(SLIDE_ID, int(cols["id"][i]), polygon, measurements))
+        writer.add(nucleus_feature(int(cols["id"][i]), polygon, measurements))
 
 
 # --------------------------------------------------------------------------- new path
 
 
 def _new_feature_text(polygons: np.ndarray, table: pd.DataFrame) -> bytes:
-    return "\n".join(feature_bodies(polygons, {k: table[k].to_numpy() for k in table})).encode("ascii")
+    return "\n".join(feature_bodies(polygons, {k: table[k].to_numpy() for k in table})).encode("utf-8")
 
 
 def _new_finalize(writer: GeoJSONWriter, table: pd.DataFrame, stored: bytes) -> None:
-    bodies = stored.decode("ascii").split("\n")
-    writer.write_texts(feature_texts(SLIDE_ID, table["id"].tolist(), bodies))
+    bodies = stored.decode("utf-8").split("\n")
+    writer.write_texts(feature_texts(table["id"].tolist(), bodies))
 
 
 # --------------------------------------------------------------------------- crops
@@ -237,7 +236,7 @@ def _timed(fn: Callable[[], Any]) -> tuple[tuple[float, float], Any]:
 
 
 # where a feature's bytes go: the parts of its text, each from its marker to the next one
-PARTS = (("type_and_id", b'{"type":"Feature"'), ("geometry", b'"geometry":'),
+PARTS = (("type", b'{"type":"Feature"'), ("geometry", b'"geometry":'),
          ("classification", b',"properties":'), ("measurements", b'"measurements":'))
 SIZE_PARTS = (*(name for name, _ in PARTS), "separators")
 

@@ -338,7 +338,7 @@ def _save_tile(job: TileJob, tile: Tile, result: Any, seconds: float, dropped: i
     columns = instance_measurements(result.labels, result.prob, offset, scale, job.slide_mpp,
                                     outlines=outlines)
     values = {k: columns[k].to_numpy() for k in columns}
-    bodies = "\n".join(feature_bodies(outlines.polygons, values)).encode("ascii")
+    bodies = "\n".join(feature_bodies(outlines.polygons, values)).encode("utf-8")
     save_npz_atomic(tile_file(job.work_dir, tile.index),
                     labels=result.labels, extent=np.array([*offset, result.extent.y1, result.extent.x1]),
                     stats=np.array([result.count, result.recomputed, dropped]),
@@ -447,15 +447,15 @@ def finalize_slide(job: FinalJob) -> dict[str, Any]:
 
 
 def _stream_features(writer: Any, job: FinalJob, tile: Any, cols: dict[str, np.ndarray]) -> None:
-    """Write one tile's features: its worker made each nucleus's text, here only the id
-    (uuid5 of the global nucleus number) is spliced in. Tiles saved with another origin
+    """Write one tile's features: its worker made each nucleus's text, here only the
+    ``Nucleus id`` (the global nucleus number) is spliced in. Tiles saved with another origin
     shift are re-shifted vectorised."""
     from pipeline.writers.geojson import feature_texts, shift_bodies
 
-    bodies = tile["features"].tobytes().decode("ascii").split("\n")
+    bodies = tile["features"].tobytes().decode("utf-8").split("\n")
     done = tuple(float(v) for v in tile["feature_shift"])
     bodies = shift_bodies(bodies, job.origin_shift[0] - done[0], job.origin_shift[1] - done[1])
-    writer.write_texts(feature_texts(job.slide_id, cols["id"].tolist(), bodies))
+    writer.write_texts(feature_texts(cols["id"].tolist(), bodies))
 
 
 def _write_preview(job: FinalJob, path: Path, overview: tuple[np.ndarray, float] | None = None) -> None:

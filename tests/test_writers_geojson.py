@@ -10,7 +10,6 @@ import gzip
 import json
 import logging
 import re
-import uuid
 from pathlib import Path
 
 import geojson
@@ -27,12 +26,10 @@ from pipeline.writers.geojson import (
     SIMPLIFY_TOLERANCE,
     GeoJSONWriter,
     _trace,
-    _uuids,
     feature_bodies,
     feature_texts,
     label_polygons,
     nucleus_feature,
-    nucleus_uuid,
     shift_bodies,
     tile_polygons,
     trace_tile,
@@ -64,12 +61,12 @@ def synthetic_labels(h: int = 60, w: int = 80) -> np.ndarray:
     return lab
 
 
-def _write(path: Path, lab: np.ndarray, scale: float, slide: str = "slide-A") -> int:
+def _write(path: Path, lab: np.ndarray, scale: float) -> int:
     table = instance_measurements(lab, np.full(lab.shape, 0.75, np.float32), (3, 5), scale, 0.5)
     rows = {int(r["id"]): r for r in table.to_dict("records")}
     with GeoJSONWriter(path) as out:
         for value, poly in label_polygons(lab, (3, 5), scale):
-            out.write(nucleus_feature(slide, value, poly, rows[value]))
+            out.write(nucleus_feature(value, poly, rows[value]))
     return out.count
 
 
@@ -177,17 +174,18 @@ def _tile_features(side: int, mpp: float, scale: float) -> tuple[list[str], np.n
     outlines = trace_tile(lab, (0, 0), scale)
     table = instance_measurements(lab, prob.astype(np.float32), (0, 0), scale, 0.25, outlines=outlines)
     bodies = feature_bodies(outlines.polygons, {k: table[k].to_numpy() for k in table})
-    texts = feature_texts("slide-A", table["id"].tolist(), bodies)
+    texts = feature_texts(table["id"].tolist(), bodies)
     return texts, outlines.polygons, outlines.pixels * scale**2
 
 
 @pytest.mark.parametrize(("side", "mpp", "scale", "most_bytes", "area_range"),
-                         [(512, 0.25, 1.0, 620, (0.97, 1.02)), (256, 0.5, 2.0, 490, (0.95, 1.02))])
+                         [(512, 0.25, 1.0, 560, (0.97, 1.02)), (256, 0.5, 2.0, 430, (0.95, 1.02))])
 def test_geojson_bytes_per_nucleus_and_area_agreement(side: int, mpp: float, scale: float, most_bytes: int,
                                                       area_range: tuple[float, float]) -> None:
     """The same slide region as a 40x model (scale 1) and a 20x model (scale 2) sees it:
     bytes per nucleus of the GeoJSON (features and their separators; 807 / 589 on this
-    tile with 0.35 px outlines and full-precision measurements), with outlines whose area
+    tile with 0.35 px outlines and full-precision measurements, 548 / 420 without feature
+    ids and with UTF-8 µ), with outlines whose area
     stays close to the label's (5th / 95th percentile within ``area_range``)."""
     texts, polys, label_area = _tile_features(side, mpp, scale)
     assert len(texts) > 100
@@ -207,8 +205,8 @@ def test_measurements_are_written_with_their_precision() -> None:
     cols = {"area_px": [415.0, 390.88814440999995], "area_um2": [25.937512345, np.nan],
             "perimeter_um": [19.776750080582790, 19.7649], "eccentricity": [0.38140963919697835, 0.0004],
             "solidity": [0.974132863021752, 1.0], "mean_probability": [0.8999999761581421, np.inf]}
-    texts = feature_texts("s", [1, 2], feature_bodies([poly, poly], cols))
-    first = ('"measurements":{"Area \\u00b5m^2":25.94,"Perimeter \\u00b5m":19.78,"Eccentricity":0.381,'
+    texts = feature_texts([1, 2], feature_bodies([poly, poly], cols))
+    first = ('"measurements":{"Area µm^2":25.94,"Perimeter µm":19.78,"Eccentricity":0.381,'
              '"Solidity":0.974,"Mean probability":0.9,"Nucleus id":1.0}')
     assert texts[0].endswith(first + "}}")
     second = json.loads(texts[1])["properties"]["measurements"]
@@ -216,7 +214,7 @@ def test_measurements_are_written_with_their_precision() -> None:
                       "Nucleus id": 2.0}
     for k, text in enumerate(texts):
         row = {key: values[k] for key, values in cols.items()}
-        assert json.loads(text) == json.loads(json.dumps(nucleus_feature("s", k + 1, poly, row)))
+        assert json.loads(text) == json.loads(json.dumps(nucleus_feature(k + 1, poly, row)))
 
 
 def _region(rings: np.ndarray) -> shapely.Geometry:
@@ -346,14 +344,13 @@ def test_feature_text_equals_the_dict_api() -> None:
     values, polys = tile_polygons(lab, (3, 5), 2.0)
     columns = {k: table[k].to_numpy() for k in table}
     bodies = feature_bodies(polys, columns)
-    assert all(b.isascii() and "\n" not in b for b in bodies)
+    assert all("\n" not in b for b in bodies)
     ids = (values + 1000).tolist()
-    texts = feature_texts("slide-A", ids, bodies)
+    texts = feature_texts(ids, bodies)
     for text, nid, poly, row in zip(texts, ids, polys, table.to_dict("records")):
-        expected = nucleus_feature("slide-A", nid, poly, {k: v for k, v in row.items() if k != "id"})
+        expected = nucleus_feature(nid, poly, {k: v for k, v in row.items() if k != "id"})
         assert json.loads(text) == json.loads(json.dumps(expected))
-        assert "Area \\u00b5m^2" not in text  # no mpp: NaN µm columns are left out
-    assert _uuids("s", [0, 7, 2**40]) == [nucleus_uuid("s", i) for i in (0, 7, 2**40)]
+        assert "Area µm^2" not in text and "u00b5" not in text  # no mpp: NaN µm columns are left out
 
 
 @pytest.mark.parametrize("scale", [1.0, 1.9771])
@@ -369,12 +366,12 @@ def test_shift_bodies_equals_shifting_on_the_worker(scale: float) -> None:
 def test_write_texts_mixes_with_write(tmp_path: Path) -> None:
     lab = synthetic_labels()
     values, polys = tile_polygons(lab, (0, 0), 1.0)
-    texts = feature_texts("s", values.tolist(), feature_bodies(polys, {}))
+    texts = feature_texts(values.tolist(), feature_bodies(polys, {}))
     for name in ("m.geojson", "m.geojson.gz"):
         with GeoJSONWriter(tmp_path / name) as out:
             out.write_texts(texts[:3])
             out.write_texts([])
-            out.write(nucleus_feature("s", 99, polys[0], {}))
+            out.write(nucleus_feature(99, polys[0], {}))
             out.write_texts(texts[3:])
         assert out.count == len(values) + 1
     with open(tmp_path / "m.geojson", encoding="utf-8") as fh:
@@ -396,10 +393,9 @@ def test_featurecollection_round_trip_plain_and_gzip(tmp_path: Path) -> None:
     assert fc["type"] == "FeatureCollection" and fc.is_valid
     feats = fc["features"]
     assert len(feats) == len(np.unique(lab)) - 1
-    ids = [f["id"] for f in feats]
-    assert len(set(ids)) == len(ids)
+    assert sorted(int(f["properties"]["measurements"]["Nucleus id"]) for f in feats) == list(range(1, 9))
     for f in feats:
-        assert uuid.UUID(f["id"]).version == 5
+        assert "id" not in f  # QuPath gives each object its own UUID; "Nucleus id" links to the labels
         geom = shape(f["geometry"])
         assert geom.geom_type == "Polygon" and geom.is_valid
         props = f["properties"]
@@ -409,7 +405,6 @@ def test_featurecollection_round_trip_plain_and_gzip(tmp_path: Path) -> None:
         meas = props["measurements"]
         assert all(isinstance(v, float) and np.isfinite(v) for v in meas.values())
         nid = int(meas["Nucleus id"])
-        assert f["id"] == nucleus_uuid("slide-A", nid)
         area_px = (lab == nid).sum() * 4.0
         assert 0.5 * area_px <= geom.area <= area_px
         assert _on_grid(geom) and shapely.is_ccw(geom.exterior)
@@ -426,20 +421,18 @@ def test_output_is_deterministic(tmp_path: Path) -> None:
     assert (tmp_path / "a.geojson.gz").read_bytes() == (tmp_path / "b.geojson.gz").read_bytes()
     assert (tmp_path / "a.geojson.gz").read_bytes()[4:8] == bytes(4)  # no gzip timestamp
     assert (tmp_path / "a.geojson").read_bytes() == (tmp_path / "b.geojson").read_bytes()
-    other = json.loads((tmp_path / "a.geojson").read_text())
-    _write(tmp_path / "c.geojson", lab, 1.0, slide="slide-B")
-    assert not {f["id"] for f in other["features"]} & {
-        f["id"] for f in json.loads((tmp_path / "c.geojson").read_text())["features"]}
+    text = (tmp_path / "a.geojson").read_bytes()
+    assert "µm".encode() in text and b"\\u00b5" not in text  # UTF-8, as RFC 8259 and QuPath read it
 
 
 def test_non_finite_measurements_are_dropped() -> None:
     poly = Polygon([(0, 0), (1, 0), (1, 1), (0, 1)])
-    feat = nucleus_feature("s", 4, poly, {"area_um2": float("nan"), "solidity": np.float32(1.0),
+    feat = nucleus_feature(4, poly, {"area_um2": float("nan"), "solidity": np.float32(1.0),
                                           "perimeter_um": float("inf"), "note": "text"})
     assert feat["properties"]["measurements"] == {"Solidity": 1.0, "Nucleus id": 4.0}
     json.dumps(feat, allow_nan=False)
     with pytest.raises(ValueError, match="color"):
-        nucleus_feature("s", 4, poly, {}, classification={"name": "Nucleus"})
+        nucleus_feature(4, poly, {}, classification={"name": "Nucleus"})
 
 
 def test_interrupted_writer_leaves_no_file(tmp_path: Path) -> None:
@@ -448,7 +441,7 @@ def test_interrupted_writer_leaves_no_file(tmp_path: Path) -> None:
         path = tmp_path / name
         with pytest.raises(RuntimeError, match="boom"), GeoJSONWriter(path) as out:
             for value, poly in label_polygons(lab, (0, 0), 1.0):
-                out.write(nucleus_feature("s", value, poly, {}))
+                out.write(nucleus_feature(value, poly, {}))
                 if out.count == 3:
                     raise RuntimeError("boom")
         assert not path.exists()
@@ -510,5 +503,5 @@ def test_worker_text_and_finalize_splice(tmp_path: Path) -> None:
     assert len(features) == 8
     for feat, value, poly in zip(features, values, polys):
         row = {k: v[value - 1] for k, v in cols.items() if k != "id"}
-        expected = nucleus_feature("slide-A", 1000 + int(value), poly, row)
+        expected = nucleus_feature(1000 + int(value), poly, row)
         assert feat == json.loads(json.dumps(expected))

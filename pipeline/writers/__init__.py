@@ -3,7 +3,7 @@ QuPath GeoJSON, preview, summary. Single-file outputs are written atomically;
 ``summary.json`` is written last and marks a slide as complete (see
 ``pipeline.writers.summary``)."""
 
-from pipeline.writers.geojson import GeoJSONWriter, label_polygons, nucleus_feature, nucleus_uuid
+from pipeline.writers.geojson import GeoJSONWriter, label_polygons, nucleus_feature
 from pipeline.writers.labels import (
     LabelStoreSpec,
     build_pyramid,
@@ -31,7 +31,6 @@ __all__ = [
     "label_polygons",
     "labels_thumbnail",
     "nucleus_feature",
-    "nucleus_uuid",
     "read_summary",
     "write_block",
     "write_image",

@@ -46,13 +46,13 @@ falls back to its pixel-edge polygon. One Polygon per label, exterior counter-cl
 (shapely's sign), holes kept.
 
 **Text** (``feature_bodies`` / ``feature_texts``): features are serialised with
-vectorised code on the workers (everything but the id, which needs the global nucleus
-number); the single writer only splices the uuid and ``Nucleus id`` in front of / behind
-each pre-made body and writes the text (``GeoJSONWriter.write_texts``). Coordinates are
-written with at most 1 decimal (the grid; ``802`` rather than ``802.0``). Bodies are
-ASCII (``\\u00b5`` for µ, as ``json.dumps`` writes: 4 bytes more per name than UTF-8, but
-no reader's default encoding can garble it) and free of newlines, so a tile's bodies can
-be stored joined by ``\\n``.
+vectorised code on the workers (everything but the ``Nucleus id``, which needs the global
+nucleus number); the single writer only splices ``Nucleus id`` behind each pre-made body
+and writes the text (``GeoJSONWriter.write_texts``). Coordinates are written with at most
+1 decimal (the grid; ``802`` rather than ``802.0``). The file is UTF-8 (as RFC 8259 requires
+of JSON and as QuPath reads and writes it): ``µ`` is written as itself, 2 bytes, not as the
+6-byte ``\\u00b5`` escape. Bodies are free of newlines, so a tile's bodies can be stored
+joined by ``\\n``.
 
 **Measurements** (``MEASUREMENTS``) are rounded to what they mean and written as the
 shortest text that reads back as the rounded number (numpy rounding, then ``repr``:
@@ -69,27 +69,26 @@ keeps every column at full precision:
 * ``Nucleus id``: the label value, exact.
 
 Perimeter and solidity are those of the written polygon (``table.instance_measurements``
-measures the same outlines). What a nucleus costs (``bench.postprocess_speed``, crops
-near the slide origin, bytes per nucleus at 40x / 20x): 608 / 475, of which 62 are the
-feature's type and uuid, 94 objectType and classification, 148 the measurements, and
-302 / 169 the geometry (21.6 / 12.5 coordinates); coordinates far into a slide have a digit
-or two more each.
+measures the same outlines). What a nucleus costs: ``bench.postprocess_speed`` reports
+bytes per nucleus at 40x and 20x and what the type, objectType + classification,
+measurements and geometry take of it; coordinates far into a slide have a digit or two
+more each.
 
-Feature ids are deterministic UUIDs (uuid5 of ``"<slide_id>:<nucleus_id>"``): re-running a
-slide gives byte-identical files, and the id ties a feature to its label value. QuPath
-offers to update ids if the same objects are imported twice into one image.
+**No feature ids.** QuPath gives every imported object without an ``id`` a fresh random
+UUID, and the link from a feature to its label value and table row is the ``Nucleus id``
+measurement, so a stored id would only repeat that link in 44 bytes (~9 % of a 40x
+nucleus). Without it re-running a slide still gives byte-identical files, and importing
+the same file twice gives two sets of objects (as with any id-less GeoJSON).
 """
 
 from __future__ import annotations
 
 import gzip as gzip_module
-import hashlib
 import io
 import json
 import logging
 import math
 import os
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +107,6 @@ log = logging.getLogger(__name__)
 __all__ = [
     "MEASUREMENTS",
     "NUCLEUS_CLASS",
-    "NUCLEUS_NAMESPACE",
     "SIMPLIFY_TOLERANCE",
     "GeoJSONWriter",
     "TileOutlines",
@@ -116,7 +114,6 @@ __all__ = [
     "feature_texts",
     "label_polygons",
     "nucleus_feature",
-    "nucleus_uuid",
     "shift_bodies",
     "tile_polygons",
     "trace_tile",
@@ -133,7 +130,6 @@ SIMPLIFY_TOLERANCE = 0.5  # model px (Douglas-Peucker on the midpoint outline)
 # again at RETRY_FACTOR x the tolerance (0.35 px)
 AREA_SLACK = 0.03
 RETRY_FACTOR = 0.7
-NUCLEUS_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://wsi-nuclei/nucleus")
 NUCLEUS_CLASS = {"name": "Nucleus", "color": [0, 200, 0]}
 # Table column -> (QuPath-style measurement name, decimals written to the GeoJSON; the
 # table keeps full precision). "Area px^2" only where "Area µm^2" is missing (no mpp).
@@ -511,27 +507,6 @@ def label_polygons(
     yield from zip(values.tolist(), polys)
 
 
-def nucleus_uuid(slide_id: str, nucleus_id: int) -> str:
-    """Deterministic feature id of a nucleus."""
-    return str(uuid.uuid5(NUCLEUS_NAMESPACE, f"{slide_id}:{int(nucleus_id)}"))
-
-
-def _uuids(slide_id: str, nucleus_ids: Iterable[int]) -> list[str]:
-    """``nucleus_uuid`` for many ids: the same uuid5 (SHA-1 of namespace + name, version
-    and variant bits set), without building a ``uuid.UUID`` per id (3x faster)."""
-    prefix = hashlib.sha1(NUCLEUS_NAMESPACE.bytes + f"{slide_id}:".encode())
-    out = []
-    for nid in nucleus_ids:
-        h = prefix.copy()
-        h.update(b"%d" % nid)
-        x = h.hexdigest()
-        out.append(f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT[x[16]]}{x[17:20]}-{x[20:32]}")
-    return out
-
-
-_VARIANT = {f"{v:x}": "89ab"[v & 3] for v in range(16)}  # RFC 4122 variant bits on a hex digit
-
-
 def _rounded(name: str, values: np.ndarray) -> np.ndarray:
     """``values`` rounded to the decimals of measurement ``name`` (``MEASUREMENTS``; other
     names unchanged), so that ``repr`` writes them short: the nearest double to k / 10^d.
@@ -568,7 +543,6 @@ def _classification_json(classification: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def nucleus_feature(
-    slide_id: str,
     nucleus_id: int,
     polygon: Polygon,
     measurements: Mapping[str, Any],
@@ -580,7 +554,6 @@ def nucleus_feature(
     feature as text, for many nuclei at once.)"""
     return {
         "type": "Feature",
-        "id": nucleus_uuid(slide_id, nucleus_id),
         "geometry": mapping(polygon),
         "properties": {
             "objectType": "detection",
@@ -641,7 +614,7 @@ def feature_bodies(
         named[_AREA_PX] = (v, written & ~named[_AREA_UM][1])
     columns: list[list[Any]] = []
     for name, (v, written) in named.items():
-        text = json.dumps(name)
+        text = json.dumps(name, ensure_ascii=False)
         if written.all():
             fmt += _braces(text) + ":{!r},"
             columns.append(v.tolist())
@@ -651,13 +624,11 @@ def feature_bodies(
     return [fmt.format(*row) for row in zip(geoms, *columns)]
 
 
-def feature_texts(slide_id: str, nucleus_ids: Iterable[int], bodies: Iterable[str]) -> list[str]:
-    """Complete feature JSON texts: the id (uuid5 of ``"<slide_id>:<nucleus_id>"``) spliced
-    in front of each body and the ``Nucleus id`` measurement behind it. One hash and one
-    string format per nucleus: this is all the single writer does per nucleus."""
-    ids = [int(i) for i in nucleus_ids]
-    return [f'{{"type":"Feature","id":"{u}",{b}"Nucleus id":{i}.0}}}}}}'
-            for u, b, i in zip(_uuids(slide_id, ids), bodies, ids)]
+def feature_texts(nucleus_ids: Iterable[int], bodies: Iterable[str]) -> list[str]:
+    """Complete feature JSON texts: each body with the ``Nucleus id`` measurement spliced
+    behind it. One string format per nucleus: this is all the single writer does per
+    nucleus."""
+    return [f'{{"type":"Feature",{b}"Nucleus id":{int(i)}.0}}}}}}' for i, b in zip(nucleus_ids, bodies)]
 
 
 def shift_bodies(bodies: Sequence[str], dx: float, dy: float) -> list[str]:
@@ -717,7 +688,7 @@ class GeoJSONWriter:
 
     def write(self, feature: Mapping[str, Any]) -> None:
         """Append one feature (must be JSON-serialisable without NaN)."""
-        self.write_texts([json.dumps(feature, allow_nan=False, separators=(",", ":"))])
+        self.write_texts([json.dumps(feature, allow_nan=False, separators=(",", ":"), ensure_ascii=False)])
 
     add = write  # alias: ``writer.add(feature)`` reads naturally in the orchestrator
 
