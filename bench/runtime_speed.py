@@ -20,6 +20,11 @@ threads for every runtime (torch threads = ONNX Runtime intra-op threads = OpenV
 runtimes of a model, median. Models are measured one after another (each one's runtimes
 hold their own buffers; four at a time of dense.pt at 1376^2 is enough memory).
 
+Window invariance (what exact stitching needs of a runtime): each runtime's outputs on five
+grid-aligned sub-windows of the timed window, away from their edges, against its own outputs
+on the whole window (``win |d|``: largest difference; ``flips``: pixels whose > 0.5
+foreground decision differs).
+
 Checks: max abs difference of the probability and the distance map from torch's on a real
 image window (the first test image, reflect-padded to the window), and AJI / PQ / Dice on
 the MoNuSeg test folder from ``models.evaluate.evaluate_folder`` with each runtime; the
@@ -311,6 +316,36 @@ def _max_diff(out: tuple[np.ndarray, np.ndarray], ref: tuple[np.ndarray, np.ndar
     return (float(np.abs(out[0] - ref[0]).max()), float(np.abs(out[1] - ref[1]).max()))
 
 
+def sub_windows(size: int, m: int) -> list[tuple[int, int, int, int]]:
+    """Grid-aligned (y, x, h, w) windows inside a ``size``^2 one, of several shapes and
+    origins (as tiles, border tiles and grown cluster windows are)."""
+    q = max(m, size // 4 // m * m)
+    boxes = [(0, 0, 2 * q, 2 * q), (q, q, 2 * q, 2 * q), (q // 2 // m * m, 0, size - q, 2 * q + m),
+             (0, size - q - m, 2 * q, q + m), (q, q // 2 // m * m, size - q, size - q)]
+    return [(y, x, min(h, size - y), min(w, size - x)) for y, x, h, w in boxes]
+
+
+def window_invariance(net: Any, image: np.ndarray, full: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+    """Exact stitching needs a pixel's output not to depend on its window: each
+    sub-window's interior (farther than ``context_margin`` from its edge) against the same
+    pixels of the full window: largest |difference| (probability or distance) and pixels
+    whose foreground decision (> 0.5) flips."""
+    from models.inference import context_margin, predict_batch
+
+    margin = context_margin(net.config)
+    worst, flips = 0.0, 0
+    for y, x, h, w in sub_windows(image.shape[0], net.config.size_multiple):
+        if h <= 2 * margin or w <= 2 * margin:
+            continue
+        p, d = predict_batch(net, np.ascontiguousarray(image[y:y + h, x:x + w])[None])
+        inner = (slice(margin, h - margin), slice(margin, w - margin))
+        whole = (slice(y + margin, y + h - margin), slice(x + margin, x + w - margin))
+        worst = max(worst, float(np.abs(p[0][inner] - full[0][0][whole]).max()),
+                    float(np.abs(d[0][inner] - full[1][0][whole]).max()))
+        flips += int(((p[0][inner] > 0.5) != (full[0][0][whole] > 0.5)).sum())
+    return {"max_abs_diff": worst, "foreground_flips": flips}
+
+
 def measure_model(bundle: Any, runtimes: list[str], args: argparse.Namespace, threads: int,
                   size: int, repeats: int, test: Path | None, names: list[str],
                   calib_images: Callable[[int], list[np.ndarray]], bar: tqdm) -> dict[str, Any]:
@@ -353,6 +388,7 @@ def measure_model(bundle: Any, runtimes: list[str], args: argparse.Namespace, th
     ref = outs["torch"]
     for rt in runtimes:
         rows[rt]["max_abs_diff_prob"], rows[rt]["max_abs_diff_dist"] = _max_diff(outs[rt], ref)
+        rows[rt]["window_invariance"] = window_invariance(nets[rt], x[0], outs[rt])
 
     times: dict[str, list[float]] = {rt: [] for rt in runtimes}
     for _ in range(repeats):
@@ -469,14 +505,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\n{size}x{size} window, {threads} thread(s) per runtime, median of {repeats} interleaved "
           f"rounds, malloc {args.malloc}; accuracy: {len(names)} image(s) of {test or '-'}")
     print(f"{'model':<14}{'runtime':<21}{'Mpx/s':>8}{'x torch':>9}{'max|dP|':>10}{'max|dD|':>10}"
-          f"{'AJI':>8}{'dAJI %':>8}{'PQ':>7}{'Dice':>7}{'prep s':>8}")
+          f"{'AJI':>8}{'dAJI %':>8}{'PQ':>7}{'Dice':>7}{'prep s':>8}{'win |d|':>9}{'flips':>6}")
     nan = float("nan")
     for model, res in results.items():
         for rt, r in res["runtimes"].items():
             print(f"{model:<14}{rt:<21}{r['model_mpx_s']:>8.3f}{r['speedup_vs_torch']:>8.2f}x"
                   f"{r['max_abs_diff_prob']:>10.2e}{r['max_abs_diff_dist']:>10.2e}{r.get('aji', nan):>8.4f}"
                   f"{r.get('delta_aji_pct', nan):>+8.2f}{r.get('pq', nan):>7.3f}{r.get('dice', nan):>7.3f}"
-                  f"{r['prepare_s']:>8.1f}")
+                  f"{r['prepare_s']:>8.1f}{r['window_invariance']['max_abs_diff']:>9.1e}"
+                  f"{r['window_invariance']['foreground_flips']:>6d}")
     parts = []
     for model, res in results.items():
         rt = res["fastest_within_bar"]
