@@ -8,11 +8,12 @@ speed, output differences and MoNuSeg accuracy of each, per model.
 
 Why: published CPU figures for similar U-Nets (StarDist, Cellpose) put OpenVINO at ~1.5x
 the framework in FP32 and ~2x in INT8; whether that holds for this network, and what INT8
-costs in AJI, decides whether a runtime becomes an optional extra. Nothing here is wired
-into the pipeline.
+costs in AJI, decided the runtime the pipeline ships: OpenVINO INT8 (MIXED preset, full bias
+correction) for ``pruned20x.pt``, made by ``python -m models.quantize`` and run by
+``models.runtime`` where the ``[openvino]`` extra is installed.
 
 Every runtime runs through ``models.inference.predict_batch`` (uint8 NHWC windows, /255,
-sigmoid): the ONNX and OpenVINO networks are wrapped in :class:`RuntimeNet`, which looks to
+sigmoid): the ONNX and OpenVINO networks are wrapped in :class:`models.runtime.CompiledNet`, which looks to
 ``predict_batch`` (and so to ``models.evaluate``) like a ``NucleusNet``, so only the forward
 pass differs. Speed: the pipeline's tile-1024 window (1376^2 px, ``--size``), the same
 threads for every runtime (torch threads = ONNX Runtime intra-op threads = OpenVINO
@@ -43,7 +44,6 @@ images for calibration and accuracy.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import importlib.metadata
@@ -52,7 +52,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,8 @@ from bench.common import (
     write_json,
 )
 from models.inference import retain_freed_memory
+from models.quantize import calibration_patches, quantize_int8, to_openvino
+from models.runtime import CompiledNet, compile_openvino
 
 NAME = "runtime_speed"
 RUNTIMES = ("torch", "onnxruntime", "openvino", "openvino-int8", "openvino-int8-mixed")
@@ -135,34 +137,7 @@ def versions() -> dict[str, str | None]:
 # --------------------------------------------------------------------------- runtimes
 
 
-class RuntimeNet:
-    """A compiled network dressed as the ``NucleusNet`` that ``predict_batch`` expects
-    (``config``, ``parameters()``, ``eval()``, ``net(x) -> (logit, dist)``).
-
-    Why: timing and ``models.evaluate`` then run every runtime through the pipeline's own
-    pre- and post-processing, so the comparison is of forward passes only, and
-    ``models/evaluate.py`` needs no hook. The input arrives as the channels-last float
-    tensor ``predict_batch`` makes; it is handed over as a contiguous NCHW array (one copy,
-    ~1 % of a forward pass at 1376^2).
-    """
-
-    def __init__(self, config: Any, forward: Forward):
-        self.config = config
-        self._forward = forward
-        self._device = torch.zeros(1, 1, 1, 1)  # CPU, and already "channels-last": no .to()
-
-    def parameters(self) -> Iterator[torch.Tensor]:
-        yield self._device
-
-    def eval(self) -> RuntimeNet:
-        return self
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logit, dist = self._forward(np.ascontiguousarray(x.numpy(), dtype=np.float32))
-        return torch.from_numpy(np.asarray(logit)), torch.from_numpy(np.asarray(dist))
-
-
-def onnxruntime_net(net: torch.nn.Module, folder: Path, threads: int) -> RuntimeNet:
+def onnxruntime_net(net: torch.nn.Module, folder: Path, threads: int) -> CompiledNet:
     """Export to ONNX (dynamic batch, height, width; the TorchScript exporter: the dynamo
     one needs onnxscript) and open a CPUExecutionProvider session, all graph optimisations."""
     import onnxruntime as ort
@@ -181,56 +156,7 @@ def onnxruntime_net(net: torch.nn.Module, folder: Path, threads: int) -> Runtime
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return RuntimeNet(net.config, lambda x: session.run(None, {"image": x}))
-
-
-def openvino_model(net: torch.nn.Module) -> Any:
-    """``openvino.convert_model`` straight from torch (no ONNX needed); shapes stay dynamic."""
-    import openvino as ov
-
-    m = net.config.size_multiple
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return ov.convert_model(copy.deepcopy(net).eval(), example_input=torch.zeros(1, 3, 4 * m, 4 * m))
-
-
-def openvino_config(threads: int) -> dict[str, Any]:
-    """Same threads as torch, latency hint (one request at a time, as a pipeline worker),
-    FP32 arithmetic for non-quantized ops (no silent bf16 on CPUs that have it), and no CPU
-    pinning: torch and ONNX Runtime do not pin either, and the machine is shared."""
-    return {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False}
-
-
-def openvino_net(model: Any, config: Any, threads: int) -> RuntimeNet:
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(model, "CPU", openvino_config(threads))
-
-    def forward(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = compiled(x)  # copies the outputs (share_outputs=False)
-        return out[0], out[1]
-
-    return RuntimeNet(config, forward)
-
-
-def quantize_int8(model: Any, patches: list[np.ndarray], mixed: bool = False, fast_bc: bool = True) -> Any:
-    """NNCF static PTQ of the OpenVINO model on calibration patches (uint8 HWC), fed as
-    ``predict_batch`` feeds the network. ``mixed``: NNCF's MIXED preset (asymmetric
-    activations, symmetric weights) instead of its default PERFORMANCE (all symmetric);
-    ``fast_bc=False``: NNCF's full bias correction (layer by layer on the calibration set;
-    it kept pruned80.pt within 1 % AJI where the fast one did not). NNCF's progress bars
-    go to stderr."""
-    import nncf
-
-    preset = nncf.QuantizationPreset.MIXED if mixed else None
-
-    def transform(patch: np.ndarray) -> np.ndarray:
-        return (patch.transpose(2, 0, 1)[None].astype(np.float32) / np.float32(255.0))
-
-    with contextlib.redirect_stdout(sys.stderr):
-        return nncf.quantize(model, nncf.Dataset(patches, transform), subset_size=len(patches),
-                             preset=preset, fast_bias_correction=fast_bc)
+    return CompiledNet(net.config, lambda x: session.run(None, {"image": x}), "onnxruntime")
 
 
 def build(runtime: str, net: torch.nn.Module, threads: int, folder: Path, cache: dict[str, Any],
@@ -241,14 +167,14 @@ def build(runtime: str, net: torch.nn.Module, threads: int, folder: Path, cache:
     if runtime == "onnxruntime":
         return onnxruntime_net(net, folder, threads)
     if "ov" not in cache:
-        cache["ov"] = openvino_model(net)
+        cache["ov"] = to_openvino(net)
     if runtime == "openvino":
-        return openvino_net(cache["ov"], net.config, threads)
+        return compile_openvino(cache["ov"], net.config, threads)
     if runtime in ("openvino-int8", "openvino-int8-mixed"):
         if "patches" not in cache:
             cache["patches"] = patches()
         q = quantize_int8(cache["ov"], cache["patches"], mixed=runtime.endswith("mixed"), fast_bc=fast_bc)
-        return openvino_net(q, net.config, threads)
+        return compile_openvino(q, net.config, threads, runtime)
     raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
 
 
@@ -260,20 +186,6 @@ def box_factor(mpp: float) -> int:
     from models.evaluate import resolution_factor
 
     return resolution_factor(mpp)
-
-
-def calibration_patches(images: list[np.ndarray], n: int, side: int, seed: int = 0) -> list[np.ndarray]:
-    """``n`` random ``side``^2 crops, the images taken in turn (shuffled), so that every
-    image contributes."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(images))
-    out = []
-    for i in range(n):
-        img = images[order[i % len(images)]]
-        y = int(rng.integers(0, img.shape[0] - side + 1))
-        x = int(rng.integers(0, img.shape[1] - side + 1))
-        out.append(np.ascontiguousarray(img[y:y + side, x:x + side]))
-    return out
 
 
 def load_rgb(path: Path, factor: int) -> np.ndarray:
@@ -449,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"unknown runtime {rt!r}; choose from {', '.join(RUNTIMES)}")
         missing = missing_packages(rt)
         if missing:
-            skipped[rt] = f"not installed: {', '.join(missing)} (pip install -e '.[onnx,openvino]')"
+            skipped[rt] = f"not installed: {', '.join(missing)} (pip install -e '.[onnx,quantize]')"
             print(f"skipped {rt}: {skipped[rt]}")
         else:
             runtimes.append(rt)

@@ -180,7 +180,9 @@ def prepare_slide(job: PrepareJob) -> SlidePlan:
     tiles = plan_tiles(plan.shape, job.tile_size, halo, cfg.size_multiple, context_margin(cfg))
     kept = tuple(t for t in tiles if tissue.covers(level0_box(t.core, plan.scale)))
 
-    device = next(bundle.net.parameters()).device.type
+    # device kind and runtime ("cpu", "cuda", "openvino-int8"): outputs of two differ in the
+    # last bits, so the resume fingerprint records which made the tiles
+    device = getattr(bundle.net, "runtime", None) or next(bundle.net.parameters()).device.type
     return SlidePlan(info, plan, kept, len(tiles), tissue, halo, context_margin(cfg),
                      cfg.size_multiple, device, damaged)
 
