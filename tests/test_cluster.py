@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import dask
@@ -556,7 +557,11 @@ def test_load_for_inference_pins_cuda_numerics(loose_cuda_flags, monkeypatch: py
     from pipeline.determinism import ENV_VAR, cuda_flags
 
     loaded: list[str] = []
-    monkeypatch.setattr(cl, "load", lambda model, device, fold_bn: loaded.append(str(device)))
+    def fake_load(model: str, device: torch.device, fold_bn: bool) -> SimpleNamespace:
+        loaded.append(str(device))
+        return SimpleNamespace(net=torch.nn.Identity(), path=None, sha256="")
+
+    monkeypatch.setattr(cl, "load", fake_load)
     monkeypatch.delenv(ENV_VAR, raising=False)
     cl.load_for_inference("m.pt", "cpu")
     assert cuda_flags() == LOOSE  # not touched off CUDA
