@@ -2,9 +2,10 @@
 OpenVINO model of that checkpoint lies beside it and OpenVINO is installed.
 
 Why: on this project's CPUs the shipped INT8 OpenVINO model of ``pruned20x.pt`` runs a
-1376^2 window 3.65x faster than eager torch (1 thread), with MoNuSeg-test AJI -0.10 %
-(``python -m bench.runtime_speed``). Torch stays the reference and the fallback (CUDA,
-training, a checkpoint without an OpenVINO model, ``WSI_NUCLEI_RUNTIME=torch``).
+1376^2 window 3.4x faster than eager torch (1 thread, torch with the pipeline's allocator
+setting), with MoNuSeg-test AJI -0.10 % (``python -m bench.runtime_speed``). Torch stays
+the reference and the fallback (CUDA, training, a checkpoint without an OpenVINO model,
+``WSI_NUCLEI_RUNTIME=torch``).
 
 An OpenVINO model of ``name.pt`` is ``name.openvino.xml`` + ``.bin`` (``python -m
 models.quantize``); its ``rt_info`` records the checkpoint's SHA-256, so a model made from

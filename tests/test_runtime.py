@@ -90,3 +90,19 @@ def test_tiled_int8_pipeline_equals_whole_image(tmp_path: Path, tile: int) -> No
     assert outcome.nuclei == whole.max()
     summary = json.loads((Path(outcome.out_dir) / "summary.json").read_text())
     assert summary["fingerprint"]["slide"]["device"] == "openvino-int8"  # resume never mixes runtimes
+
+
+def test_evaluate_scores_the_network_slides_run(tmp_path: Path, synthetic_folder: Path, capsys) -> None:
+    """``wsi-nuclei evaluate`` runs the OpenVINO model beside a checkpoint, as slides do,
+    and says which runtime it scored."""
+    from pipeline.cli import main
+
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt")
+    args = ["evaluate", "--model", str(ckpt), "--data", str(synthetic_folder), "--device", "cpu",
+            "--mpp", "0.5"]
+    assert main(args) == 0
+    assert ", torch) on data" in capsys.readouterr().out
+    bundle = checkpoints.load(ckpt, fold_bn=True)
+    _fp32_model_beside(ckpt, bundle.net, bundle.sha256)
+    assert main(args) == 0
+    assert ", openvino-fp32) on data" in capsys.readouterr().out
