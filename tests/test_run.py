@@ -55,6 +55,18 @@ def _same_partition(a: np.ndarray, b: np.ndarray) -> None:
     assert len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
 
 
+def _geopandas_reads(path: Path, table: pd.DataFrame) -> None:
+    """What a GIS user does: geopandas (through GDAL's GeoJSON driver) reads every feature,
+    valid, with its nested measurements, and µm in the names survives as UTF-8."""
+    geopandas = pytest.importorskip("geopandas")
+    frame = geopandas.read_file(f"/vsigzip/{path}")
+    assert len(frame) == len(table) and frame.geometry.is_valid.all()
+    assert (frame.geom_type == "Polygon").all()
+    measurements = frame["measurements"].map(lambda m: json.loads(m) if isinstance(m, str) else m)
+    assert sorted(int(m["Nucleus id"]) for m in measurements) == sorted(table["id"].tolist())
+    assert all("Area µm^2" in m for m in measurements)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tile", [128, 256, 400])
 def test_tiled_pipeline_equals_whole_image(tmp_path: Path, bundle, slide_image, tile: int) -> None:
@@ -97,6 +109,7 @@ def test_outputs_agree_and_are_readable(tmp_path: Path, slide_image) -> None:
         point = geometry.representative_point()
         assert labels[int(point.y), int(point.x)] == nucleus
     assert 0.5 <= min(ratios) and max(ratios) <= 1.03 and np.mean(np.abs(np.subtract(ratios, 1))) < 0.03
+    _geopandas_reads(out / "nuclei.geojson.gz", table)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "done" and summary["nuclei"] == outcome.nuclei
     assert (out / "preview.png").exists() and not (out / ".work").exists()
