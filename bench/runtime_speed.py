@@ -52,7 +52,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -83,7 +83,6 @@ PACKAGES = {"torch": (), "onnxruntime": ("onnx", "onnxruntime"), "openvino": ("o
             "openvino-int8": ("openvino", "nncf"), "openvino-int8-mixed": ("openvino", "nncf")}
 AJI_BAR_PCT = 1.0  # adoption bar: AJI within 1 % of torch's
 CALIB_SIDE = 256
-Forward = Callable[[np.ndarray], Sequence[np.ndarray]]
 
 
 def shared_data() -> Path:

@@ -84,8 +84,8 @@ def load_calibration(folder: Path, mpp: float, native_mpp: float) -> list[np.nda
     return [downsample_image(np.asarray(Image.open(p).convert("RGB")), factor) for p in files]
 
 
-def make_openvino(checkpoint: str, precision: str, calib: Path | None, patches: int,
-                  native_mpp: float, out: Path | None = None) -> Path:
+def make_openvino(checkpoint: str | Path, precision: str = "int8", calib: Path | None = None,
+                  patches: int = 256, native_mpp: float = 0.25, out: Path | None = None) -> Path:
     """Write the checkpoint's OpenVINO model (``models.runtime.openvino_path``) and return it."""
     import openvino as ov
 

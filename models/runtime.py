@@ -19,12 +19,16 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from models.checkpoints import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,7 @@ RUNTIME_ENV = "WSI_NUCLEI_RUNTIME"  # auto (default) | torch | openvino
 RUNTIMES = ("auto", "torch", "openvino")
 SOURCE_KEY = "wsi_nuclei_checkpoint_sha256"  # rt_info entry: the weights the model was made from
 PRECISION_KEY = "wsi_nuclei_precision"  # rt_info entry: int8 or fp32
+Forward = Callable[[np.ndarray], Sequence[np.ndarray]]  # NCHW float32 -> (logit, dist)
 
 
 def _rt_text(model: Any, key: str) -> str | None:
@@ -44,7 +49,7 @@ class CompiledNet:
     slides, evaluation and benchmarks run it through the same pre- and post-processing.
     ``runtime`` names it (recorded in a slide's resume fingerprint)."""
 
-    def __init__(self, config: Any, forward: Any, runtime: str):
+    def __init__(self, config: Any, forward: Forward, runtime: str):
         self.config = config
         self.runtime = runtime
         self._forward = forward
@@ -91,6 +96,12 @@ def requested_runtime() -> str:
     if runtime not in RUNTIMES:
         raise ValueError(f"{RUNTIME_ENV}={runtime!r}: choose one of {', '.join(RUNTIMES)}")
     return runtime
+
+
+def with_runtime(bundle: ModelBundle, device: torch.device) -> ModelBundle:
+    """``bundle`` with the network slides run on ``device`` (:func:`inference_net`)."""
+    net = inference_net(bundle.net, bundle.path, bundle.sha256, device)
+    return bundle if net is bundle.net else replace(bundle, net=net)
 
 
 def inference_net(net: Any, checkpoint: Path | None, sha256: str, device: torch.device) -> Any:

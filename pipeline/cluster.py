@@ -59,7 +59,7 @@ from distributed.worker_memory import parse_memory_limit
 
 from models.checkpoints import ModelBundle, load, resolve
 from models.inference import pick_device, retain_freed_memory
-from models.runtime import inference_net
+from models.runtime import with_runtime
 from pipeline.determinism import pin_cuda_numerics
 
 log = logging.getLogger(__name__)
@@ -925,13 +925,11 @@ def load_for_inference(model: str | os.PathLike, device: str) -> ModelBundle:
     keep freed memory (~1.5x faster CPU forward passes, no page faults per call), and on
     CUDA deterministic numerics (no TF32, fixed cuDNN algorithms: :mod:`pipeline.determinism`),
     which exact stitching needs. On the CPU, the checkpoint's OpenVINO model where there is
-    one (:func:`models.runtime.inference_net`)."""
+    one (:func:`models.runtime.with_runtime`)."""
     retain_freed_memory()
     target = pick_device(device)
     pin_cuda_numerics(target)
-    bundle = load(model, target, fold_bn=True)
-    net = inference_net(bundle.net, bundle.path, bundle.sha256, target)
-    return bundle if net is bundle.net else dataclasses.replace(bundle, net=net)
+    return with_runtime(load(model, target, fold_bn=True), target)
 
 
 @functools.lru_cache(maxsize=4)

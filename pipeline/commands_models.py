@@ -115,17 +115,14 @@ def write_json(data: Any, path: str | os.PathLike) -> Path:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from models import checkpoints
     from models.evaluate import evaluate_folder
-    from models.runtime import inference_net
+    from models.runtime import with_runtime
     from models.train import MONUSEG_MPP
 
     device = _setup_torch(args)
-    bundle = checkpoints.load(args.model, device=device, fold_bn=True)
     # the network slides run: the checkpoint's OpenVINO model on the CPU where there is one
-    bundle = replace(bundle, net=inference_net(bundle.net, bundle.path, bundle.sha256, device))
+    bundle = with_runtime(checkpoints.load(args.model, device=device, fold_bn=True), device)
     runtime = getattr(bundle.net, "runtime", "torch")
     names = [n.strip() for n in args.images.split(",") if n.strip()] if args.images else None
     data_mpp = MONUSEG_MPP if args.mpp is None else args.mpp

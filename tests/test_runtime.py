@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import save_tiny_checkpoint, tiny_net
 
 from models import checkpoints
 from models.inference import predict_image
+from models.quantize import make_openvino
 from models.runtime import RUNTIME_ENV, CompiledNet, openvino_path
 from models.watershed import postprocess
 from pipeline.cluster import load_for_inference
@@ -27,19 +27,6 @@ pytest.importorskip("openvino")
 MODEL = "pruned20x.pt"  # the shipped default, with its shipped INT8 OpenVINO model
 
 
-def _fp32_model_beside(checkpoint: Path, net: torch.nn.Module, sha256: str) -> Path:
-    import openvino as ov
-
-    from models.quantize import to_openvino
-    from models.runtime import PRECISION_KEY, SOURCE_KEY
-
-    model = to_openvino(net)
-    model.set_rt_info(sha256, SOURCE_KEY)
-    model.set_rt_info("fp32", PRECISION_KEY)
-    ov.save_model(model, openvino_path(checkpoint), compress_to_fp16=False)
-    return openvino_path(checkpoint)
-
-
 def test_the_default_model_runs_on_its_int8_openvino_model() -> None:
     assert openvino_path(checkpoints.resolve(MODEL)).exists()
     net = load_for_inference(MODEL, "cpu").net
@@ -50,7 +37,7 @@ def test_openvino_is_used_only_for_its_own_weights(tmp_path: Path, monkeypatch, 
     ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt")
     assert not isinstance(load_for_inference(ckpt, "cpu").net, CompiledNet)  # none beside it
     bundle = checkpoints.load(ckpt, fold_bn=True)
-    _fp32_model_beside(ckpt, bundle.net, bundle.sha256)
+    make_openvino(ckpt, "fp32")
     loaded = load_for_inference(ckpt, "cpu")
     assert isinstance(loaded.net, CompiledNet) and loaded.net.runtime == "openvino-fp32"
     rgb = synthetic_he(96, 112, seed=3, mpp=0.5)[0]
@@ -102,7 +89,6 @@ def test_evaluate_scores_the_network_slides_run(tmp_path: Path, synthetic_folder
             "--mpp", "0.5"]
     assert main(args) == 0
     assert ", torch) on data" in capsys.readouterr().out
-    bundle = checkpoints.load(ckpt, fold_bn=True)
-    _fp32_model_beside(ckpt, bundle.net, bundle.sha256)
+    make_openvino(ckpt, "fp32")
     assert main(args) == 0
     assert ", openvino-fp32) on data" in capsys.readouterr().out
