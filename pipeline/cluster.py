@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import importlib
 import json
 import logging
 import os
@@ -66,6 +67,10 @@ log = logging.getLogger(__name__)
 
 KINDS = ("local", "address", "slurm")
 PLUGIN_NAME = "wsi-nuclei-model"
+# what a tile task imports, imported when a worker starts (with the model) rather than
+# inside its first tile: ~1 s per worker that the first slide would otherwise pay
+TASK_MODULES = ("pipeline.slide", "pipeline.stitch", "pipeline.tissue", "pipeline.label_sampling",
+                "pipeline.writers.geojson", "pipeline.writers.table", "pipeline.writers.labels")
 QUIET_PLUGIN_NAME = "wsi-nuclei-quiet-task-errors"
 MAX_LOCAL_WORKERS = 8  # CPU layout: beyond this, spare cores go to torch threads (see above)
 MAX_POOL_WORKERS = 32  # GPU layout: post-processing processes (~0.4 GB each: torch, buffers)
@@ -876,6 +881,8 @@ class ModelPlugin(WorkerPlugin):
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         bundle = load_for_inference(self.model, self.device)
+        for name in TASK_MODULES:
+            importlib.import_module(name)
         if not self.cpu_inference and next(bundle.net.parameters()).device.type != "cuda":
             bundle = dataclasses.replace(bundle, net=_NoInference(bundle.net))
         self.bundle = bundle

@@ -608,3 +608,16 @@ def test_task_failure_is_one_line_unless_debug(capfd: pytest.CaptureFixture[str]
             assert err.count("Compute Failed") == 2 and "bad item 5" in err, err  # 2 attempts
         else:
             assert "Compute Failed" not in err and "Traceback" not in err and "bad item 5" not in err, err
+
+
+def test_tile_task_modules_import_without_anndata() -> None:
+    """What a worker imports for tile tasks (``TASK_MODULES``, imported when it starts) does
+    not pull in anndata (~1.5 s): only the finalising task writes the AnnData table."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, sys; from pipeline.cluster import TASK_MODULES; "
+            "[importlib.import_module(m) for m in TASK_MODULES]; "
+            "print('anndata' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

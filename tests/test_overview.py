@@ -68,3 +68,18 @@ def test_preview_of_a_single_level_slide_reads_in_chunks(tmp_path: Path) -> None
     assert max(b.height * b.width for b in reads) <= READ_CHUNK ** 2
     with Image.open(tmp_path / "preview.png") as im:
         assert max(im.size) <= 2048
+
+
+@pytest.mark.parametrize("f", [2, 3, 7])
+def test_box_mean_averages_each_block_and_partial_edges(f: int) -> None:
+    """Every output pixel is the mean of the input pixels of its block, edge blocks with
+    fewer pixels included (the strided integer sums must not drop or double a pixel)."""
+    from pipeline.overview import box_mean
+
+    rgb = np.random.default_rng(f).integers(0, 256, (5 * f + 2, 4 * f + 1, 3), dtype=np.uint8)
+    out = box_mean(rgb, f)
+    assert out.shape == (6, 5, 3) and out.dtype == np.float32
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            block = rgb[i * f:(i + 1) * f, j * f:(j + 1) * f].reshape(-1, 3).astype(np.float64)
+            np.testing.assert_allclose(out[i, j], block.mean(axis=0), rtol=1e-6)

@@ -71,14 +71,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
 import zarr
-from anndata.io import write_elem
 
 from pipeline import __version__
 from pipeline.atomic import atomic_path
@@ -275,6 +273,9 @@ class _AnnDataTable:
     """
 
     def __init__(self, root: zarr.Group, id_dtype: str, rows: int, meta: Mapping[str, Any]) -> None:
+        import anndata as ad  # here, not at the top: workers measure with this module
+        from anndata.io import write_elem
+
         self.id_dtype = id_dtype
         self.meta = {k: v for k, v in meta.items() if v is not None}  # uns cannot hold None
         spatial = SPATIAL_UM if meta.get("mpp") is not None else OBSM_PX["centroid_px"]
@@ -307,6 +308,8 @@ class _AnnDataTable:
         self.ids.append(frame[INSTANCE_KEY].to_numpy())
 
     def close(self) -> None:
+        from anndata.io import write_elem
+
         ids = np.concatenate(self.ids) if self.ids else np.zeros(0, self.id_dtype)
         write_elem(self.group, "obs", self._obs(ids), dataset_kwargs=_NO_SHARDS)
         # SpatialData rejects a table whose region no row has: an empty one annotates nothing
