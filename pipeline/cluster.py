@@ -70,7 +70,8 @@ PLUGIN_NAME = "wsi-nuclei-model"
 # what a tile task imports, imported when a worker starts (with the model) rather than
 # inside its first tile: ~1 s per worker that the first slide would otherwise pay
 TASK_MODULES = ("pipeline.slide", "pipeline.stitch", "pipeline.tissue", "pipeline.label_sampling",
-                "pipeline.writers.geojson", "pipeline.writers.table", "pipeline.writers.labels")
+                "pipeline.writers.geojson", "pipeline.writers.table", "pipeline.writers.labels",
+                "pipeline.writers.preview", "anndata")  # anndata: the finalising task's table
 QUIET_PLUGIN_NAME = "wsi-nuclei-quiet-task-errors"
 MAX_LOCAL_WORKERS = 8  # CPU layout: beyond this, spare cores go to torch threads (see above)
 MAX_POOL_WORKERS = 32  # GPU layout: post-processing processes (~0.4 GB each: torch, buffers)
@@ -881,8 +882,7 @@ class ModelPlugin(WorkerPlugin):
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         bundle = load_for_inference(self.model, self.device)
-        for name in TASK_MODULES:
-            importlib.import_module(name)
+        import_task_modules()
         if not self.cpu_inference and next(bundle.net.parameters()).device.type != "cuda":
             bundle = dataclasses.replace(bundle, net=_NoInference(bundle.net))
         self.bundle = bundle
@@ -939,9 +939,18 @@ def load_for_inference(model: str | os.PathLike, device: str) -> ModelBundle:
     return with_runtime(load(model, target, fold_bn=True), target)
 
 
+def import_task_modules() -> None:
+    """Import what tasks import lazily (``TASK_MODULES``), once per process, when its model
+    loads: before the first slide starts, in a worker and in ``--cluster none`` alike."""
+    for name in TASK_MODULES:
+        importlib.import_module(name)
+
+
 @functools.lru_cache(maxsize=4)
 def _load_in_process(path: str, device: str) -> ModelBundle:
-    return load_for_inference(path, device)
+    bundle = load_for_inference(path, device)
+    import_task_modules()
+    return bundle
 
 
 def get_worker_model(model: str | os.PathLike | None = None, device: str = "auto") -> ModelBundle:

@@ -92,6 +92,9 @@ def executor_for(args: argparse.Namespace, model: str, device: str) -> Iterator[
     from pipeline.run import DaskExecutor, SerialExecutor
 
     if args.cluster == "none" and not args.scheduler:
+        from pipeline.cluster import get_worker_model
+
+        get_worker_model(model, device)  # loaded before the first slide, as a worker does
         yield SerialExecutor()
         return
     from pipeline.cluster import (
