@@ -8,7 +8,7 @@ bytes per nucleus.
     python -m bench.postprocess_speed --origin 60000 # crops placed far into a slide: 5-digit coordinates
 
 Phases, as the pipeline runs them (``run._save_tile`` on a worker, then
-``run.finalize_slide``, the single writer):
+``run.write_nuclei``, the single writer of table and GeoJSON):
 
 * ``measurements``: the table's columns. Old: skimage ``regionprops_table`` (perimeter,
   eccentricity, solidity, intensity_mean, ...). New: ``table.instance_measurements``

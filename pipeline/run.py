@@ -8,8 +8,10 @@ loop) executes; tasks carry paths and coordinates, never pixels or weights:
    A re-run skips tiles whose file exists.
 2. ``write_label_block``: one task per chunk-aligned block of the level-0 label image,
    painting owned instances with global ids (prefix sums of per-tile counts, tile order).
-3. ``finalize_slide`` (single writer): pyramid, tissue mask, metadata, table, GeoJSON,
-   preview, and ``summary.json`` last — a slide is done only when its summary says so.
+3. outputs, two tasks in parallel and then one: ``write_layers`` (label pyramid, tissue
+   mask, RGB root image) and ``write_nuclei`` (table, GeoJSON: the single writer of each),
+   then ``finalize_slide`` (store metadata, preview); ``summary.json`` last — a slide is
+   done only when its summary says so.
 """
 
 from __future__ import annotations
@@ -406,26 +408,33 @@ class FinalJob:
     model_sha256: str = ""  # recorded in the table metadata
 
 
-def finalize_slide(job: FinalJob) -> dict[str, Any]:
-    """Phase 3, the single writer of the slide's shared outputs."""
+def write_layers(job: FinalJob) -> None:
+    """Phase 3, part 1 (in parallel with :func:`write_nuclei`): the store's image layers,
+    i.e. the nuclei label pyramid, the tissue mask and the RGB root image. Only this part
+    writes the store's root attributes until :func:`finalize_slide`."""
     from pipeline.overview import slide_overview
     from pipeline.slide import open_slide
-    from pipeline.writers.geojson import GeoJSONWriter
-    from pipeline.writers.labels import IMAGE_SIDE, build_pyramid, finalize, write_image, write_tissue
-    from pipeline.writers.table import write_table
+    from pipeline.writers.labels import IMAGE_SIDE, build_pyramid, write_image, write_tissue
 
-    out = Path(job.out_dir)
     build_pyramid(job.store, job.painted)
     write_tissue(job.store, job.tissue.mask, job.tissue.level0_per_pixel)
     with open_slide(job.path, mpp_override=job.mpp_override) as reader:
         overview = slide_overview(reader, IMAGE_SIDE)  # chunked: memory stays bounded
     write_image(job.store, *overview)  # the store's root image; the preview reuses it
-    geojson_path = out / ("nuclei.geojson.gz" if job.gzip else "nuclei.geojson")
+
+
+def write_nuclei(job: FinalJob) -> int:
+    """Phase 3, part 2 (in parallel with :func:`write_layers`): the nucleus table (Parquet
+    and the store's AnnData) and the GeoJSON, one tile file at a time; returns the count."""
+    from pipeline.writers.geojson import GeoJSONWriter
+    from pipeline.writers.table import write_table
+
+    out = Path(job.out_dir)
     count = 0
 
     def frames() -> Iterator[dict[str, np.ndarray]]:
         nonlocal count
-        with GeoJSONWriter(geojson_path, gzip=job.gzip) as writer:
+        with GeoJSONWriter(_geojson_path(job), gzip=job.gzip) as writer:
             for index, offset in job.tiles:
                 with np.load(tile_file(job.work_dir, index)) as f:
                     cols = {k[4:]: f[k] for k in f.files if k.startswith("col_")}
@@ -440,12 +449,43 @@ def finalize_slide(job: FinalJob) -> dict[str, Any]:
     write_table(out, frames(), store=job.store, metadata={
         "slide": job.path, "slide_id": job.slide_id, "model": job.model_name,
         "model_sha256": job.model_sha256})
+    return count
+
+
+def finalize_slide(job: FinalJob) -> dict[str, Any]:
+    """Phase 3, last part, after both others: the store's metadata (NGFF multiscales,
+    labels, omero) and the preview, which draws on the image, the labels and the table."""
+    from pipeline.writers.labels import finalize, read_image
+
+    out = Path(job.out_dir)
     finalize(job.store, name=job.slide_id, extra_attrs={"wsi-nuclei": {"slide": job.path,
                                                                        "model": job.model_name}})
     preview = out / "preview.png"
-    _write_preview(job, preview, overview)
-    return {"nuclei": count, "outputs": {"zarr": str(job.store.path), "geojson": str(geojson_path),
-                                         "table": str(out / "nuclei.parquet"), "preview": str(preview)}}
+    _write_preview(job, preview, read_image(job.store))
+    return {"zarr": str(job.store.path), "geojson": str(_geojson_path(job)),
+            "table": str(out / "nuclei.parquet"), "preview": str(preview)}
+
+
+def _geojson_path(job: FinalJob) -> Path:
+    return Path(job.out_dir) / ("nuclei.geojson.gz" if job.gzip else "nuclei.geojson")
+
+
+def _write_outputs_part(part: tuple[str, FinalJob]) -> Any:
+    """One of the two parallel parts of phase 3 (a single task function for the executor)."""
+    name, job = part
+    return write_layers(job) if name == "layers" else write_nuclei(job)
+
+
+def _write_outputs(executor: Any, job: FinalJob) -> tuple[int, dict[str, str]]:
+    """Phase 3: layers and nuclei as two parallel tasks, then metadata and preview; returns
+    the nuclei written and the output paths."""
+    results = {}
+    for (name, _), result in executor.map(NoRetry(_write_outputs_part),
+                                          [("nuclei", job), ("layers", job)]):
+        if isinstance(result, Exception):
+            raise result
+        results[name] = result
+    return int(results["nuclei"]), _one(executor, finalize_slide, job)
 
 
 def _stream_features(writer: Any, job: FinalJob, tile: Any, cols: dict[str, np.ndarray]) -> None:
@@ -534,13 +574,12 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
         timings["labels_s"] = time.time() - t
         t = time.time()
         offsets = _offsets(tiles)
-        final = _one(executor, finalize_slide, FinalJob(
+        n, outputs = _write_outputs(executor, FinalJob(
             path, cfg.mpp, plan.info.slide_id, store, str(out), str(work),
             tuple((s.index, offsets[s.index]) for s in tiles), plan.tissue, cfg.gzip,
             plan.info.mpp, plan.info.bounds_xy, Path(cfg.model).name, painted,
             model_sha256=bundle.sha256))
         timings["outputs_s"] = time.time() - t
-        n = final["nuclei"]
         if n != sum(s.count for s in tiles):
             raise RuntimeError(f"wrote {n} nuclei but tiles found {sum(s.count for s in tiles)}")
         status = "partial" if unreadable else "done"
@@ -560,7 +599,7 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
             "tile_phases_s": {name: round(sum(s.phases[k] for s in tiles), 3)
                               for k, name in enumerate(PHASES)},
             "seconds": round(time.time() - started, 3), "versions": _versions(),
-            "outputs": final["outputs"], "origin_shift_xy": list(plan.info.bounds_xy),
+            "outputs": outputs, "origin_shift_xy": list(plan.info.bounds_xy),
             "tiles_with_damage": sum(bool(s.damaged) for s in tiles),
             "unreadable_regions": unreadable,
         })

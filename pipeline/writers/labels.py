@@ -454,6 +454,14 @@ def finalize(
     log.info("finalized OME-Zarr %s (%d levels)", spec.path, spec.n_levels)
 
 
+def read_image(spec: LabelStoreSpec) -> tuple[np.ndarray, float]:
+    """The root RGB image's finest level as written by :func:`write_image`: (h, w, 3) uint8
+    and its level-0 px per pixel (the preview is made from it in a later task)."""
+    root = zarr.open_group(store=spec.path, mode="r", zarr_format=3)
+    rgb = np.moveaxis(root["s0"][...], 0, 2)
+    return np.ascontiguousarray(rgb), float(root.attrs[STORE_ATTR]["image_per_px"])
+
+
 def labels_thumbnail(spec: LabelStoreSpec, shape: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour (strided) label image of about ``shape`` for previews.
 
