@@ -267,3 +267,23 @@ def test_large_image_is_fast() -> None:
     elapsed = time.perf_counter() - start
     assert out.max() > 700
     assert elapsed < 3.0, f"postprocess took {elapsed:.2f} s"
+
+
+def test_fill_holes_equals_scipy() -> None:
+    """The watershed's hole filling is ``ndi.binary_fill_holes``, exactly, on random masks
+    of every density and shape (one row or column, all foreground, all background)."""
+    from scipy import ndimage as ndi
+
+    from models.watershed import fill_holes
+
+    rng = np.random.default_rng(3)
+    masks = [np.zeros((5, 7), bool), np.ones((5, 7), bool), np.ones((1, 9), bool), np.zeros((9, 1), bool)]
+    for _ in range(300):
+        h, w = (int(v) for v in rng.integers(1, 48, 2))
+        masks.append(rng.random((h, w)) < rng.uniform(0.1, 0.9))
+    for m in masks:
+        assert np.array_equal(fill_holes(m), ndi.binary_fill_holes(m))
+    ring = np.zeros((9, 9), bool)
+    ring[2:7, 2:7] = True
+    ring[4, 4] = False
+    assert fill_holes(ring)[4, 4] and not fill_holes(ring)[0, 0]
