@@ -8,10 +8,10 @@ loop) executes; tasks carry paths and coordinates, never pixels or weights:
    A re-run skips tiles whose file exists.
 2. ``write_label_block``: one task per chunk-aligned block of the level-0 label image,
    painting owned instances with global ids (prefix sums of per-tile counts, tile order).
-3. outputs, two tasks in parallel and then one: ``write_layers`` (label pyramid, tissue
-   mask, RGB root image) and ``write_nuclei`` (table, GeoJSON: the single writer of each),
-   then ``finalize_slide`` (store metadata, preview); ``summary.json`` last — a slide is
-   done only when its summary says so.
+3. outputs, tasks in parallel and then one: ``write_nuclei`` (table, GeoJSON: the single
+   writer of each), ``write_layers`` (tissue mask, RGB root image) and the label pyramid's
+   fine levels per block, then ``finalize_slide`` (coarse levels, store metadata, preview);
+   ``summary.json`` last — a slide is done only when its summary says so.
 """
 
 from __future__ import annotations
@@ -409,14 +409,13 @@ class FinalJob:
 
 
 def write_layers(job: FinalJob) -> None:
-    """Phase 3, part 1 (in parallel with :func:`write_nuclei`): the store's image layers,
-    i.e. the nuclei label pyramid, the tissue mask and the RGB root image. Only this part
-    writes the store's root attributes until :func:`finalize_slide`."""
+    """Phase 3, one part (in parallel with :func:`write_nuclei` and the label pyramid's
+    blocks): the tissue mask and the RGB root image. Only this part writes the store's
+    root attributes until :func:`finalize_slide`."""
     from pipeline.overview import slide_overview
     from pipeline.slide import open_slide
-    from pipeline.writers.labels import IMAGE_SIDE, build_pyramid, write_image, write_tissue
+    from pipeline.writers.labels import IMAGE_SIDE, write_image, write_tissue
 
-    build_pyramid(job.store, job.painted)
     write_tissue(job.store, job.tissue.mask, job.tissue.level0_per_pixel)
     with open_slide(job.path, mpp_override=job.mpp_override) as reader:
         overview = slide_overview(reader, IMAGE_SIDE)  # chunked: memory stays bounded
@@ -424,8 +423,9 @@ def write_layers(job: FinalJob) -> None:
 
 
 def write_nuclei(job: FinalJob) -> int:
-    """Phase 3, part 2 (in parallel with :func:`write_layers`): the nucleus table (Parquet
-    and the store's AnnData) and the GeoJSON, one tile file at a time; returns the count."""
+    """Phase 3, one part (in parallel with :func:`write_layers` and the label pyramid's
+    blocks): the nucleus table (Parquet and the store's AnnData) and the GeoJSON, one tile
+    file at a time; returns the count."""
     from pipeline.writers.geojson import GeoJSONWriter
     from pipeline.writers.table import write_table
 
@@ -453,11 +453,13 @@ def write_nuclei(job: FinalJob) -> int:
 
 
 def finalize_slide(job: FinalJob) -> dict[str, Any]:
-    """Phase 3, last part, after both others: the store's metadata (NGFF multiscales,
-    labels, omero) and the preview, which draws on the image, the labels and the table."""
-    from pipeline.writers.labels import finalize, read_image
+    """Phase 3, last part, after all others: the label pyramid's coarse levels (above those
+    the blocks made), the store's metadata (NGFF multiscales, labels, omero) and the
+    preview, which draws on the image, the labels and the table."""
+    from pipeline.writers.labels import PYRAMID_BLOCK_LEVELS, build_pyramid, finalize, read_image
 
     out = Path(job.out_dir)
+    build_pyramid(job.store, job.painted, first_level=PYRAMID_BLOCK_LEVELS + 1)
     finalize(job.store, name=job.slide_id, extra_attrs={"wsi-nuclei": {"slide": job.path,
                                                                        "model": job.model_name}})
     preview = out / "preview.png"
@@ -470,22 +472,31 @@ def _geojson_path(job: FinalJob) -> Path:
     return Path(job.out_dir) / ("nuclei.geojson.gz" if job.gzip else "nuclei.geojson")
 
 
-def _write_outputs_part(part: tuple[str, FinalJob]) -> Any:
-    """One of the two parallel parts of phase 3 (a single task function for the executor)."""
-    name, job = part
-    return write_layers(job) if name == "layers" else write_nuclei(job)
+def _write_outputs_part(part: tuple[str, Any]) -> Any:
+    """One of the parallel parts of phase 3 (one task function for the executor)."""
+    from pipeline.writers.labels import build_pyramid_block
+
+    name, arg = part
+    if name == "pyramid":
+        return build_pyramid_block(*arg)
+    return write_layers(arg) if name == "layers" else write_nuclei(arg)
 
 
 def _write_outputs(executor: Any, job: FinalJob) -> tuple[int, dict[str, str]]:
-    """Phase 3: layers and nuclei as two parallel tasks, then metadata and preview; returns
-    the nuclei written and the output paths."""
-    results = {}
-    for (name, _), result in executor.map(NoRetry(_write_outputs_part),
-                                          [("nuclei", job), ("layers", job)]):
+    """Phase 3: nuclei (table, GeoJSON), layers (tissue, image) and the label pyramid's
+    fine levels block by block, all in parallel; then the coarse levels, metadata and
+    preview. Returns the nuclei written and the output paths."""
+    from pipeline.writers.labels import pyramid_blocks
+
+    parts: list[tuple[str, Any]] = [("nuclei", job), ("layers", job)]
+    parts += [("pyramid", (job.store, block)) for block in pyramid_blocks(job.store, job.painted)]
+    nuclei = 0
+    for (name, _), result in executor.map(NoRetry(_write_outputs_part), parts):
         if isinstance(result, Exception):
             raise result
-        results[name] = result
-    return int(results["nuclei"]), _one(executor, finalize_slide, job)
+        if name == "nuclei":
+            nuclei = int(result)
+    return nuclei, _one(executor, finalize_slide, job)
 
 
 def _stream_features(writer: Any, job: FinalJob, tile: Any, cols: dict[str, np.ndarray]) -> None:

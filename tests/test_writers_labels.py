@@ -22,10 +22,12 @@ from scipy import ndimage as ndi
 from pipeline.types import Box
 from pipeline.writers.labels import (
     build_pyramid,
+    build_pyramid_block,
     create_store,
     finalize,
     labels_thumbnail,
     open_store,
+    pyramid_blocks,
     pyramid_shapes,
     write_block,
     write_image,
@@ -383,3 +385,30 @@ def test_open_store_recovers_spec_for_resume(tmp_path: Path, lab: np.ndarray) ->
     with pytest.raises(ValueError, match="create_store"):
         zarr.open_group(tmp_path / "plain.zarr", mode="w", zarr_format=3)
         open_store(tmp_path / "plain.zarr")
+
+
+@pytest.mark.parametrize("shape", [(300, 410), (64, 64), (70, 33), (900, 129)])
+def test_pyramid_by_blocks_equals_level_by_level(tmp_path: Path, shape: tuple[int, int]) -> None:
+    """The parallel pyramid (fine levels per block of 4 x 4 chunks, any order, then the
+    coarse rest) gives every level exactly as striding level 0, with tissue islands, blocks
+    clipped at the image edge and slides too small for the block levels."""
+    chunk = 16
+    lab = np.zeros(shape, np.uint32)
+    rng = np.random.default_rng(shape[0])
+    islands = [Box(0, 0, min(shape[0], 2 * chunk), min(shape[1], 3 * chunk)),
+               Box(shape[0] - shape[0] % chunk - (chunk if shape[0] % chunk == 0 else 0),
+                   shape[1] - shape[1] % chunk - (chunk if shape[1] % chunk == 0 else 0), *shape)]
+    for i, b in enumerate(islands):
+        lab[b.slices()] = rng.integers(0, 3, size=b.shape) * (i + 1) + BIG
+    spec = create_store(tmp_path / "nuclei.zarr", shape, chunk, 0.25)
+    for b in islands:
+        write_block(spec, b, lab[b.slices()])
+    blocks = pyramid_blocks(spec, islands, levels=2)
+    assert all(b.y0 % (4 * chunk) == 0 and b.x0 % (4 * chunk) == 0 for b in blocks)
+    random.Random(1).shuffle(blocks)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # blocks never share a chunk
+        list(pool.map(lambda b: build_pyramid_block(spec, b, levels=2), blocks))
+    build_pyramid(spec, islands, first_level=3)
+    root = zarr.open_group(spec.path, mode="r")
+    for k in range(1, spec.n_levels):
+        np.testing.assert_array_equal(root[f"labels/nuclei/s{k}"][:], lab[:: 2**k, :: 2**k])

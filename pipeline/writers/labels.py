@@ -46,7 +46,9 @@ level-0 pixel and the axes have no unit.
 
 Writing protocol (Dask friendly, no locks): ``create_store`` once (groups and empty
 nuclei arrays, no OME metadata) -> ``write_block`` per chunk-aligned box, any order, from
-any process (each chunk has exactly one writer) -> ``build_pyramid`` -> ``write_tissue``
+any process (each chunk has exactly one writer) -> ``build_pyramid`` (or, in parallel,
+``build_pyramid_block`` per ``pyramid_blocks`` box, then ``build_pyramid(first_level=
+PYRAMID_BLOCK_LEVELS + 1)``) -> ``write_tissue``
 and ``write_image`` -> ``finalize`` (metadata, root last). A store without root
 ``multiscales`` is incomplete.
 """
@@ -76,11 +78,14 @@ __all__ = [
     "LabelStoreSpec",
     "TISSUE_PATH",
     "build_pyramid",
+    "build_pyramid_block",
     "create_store",
     "finalize",
     "labels_thumbnail",
     "open_store",
+    "pyramid_blocks",
     "pyramid_shapes",
+    "read_image",
     "write_block",
     "write_image",
     "write_tissue",
@@ -256,8 +261,41 @@ def write_block(spec: LabelStoreSpec, box: Box, labels: np.ndarray) -> None:
     arr[box.y0:box.y1, box.x0:box.x1] = labels.astype(spec.dtype, copy=False)
 
 
-def build_pyramid(spec: LabelStoreSpec, regions: Iterable[Box] | None = None) -> int:
-    """Fill label levels 1..N, each the ``[::2, ::2]`` stride of the previous one.
+PYRAMID_BLOCK_LEVELS = 2  # levels 1..2 are made per level-0 block of 4 x 4 chunks, in parallel
+
+
+def pyramid_blocks(spec: LabelStoreSpec, regions: Iterable[Box] | None = None,
+                   levels: int = PYRAMID_BLOCK_LEVELS) -> list[Box]:
+    """The level-0 blocks of ``2^levels x 2^levels`` chunks (aligned, clipped to the image)
+    that meet ``regions`` (``None``: all). Every chunk of levels ``1..levels`` lies inside
+    exactly one block, so :func:`build_pyramid_block` tasks never share a chunk."""
+    side = spec.chunk * 2**levels
+    h0, w0 = spec.level_shapes[0]
+    boxes = [Box(0, 0, h0, w0)] if regions is None else [b for b in regions if not b.is_empty()]
+    keys = {(by, bx) for b in boxes
+            for by in range(b.y0 // side, (min(b.y1, h0) - 1) // side + 1)
+            for bx in range(b.x0 // side, (min(b.x1, w0) - 1) // side + 1)}
+    return [Box(by * side, bx * side, min((by + 1) * side, h0), min((bx + 1) * side, w0))
+            for by, bx in sorted(keys)]
+
+
+def build_pyramid_block(spec: LabelStoreSpec, block: Box,
+                        levels: int = PYRAMID_BLOCK_LEVELS) -> None:
+    """Levels ``1..levels`` over one block of :func:`pyramid_blocks`, from its level-0
+    labels read once (level k = level 0 ``[::2^k, ::2^k]``; memory: one block)."""
+    src = _open(spec, spec.level_path(0), "r")[block.y0:block.y1, block.x0:block.x1]
+    for k in range(1, min(levels, spec.n_levels - 1) + 1):
+        f = 2**k
+        part = src[::f, ::f]
+        y0, x0 = block.y0 // f, block.x0 // f
+        _open(spec, spec.level_path(k))[y0:y0 + part.shape[0], x0:x0 + part.shape[1]] = part
+
+
+def build_pyramid(spec: LabelStoreSpec, regions: Iterable[Box] | None = None,
+                  first_level: int = 1) -> int:
+    """Fill label levels ``first_level..N``, each the ``[::2, ::2]`` stride of the previous
+    one (``first_level = PYRAMID_BLOCK_LEVELS + 1`` after :func:`build_pyramid_block` ran on
+    every block: the coarse rest).
 
     ``regions``: the level-0 boxes that may hold labels (the label blocks that were
     painted); only the chunks of each level that can see them are computed, so the cost
@@ -270,7 +308,7 @@ def build_pyramid(spec: LabelStoreSpec, regions: Iterable[Box] | None = None) ->
     h0, w0 = spec.level_shapes[0]
     boxes = [Box(0, 0, h0, w0)] if regions is None else [b for b in regions if not b.is_empty()]
     computed = 0
-    for k in range(1, spec.n_levels):
+    for k in range(max(1, first_level), spec.n_levels):
         h, w = spec.level_shapes[k]
         f = 2**k  # level-k pixel i is level-0 pixel i * f
         chunks: set[tuple[int, int]] = set()
