@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 
@@ -175,6 +176,25 @@ def test_slide_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         phases = row["phase_s_per_mm2"]
         assert set(phases) == {*PHASES, "labels", "outputs"} and phases["network"] > 0
         assert sum(phases[k] for k in PHASES) <= 2 * row["s_per_mm2"]  # worker-seconds, 1 process
+
+
+def test_slide_speed_copies_place_every_tile_apart(tmp_path: Path) -> None:
+    """``--copies N`` (default 4, quick 1): every tile placed N times, none overlapping, the
+    truth holding every copy's nuclei under their own ids."""
+    import tifffile
+
+    from bench.slide_speed import build_mosaics, parse_args, quick_folder
+
+    assert parse_args([]).copies == 4 and parse_args(["--quick"]).copies == 1
+    folder = quick_folder(tmp_path / "tiles")
+    per_tile = sum(int(tifffile.imread(p).max()) for p in (folder / "labels").glob("*.tif"))
+    _, truth, placements = build_mosaics(folder, tmp_path, [20], seed=5, quick=True, copies=3)
+    assert len(placements) == 12
+    cover = np.zeros(truth.shape, np.int32)
+    for _, y, x, h, w in placements:
+        cover[y:y + h, x:x + w] += 1
+    assert cover.max() == 1
+    assert len(np.unique(truth[truth > 0])) == 3 * per_tile
 
 
 def test_gpu_check_quick_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
