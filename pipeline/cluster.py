@@ -67,8 +67,9 @@ log = logging.getLogger(__name__)
 
 KINDS = ("local", "address", "slurm")
 PLUGIN_NAME = "wsi-nuclei-model"
-# what a tile task imports, imported when a worker starts (with the model) rather than
-# inside its first tile: ~1 s per worker that the first slide would otherwise pay
+# what tasks import, imported when a worker starts (with the model) rather than inside the
+# first slide's tasks: 1-2.5 s per worker, paid once at start-up either way, but no longer
+# counted in (and skewing) the first slide's timings and tile phases
 TASK_MODULES = ("pipeline.slide", "pipeline.stitch", "pipeline.tissue", "pipeline.label_sampling",
                 "pipeline.writers.geojson", "pipeline.writers.table", "pipeline.writers.labels",
                 "pipeline.writers.preview", "anndata")  # anndata: the finalising task's table
