@@ -218,3 +218,13 @@ def test_atomic_helpers(tmp_path: Path) -> None:
         np.testing.assert_array_equal(data["labels"], np.arange(6).reshape(2, 3))
         assert data["prob"].dtype == np.float32
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub", "tile_0001.npz.cache"]
+    big = np.repeat(np.arange(64, dtype=np.int32), 4096).reshape(512, 512)  # runs: compressible
+    for level in (0, 1, 9):
+        out = tmp_path / f"level{level}.npz"
+        save_npz_atomic(out, level=level, labels=big, scalar=np.array(3.5),
+                        text=np.frombuffer(b"ab\n", np.uint8))
+        with np.load(out) as data:
+            assert np.array_equal(data["labels"], big) and data["labels"].dtype == np.int32
+            assert float(data["scalar"]) == 3.5 and data["text"].tobytes() == b"ab\n"
+    sizes = {level: (tmp_path / f"level{level}.npz").stat().st_size for level in (0, 1, 9)}
+    assert sizes[0] > big.nbytes and sizes[1] < sizes[0] / 10 and sizes[9] <= sizes[1]
