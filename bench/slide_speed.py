@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
@@ -114,11 +113,8 @@ def build_mosaics(folder: Path, work: Path, mags: list[int], seed: int,
     from pipeline.synthetic import monuseg_mosaic
 
     names = sorted(p.stem for p in (folder / "images").glob("*.png")) * copies
-    canvas = (1400, 1400) if quick else (4600, 4600)
-    if copies > 1:  # a square grid of slots (tile + gap) that holds every copy
-        side = math.ceil(math.sqrt(len(names)))
-        size = side * (563 if quick else 1100) + 100  # quick tiles: 512 + 51
-        canvas = (size, size)
+    # one copy: the canvas the figures before 2026-12-03 used; more: the smallest that holds them
+    canvas = None if copies > 1 else (1400, 1400) if quick else (4600, 4600)
     rgb, truth, placements = monuseg_mosaic(folder, seed=seed, canvas=canvas, names=names)
     sized = []
     for name, y, x in placements:

@@ -596,7 +596,7 @@ def synthetic_region_with_labels(box: Box, *, seed: int, mpp: float = 0.25, dens
 # ----------------------------------------------------------------- MoNuSeg mosaic
 
 
-def monuseg_mosaic(folder: str | Path, *, seed: int, canvas: tuple[int, int] = (4096, 4096),
+def monuseg_mosaic(folder: str | Path, *, seed: int, canvas: tuple[int, int] | None = (4096, 4096),
                    background: tuple[int, int, int] = (236, 230, 236),
                    names: Sequence[str] | None = None,
                    ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, int, int]]]:
@@ -607,6 +607,7 @@ def monuseg_mosaic(folder: str | Path, *, seed: int, canvas: tuple[int, int] = (
     of slots (one slot per tile, shuffled) with a random offset inside each slot, so the
     layout is irregular but tiles never overlap. Label ids are shifted by the running
     maximum, so they are unique over the mosaic. Tiles that do not fit are skipped (logged).
+    ``canvas=None``: the smallest square canvas whose grid holds every tile.
     Returns ``(rgb uint8, labels uint32, placements [(name, y, x)])``.
     """
     import tifffile
@@ -628,6 +629,9 @@ def monuseg_mosaic(folder: str | Path, *, seed: int, canvas: tuple[int, int] = (
     th = max(t[1].shape[0] for t in tiles)
     tw = max(t[1].shape[1] for t in tiles)
     gap = max(16, th // 10)
+    if canvas is None:
+        side = math.ceil(math.sqrt(len(tiles))) * (max(th, tw) + gap) + gap
+        canvas = (side, side)
     rows, cols = (canvas[0] - gap) // (th + gap), (canvas[1] - gap) // (tw + gap)
     if rows < 1 or cols < 1:
         raise ValueError(f"canvas {canvas} is smaller than a tile ({th}x{tw})")

@@ -273,7 +273,7 @@ class _AnnDataTable:
     """
 
     def __init__(self, root: zarr.Group, id_dtype: str, rows: int, meta: Mapping[str, Any]) -> None:
-        import anndata as ad  # here, not at the top: workers measure with this module
+        import anndata as ad  # here: importing the measurement code (benchmarks, tests) stays light
         from anndata.io import write_elem
 
         self.id_dtype = id_dtype
