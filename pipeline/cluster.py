@@ -76,6 +76,7 @@ TASK_MODULES = ("pipeline.slide", "pipeline.stitch", "pipeline.tissue", "pipelin
 QUIET_PLUGIN_NAME = "wsi-nuclei-quiet-task-errors"
 MAX_LOCAL_WORKERS = 8  # CPU layout: beyond this, spare cores go to torch threads (see above)
 MAX_POOL_WORKERS = 32  # GPU layout: post-processing processes (~0.4 GB each: torch, buffers)
+POOL_RESOURCE = "POOL"  # advertised by the CPU pool of a local GPU layout (post_resources)
 LOCAL_GPU_THREADS = 2  # a local GPU worker: its GPU task (GPU=1: one at a time) + one other
 GPU_TASK_THREADS = 4  # a SLURM GPU worker (no CPU pool beside it): overlap I/O and watershed
 SLURM_SCRATCH = "${TMPDIR:-/tmp}"  # expanded by bash on the compute node, not here
@@ -194,6 +195,18 @@ def plan_layout(n_cpus: int, n_gpus: int, device: str = "auto", *,
     spare = n_cpus - len(ids) * gpu_threads
     pool = n_workers or max(1, min(MAX_POOL_WORKERS, spare // threads))
     return Layout(len(ids), gpu_threads, pool, threads, torch_threads or 1, "auto", ids)
+
+
+def post_resources(layout: Layout | None) -> dict[str, float] | None:
+    """``resources=`` for the post-processing half of tile work (watershed, measurements,
+    outlines, tile files) on a local GPU layout: ``{"POOL": 1}``, which only the CPU pool
+    advertises, so that it runs there and not on the GPU worker that holds the network
+    outputs (Dask would otherwise often keep it there, next to its data); ``None`` where
+    there is no separate pool (CPU layouts, SLURM GPU jobs, an attached scheduler), and
+    then a tile is one task that predicts and post-processes."""
+    if layout is None or not layout.gpu or layout.cpu_workers < 1:
+        return None
+    return {POOL_RESOURCE: 1}
 
 
 def predict_resources(layout: Layout | None) -> dict[str, float] | None:
@@ -752,9 +765,10 @@ def local_worker_specs(layout: Layout, memory_limit: str = "auto",
         specs[f"gpu-{i}"] = {"cls": Nanny, "options": {
             **common, "nthreads": layout.gpu_threads, "resources": {"GPU": 1},
             "env": {"CUDA_VISIBLE_DEVICES": device}}}
-    hide = {"env": {"CUDA_VISIBLE_DEVICES": ""}} if layout.gpu else {}
+    pool = ({"env": {"CUDA_VISIBLE_DEVICES": ""}, "resources": {POOL_RESOURCE: layout.cpu_threads}}
+            if layout.gpu else {})
     for i in range(layout.cpu_workers):
-        specs[f"cpu-{i}"] = {"cls": Nanny, "options": {**common, "nthreads": layout.cpu_threads, **hide}}
+        specs[f"cpu-{i}"] = {"cls": Nanny, "options": {**common, "nthreads": layout.cpu_threads, **pool}}
     return specs
 
 
@@ -864,8 +878,11 @@ class ModelPlugin(WorkerPlugin):
     replacement after ``--lifetime`` or a crash) load it too. The device is chosen on the
     worker (``auto``: the worker's own GPU if it has one), and ``torch_threads`` is set
     there because the Nanny starts workers with ``OMP_NUM_THREADS=1``. With
-    ``cpu_inference=False`` (GPU layouts) a worker whose model ends up on the CPU keeps it
-    for planning only (:class:`_NoInference`).
+    ``cpu_inference=False`` (GPU layouts) only the workers that advertise the ``GPU``
+    resource may run the network; the others (the CPU pool) keep the model for planning
+    and watershed settings only (:class:`_NoInference`). The rule follows the resource,
+    not the device the model landed on, because the resource is what routes inference
+    tasks: a layout tested on a machine without CUDA runs its "GPU" worker on the CPU.
     """
 
     name = PLUGIN_NAME
@@ -879,19 +896,21 @@ class ModelPlugin(WorkerPlugin):
         self.bundle: ModelBundle | None = None
         self.loads = 0  # how many times this process loaded the model (tests, diagnostics)
 
-    def _load(self) -> None:
+    def _load(self, may_infer: bool = True) -> None:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         bundle = load_for_inference(self.model, self.device)
         import_task_modules()
-        if not self.cpu_inference and next(bundle.net.parameters()).device.type != "cuda":
+        if not self.cpu_inference and not may_infer:
             bundle = dataclasses.replace(bundle, net=_NoInference(bundle.net))
         self.bundle = bundle
         self.loads += 1
 
     async def setup(self, worker: Any) -> None:
         # off the event loop: a large file on a slow shared FS must not stall heartbeats
-        await asyncio.get_running_loop().run_in_executor(None, self._load)
+        resources = getattr(getattr(worker, "state", None), "total_resources", None) or {}
+        may_infer = resources.get("GPU", 0) > 0
+        await asyncio.get_running_loop().run_in_executor(None, self._load, may_infer)
         log.info("worker %s: model %s on %s (torch threads %d)", worker.name, self.model,
                  next(self.bundle.net.parameters()).device if self.bundle else "?",
                  torch.get_num_threads())
@@ -999,8 +1018,10 @@ def _describe(item: Any) -> str:
     return text if len(text) <= ITEM_REPR_CHARS else text[:ITEM_REPR_CHARS - 3] + "..."
 
 
-def bounded_map(client: Client, fn: Callable[[T], R], items: Iterable[T], max_in_flight: int,
+def bounded_map(client: Client, fn: Callable[[T], Any], items: Iterable[T], max_in_flight: int,
                 *, retries: int = 0, resources: Mapping[str, float] | None = None,
+                then: Callable[[Any], R] | None = None,
+                then_resources: Mapping[str, float] | None = None,
                 **submit_kwargs: Any) -> Iterator[tuple[T, R | TaskFailure]]:
     """``(item, fn(item))`` in completion order, with at most ``max_in_flight`` futures alive.
 
@@ -1011,6 +1032,11 @@ def bounded_map(client: Client, fn: Callable[[T], R], items: Iterable[T], max_in
     :class:`TaskFailure` for its item and the others go on; each failure is logged as one
     WARNING line, its worker traceback at DEBUG. Keys are unique (``pure=False``) unless the
     caller passes ``pure``/``key``.
+
+    ``then``: each item becomes two chained tasks, ``then(fn(item))``, the second with
+    ``then_resources`` (e.g. predict on a GPU worker, post-process on the CPU pool); the
+    intermediate result goes worker to worker, never through this client, and is freed
+    once ``then`` has run. A failed ``fn`` fails its item with ``fn``'s error.
     """
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be >= 1, not {max_in_flight}")
@@ -1027,6 +1053,11 @@ def bounded_map(client: Client, fn: Callable[[T], R], items: Iterable[T], max_in
         except StopIteration:
             return False
         future = client.submit(fn, item, retries=retries, **submit_kwargs)
+        if then is not None:
+            options = {k: v for k, v in submit_kwargs.items() if k not in ("resources", "key")}
+            if then_resources:
+                options["resources"] = dict(then_resources)
+            future = client.submit(then, future, retries=retries, **options)
         pending[future.key] = item
         done.add(future)
         return True

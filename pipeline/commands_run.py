@@ -101,7 +101,6 @@ def executor_for(args: argparse.Namespace, model: str, device: str) -> Iterator[
         ClusterConfig,
         cluster_config_from,
         open_client,
-        predict_resources,
         register_model,
     )
 
@@ -124,7 +123,7 @@ def executor_for(args: argparse.Namespace, model: str, device: str) -> Iterator[
     with open_client(config, debug=debug) as client:
         register_model(client, model, config)
         layout = None if config.kind == "address" else config.layout()
-        yield DaskExecutor(client, predict_resources=predict_resources(layout))
+        yield DaskExecutor.for_layout(client, layout)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -126,24 +126,46 @@ class SerialExecutor:
 
 
 class DaskExecutor:
-    """Bounded submission to a Dask client (backpressure, retries, per-item errors)."""
+    """Bounded submission to a Dask client (backpressure, retries, per-item errors).
+
+    ``predict_resources`` (e.g. ``{"GPU": 1}``) keeps the tasks that run the network on the
+    GPU workers (planning too: the fingerprint records the planning worker's device kind).
+    With ``post_resources`` as well (``{"POOL": 1}``: a local GPU layout's CPU pool), a
+    batch of tiles becomes two chained tasks: :func:`predict_tiles` on a GPU worker, then
+    :func:`segment_tiles` on the pool, which takes the network outputs worker to worker;
+    ``max_in_flight`` bounds the pairs, so outputs never pile up faster than the pool
+    takes them by more than that many batches.
+    """
 
     def __init__(self, client: Any, max_in_flight: int = 64, retries: int = 2,
-                 predict_resources: dict[str, float] | None = None):
+                 predict_resources: dict[str, float] | None = None,
+                 post_resources: dict[str, float] | None = None):
         self.client = client
         self.max_in_flight = max_in_flight
         self.retries = retries
-        # e.g. {"GPU": 1}: tasks that run the network go to the GPU workers only (planning
-        # too: the fingerprint records the planning worker's device kind)
         self.predict_resources = predict_resources
+        self.post_resources = post_resources
+
+    @classmethod
+    def for_layout(cls, client: Any, layout: Any, **kwargs: Any) -> DaskExecutor:
+        """The executor for a cluster of ``layout`` (``None``: an attached scheduler,
+        whose workers are unknown: no resources are asked for)."""
+        from pipeline.cluster import post_resources, predict_resources
+
+        return cls(client, predict_resources=predict_resources(layout),
+                   post_resources=post_resources(layout), **kwargs)
 
     def map(self, fn: Task, items: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
         from pipeline.cluster import TaskFailure, bounded_map
 
         base = getattr(fn, "fn", fn)  # NoRetry wraps the single-task phases
         resources = self.predict_resources if base in (infer_tiles, prepare_slide) else None
+        chain: dict[str, Any] = {}
+        if fn is infer_tiles and self.post_resources:
+            fn = predict_tiles
+            chain = {"then": segment_tiles, "then_resources": self.post_resources}
         for item, result in bounded_map(self.client, fn, items, self.max_in_flight,
-                                        retries=self.retries, resources=resources):
+                                        retries=self.retries, resources=resources, **chain):
             yield item, result.exception if isinstance(result, TaskFailure) else result
 
 
@@ -240,59 +262,153 @@ def tile_file(work_dir: str | Path, index: int) -> Path:
 
 
 def infer_tiles(job: TileJob) -> list[TileSummary]:
-    """Phase 1 for a batch of tiles (one forward pass for the batch)."""
-    from models.inference import predict_batch
-    from pipeline.cluster import get_worker_model
-    from pipeline.slide import open_slide, read_region
-    from pipeline.stitch import segment_tile, subwindow_predictor
-    from pipeline.tissue import keep_in_tissue
+    """Phase 1 for a batch of tiles in one task (one forward pass for the batch):
+    read, predict, segment, measure, save. CPU layouts and single-process runs."""
+    from pipeline.slide import open_slide
 
-    todo = [t for t in job.tiles if not tile_file(job.work_dir, t.index).exists()]
-    out = [_cached_summary(job.work_dir, t) for t in job.tiles if t not in todo]
+    todo, out = _not_cached(job)
     if not todo:
         return out
-    bundle = get_worker_model(job.model, job.device)
-    net, params = bundle.net, bundle.watershed
+    bundle = _worker_model(job)
+    t0 = time.perf_counter()
+    with open_slide(job.path, mpp_override=job.mpp_override) as reader:
+        windows, saw_damage = _read_windows(reader, job, todo)
+        t_read = time.perf_counter()
+        probs, dists = _predict_by_shape(bundle.net, windows)
+        t_net = time.perf_counter()
+        shared = ((t_read - t0) / len(todo), (t_net - t_read) / len(todo))
+        predict = _window_predictor(bundle.net, reader, job, windows)
+        for tile, prob, dist, damaged in zip(todo, probs, dists, saw_damage):
+            before = reader.damage_fills
+            summary = _segment_and_save(job, tile, prob, dist, predict, bundle.watershed, shared)
+            if damaged or reader.damage_fills > before:  # grown windows read too
+                summary = replace(summary, damaged=_damage_records(reader))
+            out.append(summary)
+    return sorted(out, key=lambda s: s.index)
+
+
+@dataclass
+class PredictedTiles:
+    """A predict task's result, handed to its post-processing task: the network outputs of
+    the batch's tiles that are not cached yet, with those of every grown-cluster window
+    their segmentation will ask for (:func:`pipeline.stitch.predict_grown_windows`), so
+    that all of a slide's windows come from the inference worker's device."""
+
+    job: TileJob
+    cached: list[TileSummary]
+    tiles: list[Tile]
+    probs: list[np.ndarray]
+    dists: list[np.ndarray]
+    grown: list[dict[Box, tuple[np.ndarray, np.ndarray]]]
+    damaged: list[tuple[tuple[int, int, int, int, str], ...]]
+    shared: tuple[float, float]  # read and network worker-seconds per tile
+
+
+def predict_tiles(job: TileJob) -> PredictedTiles:
+    """The inference half of :func:`infer_tiles` (GPU worker of a GPU layout): read the
+    windows, predict them, and predict the larger windows of clusters they cut."""
+    from pipeline.slide import open_slide
+    from pipeline.stitch import predict_grown_windows
+
+    todo, cached = _not_cached(job)
+    if not todo:
+        return PredictedTiles(job, cached, [], [], [], [], [], (0.0, 0.0))
+    bundle = _worker_model(job)
     image = Box(0, 0, *job.plan.shape)
     t0 = time.perf_counter()
     with open_slide(job.path, mpp_override=job.mpp_override) as reader:
-        windows, saw_damage = [], []
-        for t in todo:
-            before = reader.damage_fills
-            windows.append(read_region(reader, job.plan, t.window))
-            saw_damage.append(reader.damage_fills > before)
+        windows, saw_damage = _read_windows(reader, job, todo)
         t_read = time.perf_counter()
-        probs, dists = _predict_by_shape(net, windows)
-        t_net = time.perf_counter()
-        shared = ((t_read - t0) / len(todo), (t_net - t_read) / len(todo))
-
-        def predict_window(box: Box) -> tuple[np.ndarray, np.ndarray]:
-            p, d = predict_batch(net, read_region(reader, job.plan, box)[None])
-            return p[0], d[0]
-
-        # grown cluster windows run in tile-sized pieces: worker memory stays bounded
-        predict = subwindow_predictor(predict_window, job.margin, job.multiple,
-                                      max(max(w.shape[:2]) for w in windows), image)
-
+        probs, dists = _predict_by_shape(bundle.net, windows)
+        predict = _window_predictor(bundle.net, reader, job, windows)
+        grown, damage = [], []
         for tile, prob, dist, damaged in zip(todo, probs, dists, saw_damage):
-            t_seg = time.perf_counter()
             before = reader.damage_fills
-            result = segment_tile(tile.core, tile.window, prob, dist, image, params,
-                                  job.margin, job.multiple, predict)
-            dropped = 0
-            if job.tissue is not None:
-                labels, dropped = keep_in_tissue(result.labels, (result.extent.y0, result.extent.x0),
-                                                 job.plan.scale, job.tissue)
-                result = replace(result, labels=labels)
-            t_save = time.perf_counter()
-            seconds = (t_save - t0) / len(todo)
-            _save_tile(job, tile, result, seconds, dropped)
-            phases = (*shared, t_save - t_seg, time.perf_counter() - t_save)
-            damaged = damaged or reader.damage_fills > before  # grown windows read too
-            out.append(TileSummary(tile.index, result.count, result.extent, result.recomputed,
-                                   result.giants, seconds, False, phases, dropped,
-                                   _damage_records(reader) if damaged else ()))
+            grown.append(predict_grown_windows(tile.core, tile.window, prob, dist, image,
+                                               bundle.watershed, job.margin, job.multiple, predict))
+            damaged = damaged or reader.damage_fills > before
+            damage.append(_damage_records(reader) if damaged else ())
+        t_net = time.perf_counter()
+    shared = ((t_read - t0) / len(todo), (t_net - t_read) / len(todo))
+    return PredictedTiles(job, cached, todo, probs, dists, grown, damage, shared)
+
+
+def segment_tiles(predicted: PredictedTiles) -> list[TileSummary]:
+    """The post-processing half of :func:`infer_tiles` (CPU pool of a GPU layout): the
+    same segmentation, with grown windows served from the predict task's outputs."""
+    from pipeline.stitch import replay_predictor
+
+    job, out = predicted.job, list(predicted.cached)
+    if predicted.tiles:
+        params = _worker_model(job).watershed
+        for i, tile in enumerate(predicted.tiles):
+            summary = _segment_and_save(job, tile, predicted.probs[i], predicted.dists[i],
+                                        replay_predictor(predicted.grown[i]), params,
+                                        predicted.shared)
+            out.append(replace(summary, damaged=predicted.damaged[i]))
     return sorted(out, key=lambda s: s.index)
+
+
+def _worker_model(job: TileJob) -> Any:
+    from pipeline.cluster import get_worker_model
+
+    return get_worker_model(job.model, job.device)
+
+
+def _not_cached(job: TileJob) -> tuple[list[Tile], list[TileSummary]]:
+    """The batch's tiles without a tile file, and the summaries of those with one."""
+    todo = [t for t in job.tiles if not tile_file(job.work_dir, t.index).exists()]
+    cached = [_cached_summary(job.work_dir, t) for t in job.tiles if t not in todo]
+    return todo, cached
+
+
+def _read_windows(reader: Any, job: TileJob, tiles: list[Tile]) -> tuple[list[np.ndarray], list[bool]]:
+    """Each tile's window, and whether reading it met a damaged stored tile."""
+    from pipeline.slide import read_region
+
+    windows, saw_damage = [], []
+    for t in tiles:
+        before = reader.damage_fills
+        windows.append(read_region(reader, job.plan, t.window))
+        saw_damage.append(reader.damage_fills > before)
+    return windows, saw_damage
+
+
+def _window_predictor(net: Any, reader: Any, job: TileJob, windows: list[np.ndarray]) -> Any:
+    """Network outputs for any aligned window of the slide (grown clusters), computed in
+    tile-sized pieces so that worker memory stays bounded."""
+    from models.inference import predict_batch
+    from pipeline.slide import read_region
+    from pipeline.stitch import subwindow_predictor
+
+    def predict_window(box: Box) -> tuple[np.ndarray, np.ndarray]:
+        p, d = predict_batch(net, read_region(reader, job.plan, box)[None])
+        return p[0], d[0]
+
+    return subwindow_predictor(predict_window, job.margin, job.multiple,
+                               max(max(w.shape[:2]) for w in windows), Box(0, 0, *job.plan.shape))
+
+
+def _segment_and_save(job: TileJob, tile: Tile, prob: np.ndarray, dist: np.ndarray, predict: Any,
+                      params: Any, shared: tuple[float, float]) -> TileSummary:
+    """One tile's instances (owned nuclei, off-tissue ones dropped), saved to its file."""
+    from pipeline.stitch import segment_tile
+    from pipeline.tissue import keep_in_tissue
+
+    t_seg = time.perf_counter()
+    result = segment_tile(tile.core, tile.window, prob, dist, Box(0, 0, *job.plan.shape), params,
+                          job.margin, job.multiple, predict)
+    dropped = 0
+    if job.tissue is not None:
+        labels, dropped = keep_in_tissue(result.labels, (result.extent.y0, result.extent.x0),
+                                         job.plan.scale, job.tissue)
+        result = replace(result, labels=labels)
+    t_save = time.perf_counter()
+    seconds = sum(shared) + t_save - t_seg
+    _save_tile(job, tile, result, seconds, dropped)
+    phases = (*shared, t_save - t_seg, time.perf_counter() - t_save)
+    return TileSummary(tile.index, result.count, result.extent, result.recomputed, result.giants,
+                       seconds, False, phases, dropped)
 
 
 def _damage_records(reader: Any) -> tuple[tuple[int, int, int, int, str], ...]:

@@ -164,9 +164,11 @@ def _components(prob: np.ndarray, params: WatershedParams) -> tuple[np.ndarray, 
 
 
 def _instances(prob: np.ndarray, dist: np.ndarray, comps: np.ndarray, keep: list[int],
-               params: WatershedParams) -> np.ndarray:
-    """Instances of the kept components only (valid by the decomposition contract)."""
-    if not keep:
+               params: WatershedParams, watershed: bool = True) -> np.ndarray:
+    """Instances of the kept components only (valid by the decomposition contract);
+    none at all without ``watershed`` (the window-planning pass of
+    :func:`predict_grown_windows`, whose decisions do not depend on instances)."""
+    if not keep or not watershed:
         return np.zeros(prob.shape, dtype=np.int32)
     selected = np.isin(comps, np.asarray(keep, dtype=comps.dtype))
     return split_components(dist, np.where(selected, comps, 0), params, prob=prob)
@@ -174,10 +176,14 @@ def _instances(prob: np.ndarray, dist: np.ndarray, comps: np.ndarray, keep: list
 
 def segment_tile(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, image: Box,
                  params: WatershedParams, margin: int, multiple: int,
-                 predict: Predictor) -> TileInstances:
+                 predict: Predictor, watershed: bool = True) -> TileInstances:
     """Instances owned by the tile with ``core``, from its window's network outputs.
 
     ``predict`` recomputes outputs for larger windows when a component is truncated.
+    Every decision (which components are kept, grown, owned or giants; which windows are
+    predicted) depends on the foreground components only, never on the instances, so
+    ``watershed=False`` asks ``predict`` for exactly the same windows and only skips the
+    watershed (the labels are then all zero).
     """
     valid = window.grow(-margin).intersect(image)
     local = valid.slices((window.y0, window.x0))
@@ -201,7 +207,7 @@ def segment_tile(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, ima
         y, x = _first_pixel(comps, cid, obj)
         if core.contains(y + valid.y0, x + valid.x0):
             keep.append(cid)
-    pieces = [_Piece(valid, _instances(p, d, comps, keep, params), p)]
+    pieces = [_Piece(valid, _instances(p, d, comps, keep, params, watershed), p)]
 
     recomputed = 0
     covered = np.zeros(comps.shape, dtype=bool)
@@ -218,7 +224,7 @@ def segment_tile(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, ima
             covered[obj] |= comps[obj] == cid
             continue
         piece, giant, owned = _grow_component(seed, bbox, core, image, params, margin,
-                                              multiple, predict)
+                                              multiple, predict, watershed)
         recomputed += 1
         if giant is not None:
             giants.append(giant)
@@ -233,6 +239,43 @@ def segment_tile(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, ima
     return _assemble(pieces, core, recomputed, tuple(giants))
 
 
+def predict_grown_windows(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, image: Box,
+                          params: WatershedParams, margin: int, multiple: int,
+                          predict: Predictor) -> dict[Box, tuple[np.ndarray, np.ndarray]]:
+    """The network outputs of every larger window :func:`segment_tile` will ask for.
+
+    Why: on a GPU cluster the network runs on the GPU worker and the watershed on a pool of
+    CPU processes, but a truncated cluster needs more windows from the *same* device (two
+    devices differ in the last bits, which exact stitching does not tolerate). This runs
+    segment_tile's decisions without the watershed (foreground components only, cheap) on
+    the GPU side; the CPU side then calls segment_tile with :func:`replay_predictor` of the
+    result and gets exactly the outputs it would have computed itself.
+    """
+    seen: dict[Box, tuple[np.ndarray, np.ndarray]] = {}
+
+    def recording(box: Box) -> tuple[np.ndarray, np.ndarray]:
+        if box not in seen:
+            seen[box] = predict(box)
+        return seen[box]
+
+    segment_tile(core, window, prob, dist, image, params, margin, multiple, recording,
+                 watershed=False)
+    return seen
+
+
+def replay_predictor(outputs: dict[Box, tuple[np.ndarray, np.ndarray]]) -> Predictor:
+    """A predictor that only serves the windows of :func:`predict_grown_windows`."""
+
+    def replay(box: Box) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            return outputs[box]
+        except KeyError:
+            raise RuntimeError(f"window {box} was not predicted on the inference worker "
+                               "(predict_grown_windows and segment_tile disagree)") from None
+
+    return replay
+
+
 def _global_box(obj: tuple[slice, slice], valid: Box) -> Box:
     return Box(obj[0].start + valid.y0, obj[1].start + valid.x0,
                obj[0].stop + valid.y0, obj[1].stop + valid.x0)
@@ -240,7 +283,7 @@ def _global_box(obj: tuple[slice, slice], valid: Box) -> Box:
 
 def _grow_component(seed: tuple[int, int], bbox: Box, core: Box, image: Box,
                     params: WatershedParams, margin: int, multiple: int,
-                    predict: Predictor) -> tuple[_Piece, Box | None, bool]:
+                    predict: Predictor, watershed: bool = True) -> tuple[_Piece, Box | None, bool]:
     """Recompute the component holding ``seed`` on windows that grow until it fits.
 
     Returns its instances (only that component, zero elsewhere; its probability marks
@@ -272,7 +315,7 @@ def _grow_component(seed: tuple[int, int], bbox: Box, core: Box, image: Box,
         if cid not in _edge_ids(comps, _interior_edges(valid, image)):
             y, x = _first_pixel(comps, cid, obj)
             owned = core.contains(y + valid.y0, x + valid.x0)
-            labels = _instances(p, d, comps, [cid], params)
+            labels = _instances(p, d, comps, [cid], params, watershed)
             p_only = np.where(comps == cid, p, 0.0).astype(np.float32)
             return _Piece(valid, labels, p_only), None, owned
         bbox = box

@@ -118,9 +118,19 @@ def test_local_worker_specs_pin_gpus_and_hide_them_from_the_pool() -> None:
         assert options["env"] == {"CUDA_VISIBLE_DEVICES": device} and options["resources"] == {"GPU": 1}
         assert options["nthreads"] == cl.LOCAL_GPU_THREADS
     pool = specs["cpu-0"]["options"]
-    assert pool["env"] == {"CUDA_VISIBLE_DEVICES": ""} and "resources" not in pool and pool["nthreads"] == 1
+    # the pool advertises POOL (post-processing tasks ask for it), never GPU
+    assert pool["env"] == {"CUDA_VISIBLE_DEVICES": ""} and pool["resources"] == {"POOL": 1}
+    assert pool["nthreads"] == 1
     cpu_only = cl.local_worker_specs(plan_layout(2, 0))
     assert sorted(cpu_only) == ["cpu-0", "cpu-1"] and "env" not in cpu_only["cpu-0"]["options"]
+    assert "resources" not in cpu_only["cpu-0"]["options"]
+
+
+def test_post_processing_goes_to_the_pool_only_where_there_is_one() -> None:
+    assert cl.post_resources(plan_layout(8, 2, "auto")) == {"POOL": 1}
+    assert cl.post_resources(plan_layout(8, 0)) is None  # CPU layout: one task per batch
+    assert cl.post_resources(plan_layout(8, 2, "cpu")) is None
+    assert cl.post_resources(None) is None  # attached scheduler: workers unknown
 
 
 def test_available_cores_follows_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -509,7 +519,7 @@ def test_predict_tasks_run_only_on_gpu_workers(fake_gpus) -> None:
     assert (layout.gpu_workers, layout.cpu_workers) == (1, 1)
     with open_client(config, wait_for_workers=2, timeout=120) as client:
         info = client.scheduler_info()["workers"].values()
-        assert {w["name"]: w["resources"] for w in info} == {"gpu-0": {"GPU": 1}, "cpu-0": {}}
+        assert {w["name"]: w["resources"] for w in info} == {"gpu-0": {"GPU": 1}, "cpu-0": {"POOL": 1}}
         env = client.run(_name_and_gpus)
         assert sorted(env.values()) == [("cpu-0", ""), ("gpu-0", "0")]  # the pool never sees a GPU
         placed = dict(bounded_map(client, _where, range(8), max_in_flight=8,
@@ -530,6 +540,15 @@ def test_cpu_worker_of_a_gpu_layout_refuses_inference(tiny_model: Path) -> None:
     assert plugin.bundle is not None and plugin.bundle.config.widths == (4, 8)  # planning works
     with pytest.raises(RuntimeError, match="predict_resources"):
         predict_batch(plugin.bundle.net, np.zeros((1, 16, 16, 3), np.uint8))
+
+    class FakeGpuWorker:  # advertises GPU: runs the network wherever its model landed
+        name = "gpu-0"
+        state = SimpleNamespace(total_resources={"GPU": 1})
+
+    plugin = ModelPlugin(tiny_model, device="cpu", cpu_inference=False)
+    asyncio.run(plugin.setup(FakeGpuWorker()))
+    prob, _ = predict_batch(plugin.bundle.net, np.zeros((1, 16, 16, 3), np.uint8))
+    assert prob.shape == (1, 16, 16)
 
 
 # ------------------------------------------------------------------------- CUDA numerics

@@ -14,7 +14,15 @@ import zarr
 from pipeline.cli import main
 from pipeline.errors import SlideReadError
 from pipeline.pyramid_tiff import write_pyramidal_tiff
-from pipeline.run import NoRetry, RunConfig, SerialExecutor, process_slide
+from pipeline.run import (
+    NoRetry,
+    RunConfig,
+    SerialExecutor,
+    infer_tiles,
+    predict_tiles,
+    process_slide,
+    segment_tiles,
+)
 from pipeline.synthetic import synthetic_he
 
 MODEL = "pruned80.pt"
@@ -76,6 +84,41 @@ def test_one_broken_tile_gives_a_partial_slide(tmp_path: Path) -> None:
     assert again.status == "partial" and again.nuclei == part.nuclei
     assert again.counters["tiles_from_cache"] == summary["tiles_processed"] - summary["tiles_with_damage"]
     assert (zarr.open_group(str(out / "nuclei.zarr"), mode="r")["labels/nuclei/s0"][...] == labels).all()
+
+
+class SplitExecutor(SerialExecutor):
+    """In this process, what a GPU cluster does: each tile batch as predict_tiles, its
+    result pickled (as Dask sends it worker to worker), then segment_tiles."""
+
+    def map(self, fn, items):
+        import pickle
+
+        if fn is not infer_tiles:
+            yield from super().map(fn, items)
+            return
+        for item in items:
+            yield item, segment_tiles(pickle.loads(pickle.dumps(predict_tiles(item))))
+
+
+@pytest.mark.slow
+def test_split_tile_tasks_record_damage_like_one_task(tmp_path: Path) -> None:
+    """Predict on one worker, post-process on another: the damaged region, the counts and
+    the labels are those of the one-task path, and a re-run reuses the same tiles."""
+    broken = _slide(tmp_path / "broken.tif")
+    _break_tile(broken, 1, 1)
+    one = process_slide(broken, _cfg(tmp_path / "one"), SerialExecutor())
+    split = process_slide(broken, _cfg(tmp_path / "split"), SplitExecutor())
+    assert (split.status, split.nuclei) == (one.status, one.nuclei) == ("partial", one.nuclei)
+    a, b = (json.loads((Path(o.out_dir) / "summary.json").read_text()) for o in (one, split))
+    keys = ("unreadable_regions", "tiles_with_damage", "clusters_recomputed", "nuclei", "tiles_processed")
+    assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    assert a["clusters_recomputed"] > 0
+    labels = [zarr.open_group(str(Path(o.out_dir) / "nuclei.zarr"), mode="r")["labels/nuclei/s0"][...]
+              for o in (one, split)]
+    assert (labels[0] == labels[1]).all()
+    again = process_slide(broken, _cfg(tmp_path / "split"), SplitExecutor())
+    assert again.nuclei == one.nuclei
+    assert again.counters["tiles_from_cache"] == b["tiles_processed"] - b["tiles_with_damage"]
 
 
 @pytest.mark.slow

@@ -229,6 +229,47 @@ def test_local_cluster_equals_serial(slides: list[Path], reference: Path, tmp_pa
     assert_same_outputs(out, reference, [s.stem for s in slides])
 
 
+@pytest.mark.slow
+def test_gpu_layout_predicts_on_gpu_workers_and_post_processes_on_the_pool(
+        slides: list[Path], reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local GPU layout on this CPU machine: torch reports one CUDA device in this process,
+    so the cluster gets a worker pinned to it (``GPU=1``; in its own process it finds no
+    CUDA and runs the network on the CPU, which is all the routing needs) and a CPU pool
+    (``POOL``) whose network refuses to run. Every tile's network work must run on the GPU
+    worker, every tile's watershed and writing on the pool, and the outputs must be the
+    serial run's."""
+    import argparse
+
+    from dask.utils import key_split
+    from distributed import get_task_stream
+
+    from pipeline.commands_run import executor_for
+    from pipeline.run import RunConfig, process_slide
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")  # the GPU worker's 2 threads + a 1-process pool
+    args = argparse.Namespace(cluster="local", scheduler=None, workers=None, debug=False,
+                              cluster_config=str(_local_config(tmp_path)))
+    out = tmp_path / "out"
+    cfg = RunConfig(model=MODEL, out=str(out), tile_size=TILE)
+    with executor_for(args, MODEL, "auto") as executor:
+        assert executor.post_resources == {"POOL": 1}
+        names = {addr: w["name"] for addr, w in executor.client.scheduler_info()["workers"].items()}
+        assert sorted(names.values()) == ["cpu-0", "gpu-0"]
+        with get_task_stream(executor.client) as stream:
+            outcomes = [process_slide(slide, cfg, executor) for slide in slides]
+    assert [o.status for o in outcomes] == ["done", "done"], [o.error for o in outcomes]
+    placed: dict[str, set[str]] = {}
+    for record in stream.data:
+        placed.setdefault(key_split(record["key"]), set()).add(names.get(record["worker"], "?"))
+    assert placed["predict_tiles"] == {"gpu-0"} and placed["segment_tiles"] == {"cpu-0"}, placed
+    assert "infer_tiles" not in placed
+    assert_same_outputs(out, reference, [s.stem for s in slides])
+    assert sum(_summary(out, s.stem)["clusters_recomputed"] for s in slides) > 0
+
+
 # ------------------------------------------------------------------------- 2. killed worker
 
 

@@ -210,3 +210,46 @@ def test_a_seed_that_vanishes_in_a_grown_window_does_not_crash() -> None:
     comps[6, 6] = 0  # the seed pixel, now background
     assert _seed_component(comps, (6, 6), Box(5, 5, 10, 15), Box(0, 0, 20, 20)) == 3
     assert _seed_component(np.zeros((20, 20), np.int32), (6, 6), Box(5, 5, 10, 15), Box(0, 0, 20, 20)) == 0
+
+
+@pytest.mark.parametrize("max_window", [None, 192])
+def test_windows_planned_without_watershed_replay_the_live_segmentation(monkeypatch, max_window) -> None:
+    """The GPU/CPU split: the inference worker predicts every window a tile's segmentation
+    will ask for (``predict_grown_windows``, no watershed), the CPU worker segments from
+    those outputs alone. Per tile, both must give the live result (labels, extent, counts,
+    giants), the planned windows must be exactly the ones the live run predicts, and the
+    slide must have grown clusters (and, with a small MAX_WINDOW, giants) to replay."""
+    import pipeline.stitch as stitch
+
+    if max_window:
+        monkeypatch.setattr(stitch, "MAX_WINDOW", max_window)
+    margin = 16
+    prob, dist = synthetic_maps((300, 470), seed=1)
+    image = Box(0, 0, *prob.shape)
+    grown = giants = 0
+    for tile in plan_tiles(prob.shape, 64, 32, MULTIPLE):
+        p, d = crop(prob, tile.window), crop(dist, tile.window)
+        live_calls: list[Box] = []
+        live = stitch.segment_tile(tile.core, tile.window, p, d, image, PARAMS, margin, MULTIPLE,
+                                   edge_garbage_predictor(prob, dist, margin, live_calls))
+        planned = stitch.predict_grown_windows(tile.core, tile.window, p, d, image, PARAMS, margin,
+                                               MULTIPLE, edge_garbage_predictor(prob, dist, margin, []))
+        assert set(planned) == set(live_calls)
+        replayed = stitch.segment_tile(tile.core, tile.window, p, d, image, PARAMS, margin, MULTIPLE,
+                                       stitch.replay_predictor(planned))
+        assert replayed.extent == live.extent and (replayed.labels == live.labels).all()
+        assert (replayed.prob == live.prob).all()
+        assert (replayed.recomputed, replayed.giants) == (live.recomputed, live.giants)
+        grown += bool(planned)
+        giants += len(live.giants)
+    assert grown > 3
+    assert (giants > 0) == bool(max_window)
+
+
+def test_replay_refuses_a_window_that_was_not_predicted() -> None:
+    from pipeline.stitch import replay_predictor
+
+    outputs = {Box(0, 0, 32, 32): (np.zeros((32, 32), np.float32), np.zeros((32, 32), np.float32))}
+    assert replay_predictor(outputs)(Box(0, 0, 32, 32))[0].shape == (32, 32)
+    with pytest.raises(RuntimeError, match="not predicted"):
+        replay_predictor(outputs)(Box(0, 0, 48, 48))
