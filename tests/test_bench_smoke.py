@@ -83,6 +83,18 @@ def test_batch_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert "slides at once" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_pyramid_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Both ways build every level, from a level 0 with labels, and agree."""
+    from bench.pyramid_speed import main
+
+    summary, text = _run(main, ["--quick", "--json", str(tmp_path / "p.json")], capsys)
+    data = _json(tmp_path / "p.json", {"headline", "median_s", "speedup_blocks_vs_levels", "levels"})
+    assert data["identical"] is True and summary["labels"] > 1000
+    assert len(data["levels"]) >= 3 and set(data["median_s"]) == {"level_by_level", "by_blocks"}
+    assert "identical levels" in text
+
+
 def test_accuracy_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from bench.accuracy_speed import default_data, main
 
