@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary["levels"] = [list(s) for s in base.level_shapes]
         config = ClusterConfig(kind="local", n_workers=args.workers, threads_per_worker=1,
                                torch_threads=1, dashboard_address=None, device="cpu")
-        order = [name for r in range(args.rounds) for name in (list(ways) if r % 2 == 0 else list(ways)[::-1])]
+        names = list(ways)
+        order = [name for r in range(args.rounds) for name in (names if r % 2 == 0 else names[::-1])]
         results: dict[str, list[np.ndarray]] = {}
         with open_client(config, wait_for_workers=args.workers, timeout=120) as client:
             for name in tqdm(order, desc="pyramid", unit="build", file=sys.stderr):
