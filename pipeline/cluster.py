@@ -1020,9 +1020,8 @@ def _describe(item: Any) -> str:
 
 def bounded_map(client: Client, fn: Callable[[T], Any], items: Iterable[T], max_in_flight: int,
                 *, retries: int = 0, resources: Mapping[str, float] | None = None,
-                then: Callable[[Any], R] | None = None,
-                then_resources: Mapping[str, float] | None = None,
-                **submit_kwargs: Any) -> Iterator[tuple[T, R | TaskFailure]]:
+                then: Sequence[tuple[Callable[[Any], Any], Mapping[str, float] | None]] = (),
+                **submit_kwargs: Any) -> Iterator[tuple[T, Any]]:
     """``(item, fn(item))`` in completion order, with at most ``max_in_flight`` futures alive.
 
     ``items`` is consumed lazily, so a generator of a million tiles never becomes a million
@@ -1033,10 +1032,11 @@ def bounded_map(client: Client, fn: Callable[[T], Any], items: Iterable[T], max_
     WARNING line, its worker traceback at DEBUG. Keys are unique (``pure=False``) unless the
     caller passes ``pure``/``key``.
 
-    ``then``: each item becomes two chained tasks, ``then(fn(item))``, the second with
-    ``then_resources`` (e.g. predict on a GPU worker, post-process on the CPU pool); the
-    intermediate result goes worker to worker, never through this client, and is freed
-    once ``then`` has run. A failed ``fn`` fails its item with ``fn``'s error.
+    ``then``: more tasks per item, chained, each ``(function, resources)`` applied to the
+    previous one's result (e.g. read on the CPU pool, predict on a GPU worker, post-process
+    on the pool); the result yielded is the last one's. Intermediate results go worker to
+    worker, never through this client, and are freed once the next task has run; a failed
+    task fails its item with its own error. ``max_in_flight`` counts items, not tasks.
     """
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be >= 1, not {max_in_flight}")
@@ -1053,11 +1053,11 @@ def bounded_map(client: Client, fn: Callable[[T], Any], items: Iterable[T], max_
         except StopIteration:
             return False
         future = client.submit(fn, item, retries=retries, **submit_kwargs)
-        if then is not None:
+        for stage, stage_resources in then:
             options = {k: v for k, v in submit_kwargs.items() if k not in ("resources", "key")}
-            if then_resources:
-                options["resources"] = dict(then_resources)
-            future = client.submit(then, future, retries=retries, **options)
+            if stage_resources:
+                options["resources"] = dict(stage_resources)
+            future = client.submit(stage, future, retries=retries, **options)
         pending[future.key] = item
         done.add(future)
         return True

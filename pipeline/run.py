@@ -131,10 +131,10 @@ class DaskExecutor:
     ``predict_resources`` (e.g. ``{"GPU": 1}``) keeps the tasks that run the network on the
     GPU workers (planning too: the fingerprint records the planning worker's device kind).
     With ``post_resources`` as well (``{"POOL": 1}``: a local GPU layout's CPU pool), a
-    batch of tiles becomes two chained tasks: :func:`predict_tiles` on a GPU worker, then
-    :func:`segment_tiles` on the pool, which takes the network outputs worker to worker;
-    ``max_in_flight`` bounds the pairs, so outputs never pile up faster than the pool
-    takes them by more than that many batches.
+    batch of tiles becomes three chained tasks: :func:`read_tiles` on the pool,
+    :func:`predict_tiles` on a GPU worker, :func:`segment_tiles` on the pool, the windows
+    and network outputs going worker to worker; ``max_in_flight`` bounds the batches in
+    flight, so windows and outputs never pile up beyond that many.
     """
 
     def __init__(self, client: Any, max_in_flight: int = 64, retries: int = 2,
@@ -160,12 +160,12 @@ class DaskExecutor:
 
         base = getattr(fn, "fn", fn)  # NoRetry wraps the single-task phases
         resources = self.predict_resources if base in (infer_tiles, prepare_slide) else None
-        chain: dict[str, Any] = {}
-        if fn is infer_tiles and self.post_resources:
-            fn = predict_tiles
-            chain = {"then": segment_tiles, "then_resources": self.post_resources}
+        then: list[tuple[Task, dict[str, float] | None]] = []
+        if fn is infer_tiles and self.post_resources:  # read -> predict -> post-process
+            fn, resources = read_tiles, self.post_resources
+            then = [(predict_tiles, self.predict_resources), (segment_tiles, self.post_resources)]
         for item, result in bounded_map(self.client, fn, items, self.max_in_flight,
-                                        retries=self.retries, resources=resources, **chain):
+                                        retries=self.retries, resources=resources, then=then):
             yield item, result.exception if isinstance(result, TaskFailure) else result
 
 
@@ -277,7 +277,7 @@ def infer_tiles(job: TileJob) -> list[TileSummary]:
         probs, dists = _predict_by_shape(bundle.net, windows)
         t_net = time.perf_counter()
         shared = ((t_read - t0) / len(todo), (t_net - t_read) / len(todo))
-        predict = _window_predictor(bundle.net, reader, job, windows)
+        predict = _window_predictor(bundle.net, lambda: reader, job, windows)
         for tile, prob, dist, damaged in zip(todo, probs, dists, saw_damage):
             before = reader.damage_fills
             summary = _segment_and_save(job, tile, prob, dist, predict, bundle.watershed, shared)
@@ -288,11 +288,24 @@ def infer_tiles(job: TileJob) -> list[TileSummary]:
 
 
 @dataclass
+class ReadTiles:
+    """A read task's result (CPU pool of a GPU layout), handed to the predict task: the
+    windows of the batch's tiles that are not cached yet."""
+
+    job: TileJob
+    cached: list[TileSummary]
+    tiles: list[Tile]
+    windows: list[np.ndarray]
+    damaged: list[tuple[tuple[int, int, int, int, str], ...]]  # per tile, if its read met damage
+    read_s: float  # worker-seconds per tile
+
+
+@dataclass
 class PredictedTiles:
     """A predict task's result, handed to its post-processing task: the network outputs of
-    the batch's tiles that are not cached yet, with those of every grown-cluster window
-    their segmentation will ask for (:func:`pipeline.stitch.predict_grown_windows`), so
-    that all of a slide's windows come from the inference worker's device."""
+    the tiles, with those of every grown-cluster window their segmentation will ask for
+    (:func:`pipeline.stitch.predict_grown_windows`), so that all of a slide's windows come
+    from the inference worker's device."""
 
     job: TileJob
     cached: list[TileSummary]
@@ -304,33 +317,74 @@ class PredictedTiles:
     shared: tuple[float, float]  # read and network worker-seconds per tile
 
 
-def predict_tiles(job: TileJob) -> PredictedTiles:
-    """The inference half of :func:`infer_tiles` (GPU worker of a GPU layout): read the
-    windows, predict them, and predict the larger windows of clusters they cut."""
+def read_tiles(job: TileJob) -> ReadTiles:
+    """The reading part of :func:`infer_tiles` (CPU pool of a GPU layout): decoding the
+    slide is CPU work, and many pool processes read faster than one GPU worker would."""
     from pipeline.slide import open_slide
-    from pipeline.stitch import predict_grown_windows
 
     todo, cached = _not_cached(job)
     if not todo:
-        return PredictedTiles(job, cached, [], [], [], [], [], (0.0, 0.0))
-    bundle = _worker_model(job)
-    image = Box(0, 0, *job.plan.shape)
+        return ReadTiles(job, cached, [], [], [], 0.0)
     t0 = time.perf_counter()
     with open_slide(job.path, mpp_override=job.mpp_override) as reader:
         windows, saw_damage = _read_windows(reader, job, todo)
-        t_read = time.perf_counter()
-        probs, dists = _predict_by_shape(bundle.net, windows)
-        predict = _window_predictor(bundle.net, reader, job, windows)
+        records = _damage_records(reader) if any(saw_damage) else ()
+    damaged = [records if saw else () for saw in saw_damage]
+    return ReadTiles(job, cached, todo, windows, damaged, (time.perf_counter() - t0) / len(todo))
+
+
+def predict_tiles(read: ReadTiles) -> PredictedTiles:
+    """The network part of :func:`infer_tiles` (GPU worker of a GPU layout): predict the
+    windows, then the larger windows of the clusters they cut (the slide is opened here
+    only if there are any)."""
+    from pipeline.stitch import predict_grown_windows
+
+    job = read.job
+    if not read.tiles:
+        return PredictedTiles(job, read.cached, [], [], [], [], [], (0.0, 0.0))
+    bundle = _worker_model(job)
+    image = Box(0, 0, *job.plan.shape)
+    t0 = time.perf_counter()
+    probs, dists = _predict_by_shape(bundle.net, read.windows)
+    with _SlideOnDemand(job) as slide:
+        predict = _window_predictor(bundle.net, slide.reader, job, read.windows)
         grown, damage = [], []
-        for tile, prob, dist, damaged in zip(todo, probs, dists, saw_damage):
-            before = reader.damage_fills
+        for tile, prob, dist, records in zip(read.tiles, probs, dists, read.damaged):
+            before = slide.damage_fills
             grown.append(predict_grown_windows(tile.core, tile.window, prob, dist, image,
                                                bundle.watershed, job.margin, job.multiple, predict))
-            damaged = damaged or reader.damage_fills > before
-            damage.append(_damage_records(reader) if damaged else ())
-        t_net = time.perf_counter()
-    shared = ((t_read - t0) / len(todo), (t_net - t_read) / len(todo))
-    return PredictedTiles(job, cached, todo, probs, dists, grown, damage, shared)
+            if slide.damage_fills > before:  # a grown window met damage
+                records = tuple(sorted(set(records) | set(_damage_records(slide.reader()))))
+            damage.append(records)
+    shared = (read.read_s, (time.perf_counter() - t0) / len(read.tiles))
+    return PredictedTiles(job, read.cached, read.tiles, probs, dists, grown, damage, shared)
+
+
+class _SlideOnDemand:
+    """``job``'s slide, opened at the first read: a predict task reads only for grown
+    clusters, and most batches have none."""
+
+    def __init__(self, job: TileJob) -> None:
+        self.job = job
+        self._reader: Any = None
+
+    def reader(self) -> Any:
+        from pipeline.slide import open_slide
+
+        if self._reader is None:
+            self._reader = open_slide(self.job.path, mpp_override=self.job.mpp_override)
+        return self._reader
+
+    @property
+    def damage_fills(self) -> int:
+        return self._reader.damage_fills if self._reader is not None else 0
+
+    def __enter__(self) -> _SlideOnDemand:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._reader is not None:
+            self._reader.close()
 
 
 def segment_tiles(predicted: PredictedTiles) -> list[TileSummary]:
@@ -374,15 +428,17 @@ def _read_windows(reader: Any, job: TileJob, tiles: list[Tile]) -> tuple[list[np
     return windows, saw_damage
 
 
-def _window_predictor(net: Any, reader: Any, job: TileJob, windows: list[np.ndarray]) -> Any:
+def _window_predictor(net: Any, reader: Callable[[], Any], job: TileJob,
+                      windows: list[np.ndarray]) -> Any:
     """Network outputs for any aligned window of the slide (grown clusters), computed in
-    tile-sized pieces so that worker memory stays bounded."""
+    tile-sized pieces so that worker memory stays bounded; ``reader()`` gives the open
+    slide."""
     from models.inference import predict_batch
     from pipeline.slide import read_region
     from pipeline.stitch import subwindow_predictor
 
     def predict_window(box: Box) -> tuple[np.ndarray, np.ndarray]:
-        p, d = predict_batch(net, read_region(reader, job.plan, box)[None])
+        p, d = predict_batch(net, read_region(reader(), job.plan, box)[None])
         return p[0], d[0]
 
     return subwindow_predictor(predict_window, job.margin, job.multiple,

@@ -91,7 +91,7 @@ def test_pyramid_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     summary, text = _run(main, ["--quick", "--json", str(tmp_path / "p.json")], capsys)
     data = _json(tmp_path / "p.json", {"headline", "median_s", "speedup_blocks_vs_levels", "levels"})
     assert data["identical"] is True and summary["labels"] > 1000
-    assert len(data["levels"]) >= 3 and set(data["median_s"]) == {"level_by_level", "by_blocks"}
+    assert len(data["levels"]) >= 4 and set(data["median_s"]) == {"level_by_level", "by_blocks"}
     assert "identical levels" in text
 
 

@@ -458,6 +458,20 @@ def _flaky(args: tuple[str, int]) -> int:
     return x + 1
 
 
+def _negate(x: int) -> int:
+    return -x
+
+
+def test_bounded_map_chains_tasks_per_item(client) -> None:
+    """``then``: each item runs through every stage, in order; a failing first stage fails
+    the item with its own error, and the other items go on."""
+    results = dict(bounded_map(client, _slow_square, range(7), max_in_flight=3,
+                               then=[(_negate, None), (str, None)]))
+    assert sorted(results) == list(range(7))
+    assert {k: v for k, v in results.items() if k != 5} == {k: str(-k * k) for k in range(7) if k != 5}
+    assert isinstance(results[5], TaskFailure) and "bad item 5" in str(results[5])
+
+
 def test_bounded_map_retries(client, tmp_path: Path) -> None:
     marker = str(tmp_path / "flaky")
     [(item, outcome)] = list(bounded_map(client, _flaky, [(marker, 41)], max_in_flight=1, retries=1))

@@ -21,6 +21,7 @@ from pipeline.run import (
     infer_tiles,
     predict_tiles,
     process_slide,
+    read_tiles,
     segment_tiles,
 )
 from pipeline.synthetic import synthetic_he
@@ -87,8 +88,9 @@ def test_one_broken_tile_gives_a_partial_slide(tmp_path: Path) -> None:
 
 
 class SplitExecutor(SerialExecutor):
-    """In this process, what a GPU cluster does: each tile batch as predict_tiles, its
-    result pickled (as Dask sends it worker to worker), then segment_tiles."""
+    """In this process, what a GPU cluster does: each tile batch as read_tiles,
+    predict_tiles and segment_tiles, each result pickled (as Dask sends it worker to
+    worker) before the next."""
 
     def map(self, fn, items):
         import pickle
@@ -97,12 +99,15 @@ class SplitExecutor(SerialExecutor):
             yield from super().map(fn, items)
             return
         for item in items:
-            yield item, segment_tiles(pickle.loads(pickle.dumps(predict_tiles(item))))
+            result = item
+            for stage in (read_tiles, predict_tiles, segment_tiles):
+                result = stage(pickle.loads(pickle.dumps(result)))
+            yield item, result
 
 
 @pytest.mark.slow
 def test_split_tile_tasks_record_damage_like_one_task(tmp_path: Path) -> None:
-    """Predict on one worker, post-process on another: the damaged region, the counts and
+    """Read, predict and post-process in three tasks: the damaged region, the counts and
     the labels are those of the one-task path, and a re-run reuses the same tiles."""
     broken = _slide(tmp_path / "broken.tif")
     _break_tile(broken, 1, 1)

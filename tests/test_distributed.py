@@ -236,8 +236,8 @@ def test_gpu_layout_predicts_on_gpu_workers_and_post_processes_on_the_pool(
     so the cluster gets a worker pinned to it (``GPU=1``; in its own process it finds no
     CUDA and runs the network on the CPU, which is all the routing needs) and a CPU pool
     (``POOL``) whose network refuses to run. Every tile's network work must run on the GPU
-    worker, every tile's watershed and writing on the pool, and the outputs must be the
-    serial run's."""
+    worker, every tile's reading, watershed and writing on the pool, and the outputs must
+    be the serial run's."""
     import argparse
 
     from dask.utils import key_split
@@ -264,7 +264,8 @@ def test_gpu_layout_predicts_on_gpu_workers_and_post_processes_on_the_pool(
     placed: dict[str, set[str]] = {}
     for record in stream.data:
         placed.setdefault(key_split(record["key"]), set()).add(names.get(record["worker"], "?"))
-    assert placed["predict_tiles"] == {"gpu-0"} and placed["segment_tiles"] == {"cpu-0"}, placed
+    assert placed["predict_tiles"] == {"gpu-0"}, placed
+    assert placed["read_tiles"] == placed["segment_tiles"] == {"cpu-0"}, placed
     assert "infer_tiles" not in placed
     assert_same_outputs(out, reference, [s.stem for s in slides])
     assert sum(_summary(out, s.stem)["clusters_recomputed"] for s in slides) > 0
