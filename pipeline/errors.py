@@ -10,7 +10,8 @@ class SlideReadError(PipelineError):
 
 
 class MissingMppError(PipelineError):
-    """The slide has no pixel size; the user must pass --mpp."""
+    """The slide has no usable pixel size (none, or far coarser than the model's); the
+    user must pass --mpp."""
 
 
 class ConfigError(PipelineError, ValueError):

@@ -69,6 +69,11 @@ PixelFn = Callable[[int, Box], np.ndarray]
 
 DAMAGED_FILL = 255  # white, like glass: the network finds no nuclei in it
 DEFAULT_STORED_TILE = (256, 256)  # damage unit when a format does not tell its tile size
+# A slide at most this much coarser than the model is upsampled (a 10x scan for a 40x model);
+# coarser ones are refused: beyond it nuclei are a few pixels wide, and a wrong pixel size
+# (a 72-dpi TIFF tag: 352.8 µm/px) would otherwise plan hundreds of thousands of tiles.
+MAX_UPSAMPLE = 4.0
+SCREEN_DPI = (72, 96, 150, 300, 600)  # resolution-tag defaults of image editors, not scanners
 
 
 class SlideReader(ABC):
@@ -674,6 +679,8 @@ def plan_read(info: SlideInfo, model_mpp: float) -> ReadPlan:
     if not model_mpp > 0:
         raise ValueError(f"model mpp must be positive, got {model_mpp}")
     scale = model_mpp / info.mpp
+    if scale < 1 / MAX_UPSAMPLE:
+        raise MissingMppError(_too_coarse(info, model_mpp))
     nominal = [nominal_downsample(info, i) for i in range(len(info.levels))]
     level = 0
     for i, ds in enumerate(nominal):
@@ -683,6 +690,19 @@ def plan_read(info: SlideInfo, model_mpp: float) -> ReadPlan:
              max(1, math.ceil(info.width / scale - 1e-9)))
     return ReadPlan(level=level, level_downsample=nominal[level],
                     scale=float(scale), mpp=float(model_mpp), shape=shape)
+
+
+def _too_coarse(info: SlideInfo, model_mpp: float) -> str:
+    """Why a slide this coarse is refused, and what to do (a pathologist reads this)."""
+    assert info.mpp is not None
+    text = (f"{info.path}: {info.mpp:.4g} µm per pixel is {info.mpp / model_mpp:.1f}x coarser than "
+            f"the model's {model_mpp:g} µm/px (at most {MAX_UPSAMPLE:g}x is segmented: nuclei "
+            f"are a few pixels wide there)")
+    dpi = 25400 / info.mpp
+    if round(dpi) in SCREEN_DPI and abs(dpi - round(dpi)) < 0.01:
+        text += (f"; the file's resolution tag says {round(dpi)} dpi, an image editor's default "
+                 "rather than a scanner's")
+    return text + "; if the pixel size is wrong, pass the true one with --mpp"
 
 
 def nominal_downsample(info: SlideInfo, level: int) -> float:

@@ -347,6 +347,20 @@ def test_missing_mpp_names_flag() -> None:
         plan_read(info, 0.5)
 
 
+@pytest.mark.parametrize("mpp,model_mpp,ok", [(2.0, 0.5, True), (1.0, 0.25, True), (2.01, 0.5, False),
+                                             (25400 / 72, 0.5, False), (25400 / 96, 0.25, False)])
+def test_slide_far_coarser_than_the_model_is_refused(mpp: float, model_mpp: float, ok: bool) -> None:
+    """A 300 x 250 TIFF with a 72-dpi tag (352.8 µm/px) once planned 13,669 tiles of a
+    0.5 µm/px model (1.5 hours of glass); at most MAX_UPSAMPLE = 4x coarser is segmented."""
+    info = SlideInfo("x.tif", "x", 300, 250, mpp, (Level(300, 250, 1.0),), "openslide")
+    if ok:
+        assert plan_read(info, model_mpp).scale == pytest.approx(model_mpp / mpp)
+        return
+    with pytest.raises(MissingMppError, match="coarser than the model.*--mpp") as caught:
+        plan_read(info, model_mpp)
+    assert ("dpi" in str(caught.value)) == (mpp > 100)
+
+
 # --------------------------------------------------------------------------- read_region
 
 

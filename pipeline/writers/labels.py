@@ -207,7 +207,7 @@ def create_store(
     root.attrs[STORE_ATTR] = {"mpp": mpp, "chunk": spec.chunk}
     nuclei = root.require_group("labels").require_group(LABEL_NAME)
     _create_level_arrays(nuclei, spec, spec.dtype)
-    log.info("created label store %s: %d levels %s, chunk %d", p, spec.n_levels, spec.level_shapes, chunk)
+    log.debug("created label store %s: %d levels %s, chunk %d", p, spec.n_levels, spec.level_shapes, chunk)
     return spec
 
 
