@@ -539,3 +539,19 @@ def test_concurrent_reads_from_threads(slides_dir: Path) -> None:
             got = list(pool.map(partial(reader.read_level, 0), boxes))
         for g, e in zip(got, expected):
             np.testing.assert_array_equal(g, e)
+
+
+def test_a_72_dpi_tiff_fails_at_once_with_what_to_do(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """The whole run, on the OpenSlide fixture whose TIFF tag says 72 dpi: the slide fails
+    in planning (no tile is made), its summary says why and names --mpp."""
+    from conftest import SHARED_DATA
+
+    from pipeline.run import RunConfig, SerialExecutor, process_slide
+
+    boxes = SHARED_DATA / "slides" / "openslide-fixtures" / "boxes.tiff"
+    if not boxes.is_file():
+        pytest.skip(f"needs {boxes}")
+    outcome = process_slide(boxes, RunConfig(model=str(tiny_checkpoint), out=str(tmp_path), device="cpu"),
+                            SerialExecutor())
+    assert outcome.status == "failed" and "72 dpi" in outcome.error and "--mpp" in outcome.error
+    assert not list(tmp_path.glob("*/.work/tile-*.npz"))
