@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.cliutil import formatter
+from pipeline.cliutil import formatter, progress_options
 from pipeline.tiling import DEFAULT_TILE_SIZE
 
 log = logging.getLogger(__name__)
@@ -161,12 +161,11 @@ def _run_slides(slides: dict[str, str], cfg: Any, executor: Any, at_once: int,
         with lock:
             slot = slots.pop(0)
         try:
-            with tqdm(total=0, desc=name[:30], unit="tile", file=sys.stderr, position=slot,
-                      leave=at_once == 1) as bar:
+            with tqdm(total=0, desc=name[:30], unit="tile", position=slot, leave=at_once == 1,
+                      **progress_options(sys.stderr)) as bar:
                 def progress(done: int, total: int) -> None:
                     bar.total = total
-                    bar.n = done
-                    bar.refresh()
+                    bar.update(done - bar.n)  # drawn at most every mininterval seconds
 
                 return process(path, cfg, executor, progress, name)
         finally:

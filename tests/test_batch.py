@@ -37,3 +37,23 @@ def test_one_at_a_time_without_a_cluster() -> None:
     slides = {f"/s/{i}": f"slide{i}" for i in range(3)}
     out = _run_slides(slides, None, None, 1, _recording_process(active, peak, lock))
     assert out == [f"slide{i}:done" for i in range(3)] and peak[0] == 1
+
+
+def _many_tiles(path: str, cfg: object, executor: object, progress, name: str) -> str:
+    for i in range(1, 201):
+        progress(i, 200)
+    return name
+
+
+def test_progress_is_quiet_with_quiet_and_sparse_in_a_log_file(capsys, caplog) -> None:
+    """A bar per slide on a terminal; into a file (a SLURM log, pytest's capture) at most one
+    line per LOG_PROGRESS_S, not one per tile; nothing at all with --quiet (WARNING)."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        assert _run_slides({"/s/a": "a"}, None, None, 1, _many_tiles) == ["a"]
+    shown = capsys.readouterr().err
+    assert "a: " in shown and shown.count("\r") <= 3, repr(shown)
+    with caplog.at_level(logging.WARNING):
+        _run_slides({"/s/a": "a"}, None, None, 1, _many_tiles)
+    assert capsys.readouterr().err == ""
