@@ -17,6 +17,7 @@ loop) executes; tasks carry paths and coordinates, never pixels or weights:
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -75,8 +76,20 @@ class RunConfig:
             problems.append(f"label chunk {self.chunk} must be a positive multiple of 16")
         if self.cluster_margin < 0:
             problems.append(f"cluster margin {self.cluster_margin} must not be negative")
+        problems += _output_folder_problems(Path(self.out))
         if problems:
             raise ConfigError("; ".join(problems))
+
+
+def _output_folder_problems(out: Path) -> list[str]:
+    """Why results could not be written under ``out`` (a file there, or a folder this user
+    may not write), found before any cluster starts instead of after the first slide."""
+    if out.exists() and not out.is_dir():
+        return [f"--out {out} is a file, not a folder"]
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        return [f"--out {out}: no permission to write in {existing}"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -730,9 +743,13 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
         done = read_summary(summary_path) or {}
         return SlideOutcome(path, "done", int(done.get("nuclei", 0)), 0.0, out_dir=str(out),
                             skipped=True, note=_skip_note(done, settings))
-    if cfg.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if cfg.overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a file in the way, a full or read-only disk
+        log.error("%s: cannot make its output folder %s: %s", path, out, exc)
+        return SlideOutcome(path, "failed", error=f"cannot make {out}: {exc}", out_dir=str(out))
     work = out / WORK_DIR
     started = time.time()
     timings: dict[str, float] = {}

@@ -41,3 +41,32 @@ def test_bad_values_exit_2_before_a_cluster_starts(slide: Path, tmp_path: Path, 
 
 def test_defaults_are_valid() -> None:
     RunConfig().validate()
+
+
+def test_an_output_folder_that_cannot_be_written_exits_2(slide: Path, tmp_path: Path, monkeypatch,
+                                                         capsys) -> None:
+    """``--out`` naming a file, or a folder the user may not write, exits 2 before any
+    cluster starts (it used to fail with a traceback after the cluster had started)."""
+    import pipeline.run as run
+
+    monkeypatch.setattr(commands_run, "executor_for", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("a cluster was started")))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    assert main(["run", str(slide), "--out", str(a_file), "--model", "pruned80.pt"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    monkeypatch.setattr(run.os, "access", lambda path, mode: False)  # root passes any access check
+    assert main(["run", str(slide), "--out", str(tmp_path / "new" / "out"), "--model", "pruned80.pt"]) == 2
+    err = capsys.readouterr().err
+    assert "no permission to write in" in err and "Traceback" not in err
+
+
+def test_a_slide_whose_folder_cannot_be_made_fails_alone(slide: Path, tmp_path: Path) -> None:
+    from pipeline.run import SerialExecutor, process_slide
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("a file where the slide's folder goes")
+    outcome = process_slide(slide, RunConfig(model="pruned80.pt", out=str(out), device="cpu"),
+                            SerialExecutor())
+    assert outcome.status == "failed" and "cannot make" in outcome.error
