@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from pipeline.tiling import DEFAULT_TILE_SIZE
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED = 0, 1
+POLL_S = 0.5  # how often the main thread wakes while slides run (to see Ctrl-C)
 SLIDES_IN_FLIGHT = 3  # slides processed at once on a Dask cluster (phases overlap)
 
 
@@ -148,14 +149,22 @@ def run_command(args: argparse.Namespace) -> int:
     return EXIT_FAILED if any(o.status != "done" for o in outcomes) else EXIT_OK
 
 
+class SlideInterrupted(BaseException):
+    """Raised in a slide's client thread at its next progress report once the run is
+    interrupted (Ctrl-C): a ``BaseException``, so the slide's own error handling does not
+    record it as a failure; its finished tiles stay in ``.work`` for the re-run."""
+
+
 def _run_slides(slides: dict[str, str], cfg: Any, executor: Any, at_once: int,
                 process: Callable[..., Any]) -> list[Any]:
     """Each slide through ``process``, ``at_once`` slides at a time (one client thread each,
     sharing the cluster), so that one slide's single-task phases (planning, finalising)
     overlap other slides' tiles and the workers never wait between phases. Outcomes in the
-    order of ``slides``."""
+    order of ``slides``. Ctrl-C stops every slide at its next tile result (not when it is
+    finished) and raises ``KeyboardInterrupt``."""
     slots = list(range(at_once))
     lock = threading.Lock()
+    stop = threading.Event()
 
     def one(path: str, name: str) -> Any:
         with lock:
@@ -164,6 +173,8 @@ def _run_slides(slides: dict[str, str], cfg: Any, executor: Any, at_once: int,
             with tqdm(total=0, desc=name[:30], unit="tile", position=slot, leave=at_once == 1,
                       **progress_options(sys.stderr)) as bar:
                 def progress(done: int, total: int) -> None:
+                    if stop.is_set():
+                        raise SlideInterrupted(path)
                     bar.total = total
                     bar.update(done - bar.n)  # drawn at most every mininterval seconds
 
@@ -174,13 +185,18 @@ def _run_slides(slides: dict[str, str], cfg: Any, executor: Any, at_once: int,
 
     if at_once <= 1:
         return [one(path, name) for path, name in slides.items()]
-    with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="slide") as pool:
+    pool = ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="slide")
+    try:
         futures = [pool.submit(one, path, name) for path, name in slides.items()]
-        try:
-            return [f.result() for f in futures]
-        except KeyboardInterrupt:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+        running = set(futures)
+        while running:  # a timeout, so that this thread sees Ctrl-C within POLL_S
+            running = wait(running, timeout=POLL_S).not_done
+        return [f.result() for f in futures]
+    except KeyboardInterrupt:
+        stop.set()  # running slides end at their next tile result; queued ones never start
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _print_table(outcomes: list[Any]) -> None:

@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -676,11 +677,12 @@ def _write_outputs(executor: Any, job: FinalJob) -> tuple[int, dict[str, str]]:
     parts: list[tuple[str, Any]] = [("nuclei", job), ("layers", job)]
     parts += [("pyramid", (job.store, block)) for block in pyramid_blocks(job.store, job.painted)]
     nuclei = 0
-    for (name, _), result in executor.map(NoRetry(_write_outputs_part), parts):
-        if isinstance(result, Exception):
-            raise result
-        if name == "nuclei":
-            nuclei = int(result)
+    with closing(executor.map(NoRetry(_write_outputs_part), parts)) as results:
+        for (name, _), result in results:
+            if isinstance(result, Exception):
+                raise result
+            if name == "nuclei":
+                nuclei = int(result)
     return nuclei, _one(executor, finalize_slide, job)
 
 
@@ -890,10 +892,11 @@ class NoRetry:
 
 
 def _one(executor: Any, fn: Task, job: Any) -> Any:
-    for _, result in executor.map(NoRetry(fn), [job]):
-        if isinstance(result, Exception):
-            raise result
-        return result
+    with closing(executor.map(NoRetry(fn), [job])) as results:
+        for _, result in results:
+            if isinstance(result, Exception):
+                raise result
+            return result
     raise RuntimeError("executor returned nothing")
 
 
@@ -909,12 +912,15 @@ def _run_tiles(plan: SlidePlan, cfg: RunConfig, executor: Any, work: str,
                     tissue=None if cfg.keep_outside_tissue else _tissue_around(plan, batch))
             for batch in batches]
     done: list[TileSummary] = []
-    for _, result in executor.map(infer_tiles, jobs):
-        if isinstance(result, Exception):
-            raise result
-        done.extend(result)
-        if progress:
-            progress(len(done), len(plan.tiles))
+    # closed on any exit: an interrupted or failed slide's queued tile tasks are cancelled
+    # at once, not when the traceback that holds this generator is freed
+    with closing(executor.map(infer_tiles, jobs)) as results:
+        for _, result in results:
+            if isinstance(result, Exception):
+                raise result
+            done.extend(result)
+            if progress:
+                progress(len(done), len(plan.tiles))
     return sorted(done, key=lambda s: s.index)
 
 
@@ -997,11 +1003,12 @@ def _write_blocks(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, exe
                 continue  # no nucleus here: unwritten chunks read as the fill value 0
             jobs.append(BlockJob(store, block, plan.plan.scale, plan.plan.shape, sources, str(work)))
             painted.append(block)
-    for job, result in executor.map(write_label_block, jobs):
-        if isinstance(result, Exception):
-            raise result
-        collisions += int(result)
-        atomic_write_text(marker_dir / f"{job.block.y0}-{job.block.x0}", str(int(result)))
+    with closing(executor.map(write_label_block, jobs)) as results:
+        for job, result in results:
+            if isinstance(result, Exception):
+                raise result
+            collisions += int(result)
+            atomic_write_text(marker_dir / f"{job.block.y0}-{job.block.x0}", str(int(result)))
     if collisions:
         log.error("%s: %d model pixels were claimed by two tiles (a stitching bug; please "
                   "report it)", plan.info.path, collisions)

@@ -57,3 +57,69 @@ def test_progress_is_quiet_with_quiet_and_sparse_in_a_log_file(capsys, caplog) -
     with caplog.at_level(logging.WARNING):
         _run_slides({"/s/a": "a"}, None, None, 1, _many_tiles)
     assert capsys.readouterr().err == ""
+
+
+def test_ctrl_c_stops_running_slides_at_their_next_tile() -> None:
+    """Ctrl-C while two slides run: both end at their next tile (not when finished), the
+    queued one never starts, and KeyboardInterrupt reaches the caller within a tile's time.
+    (It used to wait for every running slide to finish: minutes on real slides.)"""
+    import os
+    import signal
+
+    import pytest
+
+    started: list[str] = []
+    finished: list[str] = []
+
+    def slow(path: str, cfg: object, executor: object, progress, name: str) -> str:
+        started.append(name)
+        for i in range(1, 101):  # 100 tiles of 50 ms
+            time.sleep(0.05)
+            progress(i, 100)
+        finished.append(name)
+        return name
+
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # a real Ctrl-C
+    timer.start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        _run_slides({f"/s/{i}": f"s{i}" for i in range(3)}, None, None, 2, slow)
+    assert time.monotonic() - t0 < 2.0
+    assert sorted(started) == ["s0", "s1"] and finished == []
+
+
+def test_an_interrupted_slide_cancels_its_queued_tiles_at_once(tmp_path) -> None:
+    """The interrupt raised in a slide's progress report closes its tile generator (on a
+    cluster: releases the queued tile futures) before the exception leaves the slide,
+    instead of when the traceback holding it is freed; the tiles made so far stay in
+    ``.work`` for the re-run and no summary claims the slide."""
+    import pytest
+    from tiny_slides import write_slides
+
+    from pipeline.commands_run import SlideInterrupted
+    from pipeline.run import RunConfig, SerialExecutor, process_slide
+
+    closed: dict[str, int] = {}
+
+    class Recording(SerialExecutor):
+        def map(self, fn, items):
+            made = 0
+            try:
+                for pair in super().map(fn, items):
+                    made += 1
+                    yield pair
+            finally:
+                closed[getattr(fn, "__name__", "")] = made
+
+    def interrupt_after_first(done: int, total: int) -> None:
+        assert total > 2
+        raise SlideInterrupted("a")
+
+    slide = write_slides(tmp_path / "slides", ["a.tif"])[0]
+    cfg = RunConfig(model="pruned80.pt", out=str(tmp_path / "out"), tile_size=128, device="cpu")
+    with pytest.raises(SlideInterrupted) as caught:
+        process_slide(slide, cfg, Recording(), interrupt_after_first)
+    assert closed.get("infer_tiles") == 1  # closed while ``caught`` still holds the traceback
+    assert caught.value is not None
+    assert len(list((tmp_path / "out" / "a" / ".work").glob("tile-*.npz"))) == 1
+    assert not (tmp_path / "out" / "a" / "summary.json").exists()
