@@ -16,12 +16,12 @@ loop) executes; tasks carry paths and coordinates, never pixels or weights:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -677,7 +677,7 @@ def _write_outputs(executor: Any, job: FinalJob) -> tuple[int, dict[str, str]]:
     parts: list[tuple[str, Any]] = [("nuclei", job), ("layers", job)]
     parts += [("pyramid", (job.store, block)) for block in pyramid_blocks(job.store, job.painted)]
     nuclei = 0
-    with closing(executor.map(NoRetry(_write_outputs_part), parts)) as results:
+    with _mapped(executor, NoRetry(_write_outputs_part), parts) as results:
         for (name, _), result in results:
             if isinstance(result, Exception):
                 raise result
@@ -891,8 +891,23 @@ class NoRetry:
             return exc
 
 
+@contextlib.contextmanager
+def _mapped(executor: Any, fn: Task, items: Iterable[Any]) -> Iterator[Iterator[tuple[Any, Any]]]:
+    """``executor.map(fn, items)``, closed on any exit: a generator (``DaskExecutor``)
+    then releases its queued futures at once, so the tasks of a slide that failed or was
+    interrupted are cancelled now, not when the traceback that holds the generator is
+    freed."""
+    results = executor.map(fn, items)
+    try:
+        yield results
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
+
+
 def _one(executor: Any, fn: Task, job: Any) -> Any:
-    with closing(executor.map(NoRetry(fn), [job])) as results:
+    with _mapped(executor, NoRetry(fn), [job]) as results:
         for _, result in results:
             if isinstance(result, Exception):
                 raise result
@@ -912,9 +927,7 @@ def _run_tiles(plan: SlidePlan, cfg: RunConfig, executor: Any, work: str,
                     tissue=None if cfg.keep_outside_tissue else _tissue_around(plan, batch))
             for batch in batches]
     done: list[TileSummary] = []
-    # closed on any exit: an interrupted or failed slide's queued tile tasks are cancelled
-    # at once, not when the traceback that holds this generator is freed
-    with closing(executor.map(infer_tiles, jobs)) as results:
+    with _mapped(executor, infer_tiles, jobs) as results:
         for _, result in results:
             if isinstance(result, Exception):
                 raise result
@@ -1003,7 +1016,7 @@ def _write_blocks(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, exe
                 continue  # no nucleus here: unwritten chunks read as the fill value 0
             jobs.append(BlockJob(store, block, plan.plan.scale, plan.plan.shape, sources, str(work)))
             painted.append(block)
-    with closing(executor.map(write_label_block, jobs)) as results:
+    with _mapped(executor, write_label_block, jobs) as results:
         for job, result in results:
             if isinstance(result, Exception):
                 raise result
