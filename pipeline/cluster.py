@@ -1043,6 +1043,8 @@ def bounded_map(client: Client, fn: Callable[[T], Any], items: Iterable[T], max_
     submit_kwargs.setdefault("pure", False)
     if resources:
         submit_kwargs["resources"] = dict(resources)
+    later = {k: v for k, v in submit_kwargs.items() if k not in ("resources", "key")}
+    stages = [(stage, {**later, **({"resources": dict(res)} if res else {})}) for stage, res in then]
     source = iter(items)
     pending: dict[str, T] = {}
     done = as_completed()
@@ -1053,10 +1055,7 @@ def bounded_map(client: Client, fn: Callable[[T], Any], items: Iterable[T], max_
         except StopIteration:
             return False
         future = client.submit(fn, item, retries=retries, **submit_kwargs)
-        for stage, stage_resources in then:
-            options = {k: v for k, v in submit_kwargs.items() if k not in ("resources", "key")}
-            if stage_resources:
-                options["resources"] = dict(stage_resources)
+        for stage, options in stages:
             future = client.submit(stage, future, retries=retries, **options)
         pending[future.key] = item
         done.add(future)

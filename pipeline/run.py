@@ -357,7 +357,6 @@ def predict_tiles(read: ReadTiles) -> PredictedTiles:
     if not read.tiles:
         return PredictedTiles(job, read.cached, [], [], [], [], [], (0.0, 0.0))
     bundle = _worker_model(job)
-    image = Box(0, 0, *job.plan.shape)
     t0 = time.perf_counter()
     probs, dists = _predict_by_shape(bundle.net, read.windows)
     with _SlideOnDemand(job) as slide:
@@ -365,7 +364,7 @@ def predict_tiles(read: ReadTiles) -> PredictedTiles:
         grown, damage = [], []
         for tile, prob, dist, records in zip(read.tiles, probs, dists, read.damaged):
             before = slide.damage_fills
-            grown.append(predict_grown_windows(tile.core, tile.window, prob, dist, image,
+            grown.append(predict_grown_windows(tile.core, tile.window, prob, dist, job.plan.image,
                                                bundle.watershed, job.margin, job.multiple, predict))
             if slide.damage_fills > before:  # a grown window met damage
                 records = tuple(sorted(set(records) | set(_damage_records(slide.reader()))))
@@ -456,7 +455,7 @@ def _window_predictor(net: Any, reader: Callable[[], Any], job: TileJob,
         return p[0], d[0]
 
     return subwindow_predictor(predict_window, job.margin, job.multiple,
-                               max(max(w.shape[:2]) for w in windows), Box(0, 0, *job.plan.shape))
+                               max(max(w.shape[:2]) for w in windows), job.plan.image)
 
 
 def _segment_and_save(job: TileJob, tile: Tile, prob: np.ndarray, dist: np.ndarray, predict: Any,
@@ -466,7 +465,7 @@ def _segment_and_save(job: TileJob, tile: Tile, prob: np.ndarray, dist: np.ndarr
     from pipeline.tissue import keep_in_tissue
 
     t_seg = time.perf_counter()
-    result = segment_tile(tile.core, tile.window, prob, dist, Box(0, 0, *job.plan.shape), params,
+    result = segment_tile(tile.core, tile.window, prob, dist, job.plan.image, params,
                           job.margin, job.multiple, predict)
     dropped = 0
     if job.tissue is not None:

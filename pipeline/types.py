@@ -95,6 +95,11 @@ class ReadPlan:
     mpp: float  # model mpp actually used
     shape: tuple[int, int]  # (height, width) in model pixels
 
+    @property
+    def image(self) -> Box:
+        """The model-pixel image as a box (windows and grown clusters are clipped to it)."""
+        return Box(0, 0, *self.shape)
+
 
 @dataclass(frozen=True)
 class Tile:
