@@ -94,6 +94,29 @@ class WatershedParams:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentations (``models.augment``); 0 / False switches one off, so that each
+    can be measured by ablation. Defaults: what the multi-dataset models are trained with."""
+
+    stain: float = 0.15  # HED optical densities scaled by 1 +- stain, shifted by +- 0.05 stain
+    hue: float = 0.04  # hue shift (fraction of the colour circle)
+    saturation: float = 0.25  # saturation scaled by 1 +- saturation
+    brightness: float = 0.08  # contrast gain 1 +- b, brightness shift +- b/2 of full scale
+    scale: float = 0.2  # random rescale by 1 +- scale
+    rotate: bool = True  # any angle (flips and right angles are always drawn)
+    shear: float = 0.1  # shear factor
+    blur: float = 0.3  # chance of a Gaussian blur
+    jpeg: float = 0.3  # chance of JPEG re-compression
+
+    @classmethod
+    def legacy(cls, jitter: float) -> AugmentConfig:
+        """The augmentation of the models trained before multi-dataset training: HED and
+        brightness/contrast jitter of one strength, nothing else."""
+        return cls(stain=jitter, hue=0.0, saturation=0.0, brightness=jitter, scale=0.0,
+                   rotate=False, shear=0.0, blur=0.0, jpeg=0.0)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Training schedule; every field is recorded in the checkpoint's provenance."""
 
@@ -107,12 +130,21 @@ class TrainConfig:
     checkpoint_every: int = 250
     seed: int = 0
     downsample: int = 1
-    color_jitter: float = 0.08
+    color_jitter: float = 0.08  # the legacy augmentation's strength, used when augment is None
+    augment: AugmentConfig | None = None
     threads: int = 0
     # knowledge distillation: targets become (1 - distill) * truth + distill * teacher output
     teacher: str | None = None
     distill: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, dict):  # read back from a checkpoint's JSON-like record
+            object.__setattr__(self, "augment", from_dict(AugmentConfig, self.augment))
+
+    @property
+    def augmentation(self) -> AugmentConfig:
+        return self.augment if self.augment is not None else AugmentConfig.legacy(self.color_jitter)
 
 
 def from_dict(cls: type, data: dict[str, Any]):

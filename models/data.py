@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
 from PIL import Image
-from skimage.color import hed2rgb, rgb2hed
 
-from models.config import DistanceNorm
+from models.augment import photometric, warp_crop, warp_matrix
+from models.config import AugmentConfig, DistanceNorm
+from models.datasets import (
+    BalancedSampler,
+    DatasetSpec,
+    parse_dataset,
+    resolution_factor,
+    slide_of,
+    split_by_slide,
+    unique_names,
+)
 from models.targets import distance_map, semantic_mask
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -118,53 +131,93 @@ def soften_targets(item: TrainingImage, prob: np.ndarray, distance: np.ndarray,
     return TrainingImage(item.image, item.mask, dist, soft_mask=soft)
 
 
-def stain_jitter(patch: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
-    """Random scaling/shift of the haematoxylin, eosin and DAB optical densities, so that
-    the model sees the spread of stainings of other labs and scanners."""
-    if strength <= 0:
-        return patch
-    hed = rgb2hed(patch)
-    alpha = rng.uniform(1 - strength, 1 + strength, size=3)
-    beta = rng.uniform(-strength, strength, size=3) * 0.05
-    rgb = hed2rgb(hed * alpha + beta)
-    return np.clip(rgb * 255.0, 0, 255).astype(np.uint8)
-
-
-def random_patch(images: list[TrainingImage], size: int, rng: np.random.Generator,
-                 jitter: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A random crop of a random image (chance by area), flipped/rotated, stain-jittered:
-    image, mask, distance and BCE target."""
-    areas = np.array([t.image.shape[0] * t.image.shape[1] for t in images], dtype=float)
-    item = images[rng.choice(len(images), p=areas / areas.sum())]
-    h, w = item.mask.shape
-    y = rng.integers(0, h - size + 1)
-    x = rng.integers(0, w - size + 1)
-    crops = [a[y:y + size, x:x + size]
-             for a in (item.image, item.mask, item.distance, item.bce_target)]
+def random_patch(sampler: BalancedSampler, size: int, rng: np.random.Generator,
+                 augment: AugmentConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A random crop of an image drawn by ``sampler``, warped (rescale, rotation, shear),
+    flipped/rotated by right angles, then photometrically augmented: image, mask, distance
+    and BCE target."""
+    item = sampler.pick(rng)
+    crops = warp_crop([item.image, item.mask, item.distance, item.bce_target], size,
+                      warp_matrix(rng, augment), rng)
     k = int(rng.integers(4))
     flip = bool(rng.integers(2))
     out = []
     for a in crops:
         a = np.rot90(a, k)
         out.append(np.ascontiguousarray(a[:, ::-1] if flip else a))
-    image = stain_jitter(out[0], rng, jitter)
-    image = _brightness_contrast(image, rng, jitter)
-    return image, out[1], out[2], out[3]
+    image = np.clip(out[0] + 0.5, 0, 255).astype(np.uint8) if out[0].dtype != np.uint8 else out[0]
+    mask = (out[1] > 0.5).astype(np.float32)
+    return photometric(image, rng, augment), mask, out[2].astype(np.float32), out[3].astype(np.float32)
 
 
-def _brightness_contrast(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
-    if strength <= 0:
-        return image
-    gain = rng.uniform(1 - strength, 1 + strength)
-    bias = rng.uniform(-strength, strength) * 255 * 0.5
-    mean = image.mean()
-    return np.clip((image - mean) * gain + mean + bias, 0, 255).astype(np.uint8)
+def area_sampler(images: list[TrainingImage]) -> BalancedSampler:
+    """One dataset whose images are drawn with chance by area (the sampling of models
+    trained on one folder)."""
+    return BalancedSampler([[images]], [[[t.image.shape[0] * t.image.shape[1] for t in images]]])
 
 
-def batch(images: list[TrainingImage], size: int, count: int, rng: np.random.Generator,
-          jitter: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(N, 3, S, S) float32 in [0, 1]; (N, 1, S, S) mask, distance and BCE target."""
-    parts = [random_patch(images, size, rng, jitter) for _ in range(count)]
+def batch(images: list[TrainingImage] | BalancedSampler, size: int, count: int,
+          rng: np.random.Generator, augment: AugmentConfig | float
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(N, 3, S, S) float32 in [0, 1]; (N, 1, S, S) mask, distance and BCE target.
+    ``augment`` may be a legacy jitter strength (HED + brightness/contrast only)."""
+    sampler = images if isinstance(images, BalancedSampler) else area_sampler(images)
+    if not isinstance(augment, AugmentConfig):
+        augment = AugmentConfig.legacy(float(augment))
+    parts = [random_patch(sampler, size, rng, augment) for _ in range(count)]
     x = np.stack([p[0] for p in parts]).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
     m, d, b = (np.stack([p[i] for p in parts])[:, None] for i in (1, 2, 3))
     return x, m, d, b
+
+
+@dataclass
+class LoadedDataset:
+    """One dataset's training images grouped by slide, its validation images, and the
+    record of the split that goes into the checkpoint's provenance."""
+
+    name: str
+    spec_text: str  # FOLDER:MPP, what --resume reads back
+    train: list[list[TrainingImage]]  # per training slide
+    val: list[TrainingImage]
+    record: dict[str, Any]
+
+    @property
+    def all_train(self) -> list[TrainingImage]:
+        return [item for slide in self.train for item in slide]
+
+
+def as_specs(data: Any) -> list[DatasetSpec]:
+    """Dataset specs from what the CLI, a caller or a resumed run gives: one folder, a
+    ``FOLDER:MPP`` string, or a list of them."""
+    if isinstance(data, DatasetSpec):
+        return [data]
+    if isinstance(data, (str, Path)):
+        return [parse_dataset(str(data))]
+    specs = [d if isinstance(d, DatasetSpec) else parse_dataset(str(d)) for d in data]
+    if not specs:
+        raise ValueError("no training data given")
+    return specs
+
+
+def load_datasets(specs: list[DatasetSpec], train_mpp: float, val_fraction: float, seed: int,
+                  norm: DistanceNorm) -> list[LoadedDataset]:
+    """Every dataset at the training resolution, split by slide (``split_by_slide``)."""
+    out = []
+    for spec, name in zip(specs, unique_names(specs)):
+        factor = resolution_factor(spec.mpp, train_mpp)
+        names = [image.stem for image, _ in list_pairs(spec.folder)]
+        train_names, val_names = split_by_slide(names, val_fraction, seed)
+        by_name = dict(zip(train_names, load_training_items(spec.folder, train_names, factor, norm)))
+        slides: dict[str, list[TrainingImage]] = {}
+        for n in train_names:
+            slides.setdefault(slide_of(n), []).append(by_name[n])
+        val = load_training_items(spec.folder, val_names, factor, norm) if val_names else []
+        record = {**spec.to_dict(), "name": name, "downsample": factor,
+                  "train_slides": sorted(slides), "val_slides": sorted({slide_of(n) for n in val_names}),
+                  "train_images": train_names, "val_images": val_names}
+        out.append(LoadedDataset(name, f"{spec.folder.resolve()}:{spec.mpp:g}",
+                                 [slides[s] for s in sorted(slides)], val, record))
+        log.info("%s: %d training image(s) of %d slide(s), %d validation image(s) of slide(s) %s",
+                 name, len(train_names), len(slides), len(val_names),
+                 ", ".join(record["val_slides"]) or "-")
+    return out

@@ -39,10 +39,10 @@ from tqdm import tqdm
 from models.checkpoints import ModelBundle
 from models.config import WatershedParams
 from models.data import downsample_image, downsample_labels, list_pairs, load_sample
+from models.datasets import MONUSEG_MPP
 from models.inference import predict_image
 from models.metrics import instance_scores
 from models.targets import distance_map
-from models.train import MONUSEG_MPP
 from models.watershed import postprocess
 
 log = logging.getLogger(__name__)

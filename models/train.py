@@ -30,20 +30,12 @@ from tqdm import tqdm
 
 from models import checkpoints
 from models.config import NetConfig, TargetConfig, TrainConfig, WatershedParams, from_dict
-from models.data import TrainingImage, batch, list_pairs, load_training_items, soften_targets
+from models.data import TrainingImage, as_specs, batch, load_datasets, soften_targets
+from models.datasets import MONUSEG_MPP, BalancedSampler
 from models.inference import predict_image
 from models.network import NucleusNet
 
 log = logging.getLogger(__name__)
-MONUSEG_MPP = 0.25  # MoNuSeg tiles are 40x crops, 0.2457-0.2527 um/px per the XMLs
-
-
-def split_names(names: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic train/validation split of image names."""
-    order = sorted(names)
-    np.random.default_rng(seed).shuffle(order)
-    n_val = max(1, round(len(order) * val_fraction)) if val_fraction > 0 else 0
-    return sorted(order[n_val:]), sorted(order[:n_val])
 
 
 def semantic_loss(logit: torch.Tensor, target: torch.Tensor,
@@ -68,6 +60,20 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / warmup
     t = (step - warmup) / max(1, cfg.steps - warmup)
     return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def validation_score(scores: dict[str, float]) -> float:
+    """The selection proxy: semantic Dice - 10 x regression MSE."""
+    return scores["val_dice"] - scores["val_mse"] * 10
+
+
+def balanced_scores(per_set: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Validation figures as the mean over datasets (each dataset weighs the same)."""
+    if not per_set:
+        return {"val_dice": float("nan"), "val_mse": float("nan"), "val_score": float("nan")}
+    mean = {k: float(np.mean([s[k] for s in per_set.values()])) for k in ("val_dice", "val_mse")}
+    mean["val_score"] = float(np.mean([validation_score(s) for s in per_set.values()]))
+    return mean
 
 
 def validate(net: NucleusNet, items: list[TrainingImage]) -> dict[str, float]:
@@ -151,17 +157,20 @@ def train(data: str | Path | None, out: str | Path, net_cfg: NetConfig, target_c
 
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     torch.manual_seed(cfg.seed)
-    names = [image.stem for image, _ in list_pairs(data)]
-    train_names, val_names = split_names(names, cfg.val_fraction, cfg.seed)
-    log.info("training on %d images, validating on %d", len(train_names), len(val_names))
-    train_items = load_training_items(data, train_names, cfg.downsample, target_cfg.distance_norm)
-    val_items = load_training_items(data, val_names, cfg.downsample, target_cfg.distance_norm)
+    datasets = load_datasets(as_specs(data), MONUSEG_MPP * cfg.downsample, cfg.val_fraction, cfg.seed,
+                             target_cfg.distance_norm)
+    train_items = [item for d in datasets for item in d.all_train]
     if cfg.distill > 0:  # validation keeps the true targets: selection is against the truth
         if not cfg.teacher:
             raise ValueError("distillation needs a teacher checkpoint")
         teacher = load_teacher(cfg.teacher, MONUSEG_MPP * cfg.downsample)
-        train_items = distill_items(train_items, teacher, cfg.distill)
+        soft = iter(distill_items(train_items, teacher, cfg.distill))
+        for d in datasets:
+            d.train = [[next(soft) for _ in slide] for slide in d.train]
         del teacher
+    sampler = BalancedSampler([d.train for d in datasets],
+                              [[[t.image.shape[0] * t.image.shape[1] for t in slide] for slide in d.train]
+                               for d in datasets])
 
     # where the weights came from, kept across --resume: a model trained on from a pruned
     # checkpoint stays a pruned model (its "pruning" record is what bench/README read)
@@ -191,12 +200,17 @@ def train(data: str | Path | None, out: str | Path, net_cfg: NetConfig, target_c
     log_path = out / "log.csv"
     fields = ["step", "loss", "semantic_loss", "regression_loss", "val_dice", "val_mse",
               "val_score", "lr", "elapsed_s", "steps_per_s"]
+    if len(datasets) > 1:
+        fields += [f"val_dice_{d.name}" for d in datasets] + [f"val_score_{d.name}" for d in datasets]
     if not log_path.exists():
         with open(log_path, "w", newline="") as f:
             csv.writer(f).writerow(fields)
 
     provenance = {
-        "data": str(Path(data).resolve()), "train_images": train_names, "val_images": val_names,
+        "data": datasets[0].record["folder"],
+        "train_images": [n for d in datasets for n in d.record["train_images"]],
+        "val_images": [n for d in datasets for n in d.record["val_images"]],
+        "datasets": [d.record for d in datasets],
         "train_config": asdict(cfg), "git_commit": git_commit(), "command": " ".join(sys.argv),
         "torch": str(torch.__version__), "started": dt.datetime.now().isoformat(timespec="seconds"),
     }
@@ -211,8 +225,8 @@ def train(data: str | Path | None, out: str | Path, net_cfg: NetConfig, target_c
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, cfg)
-        x, m, d, b = (torch.from_numpy(a) for a in batch(train_items, cfg.patch_size,
-                                                         cfg.batch_size, rng, cfg.color_jitter))
+        x, m, d, b = (torch.from_numpy(a) for a in batch(sampler, cfg.patch_size, cfg.batch_size,
+                                                         rng, cfg.augmentation))
         logit, dist = net(x)
         l_sem, l_reg = semantic_loss(logit, m, b), regression_loss(dist, d)
         loss = l_sem + l_reg
@@ -226,12 +240,17 @@ def train(data: str | Path | None, out: str | Path, net_cfg: NetConfig, target_c
         bar.set_postfix(loss=f"{running[0] / count:.4f}")
 
         if step % cfg.val_every == 0 or step == cfg.steps:
-            scores = validate(net, val_items)
-            score = scores["val_dice"] - scores["val_mse"] * 10
+            per_set = {d.name: validate(net, d.val) for d in datasets if d.val}
+            scores = balanced_scores(per_set)
+            score = scores["val_score"]
             means = [float(v) for v in (running / max(count, 1)).round(5)]
             row = [step, *means, round(scores["val_dice"], 5),
                    round(scores["val_mse"], 6), round(score, 5), f"{learning_rate(step, cfg):.2e}",
                    round(time.time() - started, 1), round(count / (time.time() - window_start), 4)]
+            if len(datasets) > 1:
+                row += [round(per_set[d.name]["val_dice"], 5) if d.name in per_set else "" for d in datasets]
+                row += [round(validation_score(per_set[d.name]), 5) if d.name in per_set else ""
+                        for d in datasets]
             with open(log_path, "a", newline="") as f:
                 csv.writer(f).writerow(row)
             log.info("step %d: %s", step, dict(zip(fields, row)))
@@ -253,6 +272,6 @@ def train(data: str | Path | None, out: str | Path, net_cfg: NetConfig, target_c
                 "best": best, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                 "elapsed": time.time() - started, "net": asdict(net_cfg),
                 "targets": asdict(target_cfg), "train": asdict(cfg),
-                "data": str(Path(data).resolve()), "init": init_record}, last_path)
+                "data": [d.spec_text for d in datasets], "init": init_record}, last_path)
     bar.close()
     return out / "best.pt"

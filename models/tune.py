@@ -19,6 +19,7 @@ import numpy as np
 
 from models import checkpoints
 from models.config import DistanceNorm, WatershedParams
+from models.datasets import MONUSEG_MPP, DatasetSpec
 from models.evaluate import Prediction, predict_folder, upsample_labels
 from models.metrics import Overlap
 from models.watershed import foreground_components, split_components
@@ -52,12 +53,17 @@ def default_grid(mpp: float, distance_norm: DistanceNorm = "per_nucleus") -> dic
             "min_size": px(MIN_SIZE_AREAS_UM2)}
 
 
-def tune_watershed(predictions: list[Prediction],
-                   grid: dict[str, Sequence] | None = None) -> tuple[WatershedParams, list[dict]]:
-    """Setting of maximal mean AJI over ``predictions`` and the table of every setting
-    (grid order; ties go to the first setting in that order)."""
+def tune_watershed(predictions: list[Prediction], grid: dict[str, Sequence] | None = None,
+                   weights: Sequence[float] | None = None) -> tuple[WatershedParams, list[dict]]:
+    """Setting of maximal mean AJI over ``predictions`` (weighted by ``weights``, e.g. so
+    that every dataset weighs the same) and the table of every setting (grid order; ties
+    go to the first setting in that order)."""
     if not predictions:
         raise ValueError("no validation predictions to tune on")
+    w = np.ones(len(predictions)) if weights is None else np.asarray(weights, dtype=float)
+    if w.shape != (len(predictions),) or not np.all(w >= 0) or w.sum() <= 0:
+        raise ValueError("weights: one non-negative weight per prediction, not all zero")
+    w = w / w.sum()
     grid = dict(grid or default_grid(predictions[0].mpp))
     unknown = set(grid) - set(GRID_KEYS)
     if unknown:
@@ -67,7 +73,7 @@ def tune_watershed(predictions: list[Prediction],
     combos = list(itertools.product(*(axes[k] for k in GRID_KEYS)))
     total = np.zeros(len(combos))
     index = {c: i for i, c in enumerate(combos)}
-    for pred in predictions:
+    for pred, weight in zip(predictions, w):
         for fg in axes["fg_threshold"]:
             comps, _ = foreground_components(pred.prob, WatershedParams(fg_threshold=fg))
             for mt, mms in itertools.product(axes["marker_threshold"], axes["min_marker_size"]):
@@ -82,8 +88,8 @@ def tune_watershed(predictions: list[Prediction],
                 for size in axes["min_size"]:
                     drop = sized < size
                     drop[0] = False
-                    total[index[(fg, mt, mms, size)]] += table.without_pred(drop).aji()
-    mean = total / len(predictions)
+                    total[index[(fg, mt, mms, size)]] += weight * table.without_pred(drop).aji()
+    mean = total
     rows = [{**dict(zip(GRID_KEYS, c)), "aji": float(a)} for c, a in zip(combos, mean)]
     best = int(np.argmax(mean))
     fg, mt, mms, size = combos[best]
@@ -93,33 +99,69 @@ def tune_watershed(predictions: list[Prediction],
     return params, rows
 
 
-def retune_checkpoint(model: str | Path, data: str | Path, out: str | Path, *,
-                      device: str = "cpu", grid: dict[str, Sequence] | None = None,
+def validation_sets(bundle: checkpoints.ModelBundle, data: Sequence[DatasetSpec] | None
+                    ) -> list[tuple[DatasetSpec, list[str]]]:
+    """(dataset, validation image names) recorded in a checkpoint, each at the folder and
+    µm/px it was trained from, or at the folder given for it in ``data`` (matched by
+    dataset name, or in order for a model trained on one folder)."""
+    recorded = bundle.provenance.get("datasets")
+    if not recorded:  # a model trained on one folder, before several datasets were recorded
+        names = list(bundle.provenance.get("val_images") or [])
+        folder = bundle.provenance.get("data")
+        recorded = [{"name": None, "folder": folder, "mpp": MONUSEG_MPP, "val_images": names}]
+    given = list(data or [])
+    if given and len(given) != len(recorded) and len(recorded) > 1:
+        raise ValueError(f"{bundle.path} was trained on {len(recorded)} datasets; give all "
+                         f"of their folders or none (the recorded ones are then used)")
+    out = []
+    for i, rec in enumerate(recorded):
+        if not rec.get("val_images"):
+            continue
+        spec = DatasetSpec(Path(rec["folder"]), float(rec["mpp"])) if rec.get("folder") else None
+        if given:
+            match = [g for g in given if rec.get("name") and g.name == rec["name"]]
+            spec = match[0] if match else given[min(i, len(given) - 1)]
+            if rec.get("folder") and Path(rec["folder"]).resolve() != spec.folder.resolve():
+                log.warning("tuning on %s but the model was trained on %s", spec.folder, rec["folder"])
+        if spec is None:
+            raise ValueError(f"{bundle.path}: no training folder recorded; give --data")
+        out.append((spec, list(rec["val_images"])))
+    if not out:
+        raise checkpoints.CheckpointError(
+            f"{bundle.path}: no provenance['val_images'] (validation split) to tune on")
+    return out
+
+
+def retune_checkpoint(model: str | Path, data: Sequence[DatasetSpec] | str | Path | None,
+                      out: str | Path, *, device: str = "cpu", grid: dict[str, Sequence] | None = None,
                       half: bool = False,
                       progress: bool = True) -> tuple[Path, WatershedParams, dict[str, Any]]:
-    """Tune the watershed of a checkpoint on its validation images in ``data`` (the
-    training folder) and save a copy with the tuned parameters at ``out`` (float16 weights
-    with ``half``, as shipped).
+    """Tune the watershed of a checkpoint on its validation images (each dataset's images
+    weighing 1 / number of datasets) and save a copy with the tuned parameters at ``out``
+    (float16 weights with ``half``, as shipped). ``data``: the training folder(s), default
+    the recorded ones.
 
     Returns the new path, the parameters and the tuning record stored in
     ``provenance["watershed_tuning"]``."""
     bundle = checkpoints.load(model, device=device)
-    val_names = list(bundle.provenance.get("val_images") or [])
-    if not val_names:
-        raise checkpoints.CheckpointError(
-            f"{bundle.path}: no provenance['val_images'] (validation split) to tune on")
-    trained_on = bundle.provenance.get("data")
-    if trained_on and Path(trained_on).resolve() != Path(data).resolve():
-        log.warning("tuning on %s but the model was trained on %s", data, trained_on)
-    predictions = predict_folder(bundle, data, names=val_names, progress=progress)
+    if isinstance(data, (str, Path)):
+        data = [DatasetSpec(Path(data))]
+    sets = validation_sets(bundle, data)
+    predictions: list[Prediction] = []
+    weights: list[float] = []
+    for spec, names in sets:
+        found = predict_folder(bundle, spec.folder, names=names, progress=progress, data_mpp=spec.mpp)
+        predictions += found
+        weights += [1.0 / (len(found) * len(sets))] * len(found)
     grid = dict(grid or default_grid(bundle.mpp, bundle.targets.distance_norm))
-    params, rows = tune_watershed(predictions, grid)
+    params, rows = tune_watershed(predictions, grid, weights)
     best = max(rows, key=lambda r: r["aji"])
     before = next((r["aji"] for r in rows if all(r[k] == getattr(bundle.watershed, k)
                                                    for k in GRID_KEYS)), None)
     record = {"best_aji": best["aji"], "previous": bundle.watershed.to_dict(),
-              "previous_aji": before, "val_images": sorted(set(val_names)),
-              "data": str(Path(data).resolve()), "source_sha256": bundle.sha256,
+              "previous_aji": before, "val_images": sorted({n for _, names in sets for n in names}),
+              "data": [{**spec.to_dict(), "val_images": sorted(names)} for spec, names in sets],
+              "source_sha256": bundle.sha256,
               "grid": {k: list(v) for k, v in grid.items()}, "settings": len(rows)}
     provenance = {**bundle.provenance, "watershed_tuning": record}
     path = checkpoints.save(out, bundle.net, mpp=bundle.mpp, watershed=params,

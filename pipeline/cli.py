@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from pipeline import __version__
 from pipeline.cliutil import add_threads_argument, formatter
@@ -41,7 +42,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                "  wsi-nuclei train --data DIR --out runs/paper --arch paper   # the authors' U-Nets\n"
                "  wsi-nuclei train --data DIR --out runs/p80 --init slim80.pt --teacher dense.pt "
                "--lr 5e-4   # distil a pruned model")
-    p.add_argument("--data", help="annotated folder with images/ and labels/")
+    p.add_argument("--data", nargs="+", metavar="FOLDER[:MPP]",
+                   help="annotated folder(s) with images/ and labels/, each optionally with the "
+                        "µm/px of its images (default 0.25 = 40x); several folders are sampled "
+                        "balanced per dataset and per slide, and each is split by slide "
+                        "(name <slide>_<crop>) into training and validation")
     p.add_argument("--out", required=True, help="run folder (log.csv, last.pt, best.pt)")
     p.add_argument("--arch", choices=["paper", "dual"], default="dual")
     p.add_argument("--widths", default="16,32,64,128,256", help="filters per level")
@@ -52,7 +57,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "0.1 for paper, as the authors' U-Nets)")
     p.add_argument("--distance-norm", choices=["per_nucleus", "per_image"], default="per_nucleus")
     p.add_argument("--downsample", type=int, default=1,
-                   help="train at 1/N resolution (2 = 20x / 0.5 um/px from 40x data)")
+                   help="train at 0.25 x N µm/px (2 = 20x / 0.5 µm/px from 40x data)")
+    p.add_argument("--augment", choices=["full", "legacy"], default="full",
+                   help="full: stain (HED), hue/saturation, brightness, rescale, rotation, shear, "
+                        "blur and JPEG; legacy: HED and brightness jitter only (models before "
+                        "multi-dataset training)")
+    p.add_argument("--augment-off", default="", metavar="NAMES",
+                   help="comma-separated augmentations to switch off, for ablations (fields of "
+                        "models.config.AugmentConfig: stain, hue, saturation, brightness, scale, "
+                        "rotate, shear, blur, jpeg)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 6000)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--patch-size", type=int, default=256)
@@ -72,6 +85,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_train)
 
 
+def _augment_config(preset: str, off: str) -> Any:
+    """The AugmentConfig of ``--augment`` less the ``--augment-off`` names."""
+    from dataclasses import fields, replace
+
+    from models.config import AugmentConfig, TrainConfig
+
+    base = AugmentConfig() if preset == "full" else AugmentConfig.legacy(TrainConfig.color_jitter)
+    names = [n.strip() for n in off.split(",") if n.strip()]
+    known = {f.name: f for f in fields(AugmentConfig)}
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise UsageError(f"--augment-off: unknown augmentation(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(known)}")
+    return replace(base, **{n: False if isinstance(getattr(base, n), bool) else 0.0 for n in names})
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from models.config import NetConfig, TargetConfig, TrainConfig
     from models.train import train
@@ -82,7 +111,8 @@ def _run_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--distill must be in [0, 1], not {args.distill}")
     net_cfg = NetConfig.for_arch(args.arch, tuple(int(w) for w in args.widths.split(",")),
                                  batchnorm=args.batchnorm, dropout=args.dropout)
-    cfg = TrainConfig(patch_size=args.patch_size, batch_size=args.batch_size, lr=args.lr,
+    augment = _augment_config(args.augment, args.augment_off)
+    cfg = TrainConfig(patch_size=args.patch_size, batch_size=args.batch_size, lr=args.lr, augment=augment,
                       seed=args.seed, val_every=args.val_every, downsample=args.downsample,
                       checkpoint_every=args.checkpoint_every, threads=args.threads,
                       teacher=args.teacher, distill=args.distill if args.teacher else 0.0)

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,17 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
                "  wsi-nuclei evaluate --model runs/dense/best.pt --data DIR --json scores.json\n"
                "  wsi-nuclei evaluate --model pruned80 --data DIR --images NAME1,NAME2\n"
                "  wsi-nuclei evaluate --model dense.pt --data DIR20X --mpp 0.5   "
-               "# a 20x folder, a 40x model")
+               "# a 20x folder, a 40x model\n"
+               "  wsi-nuclei evaluate --model pruned20x.pt --val --data ../shared/data/monuseg/train "
+               "../shared/data/tnbc/train:0.25")
     _model_arguments(p)
-    p.add_argument("--data", required=True, help="annotated folder with images/ and labels/")
+    p.add_argument("--data", required=True, nargs="+", metavar="FOLDER[:MPP]",
+                   help="annotated folder(s) with images/ and labels/, each optionally with the "
+                        "µm/px of its images; several folders are scored and reported one by "
+                        "one, with their mean")
+    p.add_argument("--val", action="store_true",
+                   help="score only the validation images the checkpoint records for each folder "
+                        "(slides it was not trained on)")
     p.add_argument("--mpp", type=float, default=None, metavar="X",
                    help="µm per pixel of the folder's images (default: 0.25, MoNuSeg); they "
                         "are resampled to the model's µm/px like a slide, e.g. up 2x for "
@@ -68,7 +77,8 @@ def add_tune(sub: argparse._SubParsersAction) -> None:
                "  wsi-nuclei tune --model runs/dense/best.pt "
                "--data ../shared/data/monuseg/train --out runs/dense/tuned.pt")
     _model_arguments(p)
-    p.add_argument("--data", required=True, help="the training folder of the model")
+    p.add_argument("--data", nargs="+", metavar="FOLDER[:MPP]",
+                   help="the training folder(s) of the model (default: those its checkpoint records)")
     p.add_argument("--out", required=True, help="new checkpoint with the tuned parameters")
     p.add_argument("--half", action="store_true",
                    help="store the weights as float16 (half the file; how shipped models are stored)")
@@ -116,31 +126,74 @@ def write_json(data: Any, path: str | os.PathLike) -> Path:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from models import checkpoints
+    from models.datasets import parse_dataset
     from models.evaluate import evaluate_folder
     from models.runtime import with_runtime
-    from models.train import MONUSEG_MPP
+    from models.tune import validation_sets
 
     device = _setup_torch(args)
     # the network slides run: the checkpoint's OpenVINO model on the CPU where there is one
     bundle = with_runtime(checkpoints.load(args.model, device=device, fold_bn=True), device)
     runtime = getattr(bundle.net, "runtime", "torch")
+    specs = [parse_dataset(d) for d in args.data]
+    if args.mpp is not None:  # --mpp: the folders named without their own µm/px
+        specs = [s if ":" in d else replace(s, mpp=args.mpp) for s, d in zip(specs, args.data)]
     names = [n.strip() for n in args.images.split(",") if n.strip()] if args.images else None
-    data_mpp = MONUSEG_MPP if args.mpp is None else args.mpp
-    result = evaluate_folder(bundle, args.data, names=names, progress=not args.quiet,
-                             data_mpp=data_mpp)
-    print(format_table(result))
-    print(f"model {bundle.path} (sha256 {bundle.sha256[:12]}, {bundle.mpp} µm/px, {runtime}) on data at "
-          f"{data_mpp} µm/px, watershed {result['watershed']}")
+    wanted: list[list[str] | None] = [names] * len(specs)
+    if args.val:
+        recorded = validation_sets(bundle, specs)
+        if len(recorded) != len(specs):
+            raise ValueError(f"--val: {bundle.path} records validation images for "
+                             f"{len(recorded)} of the {len(specs)} folders")
+        specs = [spec for spec, _ in recorded]
+        wanted = [[n for n in val if names is None or n in names] for _, val in recorded]
+    results = {}
+    for spec, chosen in zip(specs, wanted):
+        result = evaluate_folder(bundle, spec.folder, names=chosen, progress=not args.quiet,
+                                 data_mpp=spec.mpp)
+        results[spec.name] = result
+        if len(specs) > 1:
+            print(f"\n{spec.name} ({spec.folder}, {spec.mpp:g} µm/px)")
+        print(format_table(result))
+    data_at = ", ".join(f"{spec.mpp:g} µm/px" for spec in specs)
+    print(f"model {bundle.path} (sha256 {bundle.sha256[:12]}, {bundle.mpp} µm/px, {runtime}) on data "
+          f"at {data_at}, watershed {next(iter(results.values()))['watershed']}")
+    if len(results) > 1:
+        print(format_summary(results))
     if args.json:
-        log.info("wrote %s", write_json(result, args.json))
+        payload = results[specs[0].name] if len(results) == 1 else {
+            "datasets": results, "mean_over_datasets": mean_over_datasets(results)}
+        log.info("wrote %s", write_json(payload, args.json))
     return 0
+
+
+SUMMARY_KEYS = ("aji", "pq", "f1", "precision", "recall", "dice")
+
+
+def mean_over_datasets(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Each dataset weighs the same, whatever its number of images."""
+    return {k: sum(r[k] for r in results.values()) / len(results) for k in SUMMARY_KEYS}
+
+
+def format_summary(results: dict[str, dict[str, Any]]) -> str:
+    """One row per dataset (means over its images) and their mean."""
+    width = max(len(n) for n in [*results, "mean"])
+    lines = ["dataset".ljust(width) + "  images  " + "  ".join(k.rjust(9) for k in SUMMARY_KEYS)]
+    rows = [(n, r["n_images"], r) for n, r in results.items()]
+    rows.append(("mean", "", mean_over_datasets(results)))
+    for name, n, r in rows:
+        lines.append(name.ljust(width) + f"  {n!s:>6}  " + "  ".join(f"{r[k]:9.4f}" for k in SUMMARY_KEYS))
+    return "\n".join(lines)
 
 
 def _run_tune(args: argparse.Namespace) -> int:
     from models.tune import retune_checkpoint
 
     device = _setup_torch(args)
-    path, params, record = retune_checkpoint(args.model, args.data, args.out, device=str(device),
+    from models.datasets import parse_dataset
+
+    data = [parse_dataset(d) for d in args.data] if args.data else None
+    path, params, record = retune_checkpoint(args.model, data, args.out, device=str(device),
                                              half=args.half, progress=not args.quiet)
     previous = record["previous_aji"]
     print(f"tuned on {len(record['val_images'])} validation image(s), {record['settings']} settings")

@@ -13,8 +13,9 @@ from conftest import TINY_WIDTHS
 
 from models.checkpoints import load
 from models.config import NetConfig, TargetConfig, TrainConfig, WatershedParams
+from models.datasets import MONUSEG_MPP, split_by_slide
 from models.network import NucleusNet
-from models.train import MONUSEG_MPP, learning_rate, split_names, train
+from models.train import learning_rate, train
 
 NET = NetConfig(arch="dual", widths=TINY_WIDTHS, batchnorm=True, dropout=0.0)
 CFG = TrainConfig(patch_size=32, batch_size=4, steps=30, lr=3e-3, val_every=10,
@@ -88,8 +89,8 @@ def test_resume_without_last_is_an_error(tmp_path: Path) -> None:
 
 def test_split_is_deterministic_and_disjoint() -> None:
     names = [f"n{i}" for i in range(10)]
-    a = split_names(names, 0.2, seed=0)
-    assert a == split_names(list(reversed(names)), 0.2, seed=0)
+    a = split_by_slide(names, 0.2, seed=0)
+    assert a == split_by_slide(list(reversed(names)), 0.2, seed=0)
     assert len(a[1]) == 2 and set(a[0]) | set(a[1]) == set(names)
     assert not set(a[0]) & set(a[1])
 
