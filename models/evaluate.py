@@ -47,8 +47,8 @@ from models.watershed import postprocess
 
 log = logging.getLogger(__name__)
 
-SCORE_KEYS = ("dice", "aji", "pq", "dq", "sq", "precision", "recall", "f1",
-              "semantic_dice", "regression_mse")
+SCORE_KEYS = ("dice", "aji", "pq", "dq", "sq", "precision", "recall", "f1", "split_rate",
+              "merge_rate", "semantic_dice", "regression_mse")
 
 
 @dataclass

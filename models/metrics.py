@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+SPLIT_COVER = 0.2  # a piece counts towards a split / merge from 20 % of the nucleus's area
+
 
 def _ids(labels: np.ndarray) -> np.ndarray:
     """Labels as a flat int64 array with small non-negative ids (bincount-friendly)."""
@@ -80,12 +82,28 @@ class Overlap:
     def aji(self) -> float:
         return _aji(self)
 
+    def split_merge(self, cover: float = SPLIT_COVER) -> tuple[float, float]:
+        """(split rate, merge rate): the fraction of true nuclei of which two or more
+        predictions each cover at least ``cover`` of the nucleus's area (one nucleus cut
+        into pieces), and the fraction of predictions that cover at least ``cover`` of each
+        of two or more true nuclei (neighbours fused)."""
+        if self.t.size == 0:
+            return 0.0, 0.0
+        split = np.bincount(self.t[self.inter >= cover * self.true_area[self.t]],
+                            minlength=len(self.true_area))
+        merged = np.bincount(self.p[self.inter >= cover * self.true_area[self.t]],
+                             minlength=len(self.pred_area))
+        return (float(np.count_nonzero(split >= 2)) / max(self.n_true, 1),
+                float(np.count_nonzero(merged >= 2)) / max(self.n_pred, 1))
+
     def scores(self) -> dict[str, float]:
         """All instance scores (without pixel Dice)."""
         pq, dq, sq = _pq(self)
         precision, recall, f1 = _prf(self, 0.5)
+        split, merge = self.split_merge()
         return {"aji": _aji(self), "pq": pq, "dq": dq, "sq": sq,
-                "precision": precision, "recall": recall, "f1": f1}
+                "precision": precision, "recall": recall, "f1": f1,
+                "split_rate": split, "merge_rate": merge}
 
 
 def dice(pred: np.ndarray, true: np.ndarray) -> float:
@@ -182,5 +200,5 @@ def detection_scores(true: np.ndarray, pred: np.ndarray,
 
 
 def instance_scores(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """dice, aji, pq, dq, sq, precision, recall and f1 of one image."""
+    """dice, aji, pq, dq, sq, precision, recall, f1, split and merge rates of one image."""
     return {"dice": dice(pred, true), **Overlap.of(true, pred).scores()}

@@ -39,7 +39,7 @@ from pipeline.types import Box
 TOP_KEYS = {"dice", "aji", "pq", "f1", "semantic_dice", "regression_mse", "n_images",
             "per_image", "model", "watershed"}
 ROW_KEYS = {"name", "n_true", "n_pred", "dice", "aji", "pq", "dq", "sq", "precision", "recall",
-            "f1", "semantic_dice", "regression_mse"}
+            "split_rate", "merge_rate", "f1", "semantic_dice", "regression_mse"}
 
 
 def perfect_predictions(folder: Path, factor: int = 1) -> list[Prediction]:

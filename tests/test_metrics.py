@@ -73,19 +73,36 @@ def test_perfect_prediction_scores_one_whatever_the_ids() -> None:
     true, _ = ndi.label(rng.random((40, 50)) > 0.6)
     pred = np.where(true > 0, true.astype(np.int64) * 7919 + 10**9, 0)  # huge, sparse ids
     scores = instance_scores(true, pred)
-    assert set(scores) == {"dice", "aji", "pq", "dq", "sq", "precision", "recall", "f1"}
-    assert all(v == pytest.approx(1.0) for v in scores.values())
+    rates = {"split_rate", "merge_rate"}
+    assert set(scores) == {"dice", "aji", "pq", "dq", "sq", "precision", "recall", "f1"} | rates
+    assert all(v == pytest.approx(0.0 if k in rates else 1.0) for k, v in scores.items())
 
 
 def test_empty_cases() -> None:
     empty = np.zeros((5, 5), dtype=np.int32)
     one = box((5, 5), (1, 3, 1, 3))
-    assert all(v == 1.0 for v in instance_scores(empty, empty).values())
+    assert all(v == (0.0 if k.endswith("_rate") else 1.0)
+               for k, v in instance_scores(empty, empty).items())
     for true, pred in ((empty, one), (one, empty)):
         scores = instance_scores(true, pred)
         assert all(v == 0.0 for v in scores.values()), scores
     with pytest.raises(ValueError, match="differ"):
         aji(empty, np.zeros((5, 6), dtype=np.int32))
+
+
+def test_split_and_merge_rates_count_pieces_of_a_fifth_or_more() -> None:
+    true = np.zeros((20, 40), dtype=np.int32)
+    true[0:10, 0:10] = 1  # cut in two halves by the prediction: split
+    true[0:10, 12:22] = 2  # a 5 % sliver of another prediction: not split
+    true[12:20, 0:8] = 3  # fused with nucleus 4 by one prediction: merged
+    true[12:20, 8:16] = 4
+    pred = np.zeros_like(true)
+    pred[0:10, 0:5], pred[0:10, 5:10] = 1, 2
+    pred[0:10, 12:22], pred[0:5, 21:22] = 3, 4
+    pred[12:20, 0:16] = 5
+    split, merge = Overlap.of(true, pred).split_merge()
+    assert split == pytest.approx(1 / 4)
+    assert merge == pytest.approx(1 / 5)
 
 
 def reference_aji(true: np.ndarray, pred: np.ndarray) -> float:
