@@ -1,16 +1,20 @@
 """Tissue mask from a low-resolution level, so tiles on bare glass are never run.
 
 H&E tissue is coloured (pink/purple) while glass is white or grey, so the mask thresholds
-the HSV saturation: Otsu's threshold clamped to [SAT_FLOOR, SAT_CEIL]. The floor keeps
+the HSV saturation with hysteresis: tissue is every pixel above SAT_FLOOR that is connected
+to a pixel above Otsu's threshold clamped to [SAT_FLOOR, SAT_CEIL]. The floor keeps
 white/grey background (and JPEG noise on it) out even on an all-white slide, where Otsu
 would split noise; the ceiling keeps an all-tissue slide whole, where Otsu would split
-the tissue itself. Small specks (dust) and small holes (lumina, fat) are then cleaned up.
+the tissue itself; the hysteresis keeps pale, thin and loose stroma that touches stained
+tissue (fibroblasts in loose strands sit at a saturation far below Otsu's, which splits
+glass from dense tissue). Small specks (dust) and small holes (lumina, fat) are then
+cleaned up.
 Marker pen and dye are not tissue though saturated: pixels whose hue is green to cyan
 (``PEN_HUE_DEG``, far from eosin's pink and haematoxylin's purple-blue) or that are nearly
 black (``DARK_VALUE``: ink, dye, dirt) count as unsaturated (``tissue_signal``).
 
-The mask is made at ~8 µm/px (a 100 µm tile edge is 12 mask pixels; slides longer than
-32 mm get coarser masks, at most 4096 px long), from the coarsest pyramid level that is at
+The mask is made at ~4 µm/px (a 10 µm strand of stroma still fills half a mask pixel;
+slides longer than 16 mm get coarser masks, at most 4096 px long), from the coarsest pyramid level that is at
 least that fine, box-averaged further: a gigapixel slide costs a few reads of its low
 levels, never a level-0 pass.
 """
@@ -33,12 +37,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TARGET_UM_PER_PX = 8.0  # mask resolution when the mpp is known
+TARGET_UM_PER_PX = 4.0  # mask resolution when the mpp is known
 TARGET_WIDTH_PX = 2048  # mask width when it is not
 MAX_MASK_SIDE = 4096  # huge slides get a coarser mask (18 µm/px for 75 mm)
 SAT_FLOOR = 0.07
 SAT_CEIL = 0.20
-MIN_OBJECT_UM2 = 10_000.0  # ~100 x 100 µm: smaller bits are dust or debris
+MIN_OBJECT_UM2 = 2_000.0  # ~45 x 45 µm: smaller bits are dust or debris
+GROW_UM = 8.0  # nuclei and tiles are judged by the mask grown by this much (its coarse edge)
 MIN_HOLE_UM2 = 10_000.0
 PEN_HUE_DEG = (70.0, 200.0)  # green..cyan: marker pen, never H&E (pink ~330, purple ~280)
 DARK_VALUE = 0.15  # HSV value below this (8 µm averages): ink, dye or dirt, not stained tissue
@@ -54,6 +59,7 @@ class TissueMask:
     mask: np.ndarray
     level0_per_pixel: float
     origin: tuple[int, int] = (0, 0)  # mask-pixel index of mask[0, 0] (crops: see ``crop``)
+    grow: int = 1  # mask pixels by which ``contains`` and ``covers`` grow the mask
     _integral: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
     _grown: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -65,10 +71,11 @@ class TissueMask:
             raise ValueError(f"level0_per_pixel must be positive, got {self.level0_per_pixel}")
 
     def _dilated(self) -> np.ndarray:
-        """The mask grown by one pixel (8-neighbourhood): what tiles and nuclei are judged
-        by, so that the mask's coarse border never cuts tissue off."""
+        """The mask grown by ``grow`` pixels (8-neighbourhood): what tiles and nuclei are
+        judged by, so that the mask's coarse border never cuts tissue off."""
         if self._grown is None:
-            self._grown = ndimage.binary_dilation(self.mask, structure=np.ones((3, 3), bool))
+            self._grown = ndimage.binary_dilation(self.mask, structure=np.ones((3, 3), bool),
+                                                  iterations=self.grow)
         return self._grown
 
     def crop(self, box_level0: Box) -> TissueMask:
@@ -77,11 +84,13 @@ class TissueMask:
         for points inside the box."""
         s = self.level0_per_pixel
         h, w = self.mask.shape
-        y0 = min(h, max(0, math.floor(box_level0.y0 / s) - 2 - self.origin[0]))
-        x0 = min(w, max(0, math.floor(box_level0.x0 / s) - 2 - self.origin[1]))
-        y1 = max(y0, min(h, math.ceil(box_level0.y1 / s) + 2 - self.origin[0]))
-        x1 = max(x0, min(w, math.ceil(box_level0.x1 / s) + 2 - self.origin[1]))
-        part = TissueMask(self.mask[y0:y1, x0:x1], s, (self.origin[0] + y0, self.origin[1] + x0))
+        m = self.grow + 1
+        y0 = min(h, max(0, math.floor(box_level0.y0 / s) - m - self.origin[0]))
+        x0 = min(w, max(0, math.floor(box_level0.x0 / s) - m - self.origin[1]))
+        y1 = max(y0, min(h, math.ceil(box_level0.y1 / s) + m - self.origin[0]))
+        x1 = max(x0, min(w, math.ceil(box_level0.x1 / s) + m - self.origin[1]))
+        part = TissueMask(self.mask[y0:y1, x0:x1], s, (self.origin[0] + y0, self.origin[1] + x0),
+                          self.grow)
         part._grown = self._dilated()[y0:y1, x0:x1]  # exact, unlike re-dilating the crop
         return part
 
@@ -135,12 +144,14 @@ class TissueMask:
 
     def __getstate__(self) -> dict[str, object]:
         return {"mask": self.mask, "level0_per_pixel": self.level0_per_pixel,
-                "origin": self.origin, "grown": self._grown if self.origin != (0, 0) else None}
+                "origin": self.origin, "grow": self.grow,
+                "grown": self._grown if self.origin != (0, 0) else None}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.mask = state["mask"]  # type: ignore[assignment]
         self.level0_per_pixel = state["level0_per_pixel"]  # type: ignore[assignment]
         self.origin = tuple(state.get("origin", (0, 0)))  # type: ignore[assignment, arg-type]
+        self.grow = int(state.get("grow", 1))  # type: ignore[call-overload]
         self._integral = None
         self._grown = state.get("grown")  # type: ignore[assignment]
 
@@ -213,7 +224,7 @@ def tissue_mask(reader: SlideReader, target_um_per_px: float = TARGET_UM_PER_PX,
                 target_width: int = TARGET_WIDTH_PX, max_side: int = MAX_MASK_SIDE) -> TissueMask:
     """Tissue of a slide at about ``target_um_per_px`` (``target_width`` px wide when the
     slide has no mpp), at most ``max_side`` px long (see ``mask_resolution``)."""
-    from skimage.filters import threshold_otsu
+    from skimage.filters import apply_hysteresis_threshold, threshold_otsu
 
     info = reader.info
     target = mask_resolution(info, target_um_per_px, target_width, max_side)
@@ -224,17 +235,20 @@ def tissue_mask(reader: SlideReader, target_um_per_px: float = TARGET_UM_PER_PX,
     else:
         otsu = SAT_FLOOR
     threshold = min(max(otsu, SAT_FLOOR), SAT_CEIL)
-    mask = sat > threshold
+    # pale tissue connected to stained tissue ("> threshold" at both ends, as before)
+    mask = apply_hysteresis_threshold(sat, SAT_FLOOR, threshold)
+    grow = 1
     if info.mpp is not None:
         px_um2 = (per_px * info.mpp) ** 2
         min_object = max(1, int(MIN_OBJECT_UM2 / px_um2))
         min_hole = max(1, int(MIN_HOLE_UM2 / px_um2))
+        grow = max(1, round(GROW_UM / (per_px * info.mpp)))
     else:
         min_object, min_hole = MIN_OBJECT_PX, MIN_HOLE_PX
     if mask.any():
         mask = remove_small_components(mask, min_object)  # dust, debris
         mask = ~remove_small_components(~mask, min_hole)  # small holes (as scikit-image)
-    result = TissueMask(mask, float(per_px))
+    result = TissueMask(mask, float(per_px), grow=grow)
     log.info("%s: tissue %.1f %% of the slide (saturation threshold %.3f, Otsu %.3f, "
              "%.1f level-0 px per mask px)", info.path, 100 * result.fraction, threshold,
              otsu, per_px)
