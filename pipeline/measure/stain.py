@@ -1,0 +1,166 @@
+"""Colour deconvolution of H&E into haematoxylin and eosin, with stain vectors estimated
+once per slide from its own tissue.
+
+Why per slide: stains differ between labs, batches and scanners, and an intensity feature
+is only comparable across slides when each slide is unmixed with its own vectors. The
+vectors and background are also written in the form QuPath's
+``setColorDeconvolutionStains(...)`` accepts (:meth:`StainVectors.to_qupath`), so that a
+user can set the same ones in their project and see the same numbers.
+
+Conventions follow QuPath's ``ColorDeconvolutionStains``: optical density is
+``-log10(value / background)`` per channel; stain vectors are unit length in OD space;
+the third stain, when none is given, is the unit cross product of the first two
+("Residual"); a pixel's stain values are its OD vector times the inverse of the stain
+matrix; ``OD Sum`` is the sum of the three channels' OD.
+
+Estimation is Macenko et al. (ISBI 2009): the OD of tissue pixels above a floor, the plane
+of its two main directions, and the two extreme angles in that plane (robust percentiles)
+as the two stains; haematoxylin is the one that absorbs more red. Where there are too few
+tissue pixels, or the estimate is implausible (far from H&E), QuPath's H&E defaults are
+used and the reason is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# QuPath's "H&E default" (ColorDeconvolutionStains.makeDefaultColorDeconvolutionStains)
+DEFAULT_HEMATOXYLIN = (0.65111, 0.70119, 0.29049)
+DEFAULT_EOSIN = (0.2159, 0.8012, 0.5581)
+DEFAULT_BACKGROUND = (255.0, 255.0, 255.0)
+OD_FLOOR = 0.1  # log10 OD length below which a pixel is near glass (too noisy for its direction)
+# robust extremes of the angle distribution: half of Macenko's 1 %, as the pixels come from
+# the tissue mask (glass, pen and dye already left out), where a tighter extreme is nearer
+# the pure stains (on synthetic H&E with 20 % nuclei: 0.02 vs 0.13 degrees for haematoxylin)
+ANGLE_PERCENTILE = 0.5
+MIN_PIXELS = 500  # fewer tissue pixels than this: keep the defaults
+MAX_DEVIATION_DEG = 30.0  # an estimate further than this from the default is implausible
+CHANNELS = ("Hematoxylin", "Eosin", "OD Sum")
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def angle_deg(a: np.ndarray | tuple, b: np.ndarray | tuple) -> float:
+    """The angle between two stain vectors in degrees."""
+    c = float(np.dot(_unit(np.asarray(a, float)), _unit(np.asarray(b, float))))
+    return math.degrees(math.acos(min(1.0, max(-1.0, c))))
+
+
+@dataclass(frozen=True)
+class StainVectors:
+    """Haematoxylin and eosin OD vectors (unit length, RGB order) and the background RGB."""
+
+    hematoxylin: tuple[float, float, float] = DEFAULT_HEMATOXYLIN
+    eosin: tuple[float, float, float] = DEFAULT_EOSIN
+    background: tuple[float, float, float] = DEFAULT_BACKGROUND
+    name: str = "H&E default"
+    source: str = "default"  # "estimated", "default", "user", or why the estimate was rejected
+
+    def matrix(self) -> np.ndarray:
+        """Rows: haematoxylin, eosin, residual (their unit cross product)."""
+        h = _unit(np.asarray(self.hematoxylin, float))
+        e = _unit(np.asarray(self.eosin, float))
+        return np.stack([h, e, _unit(np.cross(h, e))])
+
+    def to_qupath(self) -> str:
+        """The argument of QuPath's ``setColorDeconvolutionStains(...)``."""
+        def fmt(v: tuple[float, ...]) -> str:
+            return " ".join(f"{x:.5f}" for x in _unit(np.asarray(v, float)))
+
+        bg = " ".join(str(int(round(b))) for b in self.background)
+        return json.dumps({"Name": self.name, "Stain 1": "Hematoxylin", "Values 1": fmt(self.hematoxylin),
+                           "Stain 2": "Eosin", "Values 2": fmt(self.eosin), "Background": bg},
+                          ensure_ascii=False).replace('": "', '" : "')
+
+    def to_dict(self) -> dict[str, object]:
+        return {"hematoxylin": list(self.hematoxylin), "eosin": list(self.eosin),
+                "background": list(self.background), "name": self.name, "source": self.source,
+                "qupath": self.to_qupath()}
+
+    @classmethod
+    def parse(cls, text: str) -> StainVectors:
+        """``default`` or a QuPath stains string (as :meth:`to_qupath` writes, or copied
+        from a QuPath project's workflow: ``setColorDeconvolutionStains('{...}')``)."""
+        text = text.strip()
+        if text.lower() == "default":
+            return cls(source="user")
+        inner = re.search(r"\{.*\}", text, re.S)
+        if not inner:
+            raise ValueError("stain vectors: 'default' or a QuPath stains string "
+                             "'{\"Name\" : ..., \"Values 1\" : \"r g b\", ...}'")
+        data = json.loads(inner.group(0))
+
+        def values(key: str, n: int = 3) -> tuple[float, ...]:
+            try:
+                out = tuple(float(x) for x in str(data[key]).split())
+            except (KeyError, ValueError) as exc:
+                raise ValueError(f"stain vectors: {key!r} missing or not numbers") from exc
+            if len(out) != n:
+                raise ValueError(f"stain vectors: {key!r} needs {n} numbers, got {len(out)}")
+            return out
+
+        background = values("Background") if "Background" in data else DEFAULT_BACKGROUND
+        return cls(values("Values 1"), values("Values 2"), background,  # type: ignore[arg-type]
+                   name=str(data.get("Name", "user")), source="user")
+
+
+def optical_density(rgb: np.ndarray, background: tuple[float, float, float]) -> np.ndarray:
+    """``-log10(value / background)`` per channel, float32; values of 0 count as 1 (as
+    QuPath's lookup table does, so that black is finite)."""
+    bg = np.asarray(background, np.float32)
+    x = np.maximum(np.asarray(rgb, np.float32)[..., :3], 1.0)
+    return np.maximum(-np.log10(x / bg), 0.0)
+
+
+def deconvolve(rgb: np.ndarray, stains: StainVectors) -> dict[str, np.ndarray]:
+    """Haematoxylin and eosin stain values and the OD sum of every pixel (float32)."""
+    od = optical_density(rgb, stains.background)
+    conc = od @ np.linalg.inv(stains.matrix()).astype(np.float32)
+    return {CHANNELS[0]: conc[..., 0], CHANNELS[1]: conc[..., 1], CHANNELS[2]: od.sum(axis=-1)}
+
+
+def estimate_background(rgb: np.ndarray, tissue: np.ndarray) -> tuple[float, float, float]:
+    """The glass colour: the median of bright pixels off the tissue (255 where there is no
+    glass to see)."""
+    glass = np.asarray(rgb)[..., :3][~np.asarray(tissue, bool)].reshape(-1, 3).astype(np.float32)
+    glass = glass[glass.min(axis=1) > 180]
+    if len(glass) < MIN_PIXELS:
+        return DEFAULT_BACKGROUND
+    return tuple(float(v) for v in np.median(glass, axis=0))  # type: ignore[return-value]
+
+
+def estimate_stains(pixels: np.ndarray, background: tuple[float, float, float] = DEFAULT_BACKGROUND
+                    ) -> StainVectors:
+    """Macenko's estimate of haematoxylin and eosin from tissue pixels (N x 3 RGB), or the
+    defaults with the reason in ``source``."""
+    od = optical_density(np.asarray(pixels).reshape(-1, 3), background).astype(np.float64)
+    # by the OD vector's length, not per channel: pale eosin absorbs little red, and a
+    # per-channel floor would drop exactly the pixels that show the eosin direction
+    od = od[np.linalg.norm(od, axis=1) > OD_FLOOR]
+    if len(od) < MIN_PIXELS:
+        return StainVectors(background=background, source=f"default: {len(od)} stained pixels")
+    _, vecs = np.linalg.eigh(np.cov(od, rowvar=False))
+    plane = vecs[:, [2, 1]]  # the two main directions
+    plane *= np.where(plane.sum(axis=0) < 0, -1.0, 1.0)  # pointing into positive OD
+    proj = od @ plane
+    phi = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(phi, [ANGLE_PERCENTILE, 100 - ANGLE_PERCENTILE])
+    v1 = _unit(plane @ np.array([math.cos(lo), math.sin(lo)]))
+    v2 = _unit(plane @ np.array([math.cos(hi), math.sin(hi)]))
+    h, e = (v1, v2) if v1[0] > v2[0] else (v2, v1)
+    dh, de = angle_deg(h, DEFAULT_HEMATOXYLIN), angle_deg(e, DEFAULT_EOSIN)
+    if (h < 0).any() or (e < 0).any() or max(dh, de) > MAX_DEVIATION_DEG:
+        return StainVectors(background=background,
+                            source=f"default: estimate {dh:.0f}/{de:.0f} degrees from H&E")
+    return StainVectors(tuple(float(x) for x in h), tuple(float(x) for x in e),  # type: ignore[arg-type]
+                        background, name="H&E estimated", source="estimated")

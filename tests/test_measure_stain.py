@@ -1,0 +1,109 @@
+"""Stain vectors estimated from a synthetic H&E image with known stains, deconvolution,
+the QuPath stains string, and per-object intensity statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.measure.intensity import label_statistics
+from pipeline.measure.stain import (
+    DEFAULT_EOSIN,
+    DEFAULT_HEMATOXYLIN,
+    StainVectors,
+    angle_deg,
+    deconvolve,
+    estimate_background,
+    estimate_stains,
+)
+
+TRUE_H = (0.55, 0.76, 0.35)  # 8.5 degrees from QuPath's default haematoxylin
+TRUE_E = (0.12, 0.85, 0.51)  # 6.8 degrees from its default eosin
+BACKGROUND = (241.0, 238.0, 244.0)
+
+
+def synthetic_he(seed: int = 0, size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """RGB rendered from known stain concentrations (Beer-Lambert, log10), nuclei rich in
+    haematoxylin on eosin-rich stroma, glass in one corner; returns the image, the labels
+    of the nuclei, the haematoxylin concentrations and the tissue mask."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    labels = np.zeros((size, size), np.int32)
+    h = np.zeros((size, size))
+    e = rng.uniform(0.15, 0.45, (size, size))
+    for i in range(1, 201):  # ~15 % of the tissue is nuclei, as in H&E
+        cy, cx = rng.uniform(10, size - 10, 2)
+        r = rng.uniform(3, 7)
+        disc = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) & (labels == 0)
+        labels[disc] = i
+        h[disc] = rng.uniform(0.3, 0.9) * rng.uniform(0.85, 1.15, int(disc.sum()))
+        e[disc] *= rng.uniform(0.0, 0.3, int(disc.sum()))  # some nearly pure haematoxylin
+    tissue = ~((yy < 40) & (xx < 40))
+    h[~tissue], e[~tissue] = 0, 0
+    labels[~tissue] = 0
+    m = np.stack([np.asarray(TRUE_H) / np.linalg.norm(TRUE_H), np.asarray(TRUE_E) / np.linalg.norm(TRUE_E)])
+    od = h[..., None] * m[0] + e[..., None] * m[1]
+    rgb = np.asarray(BACKGROUND) * 10 ** (-od)
+    rgb = np.clip(np.round(rgb + rng.normal(0, 0.5, rgb.shape)), 0, 255).astype(np.uint8)
+    return rgb, labels, h, tissue
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_estimated_vectors_are_within_5_degrees_and_means_within_2_percent(seed: int) -> None:
+    rgb, labels, h, tissue = synthetic_he(seed)
+    background = estimate_background(rgb, tissue)
+    assert np.allclose(background, BACKGROUND, atol=1.0)
+    stains = estimate_stains(rgb[tissue], background)
+    assert stains.source == "estimated"
+    assert angle_deg(stains.hematoxylin, TRUE_H) < 5.0
+    assert angle_deg(stains.eosin, TRUE_E) < 5.0
+    channels = deconvolve(rgb, stains)
+    n = int(labels.max())
+    stats = label_statistics(labels, channels, n)
+    present = np.array([(labels == i).any() for i in range(1, n + 1)])  # a few are painted over
+    truth = np.array([h[labels == i].mean() for i in range(1, n + 1) if present[i - 1]])
+    found = stats["Hematoxylin: Mean"][present]
+    assert np.all(np.abs(found - truth) <= 0.02 * truth), np.abs(found / truth - 1).max()
+    assert np.isnan(stats["Hematoxylin: Mean"][~present]).all()
+    # the defaults are further off: the estimate is what makes the means right
+    default = label_statistics(labels, deconvolve(rgb, StainVectors(background=background)), n)
+    assert np.abs(default["Hematoxylin: Mean"][present] / truth - 1).max() > 0.05
+
+
+def test_too_little_or_implausible_tissue_falls_back_to_defaults() -> None:
+    white = np.full((100, 3), 250, np.uint8)
+    assert estimate_stains(white).source.startswith("default")
+    green = np.tile(np.array([[40, 200, 60], [30, 120, 40]], np.uint8), (600, 1))
+    found = estimate_stains(green)
+    assert found.source.startswith("default") and found.hematoxylin == DEFAULT_HEMATOXYLIN
+
+
+def test_qupath_string_round_trips() -> None:
+    stains = StainVectors(TRUE_H, TRUE_E, BACKGROUND, name="H&E estimated", source="estimated")
+    text = stains.to_qupath()
+    assert text.startswith('{"Name" : "H&E estimated", "Stain 1" : "Hematoxylin", "Values 1" : "')
+    assert '"Background" : "241 238 244"' in text
+    back = StainVectors.parse(f"setColorDeconvolutionStains('{text}');")
+    assert angle_deg(back.hematoxylin, TRUE_H) < 1e-3 and back.background == BACKGROUND
+    assert StainVectors.parse("default").eosin == DEFAULT_EOSIN
+    qupath = ('{"Name" : "H&E default", "Stain 1" : "Hematoxylin", "Values 1" : "0.65111 0.70119 0.29049", '
+              '"Stain 2" : "Eosin", "Values 2" : "0.2159 0.8012 0.5581", "Background" : " 255 255 255"}')
+    assert StainVectors.parse(qupath).hematoxylin == DEFAULT_HEMATOXYLIN
+    with pytest.raises(ValueError, match="Values 1"):
+        StainVectors.parse('{"Name": "x", "Values 1": "0.1 0.2"}')
+
+
+def test_label_statistics_match_numpy() -> None:
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 6, (40, 50))
+    labels[labels == 4] = 0  # label 4 has no pixels
+    values = rng.normal(size=(40, 50))
+    stats = label_statistics(labels, {"Hematoxylin": values}, 5, prefix="Nucleus: ")
+    for i in (1, 2, 3, 5):
+        v = values[labels == i]
+        assert stats["Nucleus: Hematoxylin: Mean"][i - 1] == pytest.approx(v.mean())
+        assert stats["Nucleus: Hematoxylin: Median"][i - 1] == pytest.approx(np.median(v))
+        assert stats["Nucleus: Hematoxylin: Min"][i - 1] == pytest.approx(v.min())
+        assert stats["Nucleus: Hematoxylin: Max"][i - 1] == pytest.approx(v.max())
+        assert stats["Nucleus: Hematoxylin: Std.Dev."][i - 1] == pytest.approx(v.std(ddof=1))
+    assert np.isnan(stats["Nucleus: Hematoxylin: Mean"][3])
