@@ -1,0 +1,67 @@
+"""Cells grown from nuclei: the Voronoi split, the scaled-hull constraint, and tiled ==
+whole image (a cell never depends on the tile seams)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.measure.cells import cell_margin, expand_nuclei
+
+
+def nuclei_image(seed: int = 0, size: int = 300, n: int = 120) -> np.ndarray:
+    """Disc and square nuclei on integer centres (many equidistant pixels: ties)."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((size, size), np.int32)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(1, n + 1):
+        cy, cx = rng.integers(0, size, 2)
+        r = int(rng.integers(2, 7))
+        shape = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) if i % 2 else (
+            (abs(yy - cy) <= r) & (abs(xx - cx) <= r // 2 + 1))
+        labels[shape & (labels == 0)] = i
+    return labels
+
+
+def test_cells_split_between_neighbours_and_keep_their_nuclei() -> None:
+    nuclei = np.zeros((20, 41), np.int32)
+    nuclei[10, 10] = 1
+    nuclei[10, 30] = 2
+    cells = expand_nuclei(nuclei, 15)
+    assert (cells[nuclei > 0] == nuclei[nuclei > 0]).all()
+    assert (cells[10, :20] == 1).all() and (cells[10, 21:] == 2).all()  # the bisector is x = 20
+    assert cells[10, 0] == 1 and cells[0, 10] == 1  # 10 px away: inside the expansion
+    far = expand_nuclei(nuclei, 5)
+    assert far[10, 4] == 0 and far[10, 5] == 1
+
+
+def test_scaled_hull_constraint_limits_cells() -> None:
+    nuclei = np.zeros((60, 60), np.int32)
+    nuclei[28:32, 20:40] = 1  # an elongated nucleus, 4 x 20 px
+    free = expand_nuclei(nuclei, 10)
+    capped = expand_nuclei(nuclei, 10, constrain_scale=1.5)
+    # the hull of the pixel squares is rows 27.5..31.5, cols 19.5..39.5; 1.5x about its
+    # centre (29.5, 29.5): rows 26.5..32.5, cols 14.5..44.5 (pixel centres inside it)
+    assert free[30, 12] == 1 and free[20, 30] == 1
+    assert capped[30, 12] == 0 and capped[30, 15] == 1 and capped[30, 44] == 1 and capped[30, 45] == 0
+    assert capped[20, 30] == 0 and capped[27, 30] == 1 and capped[26, 30] == 0 and capped[32, 30] == 1
+    assert (capped[nuclei > 0] == 1).all() and np.all((capped > 0) <= (free > 0))
+
+
+@pytest.mark.parametrize("scale", [None, 1.5])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tiled_cells_equal_whole_image_cells(seed: int, scale: float | None) -> None:
+    nuclei = nuclei_image(seed)
+    expansion = 10.0
+    whole = expand_nuclei(nuclei, expansion, scale)
+    margin = cell_margin(expansion, 14)  # nuclei are at most 13 px across
+    tiled = np.zeros_like(whole)
+    size = nuclei.shape[0]
+    for y in range(0, size, 70):
+        for x in range(0, size, 90):
+            y0, x0 = max(0, y - margin), max(0, x - margin)
+            y1, x1 = min(size, y + 70 + margin), min(size, x + 90 + margin)
+            part = expand_nuclei(nuclei[y0:y1, x0:x1], expansion, scale)
+            tiled[y:y + 70, x:x + 90] = part[y - y0:y - y0 + 70, x - x0:x - x0 + 90]
+    assert np.array_equal(tiled, whole)
+    assert (whole > 0).sum() > 2 * (nuclei > 0).sum()  # the cells did grow
