@@ -71,21 +71,59 @@ def quantize_int8(model: Any, patches: list[np.ndarray], mixed: bool = True, fas
                              preset=preset, fast_bias_correction=fast_bc)
 
 
-def load_calibration(folder: Path, mpp: float, native_mpp: float) -> list[np.ndarray]:
+def load_calibration(folder: Path, mpp: float, native_mpp: float,
+                     names: set[str] | None = None) -> list[np.ndarray]:
+    """The images of a folder (or of its ``images/``), only ``names`` where given, brought
+    to the model's resolution."""
     from PIL import Image
 
     from models.data import downsample_image
     from models.evaluate import resolution_factor
 
+    if (folder / "images").is_dir():
+        folder = folder / "images"
     factor = resolution_factor(mpp, native_mpp)
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                   and (names is None or p.stem in names))
     if not files:
         raise SystemExit(f"{folder}: no calibration images")
     return [downsample_image(np.asarray(Image.open(p).convert("RGB")), factor) for p in files]
 
 
-def make_openvino(checkpoint: str | Path, precision: str = "int8", calib: Path | None = None,
-                  patches: int = 256, native_mpp: float = 0.25, out: Path | None = None) -> Path:
+def balanced_patches(image_sets: list[list[np.ndarray]], n: int, side: int) -> list[np.ndarray]:
+    """``n`` patches shared equally between the datasets (each dataset's images in turn)."""
+    out: list[np.ndarray] = []
+    for k, images in enumerate(image_sets):
+        share = n // len(image_sets) + (1 if k < n % len(image_sets) else 0)
+        out += calibration_patches(images, share, side, seed=k)
+    return out
+
+
+def calibration_spec(item: Any, default_mpp: float) -> Any:
+    """A DatasetSpec from a spec, a path, or ``FOLDER[:MPP]`` (``default_mpp`` without one)."""
+    from dataclasses import replace
+
+    from models.datasets import DatasetSpec, parse_dataset
+
+    if isinstance(item, DatasetSpec):
+        return item
+    spec = parse_dataset(str(item))
+    return spec if spec.folder != Path(str(item)) else replace(spec, mpp=default_mpp)
+
+
+def training_names(provenance: dict[str, Any], folder: Path) -> set[str] | None:
+    """The training images the checkpoint records for ``folder`` (calibration never sees
+    its validation slides), or None where it records none."""
+    for record in provenance.get("datasets") or []:
+        recorded = Path(record["folder"]).resolve()
+        if recorded in (folder.resolve(), folder.resolve().parent):
+            return set(record["train_images"])
+    return None
+
+
+def make_openvino(checkpoint: str | Path, precision: str = "int8",
+                  calib: Path | list[Any] | None = None, patches: int = 256, native_mpp: float = 0.25,
+                  out: Path | None = None) -> Path:
     """Write the checkpoint's OpenVINO model (``models.runtime.openvino_path``) and return it."""
     import openvino as ov
 
@@ -94,10 +132,12 @@ def make_openvino(checkpoint: str | Path, precision: str = "int8", calib: Path |
     bundle = load(checkpoint, "cpu", fold_bn=True)
     model = to_openvino(bundle.net)
     if precision == "int8":
-        if calib is None:
+        if not calib:
             raise SystemExit("--calib FOLDER (training images) is needed for int8")
-        images = load_calibration(calib, bundle.mpp, native_mpp)
-        model = quantize_int8(model, calibration_patches(images, patches, CALIB_SIDE))
+        specs = [calibration_spec(c, native_mpp) for c in (calib if isinstance(calib, list) else [calib])]
+        sets = [load_calibration(s.folder, bundle.mpp, s.mpp, training_names(bundle.provenance, s.folder))
+                for s in specs]
+        model = quantize_int8(model, balanced_patches(sets, patches, CALIB_SIDE))
     model.set_rt_info(bundle.sha256, SOURCE_KEY)
     model.set_rt_info(precision, PRECISION_KEY)
     assert bundle.path is not None
@@ -111,8 +151,12 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="checkpoint (path or shipped name)")
     p.add_argument("--precision", choices=("int8", "fp32"), default="int8")
-    p.add_argument("--calib", type=Path, default=None, help="calibration images (training set)")
-    p.add_argument("--calib-mpp", type=float, default=0.25, help="µm/px of the calibration images")
+    p.add_argument("--calib", nargs="+", default=None, metavar="FOLDER[:MPP]",
+                   help="calibration images (training folders, or their images/); several "
+                        "share the patches equally; a model trained on several datasets is "
+                        "calibrated on their training slides only")
+    p.add_argument("--calib-mpp", type=float, default=0.25,
+                   help="µm/px of calibration folders named without one")
     p.add_argument("--patches", type=int, default=256, help="calibration patches (256^2)")
     p.add_argument("--out", type=Path, default=None, help="default: beside the checkpoint")
     args = p.parse_args(argv)

@@ -217,3 +217,22 @@ def test_evaluate_reports_each_dataset_and_their_mean(tmp_path: Path, two_datase
     assert payload["datasets"]["beta"]["n_images"] == 11
     mean = payload["mean_over_datasets"]["f1"]
     assert mean == pytest.approx((payload["datasets"]["alpha"]["f1"] + payload["datasets"]["beta"]["f1"]) / 2)
+
+
+def test_int8_calibration_shares_patches_and_skips_validation_slides(tmp_path: Path, two_datasets) -> None:
+    from models.quantize import balanced_patches, calibration_spec, load_calibration, training_names
+
+    out = tmp_path / "run"
+    train(two_datasets, out, NET, TargetConfig(), replace(CFG, steps=6))
+    torch.set_num_threads(1)
+    provenance = load(out / "final.pt").provenance
+    beta = two_datasets[1].folder
+    names = training_names(provenance, beta / "images")
+    assert names == set(provenance["datasets"][1]["train_images"])
+    assert not names & set(provenance["datasets"][1]["val_images"])
+    images = load_calibration(beta, 0.25, 0.25, names)
+    assert len(images) == len(names)
+    patches = balanced_patches([images, images[:1]], 7, 32)
+    assert len(patches) == 7 and all(p.shape == (32, 32, 3) for p in patches)
+    assert calibration_spec(f"{beta}:0.5", 0.25).mpp == 0.5
+    assert calibration_spec(str(beta), 0.3).mpp == 0.3
