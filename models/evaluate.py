@@ -199,12 +199,22 @@ def score_predictions(predictions: list[Prediction], watershed: WatershedParams)
 
 def evaluate_folder(bundle: ModelBundle, folder: str | Path, *,
                     watershed: WatershedParams | None = None, names: list[str] | None = None,
-                    progress: bool = True, data_mpp: float = MONUSEG_MPP) -> dict[str, Any]:
+                    progress: bool = True, data_mpp: float = MONUSEG_MPP,
+                    overlays: str | Path | None = None) -> dict[str, Any]:
     """Scores of ``bundle`` on an annotated folder at ``data_mpp`` um/px with its own (or
-    the given) watershed."""
+    the given) watershed; with ``overlays``, a truth | prediction picture per image there
+    (``models.overlay``)."""
     predictions = predict_folder(bundle, folder, names=names, progress=progress,
                                  data_mpp=data_mpp)
     result = score_predictions(predictions, watershed or bundle.watershed)
+    if overlays is not None:
+        from models.overlay import save_overlay
+
+        pairs = {image.stem: image for image, _ in list_pairs(folder)}
+        for p in predictions:
+            image = load_sample(pairs[p.name], Path(folder) / "labels" / f"{p.name}.tif").image
+            save_overlay(Path(overlays) / f"{p.name}.png", image, p.truth,
+                         segment(p, watershed or bundle.watershed))
     result["model"] = {"path": str(bundle.path) if bundle.path else None,
                        "sha256": bundle.sha256, "mpp": bundle.mpp,
                        "arch": bundle.config.arch}

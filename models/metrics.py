@@ -157,6 +157,12 @@ def _matches(ov: Overlap, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]
     return chosen, iou[chosen] if chosen.size else np.zeros(0)
 
 
+def matched_ids(ov: Overlap, iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """The truth and prediction ids of the one-to-one matches that detection F1 counts."""
+    matched, _ = _matches(ov, iou_threshold)
+    return ov.t[matched], ov.p[matched]
+
+
 def _detection(ov: Overlap, iou_threshold: float) -> tuple[int, int, int, float]:
     """(TP, FP, FN, summed IoU of the matches)."""
     matched, iou = _matches(ov, iou_threshold)

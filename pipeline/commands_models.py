@@ -62,6 +62,9 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
                         "are resampled to the model's µm/px like a slide, e.g. up 2x for "
                         "0.5 with a 0.25 model")
     p.add_argument("--json", metavar="OUT", help="also write all scores as JSON (atomic)")
+    p.add_argument("--overlays", metavar="DIR",
+                   help="also write a truth | prediction picture per image (missed nuclei in "
+                        "red, false ones in magenta) under DIR/<dataset>/")
     p.add_argument("--images", help="comma-separated image names (default: all)")
     p.set_defaults(func=_run_evaluate)
 
@@ -150,7 +153,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     results = {}
     for spec, chosen in zip(specs, wanted):
         result = evaluate_folder(bundle, spec.folder, names=chosen, progress=not args.quiet,
-                                 data_mpp=spec.mpp)
+                                 data_mpp=spec.mpp,
+                                 overlays=Path(args.overlays) / spec.name if args.overlays else None)
         results[spec.name] = result
         if len(specs) > 1:
             print(f"\n{spec.name} ({spec.folder}, {spec.mpp:g} µm/px)")

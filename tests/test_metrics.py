@@ -179,3 +179,22 @@ def test_1000x1000_with_1000_nuclei_is_fast() -> None:
     elapsed = time.perf_counter() - start
     assert 0.3 < scores["aji"] < 1.0
     assert elapsed < 2.0, f"scoring took {elapsed:.2f} s"
+
+
+def test_overlay_marks_missed_and_false_nuclei(tmp_path) -> None:
+    from PIL import Image
+
+    from models.overlay import FALSE_RGB, GAP_PX, MISSED_RGB, save_overlay
+
+    truth = np.zeros((30, 40), np.int32)
+    truth[2:10, 2:10], truth[15:25, 15:25] = 1, 2  # 2 is missed
+    pred = np.zeros_like(truth)
+    pred[2:10, 2:10], pred[2:8, 30:38] = 5, 6  # 6 matches nothing
+    image = np.full((30, 40, 3), 200, np.uint8)
+    out = np.asarray(Image.open(save_overlay(tmp_path / "a" / "x.png", image, truth, pred)))
+    assert out.shape == (30, 80 + GAP_PX, 3)
+    left, right = out[:, :40].astype(int), out[:, 40 + GAP_PX:].astype(int)
+    tinted = (0.55 * 200 + 0.45 * np.array(MISSED_RGB)).astype(int)
+    assert (left[20, 20] == tinted).all() and (left[5, 5] == 200).all()
+    assert (right[5, 34] == (0.55 * 200 + 0.45 * np.array(FALSE_RGB)).astype(int)).all()
+    assert (right[5, 5] == 200).all()
