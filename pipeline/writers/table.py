@@ -10,7 +10,7 @@ Coordinates and units (level-0 pixels unless the column says µm):
   coordinates (pixel i covers [i, i+1)) are these values + 0.5.
 * ``centroid_*_um = centroid_*_px * mpp`` (the NGFF physical coordinate).
 * ``area_px = model_area * s^2`` (the label's pixel count; the GeoJSON outline's area is
-  within a few % of it, see ``geojson.tile_polygons``).
+  within a few % of it, see ``outlines``).
 * ``perimeter_um`` and ``solidity`` come from the GeoJSON outline itself (the smoothed,
   sub-pixel polygon in level-0 px): its length x mpp, and its area / its convex hull's
   area. So the table and QuPath's view of a nucleus agree, and a perimeter does not
@@ -23,7 +23,7 @@ Coordinates and units (level-0 pixels unless the column says µm):
 
 All of it is computed for the whole crop at once, with no Python loop per nucleus: pixel
 count, centroid, second moments (eccentricity) and bbox from the traced pixel edges
-(``geojson.trace_tile``: Green's theorem, exact, equal to the sums over the pixels), the
+(``outlines.trace_tile``: Green's theorem, exact, equal to the sums over the pixels), the
 mean probability by one ``numpy.bincount`` over the foreground pixels, perimeter and
 solidity by shapely's vectorised functions over the outlines.
 
@@ -80,8 +80,8 @@ import zarr
 
 from pipeline import __version__
 from pipeline.atomic import atomic_path
-from pipeline.writers.geojson import TileOutlines, trace_tile
 from pipeline.writers.labels import LABEL_NAME, STORE_ATTR, LabelStoreSpec
+from pipeline.writers.outlines import TileOutlines, trace_tile
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def instance_measurements(
     ``labels``: local ids (> 0) on a crop whose [0, 0] is model pixel ``offset_yx``;
     ``prob``: nucleus probability on the same crop; ``scale``: level-0 px per model px;
     ``id`` = local id + ``id_offset`` (the global label value painted in the store).
-    ``outlines``: ``geojson.trace_tile`` of the same crop, when the caller has it already
+    ``outlines``: ``outlines.trace_tile`` of the same crop, when the caller has it already
     (it holds the outlines and the label moments); traced here otherwise.
     """
     if labels.shape != prob.shape or labels.ndim != 2:
