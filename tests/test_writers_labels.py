@@ -25,7 +25,6 @@ from pipeline.writers.labels import (
     build_pyramid_block,
     create_store,
     finalize,
-    labels_thumbnail,
     open_store,
     pyramid_blocks,
     pyramid_shapes,
@@ -352,15 +351,6 @@ def test_finalize_needs_the_image(tmp_path: Path, lab: np.ndarray) -> None:
     assert "ome" not in zarr.open_group(spec.path, mode="r").attrs
     with pytest.raises(ValueError, match="RGB"):
         write_image(spec, np.zeros((4, 5), np.uint8), 2.0)
-
-
-def test_labels_thumbnail_is_strided_sample(tmp_path: Path, lab: np.ndarray) -> None:
-    spec = _write_all(tmp_path, lab, threads=False)
-    thumb = labels_thumbnail(spec, (17, 22))
-    assert thumb.shape == (17, 22)
-    assert set(np.unique(thumb)) <= set(np.unique(lab))
-    full = labels_thumbnail(spec, lab.shape)
-    np.testing.assert_array_equal(full, lab)
 
 
 def test_create_store_replaces_old_store(tmp_path: Path, lab: np.ndarray) -> None:

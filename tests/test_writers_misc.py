@@ -15,7 +15,8 @@ import zarr
 from PIL import Image
 
 from pipeline.atomic import atomic_path, atomic_write_bytes, atomic_write_text, save_npz_atomic
-from pipeline.writers.preview import NUCLEUS_RGB, TISSUE_RGB, write_preview
+from pipeline.writers.colours import NUCLEUS_RGB, TISSUE_RGB
+from pipeline.writers.preview import write_preview
 from pipeline.writers.summary import is_done, read_summary, write_summary
 from pipeline.writers.table import COLUMNS, X_COLUMNS, instance_measurements, write_table
 

@@ -69,6 +69,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from pipeline.types import Box
+from pipeline.writers.colours import TISSUE_RGB
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,6 @@ __all__ = [
     "build_pyramid_block",
     "create_store",
     "finalize",
-    "labels_thumbnail",
     "open_store",
     "pyramid_blocks",
     "pyramid_shapes",
@@ -447,8 +447,6 @@ def finalize(
     colour instances themselves); ``extra_attrs`` go at the top level of the root
     attributes (not inside ``ome``).
     """
-    from pipeline.writers.preview import TISSUE_RGB
-
     if extra_attrs is not None and "ome" in extra_attrs:
         raise ValueError("extra_attrs must not contain the reserved key 'ome'")
     root = zarr.open_group(store=spec.path, mode="r+", zarr_format=3)
@@ -499,22 +497,3 @@ def read_image(spec: LabelStoreSpec) -> tuple[np.ndarray, float]:
     rgb = np.moveaxis(root["s0"][...], 0, 2)
     return np.ascontiguousarray(rgb), float(root.attrs[STORE_ATTR]["image_per_px"])
 
-
-def labels_thumbnail(spec: LabelStoreSpec, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour (strided) label image of about ``shape`` for previews.
-
-    Reads the coarsest pyramid level that is still at least ``shape``, so memory stays
-    near the thumbnail size; level 0 is never loaded unless the thumbnail is that large.
-    Pixel (i, j) is the label at the centre of the matching level-0 area.
-    """
-    th, tw = int(shape[0]), int(shape[1])
-    level = 0
-    for k, (h, w) in enumerate(spec.level_shapes):
-        if h >= th and w >= tw:
-            level = k
-    arr = _open(spec, spec.level_path(level), "r")
-    h, w = spec.level_shapes[level]
-    iy = np.minimum(((np.arange(th) + 0.5) * h / th).astype(np.int64), h - 1)
-    ix = np.minimum(((np.arange(tw) + 0.5) * w / tw).astype(np.int64), w - 1)
-    block = arr[int(iy[0]):int(iy[-1]) + 1, int(ix[0]):int(ix[-1]) + 1]
-    return block[np.ix_(iy - iy[0], ix - ix[0])]

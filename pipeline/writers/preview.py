@@ -28,18 +28,18 @@ from skimage.segmentation import find_boundaries
 
 from pipeline.atomic import atomic_path
 from pipeline.types import Box
+from pipeline.writers.colours import NUCLEUS_RGB, TISSUE_RGB
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DETAIL_MPP",
     "DETAIL_SIDE",
-    "NUCLEUS_RGB",
     "PREVIEW_SIDE",
-    "TISSUE_RGB",
     "Density",
     "Detail",
     "densest_window",
+    "labels_thumbnail",
     "density_map",
     "make_preview",
     "nice_length",
@@ -55,8 +55,6 @@ MIN_OUTLINE_PX = 5.0  # median nucleus diameter (overview px) below which a heat
 DENSITY_CMAP = "magma"
 DENSITY_ALPHA = 0.65  # heat map opacity over the slide
 
-NUCLEUS_RGB = (0, 255, 0)  # green: visible on pink/purple H&E
-TISSUE_RGB = (0, 90, 255)  # blue tissue contour
 DETAIL_RGB = (255, 200, 0)  # amber box: where the detail panel is
 TEXT_RGB = (20, 20, 20)
 GAP = 16  # px between panels
@@ -273,6 +271,28 @@ def densest_window(counts: np.ndarray, size: int) -> tuple[int, int]:
     return int(r), int(c)
 
 
+def labels_thumbnail(spec: Any, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour (strided) label image of about ``shape`` for previews.
+
+    Reads the coarsest pyramid level that is still at least ``shape``, so memory stays
+    near the thumbnail size; level 0 is never loaded unless the thumbnail is that large.
+    Pixel (i, j) is the label at the centre of the matching level-0 area.
+    """
+    th, tw = int(shape[0]), int(shape[1])
+    level = 0
+    for k, (h, w) in enumerate(spec.level_shapes):
+        if h >= th and w >= tw:
+            level = k
+    import zarr
+
+    arr = zarr.open_array(store=spec.path, path=spec.level_path(level), mode="r")
+    h, w = spec.level_shapes[level]
+    iy = np.minimum(((np.arange(th) + 0.5) * h / th).astype(np.int64), h - 1)
+    ix = np.minimum(((np.arange(tw) + 0.5) * w / tw).astype(np.int64), w - 1)
+    block = arr[int(iy[0]):int(iy[-1]) + 1, int(ix[0]):int(ix[-1]) + 1]
+    return block[np.ix_(iy - iy[0], ix - ix[0])]
+
+
 def _centroids(table_path: Path) -> tuple[np.ndarray, float | None]:
     """All level-0 centroids (x, y) and the median nucleus area (level-0 px²), read one
     row group at a time."""
@@ -321,7 +341,6 @@ def make_preview(path: str | os.PathLike[str], reader: Any, store: Any, tissue: 
     import zarr
 
     from pipeline.overview import box_reduce, slide_overview
-    from pipeline.writers.labels import labels_thumbnail
 
     if overview is None:
         overview = slide_overview(reader, PREVIEW_SIDE)  # chunked: memory stays bounded
