@@ -72,9 +72,9 @@ def test_geojson_bytes_per_nucleus_and_area_agreement(side: int, mpp: float, sca
 
 
 def test_measurements_are_written_with_their_precision() -> None:
-    """Areas to 0.01 µm^2 (0.01 px^2 without an mpp), perimeter to 0.01 µm, ratios and the
-    probability to 0.001, as the shortest text; "Area px^2" only where "Area µm^2" is
-    missing; the dict API writes the same numbers. Non-finite values stay out."""
+    """Areas to 0.01 µm^2, perimeter to 0.01 µm, ratios and the probability to 0.001, as
+    the shortest text; never "Area px^2" (QuPath derives it); the dict API writes the same
+    numbers. Non-finite values stay out."""
     poly = Polygon([(0, 0), (4, 0), (4, 3), (0, 3)])
     cols = {"area_px": [415.0, 390.88814440999995], "area_um2": [25.937512345, np.nan],
             "perimeter_um": [19.776750080582790, 19.7649], "eccentricity": [0.38140963919697835, 0.0004],
@@ -84,8 +84,7 @@ def test_measurements_are_written_with_their_precision() -> None:
              '"Solidity":0.974,"Mean probability":0.9,"Nucleus id":1.0}')
     assert texts[0].endswith(first + "}}")
     second = json.loads(texts[1])["properties"]["measurements"]
-    assert second == {"Area px^2": 390.89, "Perimeter µm": 19.76, "Eccentricity": 0.0, "Solidity": 1.0,
-                      "Nucleus id": 2.0}
+    assert second == {"Perimeter µm": 19.76, "Eccentricity": 0.0, "Solidity": 1.0, "Nucleus id": 2.0}
     for k, text in enumerate(texts):
         row = {key: values[k] for key, values in cols.items()}
         assert json.loads(text) == json.loads(json.dumps(nucleus_feature(k + 1, poly, row)))
@@ -93,7 +92,7 @@ def test_measurements_are_written_with_their_precision() -> None:
 
 def test_feature_text_equals_the_dict_api() -> None:
     lab = synthetic_labels()
-    table = instance_measurements(lab, np.full(lab.shape, 0.75), (3, 5), 2.0, None)
+    table = instance_measurements(lab, np.full(lab.shape, 0.75), (3, 5), 2.0, 0.25)
     table.loc[2, "solidity"] = np.inf  # dropped like NaN
     outlines = trace_tile(lab, (3, 5), 2.0)
     values, polys = outlines.values, outlines.polygons
@@ -105,7 +104,7 @@ def test_feature_text_equals_the_dict_api() -> None:
     for text, nid, poly, row in zip(texts, ids, polys, table.to_dict("records")):
         expected = nucleus_feature(nid, poly, {k: v for k, v in row.items() if k != "id"})
         assert json.loads(text) == json.loads(json.dumps(expected))
-        assert "Area µm^2" not in text and "u00b5" not in text  # no mpp: NaN µm columns are left out
+        assert "Area µm^2" in text and "Area px^2" not in text and "u00b5" not in text
 
 
 @pytest.mark.parametrize("scale", [1.0, 1.9771])

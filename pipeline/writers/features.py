@@ -24,8 +24,9 @@ shortest text that reads back as the rounded number (numpy rounding, then ``repr
 ``0.381``, not ``0.38140963919697835``); the table (``nuclei.parquet``, ``tables/nuclei``)
 keeps every column at full precision:
 
-* ``Area µm^2``: 0.01 µm^2 (a 40x pixel is 0.0625 µm^2). ``Area px^2`` (0.01 px^2) only
-  where there is no µm^2 area (a slide without mpp), as QuPath does: it is µm^2 / mpp^2.
+* ``Area µm^2``: 0.01 µm^2 (a 40x pixel is 0.0625 µm^2). No ``Area px^2``: every slide
+  has a pixel size (``slide.plan_read`` refuses one without), and QuPath, like the table,
+  derives the one from the other.
 * ``Perimeter µm``: 0.01 µm. The outline is only within 0.5 model px (0.125-0.25 µm) of
   the sub-pixel one, so a third decimal would be noise.
 * ``Eccentricity``, ``Solidity``, ``Mean probability``: 0.001. Douglas-Peucker at 0.5 px
@@ -64,9 +65,8 @@ __all__ = ["MEASUREMENTS", "NUCLEUS_CLASS", "feature_bodies", "feature_texts", "
 
 NUCLEUS_CLASS = {"name": "Nucleus", "color": [0, 200, 0]}
 # Table column -> (QuPath-style measurement name, decimals written to the GeoJSON; the
-# table keeps full precision). "Area px^2" only where "Area µm^2" is missing (no mpp).
+# table keeps full precision)
 MEASUREMENTS: dict[str, tuple[str, int]] = {
-    "area_px": ("Area px^2", 2),
     "area_um2": ("Area µm^2", 2),
     "perimeter_um": ("Perimeter µm", 2),
     "eccentricity": ("Eccentricity", 3),
@@ -75,9 +75,9 @@ MEASUREMENTS: dict[str, tuple[str, int]] = {
 }
 MEASUREMENT_NAMES = {"id": "Nucleus id", **{k: name for k, (name, _) in MEASUREMENTS.items()}}
 _DECIMALS = dict(MEASUREMENTS.values())  # final name -> decimals
-_AREA_PX, _AREA_UM = MEASUREMENTS["area_px"][0], MEASUREMENTS["area_um2"][0]
+# QuPath derives these from the ROI (the pixel area: from the µm^2 one)
 _SKIP = {"centroid_x_px", "centroid_y_px", "centroid_x_um", "centroid_y_um",
-         "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"}  # QuPath derives these from the ROI
+         "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1", "area_px"}
 _GEOMETRY_KEY = '"geometry":'
 _PROPERTIES_KEY = ',"properties":'
 
@@ -105,8 +105,6 @@ def _finite_measurements(nucleus_id: int, measurements: Mapping[str, Any]) -> di
         if math.isfinite(number):
             name = MEASUREMENT_NAMES.get(key, key)
             out[name] = float(_rounded(name, np.float64(number)))
-    if _AREA_UM in out:  # the pixel area only where there is no calibrated one
-        out.pop(_AREA_PX, None)
     out["Nucleus id"] = float(nucleus_id)
     return out
 
@@ -184,9 +182,6 @@ def feature_bodies(
             raise ValueError(f"measurement {key!r} has shape {v.shape}, expected ({n},)")
         name = MEASUREMENT_NAMES.get(key, key)
         named[name] = (_rounded(name, v), np.isfinite(v))
-    if _AREA_PX in named and _AREA_UM in named:  # the pixel area only where µm^2 is missing
-        v, written = named[_AREA_PX]
-        named[_AREA_PX] = (v, written & ~named[_AREA_UM][1])
     columns: list[list[Any]] = []
     for name, (v, written) in named.items():
         text = json.dumps(name, ensure_ascii=False)

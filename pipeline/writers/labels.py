@@ -41,8 +41,8 @@ so their transform is ``scale = mpp * 2^k`` with no translation. An array whose 
 covers level-0 pixels ``[i * d, (i + 1) * d)`` (the RGB overview, box-averaged, and each
 tissue mask pixel) has its centre at level-0 index ``i * d + (d - 1) / 2``: ``scale =
 mpp * d`` and ``translation = mpp * (d - 1) / 2``, where d doubles per RGB level; strided
-tissue levels keep the translation of their level 0. Without an mpp the unit is the
-level-0 pixel and the axes have no unit.
+tissue levels keep the translation of their level 0. The unit is the micrometre: a slide
+without a pixel size is refused before any output is made (``slide.plan_read``).
 
 Writing protocol (Dask friendly, no locks): ``create_store`` once (groups and empty
 nuclei arrays, no OME metadata) -> ``write_block`` per chunk-aligned box, any order, from
@@ -117,7 +117,7 @@ class LabelStoreSpec:
     shape: tuple[int, int]  # level 0 (height, width)
     chunk: int
     level_shapes: tuple[tuple[int, int], ...]
-    mpp: float | None  # level-0 micrometres per pixel
+    mpp: float  # level-0 micrometres per pixel
     dtype: str = "uint32"
 
     @property
@@ -127,10 +127,6 @@ class LabelStoreSpec:
     def level_path(self, level: int, group: str = LABEL_PATH) -> str:
         """Path of a level array inside the store (``group=""`` for the RGB image)."""
         return f"{group}/s{level}" if group else f"s{level}"
-
-    def scale(self, level: int) -> float:
-        """Physical (µm, or px without mpp) size of a level-``level`` pixel."""
-        return (self.mpp if self.mpp is not None else 1.0) * 2.0**level
 
     def chunk_boxes(self) -> list[Box]:
         """The level-0 chunk grid as boxes (the natural unit for ``write_block``)."""
@@ -179,7 +175,7 @@ def create_store(
     path: str | os.PathLike[str],
     shape: tuple[int, int],
     chunk: int,
-    mpp: float | None,
+    mpp: float,
     n_levels: int | None = None,
     dtype: str = "uint32",
 ) -> LabelStoreSpec:
@@ -193,8 +189,8 @@ def create_store(
         raise ValueError(f"need a positive shape and chunk, got shape={shape} chunk={chunk}")
     if np.dtype(dtype).kind != "u":
         raise ValueError(f"label dtype must be unsigned (uint32/uint64), got {dtype}")
-    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
-        raise ValueError(f"mpp must be a positive finite number or None, got {mpp}")
+    if not (math.isfinite(mpp) and mpp > 0):
+        raise ValueError(f"mpp must be a positive finite number, got {mpp}")
     p = Path(path)
     if p.exists():
         log.info("replacing existing label store %s", p)
@@ -227,7 +223,7 @@ def open_store(path: str | os.PathLike[str]) -> LabelStoreSpec:
         raise ValueError(f"{p} has no {LABEL_PATH}/s0 array")
     s0 = nuclei["s0"]
     return LabelStoreSpec(path=str(p), shape=shapes[0], chunk=int(info["chunk"]),
-                          level_shapes=tuple(shapes), mpp=info["mpp"], dtype=str(s0.dtype))
+                          level_shapes=tuple(shapes), mpp=float(info["mpp"]), dtype=str(s0.dtype))
 
 
 def _check_aligned(spec: LabelStoreSpec, box: Box) -> None:
@@ -392,9 +388,8 @@ def _multiscale(spec: LabelStoreSpec, name: str, per_px: Sequence[float], *, rgb
                 ) -> dict[str, Any]:
     """NGFF ``multiscales`` entry: level k's pixel is ``per_px[k]`` level-0 pixels, its
     centre shifted by ``translate[k]`` level-0 pixels (see the module docstring)."""
-    unit = spec.mpp if spec.mpp is not None else 1.0
-    axis_extra = {"unit": "micrometer"} if spec.mpp is not None else {}
-    axes = [{"name": d, "type": "space", **axis_extra} for d in DIMS]
+    unit = spec.mpp
+    axes = [{"name": d, "type": "space", "unit": "micrometer"} for d in DIMS]
     if rgb:
         axes.insert(0, {"name": "c", "type": "channel"})
     channel_scale, channel_shift = ([1.0], [0.0]) if rgb else ([], [])
