@@ -401,6 +401,8 @@ def _multiscale(spec: LabelStoreSpec, name: str, per_px: Sequence[float], *, rgb
                                "translation": channel_shift + [unit * translate[k]] * 2})
         datasets.append({"path": f"s{k}", "coordinateTransformations": transforms})
     return {"name": name, "axes": axes, "datasets": datasets, "type": kind, "metadata": {"method": method}}
+
+
 def _check_colors(colors: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for col in colors:
