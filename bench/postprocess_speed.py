@@ -15,10 +15,10 @@ Phases, as the pipeline runs them (``run._save_tile`` on a worker, then
   (mean probability by one ``bincount``; moments and bbox come with the tracing, counted
   under ``polygons``; perimeter and solidity from the outlines).
 * ``polygons``: one outline per nucleus. Old: rasterio ``features.shapes`` + a per-polygon
-  ``make_valid`` / ``set_precision`` / ``orient``. New: ``geojson.trace_tile`` (outlines
+  ``make_valid`` / ``set_precision`` / ``orient``. New: ``outlines.trace_tile`` (outlines
   and the label moments).
 * ``feature text`` (worker): what a tile stores for the GeoJSON. Old: WKB per polygon.
-  New: each nucleus's feature JSON but its id (``geojson.feature_bodies``).
+  New: each nucleus's feature JSON but its id (``features.feature_bodies``).
 * ``finalize`` (single writer): old: parse WKB, build a dict, ``json.dumps`` per nucleus;
   new: splice ``Nucleus id`` into the stored text (``feature_texts``) and write it.
   Both write a real ``.geojson`` file (plain), which gives the bytes per nucleus, and
@@ -27,7 +27,7 @@ Phases, as the pipeline runs them (``run._save_tile`` on a worker, then
 
 Outline fidelity: the new outline's area over the label's pixel area (median, 5th and
 95th percentile, share beyond 10 %), and its Hausdorff distance to the unsimplified
-sub-pixel outline in model px (what ``geojson.SIMPLIFY_TOLERANCE`` is about), per resolution.
+sub-pixel outline in model px (what ``outlines.SIMPLIFY_TOLERANCE`` is about), per resolution.
 
 Crops: the 14 MoNuSeg test label images (1000^2 at 40x, 0.25 µm/px, dense tumour
 nuclei; ``$WSI_NUCLEI_SHARED_DATA/monuseg/test``, default ``../shared/data``) and
@@ -74,15 +74,9 @@ from skimage.measure import regionprops_table
 from tqdm import tqdm
 
 from bench.common import default_json, headline, quiet_logs, run_info, write_json
-from pipeline.writers.geojson import (
-    SIMPLIFY_TOLERANCE,
-    GeoJSONWriter,
-    _largest_polygon,
-    feature_bodies,
-    feature_texts,
-    nucleus_feature,
-    trace_tile,
-)
+from pipeline.writers.features import feature_bodies, feature_texts, nucleus_feature
+from pipeline.writers.geojson import GeoJSONWriter
+from pipeline.writers.outlines import SIMPLIFY_TOLERANCE, _largest_polygon, trace_tile
 from pipeline.writers.table import COLUMNS, instance_measurements
 
 NAME = "postprocess_speed"
@@ -165,7 +159,7 @@ def _old_finalize(writer: GeoJSONWriter, table: pd.DataFrame, stored: tuple[byte
     for i, (start, length) in enumerate(zip(starts, lengths)):
         polygon = shapely.from_wkb(wkb[start:start + length])
         measurements = {name: float(cols[name][i]) for name in names}
-        writer.add(nucleus_feature(int(cols["id"][i]), polygon, measurements))
+        writer.write(nucleus_feature(int(cols["id"][i]), polygon, measurements))
 
 
 # --------------------------------------------------------------------------- new path

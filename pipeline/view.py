@@ -149,8 +149,8 @@ def layers_for(out_dir: str | Path, *, filled: bool = False, slide: bool = True)
     import zarr
 
     from pipeline.slide import SlideReadError
+    from pipeline.writers.colours import NUCLEUS_RGB
     from pipeline.writers.labels import LABEL_PATH, STORE_ATTR, TISSUE_PATH
-    from pipeline.writers.preview import NUCLEUS_RGB
 
     out = output_dir(out_dir)
     summary = json.loads((out / "summary.json").read_text())

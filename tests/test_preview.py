@@ -13,18 +13,18 @@ import pipeline.writers.preview as preview
 from pipeline.slide import MemorySlide
 from pipeline.tissue import TissueMask
 from pipeline.types import Box
-from pipeline.writers.labels import create_store, write_block
+from pipeline.writers.colours import NUCLEUS_RGB, TISSUE_RGB
+from pipeline.writers.labels import build_pyramid, create_store, write_block
 from pipeline.writers.preview import (
     DETAIL_RGB,
     GAP,
-    NUCLEUS_RGB,
     TEXT_RGB,
-    TISSUE_RGB,
     TITLE,
     Density,
     Detail,
     densest_window,
     density_map,
+    labels_thumbnail,
     make_preview,
     nice_length,
     write_preview,
@@ -172,3 +172,17 @@ def test_overview_outlines_when_nuclei_are_large_enough(tmp_path: Path) -> None:
     img = _png(path)
     assert img.shape == (256, 256, 3)  # the overview is the slide itself: no detail panel
     assert _is(img, NUCLEUS_RGB).sum() > 1000
+
+
+def test_labels_thumbnail_is_strided_sample(tmp_path: Path) -> None:
+    """Label values are sampled, never averaged, from a level at least the thumbnail's
+    size; at the full size the thumbnail is the label image itself."""
+    lab = np.kron(np.arange(12, dtype=np.uint32).reshape(3, 4) + 70_000, np.ones((23, 25), np.uint32))
+    lab[5, 7] = 3  # one odd pixel
+    spec = create_store(tmp_path / "n.zarr", lab.shape, 16, 0.5)
+    write_block(spec, Box(0, 0, *lab.shape), lab)
+    build_pyramid(spec)
+    thumb = labels_thumbnail(spec, (17, 22))
+    assert thumb.shape == (17, 22)
+    assert set(np.unique(thumb)) <= set(np.unique(lab))
+    np.testing.assert_array_equal(labels_thumbnail(spec, lab.shape), lab)

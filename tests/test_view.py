@@ -27,7 +27,7 @@ from pipeline.run import RunConfig, SerialExecutor, process_slide
 from pipeline.slide import open_slide
 from pipeline.types import Box
 from pipeline.view import INSTALL_HINT, layers_for, output_dir
-from pipeline.writers.preview import NUCLEUS_RGB
+from pipeline.writers.colours import NUCLEUS_RGB
 
 CHUNK = 32  # label chunk: a 256 px slide gets 3 pyramid levels
 IMAGE_SIDE = 100  # the store's RGB copy of the 256 px slide: 3 level-0 px per pixel

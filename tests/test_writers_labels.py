@@ -25,7 +25,6 @@ from pipeline.writers.labels import (
     build_pyramid_block,
     create_store,
     finalize,
-    labels_thumbnail,
     open_store,
     pyramid_blocks,
     pyramid_shapes,
@@ -64,7 +63,7 @@ def synthetic_labels(h: int = 70, w: int = 90) -> np.ndarray:
     return lab
 
 
-def _write_all(tmp_path: Path, lab: np.ndarray, chunk: int = 16, mpp: float | None = 0.25,
+def _write_all(tmp_path: Path, lab: np.ndarray, chunk: int = 16, mpp: float = 0.25,
                n_levels: int | None = None, threads: bool = True):
     spec = create_store(tmp_path / "nuclei.zarr", lab.shape, chunk, mpp, n_levels=n_levels)
     boxes = spec.chunk_boxes()
@@ -125,7 +124,7 @@ def test_pyramid_of_painted_regions_equals_full_striding(tmp_path: Path, chunk: 
 
 
 def test_write_block_rejects_misaligned_or_bad_blocks(tmp_path: Path) -> None:
-    spec = create_store(tmp_path / "s.zarr", (40, 50), 16, None)
+    spec = create_store(tmp_path / "s.zarr", (40, 50), 16, 0.25)
     ok = np.ones((16, 16), np.uint32)
     with pytest.raises(ValueError, match="aligned"):
         write_block(spec, Box(8, 0, 24, 16), ok)
@@ -175,7 +174,7 @@ def overview_of(lab: np.ndarray, d: int) -> np.ndarray:
     return np.stack([yy * 7 % 256, xx * 5 % 256, (yy + xx) % 256], axis=2).astype(np.uint8)
 
 
-def _finished(tmp_path: Path, lab: np.ndarray, mpp: float | None = 0.25):
+def _finished(tmp_path: Path, lab: np.ndarray, mpp: float = 0.25):
     spec = _write_all(tmp_path, lab, mpp=mpp)
     mask = np.zeros((9, 12), bool)
     mask[1:7, 2:9] = True
@@ -183,7 +182,7 @@ def _finished(tmp_path: Path, lab: np.ndarray, mpp: float | None = 0.25):
     write_image(spec, overview_of(lab, 2), 2.0)
     write_table(tmp_path, [instance_measurements(synthetic_labels().astype(np.int32),
                                                  np.ones(lab.shape, np.float32), (0, 0), 1.0, mpp,
-                                                 id_offset=BIG)])
+                                                 id_offset=BIG)], store=spec)
     finalize(spec, name="slide-1", colors=[{"label-value": BIG + 1, "rgba": [255, 0, 0, 255]}],
              extra_attrs={"wsi_nuclei": {"slide": "slide-1.svs"}})
     return spec
@@ -261,16 +260,6 @@ def test_every_array_has_dimension_names(tmp_path: Path, lab: np.ndarray) -> Non
     assert nodes["tables/nuclei"]["attributes"]["encoding-type"] == "anndata"
     for meta in arrays:
         assert meta.get("dimension_names") and len(meta["dimension_names"]) == len(meta["shape"])
-
-
-def test_no_mpp_means_pixel_scale_without_unit(tmp_path: Path, lab: np.ndarray) -> None:
-    spec = _finished(tmp_path, lab, mpp=None)
-    ms = json.loads((Path(spec.path) / "labels/nuclei/zarr.json").read_text())["attributes"]["ome"]
-    axes = ms["multiscales"][0]["axes"]
-    assert all("unit" not in a for a in axes)
-    scales = [d["coordinateTransformations"][0]["scale"] for d in ms["multiscales"][0]["datasets"]]
-    assert scales == [[1.0, 1.0], [2.0, 2.0], [4.0, 4.0]]
-    assert isinstance(open_ome_zarr(zarr.open_group(spec.path, mode="r")), Image)
 
 
 def _centres(ms: dict, level: int, n: int, axis: int = -1) -> tuple[np.ndarray, float]:
@@ -354,20 +343,11 @@ def test_finalize_needs_the_image(tmp_path: Path, lab: np.ndarray) -> None:
         write_image(spec, np.zeros((4, 5), np.uint8), 2.0)
 
 
-def test_labels_thumbnail_is_strided_sample(tmp_path: Path, lab: np.ndarray) -> None:
-    spec = _write_all(tmp_path, lab, threads=False)
-    thumb = labels_thumbnail(spec, (17, 22))
-    assert thumb.shape == (17, 22)
-    assert set(np.unique(thumb)) <= set(np.unique(lab))
-    full = labels_thumbnail(spec, lab.shape)
-    np.testing.assert_array_equal(full, lab)
-
-
 def test_create_store_replaces_old_store(tmp_path: Path, lab: np.ndarray) -> None:
     spec = _write_all(tmp_path, lab, threads=False)
     write_image(spec, overview_of(lab, 4), 4.0)
     finalize(spec, name="x")
-    spec2 = create_store(spec.path, (20, 20), 16, None)
+    spec2 = create_store(spec.path, (20, 20), 16, 0.25)
     root = zarr.open_group(spec2.path, mode="r")
     assert root["labels/nuclei/s0"].shape == (20, 20)
     assert not root["labels/nuclei/s0"][:].any()

@@ -15,7 +15,9 @@ import zarr
 from PIL import Image
 
 from pipeline.atomic import atomic_path, atomic_write_bytes, atomic_write_text, save_npz_atomic
-from pipeline.writers.preview import NUCLEUS_RGB, TISSUE_RGB, write_preview
+from pipeline.writers.colours import NUCLEUS_RGB, TISSUE_RGB
+from pipeline.writers.labels import LabelStoreSpec, create_store
+from pipeline.writers.preview import write_preview
 from pipeline.writers.summary import is_done, read_summary, write_summary
 from pipeline.writers.table import COLUMNS, X_COLUMNS, instance_measurements, write_table
 
@@ -44,9 +46,6 @@ def test_square_measurements_in_level0_units() -> None:
     assert row["solidity"] == 1.0 and row["eccentricity"] == pytest.approx(0.0, abs=1e-12)
     assert row["mean_probability"] == pytest.approx((15 * 0.5 + 0.9) / 16)
     assert row["perimeter_um"] > 0
-    no_mpp = instance_measurements(lab, prob, (100, 40), 2.0, None).iloc[0]
-    assert np.isnan(no_mpp["area_um2"]) and np.isnan(no_mpp["centroid_x_um"])
-    assert no_mpp["area_px"] == 64.0
     empty = instance_measurements(np.zeros((3, 3), np.int32), np.zeros((3, 3)), (0, 0), 1.0, 0.5)
     assert len(empty) == 0 and list(empty.columns) == list(COLUMNS)
 
@@ -88,9 +87,14 @@ def _tiles(n_tiles: int, per_tile: int) -> list[pd.DataFrame]:
     return frames
 
 
+def _store(tmp_path: Path) -> LabelStoreSpec:
+    """The label store of ``tmp_path``, where the run puts it (``nuclei.zarr``), at 0.5 µm/px."""
+    return create_store(tmp_path / "nuclei.zarr", (32, 32), 16, 0.5)
+
+
 def test_table_parquet_equals_anndata(tmp_path: Path) -> None:
     frames = _tiles(5, 7)
-    n = write_table(tmp_path, iter(frames), row_group_size=8)
+    n = write_table(tmp_path, iter(frames), store=_store(tmp_path), row_group_size=8)
     assert n == 35
     df = pd.read_parquet(tmp_path / "nuclei.parquet")
     assert len(df) == 35 and list(df.columns) == list(COLUMNS)
@@ -101,17 +105,13 @@ def test_table_parquet_equals_anndata(tmp_path: Path) -> None:
     assert table.n_obs == 35 and list(table.var_names) == list(X_COLUMNS)
     assert table.obs["id"].dtype == np.uint32 and table.obs["id"].tolist() == df["id"].tolist()
     np.testing.assert_array_equal(table.X, df[list(X_COLUMNS)].to_numpy())
-    # a bare store has no mpp: obsm["spatial"] is in level-0 pixels, and says so
-    assert table.uns["wsi_nuclei"]["spatial_unit"] == "pixel"
-    np.testing.assert_array_equal(table.obsm["spatial"], df[["centroid_x_px", "centroid_y_px"]])
+    np.testing.assert_array_equal(table.obsm["centroid_px"], df[["centroid_x_px", "centroid_y_px"]])
     np.testing.assert_array_equal(table.obsm["bbox_px"], df[["bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]])
     chunks = zarr.open_array(tmp_path / "nuclei.zarr", path="tables/nuclei/X", mode="r").chunks
     assert chunks == (8, len(X_COLUMNS))  # one chunk per row group
 
 
 def test_table_into_given_store_from_column_dicts(tmp_path: Path) -> None:
-    from pipeline.writers.labels import create_store
-
     spec = create_store(tmp_path / "elsewhere.zarr", (32, 32), 16, 0.5)
     dicts = [{k: v.to_numpy() for k, v in f.items()} for f in _tiles(2, 4)]
     dicts[1]["id"] = dicts[1]["id"].astype(np.uint64)  # wider ids are narrowed when they fit
@@ -138,21 +138,22 @@ def test_table_streams_row_groups(tmp_path: Path) -> None:
                 seen.append(x.shape[0])
             yield frame
 
-    assert write_table(tmp_path, frames(), row_group_size=6) == 30
+    assert write_table(tmp_path, frames(), store=_store(tmp_path), row_group_size=6) == 30
     assert seen and seen[0] >= 18
 
 
 def test_bad_table_leaves_no_parquet(tmp_path: Path) -> None:
     good = _tiles(1, 3)[0]
+    store = _store(tmp_path)
     with pytest.raises(ValueError, match="columns"):
-        write_table(tmp_path, [good, good.drop(columns=["solidity"])])
+        write_table(tmp_path, [good, good.drop(columns=["solidity"])], store=store)
     assert not (tmp_path / "nuclei.parquet").exists()
     huge = {k: v.to_numpy() for k, v in good.items()}
     huge["id"] = huge["id"].astype(np.uint64) + np.uint64(2**32)  # would wrap in uint32
     with pytest.raises(ValueError, match="range"):
-        write_table(tmp_path, [huge])
+        write_table(tmp_path, [huge], store=store)
     assert not (tmp_path / "nuclei.parquet").exists()
-    assert write_table(tmp_path, []) == 0
+    assert write_table(tmp_path, [], store=store) == 0
     assert len(pd.read_parquet(tmp_path / "nuclei.parquet")) == 0
 
 

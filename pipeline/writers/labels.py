@@ -41,8 +41,8 @@ so their transform is ``scale = mpp * 2^k`` with no translation. An array whose 
 covers level-0 pixels ``[i * d, (i + 1) * d)`` (the RGB overview, box-averaged, and each
 tissue mask pixel) has its centre at level-0 index ``i * d + (d - 1) / 2``: ``scale =
 mpp * d`` and ``translation = mpp * (d - 1) / 2``, where d doubles per RGB level; strided
-tissue levels keep the translation of their level 0. Without an mpp the unit is the
-level-0 pixel and the axes have no unit.
+tissue levels keep the translation of their level 0. The unit is the micrometre: a slide
+without a pixel size is refused before any output is made (``slide.plan_read``).
 
 Writing protocol (Dask friendly, no locks): ``create_store`` once (groups and empty
 nuclei arrays, no OME metadata) -> ``write_block`` per chunk-aligned box, any order, from
@@ -69,6 +69,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from pipeline.types import Box
+from pipeline.writers.colours import TISSUE_RGB
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,6 @@ __all__ = [
     "build_pyramid_block",
     "create_store",
     "finalize",
-    "labels_thumbnail",
     "open_store",
     "pyramid_blocks",
     "pyramid_shapes",
@@ -117,7 +117,7 @@ class LabelStoreSpec:
     shape: tuple[int, int]  # level 0 (height, width)
     chunk: int
     level_shapes: tuple[tuple[int, int], ...]
-    mpp: float | None  # level-0 micrometres per pixel
+    mpp: float  # level-0 micrometres per pixel
     dtype: str = "uint32"
 
     @property
@@ -127,10 +127,6 @@ class LabelStoreSpec:
     def level_path(self, level: int, group: str = LABEL_PATH) -> str:
         """Path of a level array inside the store (``group=""`` for the RGB image)."""
         return f"{group}/s{level}" if group else f"s{level}"
-
-    def scale(self, level: int) -> float:
-        """Physical (µm, or px without mpp) size of a level-``level`` pixel."""
-        return (self.mpp if self.mpp is not None else 1.0) * 2.0**level
 
     def chunk_boxes(self) -> list[Box]:
         """The level-0 chunk grid as boxes (the natural unit for ``write_block``)."""
@@ -179,7 +175,7 @@ def create_store(
     path: str | os.PathLike[str],
     shape: tuple[int, int],
     chunk: int,
-    mpp: float | None,
+    mpp: float,
     n_levels: int | None = None,
     dtype: str = "uint32",
 ) -> LabelStoreSpec:
@@ -193,8 +189,8 @@ def create_store(
         raise ValueError(f"need a positive shape and chunk, got shape={shape} chunk={chunk}")
     if np.dtype(dtype).kind != "u":
         raise ValueError(f"label dtype must be unsigned (uint32/uint64), got {dtype}")
-    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
-        raise ValueError(f"mpp must be a positive finite number or None, got {mpp}")
+    if not (math.isfinite(mpp) and mpp > 0):
+        raise ValueError(f"mpp must be a positive finite number, got {mpp}")
     p = Path(path)
     if p.exists():
         log.info("replacing existing label store %s", p)
@@ -227,7 +223,7 @@ def open_store(path: str | os.PathLike[str]) -> LabelStoreSpec:
         raise ValueError(f"{p} has no {LABEL_PATH}/s0 array")
     s0 = nuclei["s0"]
     return LabelStoreSpec(path=str(p), shape=shapes[0], chunk=int(info["chunk"]),
-                          level_shapes=tuple(shapes), mpp=info["mpp"], dtype=str(s0.dtype))
+                          level_shapes=tuple(shapes), mpp=float(info["mpp"]), dtype=str(s0.dtype))
 
 
 def _check_aligned(spec: LabelStoreSpec, box: Box) -> None:
@@ -392,9 +388,8 @@ def _multiscale(spec: LabelStoreSpec, name: str, per_px: Sequence[float], *, rgb
                 ) -> dict[str, Any]:
     """NGFF ``multiscales`` entry: level k's pixel is ``per_px[k]`` level-0 pixels, its
     centre shifted by ``translate[k]`` level-0 pixels (see the module docstring)."""
-    unit = spec.mpp if spec.mpp is not None else 1.0
-    axis_extra = {"unit": "micrometer"} if spec.mpp is not None else {}
-    axes = [{"name": d, "type": "space", **axis_extra} for d in DIMS]
+    unit = spec.mpp
+    axes = [{"name": d, "type": "space", "unit": "micrometer"} for d in DIMS]
     if rgb:
         axes.insert(0, {"name": "c", "type": "channel"})
     channel_scale, channel_shift = ([1.0], [0.0]) if rgb else ([], [])
@@ -406,6 +401,8 @@ def _multiscale(spec: LabelStoreSpec, name: str, per_px: Sequence[float], *, rgb
                                "translation": channel_shift + [unit * translate[k]] * 2})
         datasets.append({"path": f"s{k}", "coordinateTransformations": transforms})
     return {"name": name, "axes": axes, "datasets": datasets, "type": kind, "metadata": {"method": method}}
+
+
 def _check_colors(colors: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for col in colors:
@@ -447,8 +444,6 @@ def finalize(
     colour instances themselves); ``extra_attrs`` go at the top level of the root
     attributes (not inside ``ome``).
     """
-    from pipeline.writers.preview import TISSUE_RGB
-
     if extra_attrs is not None and "ome" in extra_attrs:
         raise ValueError("extra_attrs must not contain the reserved key 'ome'")
     root = zarr.open_group(store=spec.path, mode="r+", zarr_format=3)
@@ -499,22 +494,3 @@ def read_image(spec: LabelStoreSpec) -> tuple[np.ndarray, float]:
     rgb = np.moveaxis(root["s0"][...], 0, 2)
     return np.ascontiguousarray(rgb), float(root.attrs[STORE_ATTR]["image_per_px"])
 
-
-def labels_thumbnail(spec: LabelStoreSpec, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour (strided) label image of about ``shape`` for previews.
-
-    Reads the coarsest pyramid level that is still at least ``shape``, so memory stays
-    near the thumbnail size; level 0 is never loaded unless the thumbnail is that large.
-    Pixel (i, j) is the label at the centre of the matching level-0 area.
-    """
-    th, tw = int(shape[0]), int(shape[1])
-    level = 0
-    for k, (h, w) in enumerate(spec.level_shapes):
-        if h >= th and w >= tw:
-            level = k
-    arr = _open(spec, spec.level_path(level), "r")
-    h, w = spec.level_shapes[level]
-    iy = np.minimum(((np.arange(th) + 0.5) * h / th).astype(np.int64), h - 1)
-    ix = np.minimum(((np.arange(tw) + 0.5) * w / tw).astype(np.int64), w - 1)
-    block = arr[int(iy[0]):int(iy[-1]) + 1, int(ix[0]):int(ix[-1]) + 1]
-    return block[np.ix_(iy - iy[0], ix - ix[0])]

@@ -28,18 +28,18 @@ from skimage.segmentation import find_boundaries
 
 from pipeline.atomic import atomic_path
 from pipeline.types import Box
+from pipeline.writers.colours import NUCLEUS_RGB, TISSUE_RGB
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DETAIL_MPP",
     "DETAIL_SIDE",
-    "NUCLEUS_RGB",
     "PREVIEW_SIDE",
-    "TISSUE_RGB",
     "Density",
     "Detail",
     "densest_window",
+    "labels_thumbnail",
     "density_map",
     "make_preview",
     "nice_length",
@@ -50,13 +50,10 @@ PREVIEW_SIDE = 2048  # px, the overview panel's long side (at most)
 DETAIL_SIDE = 768  # px, the detail panel's side (at most)
 DETAIL_MPP = 0.5  # µm per detail pixel wanted (20x): a nucleus is ~10-20 px across
 DENSITY_BIN_UM = 50.0  # side of a density cell (about a high-power field's grain)
-DENSITY_BIN_PX = 32  # the same in overview pixels when the slide has no mpp
 MIN_OUTLINE_PX = 5.0  # median nucleus diameter (overview px) below which a heat map replaces outlines
 DENSITY_CMAP = "magma"
 DENSITY_ALPHA = 0.65  # heat map opacity over the slide
 
-NUCLEUS_RGB = (0, 255, 0)  # green: visible on pink/purple H&E
-TISSUE_RGB = (0, 90, 255)  # blue tissue contour
 DETAIL_RGB = (255, 200, 0)  # amber box: where the detail panel is
 TEXT_RGB = (20, 20, 20)
 GAP = 16  # px between panels
@@ -79,7 +76,7 @@ class Detail:
     rgb: np.ndarray  # (h, w, 3) uint8
     labels: np.ndarray  # (h, w), the nucleus label at each detail pixel
     box: tuple[float, float, float, float]  # (y0, x0, y1, x1) in overview pixels
-    um_per_px: float | None
+    um_per_px: float
 
 
 def _fit(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -235,8 +232,7 @@ def write_preview(
         draw.rectangle((round(x0), top + round(y0), max(round(x0), round(x1) - 1),
                         top + max(round(y0), round(y1) - 1)), outline=DETAIL_RGB, width=2)
         draw.rectangle((x, top, x + dw - 1, top + dh - 1), outline=DETAIL_RGB, width=2)
-        if detail.um_per_px is not None:
-            _scale_bar(draw, (x, top + dh), dw, detail.um_per_px)
+        _scale_bar(draw, (x, top + dh), dw, detail.um_per_px)
         font = _font(16)
         what = "nuclei per area" if density is not None else "nucleus outlines"
         draw.text((4, 4), f"whole slide: tissue contour, {what}", fill=TEXT_RGB, font=font)
@@ -271,6 +267,28 @@ def densest_window(counts: np.ndarray, size: int) -> tuple[int, int]:
     sums = table[sy:, sx:] - table[:-sy, sx:] - table[sy:, :-sx] + table[:-sy, :-sx]
     r, c = np.unravel_index(int(np.argmax(sums)), sums.shape)
     return int(r), int(c)
+
+
+def labels_thumbnail(spec: Any, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour (strided) label image of about ``shape`` for previews.
+
+    Reads the coarsest pyramid level that is still at least ``shape``, so memory stays
+    near the thumbnail size; level 0 is never loaded unless the thumbnail is that large.
+    Pixel (i, j) is the label at the centre of the matching level-0 area.
+    """
+    th, tw = int(shape[0]), int(shape[1])
+    level = 0
+    for k, (h, w) in enumerate(spec.level_shapes):
+        if h >= th and w >= tw:
+            level = k
+    import zarr
+
+    arr = zarr.open_array(store=spec.path, path=spec.level_path(level), mode="r")
+    h, w = spec.level_shapes[level]
+    iy = np.minimum(((np.arange(th) + 0.5) * h / th).astype(np.int64), h - 1)
+    ix = np.minimum(((np.arange(tw) + 0.5) * w / tw).astype(np.int64), w - 1)
+    block = arr[int(iy[0]):int(iy[-1]) + 1, int(ix[0]):int(ix[-1]) + 1]
+    return block[np.ix_(iy - iy[0], ix - ix[0])]
 
 
 def _centroids(table_path: Path) -> tuple[np.ndarray, float | None]:
@@ -321,7 +339,6 @@ def make_preview(path: str | os.PathLike[str], reader: Any, store: Any, tissue: 
     import zarr
 
     from pipeline.overview import box_reduce, slide_overview
-    from pipeline.writers.labels import labels_thumbnail
 
     if overview is None:
         overview = slide_overview(reader, PREVIEW_SIDE)  # chunked: memory stays bounded
@@ -340,18 +357,17 @@ def make_preview(path: str | os.PathLike[str], reader: Any, store: Any, tissue: 
     labels_thumb = labels_thumbnail(store, shape)
 
     xy, median_area = _centroids(Path(table_path))
-    bin_px = max(1, round(DENSITY_BIN_UM / (per_px * mpp))) if mpp is not None else DENSITY_BIN_PX
+    bin_px = max(1, round(DENSITY_BIN_UM / (per_px * mpp)))
     bins = (-(-shape[0] // bin_px), -(-shape[1] // bin_px))
     counts = density_map(xy, bins, bin_px * per_px)
     density = None
     diameter = 2 * math.sqrt(median_area / math.pi) / per_px if median_area is not None else math.inf
     if diameter < MIN_OUTLINE_PX:
-        cell_um2 = (bin_px * per_px * mpp) ** 2 if mpp is not None else None
-        density = (Density(counts * (1e6 / cell_um2), bin_px, "nuclei / mm²") if cell_um2
-                   else Density(counts * (1e4 / (bin_px * per_px) ** 2), bin_px, "nuclei / 10⁴ px²"))
+        cell_um2 = (bin_px * per_px * mpp) ** 2
+        density = Density(counts * (1e6 / cell_um2), bin_px, "nuclei / mm²")
 
     detail = None
-    step = max(1.0, DETAIL_MPP / mpp) if mpp is not None else 1.0
+    step = max(1.0, DETAIL_MPP / mpp)
     if len(xy) and per_px > step * 1.5:  # else the overview already is as sharp as a detail
         side0 = DETAIL_SIDE * step  # level-0 px
         r, c = densest_window(counts, max(1, round(side0 / (bin_px * per_px))))
@@ -366,6 +382,6 @@ def make_preview(path: str | os.PathLike[str], reader: Any, store: Any, tissue: 
         h, w = min(rgb.shape[0], labels.shape[0]), min(rgb.shape[1], labels.shape[1])
         detail = Detail(rgb[:h, :w], labels[:h, :w],
                         (box.y0 / per_px, box.x0 / per_px, box.y1 / per_px, box.x1 / per_px),
-                        d * mpp if mpp is not None else None)
+                        d * mpp)
     write_preview(path, thumb, labels_thumb, tissue_thumb,
-                  um_per_px=per_px * mpp if mpp is not None else None, density=density, detail=detail)
+                  um_per_px=per_px * mpp, density=density, detail=detail)

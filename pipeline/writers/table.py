@@ -10,7 +10,7 @@ Coordinates and units (level-0 pixels unless the column says µm):
   coordinates (pixel i covers [i, i+1)) are these values + 0.5.
 * ``centroid_*_um = centroid_*_px * mpp`` (the NGFF physical coordinate).
 * ``area_px = model_area * s^2`` (the label's pixel count; the GeoJSON outline's area is
-  within a few % of it, see ``geojson.tile_polygons``).
+  within a few % of it, see ``outlines``).
 * ``perimeter_um`` and ``solidity`` come from the GeoJSON outline itself (the smoothed,
   sub-pixel polygon in level-0 px): its length x mpp, and its area / its convex hull's
   area. So the table and QuPath's view of a nucleus agree, and a perimeter does not
@@ -19,11 +19,10 @@ Coordinates and units (level-0 pixels unless the column says µm):
   ellipse with the same moments), scale-free.
 * ``bbox_*`` is the half-open level-0 pixel range covering the nucleus:
   ``floor(model_bbox_start * s)`` .. ``ceil(model_bbox_stop * s)``; exact when s is an integer.
-* Without an mpp every ``*_um*`` column is NaN.
 
 All of it is computed for the whole crop at once, with no Python loop per nucleus: pixel
 count, centroid, second moments (eccentricity) and bbox from the traced pixel edges
-(``geojson.trace_tile``: Green's theorem, exact, equal to the sums over the pixels), the
+(``outlines.trace_tile``: Green's theorem, exact, equal to the sums over the pixels), the
 mean probability by one ``numpy.bincount`` over the foreground pixels, perimeter and
 solidity by shapely's vectorised functions over the outlines.
 
@@ -45,11 +44,11 @@ Two files, one set of rows (one per nucleus, in global id order):
     ``obs_names`` are the ids as strings.
   - ``X`` (float64) with ``var_names`` = ``X_COLUMNS``: the per-nucleus measurements, where
     scanpy/squidpy look for features.
-  - ``obsm["spatial"]``: centroid (x, y), in **µm** when the label store has an mpp (the
-    unit of its NGFF coordinate system), else in level-0 px; ``uns["wsi_nuclei"]`` says
-    which (``spatial_unit``). ``obsm["centroid_px"]``: centroid (x, y) in level-0 px;
-    ``obsm["bbox_px"]``: (x0, y0, x1, y1). ``uns["wsi_nuclei"]["obsm_columns"]`` names
-    the Parquet column behind each obsm column, so every Parquet value is in the table.
+  - ``obsm["spatial"]``: centroid (x, y) in **µm** (the unit of the label store's NGFF
+    coordinate system; ``uns["wsi_nuclei"]["spatial_unit"]`` says so).
+    ``obsm["centroid_px"]``: centroid (x, y) in level-0 px; ``obsm["bbox_px"]``: (x0, y0,
+    x1, y1). ``uns["wsi_nuclei"]["obsm_columns"]`` names the Parquet column behind each
+    obsm column, so every Parquet value is in the table.
   - ``uns["spatialdata_attrs"]``: ``region`` = ``"nuclei"``, ``region_key`` = ``"region"``,
     ``instance_key`` = ``"id"`` (SpatialData's ``TableModel``); the group attributes repeat
     them with SpatialData's table ``version`` (its reader needs it). A table without rows
@@ -80,8 +79,8 @@ import zarr
 
 from pipeline import __version__
 from pipeline.atomic import atomic_path
-from pipeline.writers.geojson import TileOutlines, trace_tile
-from pipeline.writers.labels import LABEL_NAME, STORE_ATTR, LabelStoreSpec
+from pipeline.writers.labels import LABEL_NAME, LabelStoreSpec
+from pipeline.writers.outlines import TileOutlines, trace_tile
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +166,7 @@ def instance_measurements(
     prob: np.ndarray,
     offset_yx: tuple[int, int],
     scale: float,
-    mpp_level0: float | None,
+    mpp_level0: float,
     *,
     id_offset: int = 0,
     id_dtype: str = "uint32",
@@ -178,7 +177,7 @@ def instance_measurements(
     ``labels``: local ids (> 0) on a crop whose [0, 0] is model pixel ``offset_yx``;
     ``prob``: nucleus probability on the same crop; ``scale``: level-0 px per model px;
     ``id`` = local id + ``id_offset`` (the global label value painted in the store).
-    ``outlines``: ``geojson.trace_tile`` of the same crop, when the caller has it already
+    ``outlines``: ``outlines.trace_tile`` of the same crop, when the caller has it already
     (it holds the outlines and the label moments); traced here otherwise.
     """
     if labels.shape != prob.shape or labels.ndim != 2:
@@ -214,7 +213,7 @@ def instance_measurements(
     s = float(scale)
     cy = (outlines.centroid[:, 0] + oy + 0.5) * s - 0.5
     cx = (outlines.centroid[:, 1] + ox + 0.5) * s - 0.5
-    mpp = float(mpp_level0) if mpp_level0 is not None else np.nan
+    mpp = float(mpp_level0)
     area = outlines.pixels * s * s
     y0, x0, y1, x1 = outlines.bbox.T
     out = {
@@ -247,20 +246,13 @@ def _as_frame(chunk: pd.DataFrame | Mapping[str, Any], dtypes: dict[str, str]) -
     return frame[list(dtypes)].astype(dtypes).reset_index(drop=True)
 
 
-def table_metadata(mpp: float | None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def table_metadata(mpp: float, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What the numbers in the table mean: written into both the Parquet and the AnnData.
 
     ``extra`` (slide, model, checksum, ...) comes from the caller; the keys made here win.
     """
     return {**dict(extra or {}), "wsi_nuclei_version": __version__, "mpp": mpp,
             "units": dict(COLUMN_UNITS), "coordinates": COORDINATES}
-
-
-def _store_mpp(root: zarr.Group) -> float | None:
-    """Level-0 mpp recorded by ``labels.create_store`` (None for a bare store)."""
-    info = root.attrs.get(STORE_ATTR)
-    mpp = info.get("mpp") if isinstance(info, dict) else None
-    return float(mpp) if mpp is not None else None
 
 
 class _AnnDataTable:
@@ -278,9 +270,7 @@ class _AnnDataTable:
 
         self.id_dtype = id_dtype
         self.meta = {k: v for k, v in meta.items() if v is not None}  # uns cannot hold None
-        spatial = SPATIAL_UM if meta.get("mpp") is not None else OBSM_PX["centroid_px"]
-        self.spatial_unit = "micrometer" if spatial == SPATIAL_UM else "pixel"
-        self.obsm = {"spatial": spatial, **OBSM_PX}
+        self.obsm = {"spatial": SPATIAL_UM, **OBSM_PX}
         skeleton = ad.AnnData(obs=self._obs(np.zeros(0, id_dtype)),
                               var=pd.DataFrame(index=pd.Index(X_COLUMNS, dtype=object)))
         tables = root.require_group("tables")
@@ -316,7 +306,7 @@ class _AnnDataTable:
         region: str | list[str] = LABEL_NAME if len(ids) else []
         attrs = {"region": region, "region_key": REGION_KEY, "instance_key": INSTANCE_KEY}
         uns = {"spatialdata_attrs": attrs,
-               METADATA_KEY: {**self.meta, "spatial_unit": self.spatial_unit,
+               METADATA_KEY: {**self.meta, "spatial_unit": "micrometer",
                               "obsm_columns": {k: list(v) for k, v in self.obsm.items()}}}
         write_elem(self.group, "uns", uns, dataset_kwargs=_NO_SHARDS)
         self.group.attrs.update({"spatialdata-encoding-type": "ngff:regions_table", **attrs,
@@ -346,7 +336,7 @@ def write_table(
     out_dir: str | os.PathLike[str],
     frames: Iterable[pd.DataFrame | Mapping[str, Any]],
     *,
-    store: str | os.PathLike[str] | LabelStoreSpec | None = None,
+    store: LabelStoreSpec,
     metadata: Mapping[str, Any] | None = None,
     parquet_name: str = "nuclei.parquet",
     row_group_size: int = 65536,
@@ -356,21 +346,18 @@ def write_table(
 
     ``frames`` yields DataFrames (or dicts of columns) with exactly the ``COLUMNS`` names,
     e.g. from ``instance_measurements``. ``pd.read_parquet(out_dir / "nuclei.parquet")``
-    reads the result. The AnnData goes to ``<store>/tables/nuclei`` (group replaced);
-    ``store`` is the label store (spec or path), by default ``out_dir/nuclei.zarr``; its
-    recorded mpp decides the unit of ``obsm["spatial"]``. ``metadata`` (JSON-able values:
-    slide, model, checksum) joins ``table_metadata`` in both outputs.
+    reads the result. The AnnData goes to ``<store>/tables/nuclei`` (group replaced) of the
+    label store ``store`` (``labels.create_store``), whose mpp the metadata records.
+    ``metadata`` (JSON-able values: slide, model, checksum) joins ``table_metadata`` in both
+    outputs.
     """
     if row_group_size < 1:
         raise ValueError("row_group_size must be >= 1")
     out = Path(out_dir)
     dtypes = {**COLUMNS, "id": id_dtype}
-    if store is None:
-        store_path = out / "nuclei.zarr"
-    else:
-        store_path = Path(store.path if isinstance(store, LabelStoreSpec) else store)
+    store_path = Path(store.path)
     root = zarr.open_group(store=str(store_path), mode="a", zarr_format=3)
-    meta = table_metadata(_store_mpp(root), metadata)
+    meta = table_metadata(store.mpp, metadata)
     with atomic_path(out / parquet_name) as tmp:
         sink = _Sink(tmp, root, dtypes, row_group_size, meta)
         try:
