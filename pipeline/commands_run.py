@@ -90,7 +90,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 @contextlib.contextmanager
 def executor_for(args: argparse.Namespace, model: str, device: str) -> Iterator[Any]:
     """A serial executor, or a Dask client with the model plugin registered."""
-    from pipeline.run import DaskExecutor, SerialExecutor
+    from pipeline.slide_run.executors import DaskExecutor, SerialExecutor
 
     if args.cluster == "none" and not args.scheduler:
         from pipeline.cluster import get_worker_model
@@ -130,7 +130,8 @@ def executor_for(args: argparse.Namespace, model: str, device: str) -> Iterator[
 def run_command(args: argparse.Namespace) -> int:
     from models.checkpoints import default_model
     from pipeline.discovery import slides_to_run
-    from pipeline.run import RunConfig, process_slide
+    from pipeline.run import process_slide
+    from pipeline.slide_run.config import RunConfig
 
     slides = slides_to_run(args.paths, args.out, args.name)
     cfg = RunConfig(model=args.model or default_model(), out=args.out, tile_size=args.tile_size,
@@ -225,7 +226,8 @@ def demo_command(args: argparse.Namespace) -> int:
     from models.checkpoints import default_model
     from models.metrics import instance_scores
     from pipeline.pyramid_tiff import write_pyramidal_tiff
-    from pipeline.run import RunConfig, process_slide
+    from pipeline.run import process_slide
+    from pipeline.slide_run.config import RunConfig
     from pipeline.synthetic import synthetic_he
     from pipeline.writers.preview import write_preview
 

@@ -97,7 +97,9 @@ def test_an_interrupted_slide_cancels_its_queued_tiles_at_once(tmp_path) -> None
     from tiny_slides import write_slides
 
     from pipeline.commands_run import SlideInterrupted
-    from pipeline.run import RunConfig, SerialExecutor, process_slide
+    from pipeline.run import process_slide
+    from pipeline.slide_run.config import RunConfig
+    from pipeline.slide_run.executors import SerialExecutor
 
     closed: dict[str, int] = {}
 
@@ -109,7 +111,7 @@ def test_an_interrupted_slide_cancels_its_queued_tiles_at_once(tmp_path) -> None
                     made += 1
                     yield pair
             finally:
-                closed[getattr(fn, "__name__", "")] = made
+                closed[getattr(getattr(fn, "fn", fn), "__name__", "")] = made
 
     def interrupt_after_first(done: int, total: int) -> None:
         assert total > 2

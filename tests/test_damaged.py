@@ -14,16 +14,10 @@ import zarr
 from pipeline.cli import main
 from pipeline.errors import SlideReadError
 from pipeline.pyramid_tiff import write_pyramidal_tiff
-from pipeline.run import (
-    NoRetry,
-    RunConfig,
-    SerialExecutor,
-    infer_tiles,
-    predict_tiles,
-    process_slide,
-    read_tiles,
-    segment_tiles,
-)
+from pipeline.run import process_slide
+from pipeline.slide_run.config import RunConfig
+from pipeline.slide_run.executors import NoRetry, SerialExecutor
+from pipeline.slide_run.tiles import infer_tiles, predict_tiles, read_tiles, segment_tiles
 from pipeline.synthetic import synthetic_he
 
 MODEL = "pruned80.pt"
@@ -95,7 +89,7 @@ class SplitExecutor(SerialExecutor):
     def map(self, fn, items):
         import pickle
 
-        if fn is not infer_tiles:
+        if getattr(fn, "fn", None) is not infer_tiles:
             yield from super().map(fn, items)
             return
         for item in items:

@@ -12,8 +12,10 @@ import torch
 import zarr
 
 from pipeline.fingerprint import differences, read_work_fingerprint, slide_fingerprint
-from pipeline.run import WORK_DIR, RunConfig, SerialExecutor, process_slide
+from pipeline.run import process_slide
 from pipeline.slide import MemorySlide, register_memory_slide
+from pipeline.slide_run.config import WORK_DIR, RunConfig
+from pipeline.slide_run.executors import SerialExecutor
 from pipeline.synthetic import synthetic_he
 
 MODEL = "pruned80.pt"
@@ -55,7 +57,7 @@ def test_resume_with_other_tile_size_discards_partial_work(tmp_path: Path, slide
         process_slide(slide, _cfg(out, 128), SerialExecutor(), _interrupt_after(6))
     assert len(list((out / "resume" / WORK_DIR).glob("tile-*.npz"))) >= 6
 
-    with caplog.at_level(logging.WARNING, logger="pipeline.run"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.slide_run.plan"):
         resumed = process_slide(slide, _cfg(out, 256), SerialExecutor())
     assert resumed.status == "done"
     assert resumed.counters["tiles_from_cache"] == 0

@@ -20,8 +20,10 @@ from models import checkpoints
 from models.inference import predict_image
 from models.watershed import postprocess
 from pipeline.label_sampling import CONNECTIVITY
-from pipeline.run import RunConfig, SerialExecutor, process_slide
+from pipeline.run import process_slide
 from pipeline.slide import MemorySlide, register_memory_slide
+from pipeline.slide_run.config import RunConfig
+from pipeline.slide_run.executors import SerialExecutor
 from pipeline.synthetic import synthetic_he
 
 MODEL = "pruned80.pt"  # the shipped default; exactness does not depend on the weights

@@ -18,8 +18,10 @@ from models.quantize import make_openvino
 from models.runtime import RUNTIME_ENV, CompiledNet, openvino_path
 from models.watershed import postprocess
 from pipeline.cluster import load_for_inference
-from pipeline.run import RunConfig, SerialExecutor, process_slide
+from pipeline.run import process_slide
 from pipeline.slide import MemorySlide, register_memory_slide
+from pipeline.slide_run.config import RunConfig
+from pipeline.slide_run.executors import SerialExecutor
 from pipeline.synthetic import synthetic_he
 
 pytest.importorskip("openvino")

@@ -477,28 +477,27 @@ def test_invalid_polygon_is_repaired_to_largest_valid_part(caplog: pytest.LogCap
 
 
 def test_worker_text_and_finalize_splice(tmp_path: Path) -> None:
-    """run._save_tile stores each nucleus's text; run._stream_features splices the global
-    id in and applies an origin shift the worker did not know: the features equal the
-    dict API's."""
+    """The tile file stores each nucleus's text, traced on the worker with the slide's
+    origin shift; the single writer splices the global id in: the features equal the dict
+    API's."""
     from types import SimpleNamespace
 
-    from pipeline.run import _save_tile, _stream_features, tile_file
+    from pipeline.slide_run.tile_file import save_tile, tile_nuclei
     from pipeline.types import Box
+    from pipeline.writers.geojson import feature_texts
 
     lab = synthetic_labels()
     prob = np.full(lab.shape, 0.5, np.float32)
-    job = SimpleNamespace(plan=SimpleNamespace(scale=2.0), slide_mpp=0.25, origin_shift=(0.0, 0.0),
+    job = SimpleNamespace(plan=SimpleNamespace(scale=2.0), slide_mpp=0.25, origin_shift=(100.0, 7.0),
                           work_dir=str(tmp_path))
     result = SimpleNamespace(labels=lab, prob=prob, extent=Box(3, 5, 3 + lab.shape[0], 5 + lab.shape[1]),
                              count=8, recomputed=0, truncated=0, giants=())
-    _save_tile(job, SimpleNamespace(index=4), result, 0.1)
-    path = tile_file(tmp_path, 4)
+    save_tile(job, SimpleNamespace(index=4), result, 0.1)
     values, polys = tile_polygons(lab, (3, 5), 2.0, origin_shift=(100.0, 7.0))
-    final = SimpleNamespace(slide_id="slide-A", origin_shift=(100, 7))
-    with np.load(path) as f, GeoJSONWriter(tmp_path / "out.geojson") as out:
-        cols = {k[4:]: f[k] for k in f.files if k.startswith("col_")}
-        cols["id"] = cols["id"].astype(np.uint64) + np.uint64(1000)
-        _stream_features(out, final, f, cols)
+    cols, bodies = tile_nuclei(str(tmp_path), 4)
+    cols["id"] = cols["id"].astype(np.uint64) + np.uint64(1000)
+    with GeoJSONWriter(tmp_path / "out.geojson") as out:
+        out.write_texts(feature_texts(cols["id"].tolist(), bodies))
     features = json.loads((tmp_path / "out.geojson").read_text())["features"]
     assert len(features) == 8
     for feat, value, poly in zip(features, values, polys):
