@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 # Bump when the saved tile files or the outputs change layout or meaning: older partial
 # work is then recomputed, and older finished slides say so when skipped.
-# 5: nuclei.zarr root = RGB slide copy, tissue mask in labels/tissue; 6: GeoJSON without ids, UTF-8 µ
-OUTPUT_FORMAT_VERSION = 6
+# 5: nuclei.zarr root = RGB slide copy, tissue mask in labels/tissue; 6: GeoJSON without ids, UTF-8 µ;
+# 7: tile files record the damaged regions their reads met
+OUTPUT_FORMAT_VERSION = 7
 
 FINGERPRINT_FILE = "fingerprint.json"
 

@@ -14,6 +14,8 @@ import numpy as np
 from pipeline.types import Box, Tile
 
 PHASES = ("read", "network", "watershed", "save")
+# stored slide tiles found damaged: level-0 (y0, x0, y1, x1, error)
+Damage = tuple[tuple[int, int, int, int, str], ...]
 
 
 @dataclass(frozen=True)
@@ -28,16 +30,18 @@ class TileSummary:
     # worker-seconds per phase (read, network, watershed, save); zeros for cached tiles
     phases: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     dropped: int = 0  # nuclei centred off the tissue, not kept
-    # stored slide tiles this tile's reads found damaged (level-0 y0, x0, y1, x1, error):
-    # painted as glass, so the nuclei there are missing; such tiles are recomputed on a re-run
-    damaged: tuple[tuple[int, int, int, int, str], ...] = ()
+    # stored slide tiles this tile's reads found damaged: painted as glass, so the nuclei
+    # there are missing; kept in the tile file (a resumed run reports them too), and such
+    # tiles are recomputed on a re-run of a partial slide
+    damaged: Damage = ()
 
 
 def tile_file(work_dir: str | Path, index: int) -> Path:
     return Path(work_dir) / f"tile-{index:07d}.npz"
 
 
-def save_tile(job: Any, tile: Tile, result: Any, seconds: float, dropped: int = 0) -> None:
+def save_tile(job: Any, tile: Tile, result: Any, seconds: float, dropped: int = 0,
+              damaged: Damage = ()) -> None:
     """Outlines, measurements and each nucleus's GeoJSON text (all of it but the id,
     which needs the global nucleus number) are made here, on the worker, vectorised over
     the tile, so the single writer of phase 3 only splices ids into text. ``job``: the
@@ -60,6 +64,8 @@ def save_tile(job: Any, tile: Tile, result: Any, seconds: float, dropped: int = 
                     giants=np.array([(b.y0, b.x0, b.y1, b.x1) for b in result.giants],
                                     np.int64).reshape(-1, 4),
                     seconds=np.array(seconds), features=np.frombuffer(bodies, dtype=np.uint8),
+                    damaged_boxes=np.array([r[:4] for r in damaged], np.int64).reshape(-1, 4),
+                    damaged_errors=np.array([r[4] for r in damaged], dtype=np.str_),
                     **{f"col_{k}": v for k, v in values.items()})
 
 
@@ -69,8 +75,10 @@ def cached_summary(work_dir: str, tile: Tile) -> TileSummary:
         y0, x0, y1, x1 = (int(v) for v in f["extent"])
         count, recomputed, dropped = (int(v) for v in f["stats"])
         giants = tuple(Box(*(int(v) for v in row)) for row in f["giants"])
+        damaged = tuple((*(int(v) for v in box), str(error))
+                        for box, error in zip(f["damaged_boxes"], f["damaged_errors"]))
         return TileSummary(tile.index, count, Box(y0, x0, y1, x1), recomputed, giants,
-                           float(f["seconds"]), True, dropped=dropped)
+                           float(f["seconds"]), True, dropped=dropped, damaged=damaged)
 
 
 def tile_labels(work_dir: str, index: int) -> np.ndarray:

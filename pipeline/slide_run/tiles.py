@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.slide_run.config import RunConfig
 from pipeline.slide_run.executors import NetworkTask, mapped
 from pipeline.slide_run.plan import SlidePlan, damage_records, level0_box
-from pipeline.slide_run.tile_file import TileSummary, cached_summary, save_tile, tile_file
+from pipeline.slide_run.tile_file import Damage, TileSummary, cached_summary, save_tile, tile_file
 from pipeline.types import Box, ReadPlan, Tile
 
 
@@ -59,10 +59,12 @@ def infer_tiles(job: TileJob) -> list[TileSummary]:
         predict = _window_predictor(bundle.net, lambda: reader, job, windows)
         for tile, prob, dist, damaged in zip(todo, probs, dists, saw_damage):
             before = reader.damage_fills
-            summary = _segment_and_save(job, tile, prob, dist, predict, bundle.watershed, shared)
-            if damaged or reader.damage_fills > before:  # grown windows read too
-                summary = replace(summary, damaged=damage_records(reader))
-            out.append(summary)
+
+            def met(damaged: bool = damaged, before: int = before) -> Damage:
+                # the tile's window, or a grown window its segmentation read
+                return damage_records(reader) if damaged or reader.damage_fills > before else ()
+
+            out.append(_segment_and_save(job, tile, prob, dist, predict, bundle.watershed, shared, met))
     return sorted(out, key=lambda s: s.index)
 
 
@@ -75,7 +77,7 @@ class ReadTiles:
     cached: list[TileSummary]
     tiles: list[Tile]
     windows: list[np.ndarray]
-    damaged: list[tuple[tuple[int, int, int, int, str], ...]]  # per tile, if its read met damage
+    damaged: list[Damage]  # per tile, if its read met damage
     read_s: float  # worker-seconds per tile
 
 
@@ -92,7 +94,7 @@ class PredictedTiles:
     probs: list[np.ndarray]
     dists: list[np.ndarray]
     grown: list[dict[Box, tuple[np.ndarray, np.ndarray]]]
-    damaged: list[tuple[tuple[int, int, int, int, str], ...]]
+    damaged: list[Damage]
     shared: tuple[float, float]  # read and network worker-seconds per tile
 
 
@@ -174,10 +176,9 @@ def segment_tiles(predicted: PredictedTiles) -> list[TileSummary]:
     if predicted.tiles:
         params = _worker_model(job).watershed
         for i, tile in enumerate(predicted.tiles):
-            summary = _segment_and_save(job, tile, predicted.probs[i], predicted.dists[i],
-                                        replay_predictor(predicted.grown[i]), params,
-                                        predicted.shared)
-            out.append(replace(summary, damaged=predicted.damaged[i]))
+            out.append(_segment_and_save(job, tile, predicted.probs[i], predicted.dists[i],
+                                         replay_predictor(predicted.grown[i]), params,
+                                         predicted.shared, lambda i=i: predicted.damaged[i]))
     return sorted(out, key=lambda s: s.index)
 
 
@@ -224,8 +225,9 @@ def _window_predictor(net: Any, reader: Callable[[], Any], job: TileJob,
 
 
 def _segment_and_save(job: TileJob, tile: Tile, prob: np.ndarray, dist: np.ndarray, predict: Any,
-                      params: Any, shared: tuple[float, float]) -> TileSummary:
-    """One tile's instances (owned nuclei, off-tissue ones dropped), saved to its file."""
+                      params: Any, shared: tuple[float, float], damage: Callable[[], Damage]) -> TileSummary:
+    """One tile's instances (owned nuclei, off-tissue ones dropped), saved to its file with
+    the damage its reads met (``damage()``, asked once the segmentation's reads are done)."""
     from pipeline.stitch import segment_tile
     from pipeline.tissue import keep_in_tissue
 
@@ -239,10 +241,11 @@ def _segment_and_save(job: TileJob, tile: Tile, prob: np.ndarray, dist: np.ndarr
         result = replace(result, labels=labels)
     t_save = time.perf_counter()
     seconds = sum(shared) + t_save - t_seg
-    save_tile(job, tile, result, seconds, dropped)
+    damaged = damage()
+    save_tile(job, tile, result, seconds, dropped, damaged)
     phases = (*shared, t_save - t_seg, time.perf_counter() - t_save)
     return TileSummary(tile.index, result.count, result.extent, result.recomputed, result.giants,
-                       seconds, False, phases, dropped)
+                       seconds, False, phases, dropped, damaged)
 
 
 def _predict_by_shape(net: Any, windows: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
