@@ -23,7 +23,7 @@ from pipeline.slide_run.config import WORK_DIR, RunConfig, slide_dir
 from pipeline.slide_run.executors import one
 from pipeline.slide_run.outputs import FinalJob, write_outputs
 from pipeline.slide_run.plan import PREPARE_SLIDE, PrepareJob, claim_work_dir, skip_note
-from pipeline.slide_run.report import slide_report, unreadable_regions, versions
+from pipeline.slide_run.report import missing_regions, slide_report, unreadable_regions, versions
 from pipeline.slide_run.tile_file import tile_file
 from pipeline.slide_run.tiles import run_tiles
 
@@ -107,23 +107,23 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
         if n != sum(s.count for s in tiles):
             raise RuntimeError(f"wrote {n} nuclei but tiles found {sum(s.count for s in tiles)}")
         summary.update(slide_report(plan, tiles, blocks, timings))
-        status = "partial" if unreadable else "done"
+        lacking = missing_regions(path, summary)
+        status = "partial" if lacking else "done"
         summary.update({"status": status, "nuclei": n, "outputs": outputs, "versions": versions(),
                         "seconds": round(time.time() - started, 3)})
         write_summary(summary_path, summary)
-        if unreadable:
-            # keep the tiles for a re-run, which recomputes only those that met damage; the
-            # label blocks are all repainted then (nucleus ids shift by the new counts)
+        if lacking:
+            # keep the tiles for a re-run, which recomputes only those that met damage (giant
+            # clusters come back from the tile files, as they would again); the label blocks
+            # are all repainted then (nucleus ids shift by the new counts)
             shutil.rmtree(work / "blocks", ignore_errors=True)
             for s in tiles:
                 if s.damaged:
                     tile_file(work, s.index).unlink(missing_ok=True)
-            log.error("%s: %d region(s) could not be read; the slide's other results are "
-                      "complete (summary.json: unreadable_regions)", path, len(unreadable))
         else:
             shutil.rmtree(work, ignore_errors=True)
         return SlideOutcome(path, status, n, time.time() - started, out_dir=str(out),
-                            error=f"{len(unreadable)} unreadable region(s)" if unreadable else "",
+                            error="; ".join(lacking),
                             counters={"tiles_from_cache": summary["tiles_from_cache"],
                                       "label_blocks_from_cache": blocks.from_cache})
     except Exception as exc:  # a bad slide fails alone, with its error in its summary

@@ -3,12 +3,15 @@ not be read or segmented, timings and versions (``pipeline.writers.summary`` wri
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pipeline.slide_run.blocks import LabelBlocks
 from pipeline.slide_run.plan import SlidePlan, level0_box
 from pipeline.slide_run.tile_file import PHASES, TileSummary
 from pipeline.types import Box
+
+log = logging.getLogger(__name__)
 
 
 def slide_report(plan: SlidePlan, tiles: list[TileSummary], blocks: LabelBlocks,
@@ -33,6 +36,26 @@ def slide_report(plan: SlidePlan, tiles: list[TileSummary], blocks: LabelBlocks,
         "tiles_with_damage": sum(bool(s.damaged) for s in tiles),
         "unreadable_regions": unreadable_regions(plan, tiles),
     }
+
+
+def missing_regions(path: str, report: dict[str, Any]) -> list[str]:
+    """What the slide's results lack, one phrase each, each told to the user in a log line
+    here: regions that could not be read, and giant clusters (foreground components too
+    large for any window: ``stitch.giant_side``), whose nuclei are not segmented. A slide
+    with any is ``partial`` (the run exits 1)."""
+    lacking = []
+    if report["unreadable_regions"]:
+        n = len(report["unreadable_regions"])
+        log.error("%s: %d region(s) could not be read; the slide's other results are "
+                  "complete (summary.json: unreadable_regions)", path, n)
+        lacking.append(f"{n} unreadable region(s)")
+    if report["giant_clusters"]:
+        n = len(report["giant_clusters"])
+        log.warning("%s: %d giant cluster(s) of foreground, too large for any window, were not "
+                    "segmented: their nuclei are missing; the slide's other results are complete "
+                    "(summary.json: giant_clusters, level-0 boxes y0, x0, y1, x1)", path, n)
+        lacking.append(f"{n} giant cluster(s) not segmented")
+    return lacking
 
 
 def unreadable_regions(plan: SlidePlan, tiles: list[TileSummary]) -> list[dict[str, Any]]:
