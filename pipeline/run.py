@@ -22,7 +22,7 @@ from pipeline.slide_run.blocks import offsets, write_blocks
 from pipeline.slide_run.config import WORK_DIR, RunConfig, slide_dir
 from pipeline.slide_run.executors import one
 from pipeline.slide_run.outputs import FinalJob, write_outputs
-from pipeline.slide_run.plan import PREPARE_SLIDE, PrepareJob, claim_work_dir, skip_note
+from pipeline.slide_run.plan import PREPARE_SLIDE, WORKER_RUNTIME, PrepareJob, claim_work_dir, skip_note
 from pipeline.slide_run.report import missing_regions, slide_report, unreadable_regions, versions
 from pipeline.slide_run.tile_file import tile_file
 from pipeline.slide_run.tiles import run_tiles
@@ -53,7 +53,7 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
     only when its fingerprint equals this run's, and discarded otherwise."""
     from models.checkpoints import load as load_model
     from pipeline.discovery import owner_conflict
-    from pipeline.fingerprint import settings_fingerprint
+    from pipeline.fingerprint import run_runtime, settings_fingerprint
     from pipeline.writers.summary import is_done, read_summary, write_summary
 
     path = str(path)
@@ -67,8 +67,9 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
     settings = settings_fingerprint(cfg, bundle.sha256, bundle.watershed)
     if not cfg.overwrite and is_done(summary_path):
         done = read_summary(summary_path) or {}
+        runtime = run_runtime(one(executor, WORKER_RUNTIME, (cfg.model, cfg.device)), cfg.batch_size)
         return SlideOutcome(path, "done", int(done.get("nuclei", 0)), 0.0, out_dir=str(out),
-                            skipped=True, note=skip_note(done, settings))
+                            skipped=True, note=skip_note(done, settings, runtime))
     try:
         if cfg.overwrite and out.exists():
             shutil.rmtree(out)
@@ -87,7 +88,7 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
                                                        cfg.tissue_mask, cfg.tile_size,
                                                        cfg.cluster_margin))
         timings["prepare_s"] = time.time() - t
-        summary["fingerprint"] = claim_work_dir(out, path, settings, plan)
+        summary["fingerprint"] = claim_work_dir(out, path, settings, plan, cfg.batch_size)
         t = time.time()
         tiles = run_tiles(plan, cfg, executor, str(work), progress)
         unreadable = unreadable_regions(plan, tiles)

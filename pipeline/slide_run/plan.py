@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,10 @@ class SlidePlan:
     halo: int
     margin: int
     multiple: int
-    device: str = "cpu"  # the kind of device the planning worker's model runs on
+    # the planning worker's network runtime (fingerprint.runtime_fingerprint): the slide's
+    # tiles are made on this runtime only
+    runtime: dict[str, Any] = field(default_factory=dict)
     damaged: tuple[tuple[int, int, int, int, str], ...] = ()  # seen by the tissue mask's reads
-
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ def prepare_slide(job: PrepareJob) -> SlidePlan:
     """Open the slide, choose the level, compute the tissue mask and the tile list."""
     from models.inference import context_margin
     from pipeline.cluster import get_worker_model
+    from pipeline.fingerprint import runtime_fingerprint
     from pipeline.slide import open_slide, plan_read
     from pipeline.tiling import halo_for, plan_tiles
     from pipeline.tissue import full_mask, tissue_mask
@@ -67,12 +69,8 @@ def prepare_slide(job: PrepareJob) -> SlidePlan:
     halo = halo_for(cfg, job.cluster_margin)
     tiles = plan_tiles(plan.shape, job.tile_size, halo, cfg.size_multiple, context_margin(cfg))
     kept = tuple(t for t in tiles if tissue.covers(level0_box(t.core, plan.scale)))
-
-    # device kind and runtime ("cpu", "cuda", "openvino-int8"): outputs of two differ in the
-    # last bits, so the resume fingerprint records which made the tiles
-    device = getattr(bundle.net, "runtime", None) or next(bundle.net.parameters()).device.type
     return SlidePlan(info, plan, kept, len(tiles), tissue, halo, context_margin(cfg),
-                     cfg.size_multiple, device, damaged)
+                     cfg.size_multiple, runtime_fingerprint(bundle), damaged)
 
 
 def level0_box(box: Box, scale: float) -> Box:
@@ -101,24 +99,41 @@ def damage_records(reader: Any) -> tuple[tuple[int, int, int, int, str], ...]:
 PREPARE_SLIDE = NetworkTask(prepare_slide)  # planning loads the model, on a GPU worker where there are any
 
 
-def skip_note(done: dict[str, Any], settings: dict[str, Any]) -> str:
-    """Why a finished slide's results may not be what this run would make."""
-    from pipeline.fingerprint import differences
+def worker_runtime(job: tuple[str, str]) -> dict[str, Any]:
+    """The network runtime a worker runs ``(model, device)`` on, without planning a slide:
+    what a skipped slide's fingerprint is compared with."""
+    from pipeline.cluster import get_worker_model
+    from pipeline.fingerprint import runtime_fingerprint
 
-    old = (done.get("fingerprint") or {}).get("settings")
-    changed = differences(old, settings)
+    return runtime_fingerprint(get_worker_model(*job))
+
+
+WORKER_RUNTIME = NetworkTask(worker_runtime)
+
+
+def skip_note(done: dict[str, Any], settings: dict[str, Any], runtime: dict[str, Any]) -> str:
+    """Why a finished slide's results may not be what this run would make: its settings
+    and its network runtime (``runtime``: :func:`fingerprint.run_runtime` of a worker's),
+    each difference with its values where they are short."""
+    from pipeline.fingerprint import described
+
+    old = done.get("fingerprint") or {}
+    changed = described(old.get("settings"), settings)
+    if old.get("settings"):  # else "fingerprint missing" says it all
+        changed += [f"runtime.{d}" for d in described((old.get("slide") or {}).get("runtime"), runtime)]
     if not changed:
         return ""
-    return f"made with other settings ({', '.join(changed)}); --overwrite recomputes it"
+    return f"made with other settings ({'; '.join(changed)}); --overwrite recomputes it"
 
 
-def claim_work_dir(out: Path, path: str, settings: dict[str, Any], plan: SlidePlan) -> dict[str, Any]:
+def claim_work_dir(out: Path, path: str, settings: dict[str, Any], plan: SlidePlan,
+                   batch_size: int) -> dict[str, Any]:
     """Make ``out/.work`` hold only work this run would make: partial results of an
-    interrupted run with another fingerprint (other settings, model, slide file or device
-    kind; or none, from an older version) are discarded with the label store they fed.
+    interrupted run with another fingerprint (other settings, model, slide file or network
+    runtime; or none, from an older version) are discarded with the label store they fed.
     Returns the fingerprint, recorded in the work folder and later in the summary."""
     from pipeline.fingerprint import (
-        differences,
+        described,
         fingerprint,
         read_work_fingerprint,
         slide_fingerprint,
@@ -126,12 +141,12 @@ def claim_work_dir(out: Path, path: str, settings: dict[str, Any], plan: SlidePl
     )
 
     work = out / WORK_DIR
-    current = fingerprint(settings, slide_fingerprint(path, plan))
+    current = fingerprint(settings, slide_fingerprint(path, plan, batch_size))
     if work.exists():
-        changed = differences(read_work_fingerprint(work), current)
+        changed = described(read_work_fingerprint(work), current)
         if changed:
             log.warning("%s: discarding partial work of an earlier run (%s differ)", path,
-                        ", ".join(changed))
+                        "; ".join(changed))
             shutil.rmtree(work)
             shutil.rmtree(out / "nuclei.zarr", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)

@@ -99,7 +99,7 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("wsi-nuclei", "torch", "numpy", "scikit-image", "zarr", "openslide-python",
+    for name in ("wsi-nuclei", "torch", "openvino", "numpy", "scikit-image", "zarr", "openslide-python",
                  "openslide-bin", "dask", "distributed", "shapely"):
         try:
             out[name] = version(name)

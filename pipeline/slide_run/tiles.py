@@ -7,8 +7,8 @@ batch runs as three chained tasks (:func:`read_tiles`, :func:`predict_tiles`,
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,9 @@ class TileJob:
     # the tissue mask around these tiles (TissueMask.crop); nuclei centred off it are
     # dropped on the worker, before ids are counted. None keeps every nucleus.
     tissue: Any = None
+    # the network runtime the slide was planned on (SlidePlan.runtime): a worker on another
+    # refuses the tiles (fingerprint.check_runtime); empty: not pinned
+    runtime: Mapping[str, Any] = field(default_factory=dict)
 
 
 def infer_tiles(job: TileJob) -> list[TileSummary]:
@@ -48,7 +51,7 @@ def infer_tiles(job: TileJob) -> list[TileSummary]:
     todo, out = _not_cached(job)
     if not todo:
         return out
-    bundle = _worker_model(job)
+    bundle = _network(job)
     t0 = time.perf_counter()
     with open_slide(job.path, mpp_override=job.mpp_override) as reader:
         windows, saw_damage = _read_windows(reader, job, todo)
@@ -123,7 +126,7 @@ def predict_tiles(read: ReadTiles) -> PredictedTiles:
     job = read.job
     if not read.tiles:
         return PredictedTiles(job, read.cached, [], [], [], [], [], (0.0, 0.0))
-    bundle = _worker_model(job)
+    bundle = _network(job)
     t0 = time.perf_counter()
     probs, dists = _predict_by_shape(bundle.net, read.windows)
     with _SlideOnDemand(job) as slide:
@@ -186,6 +189,17 @@ def _worker_model(job: TileJob) -> Any:
     from pipeline.cluster import get_worker_model
 
     return get_worker_model(job.model, job.device)
+
+
+def _network(job: TileJob) -> Any:
+    """The worker's model, for tasks that run the network: only on the runtime the slide
+    was planned on."""
+    from pipeline.fingerprint import check_runtime, runtime_fingerprint
+
+    bundle = _worker_model(job)
+    if job.runtime:
+        check_runtime(job.runtime, runtime_fingerprint(bundle))
+    return bundle
 
 
 def _not_cached(job: TileJob) -> tuple[list[Tile], list[TileSummary]]:
@@ -279,7 +293,8 @@ def run_tiles(plan: SlidePlan, cfg: RunConfig, executor: Any, work: str,
     jobs = [TileJob(plan.info.path, cfg.mpp, cfg.model, cfg.device, plan.plan, batch, work,
                     plan.margin, plan.multiple, plan.info.mpp or 0.0,
                     origin_shift=tuple(float(v) for v in plan.info.bounds_xy),
-                    tissue=None if cfg.keep_outside_tissue else _tissue_around(plan, batch))
+                    tissue=None if cfg.keep_outside_tissue else _tissue_around(plan, batch),
+                    runtime=plan.runtime)
             for batch in batches]
     done: list[TileSummary] = []
     with mapped(executor, INFER_TILES, jobs) as results:
