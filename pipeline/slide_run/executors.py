@@ -4,12 +4,18 @@ use them (:func:`mapped` for many tasks, :func:`one` for a single one).
 
 Executors know no phase: a task that runs the network says so by being a
 :class:`NetworkTask`, and the phase modules import this one, never the reverse.
+
+``interrupt()`` (Ctrl-C) stops every slide in whatever phase it is: no task starts after
+it, the Dask tasks in flight are cancelled, and each slide's thread gets
+:class:`SlideInterrupted` at once instead of waiting for its running task to end.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +25,12 @@ from pipeline.errors import PipelineError
 log = logging.getLogger(__name__)
 
 Task = Callable[[Any], Any]
+
+
+class SlideInterrupted(BaseException):
+    """Raised in a slide's client thread once the run is interrupted (Ctrl-C), at its next
+    task result or progress report: a ``BaseException``, so the slide's own error handling
+    does not record it as a failure; its finished tiles stay in ``.work`` for the re-run."""
 
 
 @dataclass(frozen=True)
@@ -34,12 +46,26 @@ class NetworkTask:
     def __call__(self, item: Any) -> Any:
         return self.fn(item)
 
+    @property
+    def __name__(self) -> str:  # Dask names the tasks' keys after it
+        return getattr(self.fn, "__name__", type(self).__name__)
+
 
 class SerialExecutor:
     """Runs tasks in this process, in order (tests, debugging, ``--workers 0``)."""
 
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+
+    def interrupt(self) -> None:
+        """No task starts after this (a running one runs in the caller's thread, which the
+        signal reaches itself)."""
+        self._stop.set()
+
     def map(self, fn: Task, items: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
         for item in items:
+            if self._stop.is_set():
+                raise SlideInterrupted("the run was interrupted")
             try:
                 yield item, fn(item)
             except Exception as exc:  # reported per item, like the Dask executor
@@ -66,6 +92,27 @@ class DaskExecutor:
         self.retries = retries
         self.predict_resources = predict_resources
         self.post_resources = post_resources
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._live: weakref.WeakSet[Any] = weakref.WeakSet()  # futures not yet released
+
+    def interrupt(self) -> None:
+        """Cancel every task in flight and submit none after this: each slide waiting on
+        one gets its result (cancelled) now, and :class:`SlideInterrupted` with it."""
+        with self._lock:
+            self._stop.set()
+            futures = list(self._live)
+        if futures:
+            self.client.cancel(futures)
+
+    def submit(self, fn: Task, *args: Any, **kwargs: Any) -> Any:
+        """``client.submit``, recorded for :meth:`interrupt` (what ``bounded_map`` calls)."""
+        with self._lock:
+            if self._stop.is_set():
+                raise SlideInterrupted("the run was interrupted")
+            future = self.client.submit(fn, *args, **kwargs)
+            self._live.add(future)
+        return future
 
     @classmethod
     def for_layout(cls, client: Any, layout: Any, **kwargs: Any) -> DaskExecutor:
@@ -86,9 +133,12 @@ class DaskExecutor:
             read, predict, post = base.stages  # read -> predict -> post-process
             fn, resources = read, self.post_resources
             then = [(predict, self.predict_resources), (post, self.post_resources)]
-        for item, result in bounded_map(self.client, fn, items, self.max_in_flight,
-                                        retries=self.retries, resources=resources, then=then):
-            yield item, result.exception if isinstance(result, TaskFailure) else result
+        with contextlib.closing(bounded_map(self, fn, items, self.max_in_flight, retries=self.retries,
+                                            resources=resources, then=then)) as results:
+            for item, result in results:
+                if self._stop.is_set():  # e.g. the task was cancelled by interrupt()
+                    raise SlideInterrupted("the run was interrupted")
+                yield item, result.exception if isinstance(result, TaskFailure) else result
 
 
 @dataclass(frozen=True)
@@ -104,6 +154,10 @@ class NoRetry:
             return self.fn(job)
         except PipelineError as exc:
             return exc
+
+    @property
+    def __name__(self) -> str:  # Dask names the tasks' keys after it
+        return getattr(self.fn, "__name__", type(self).__name__)
 
 
 @contextlib.contextmanager
