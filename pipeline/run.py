@@ -9,10 +9,11 @@ says so.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from pipeline.slide_run.executors import one
 from pipeline.slide_run.outputs import FinalJob, write_outputs
 from pipeline.slide_run.plan import PREPARE_SLIDE, WORKER_RUNTIME, PrepareJob, claim_work_dir, skip_note
 from pipeline.slide_run.report import missing_regions, slide_report, unreadable_regions, versions
-from pipeline.slide_run.tile_file import tile_file
+from pipeline.slide_run.tile_file import TileSummary, tile_file
 from pipeline.slide_run.tiles import run_tiles
 
 log = logging.getLogger(__name__)
@@ -83,28 +84,24 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
     summary: dict[str, Any] = {"slide": path, "status": "running", "model": str(bundle.path),
                                "model_sha256": bundle.sha256, "config": asdict(cfg)}
     try:
-        t = time.time()
-        plan = one(executor, PREPARE_SLIDE, PrepareJob(path, cfg.mpp, cfg.model, cfg.device,
-                                                       cfg.tissue_mask, cfg.tile_size,
-                                                       cfg.cluster_margin))
-        timings["prepare_s"] = time.time() - t
+        with _timed(timings, "prepare_s"):
+            plan = one(executor, PREPARE_SLIDE, PrepareJob(path, cfg.mpp, cfg.model, cfg.device,
+                                                           cfg.tissue_mask, cfg.tile_size,
+                                                           cfg.cluster_margin))
         summary["fingerprint"] = claim_work_dir(out, path, settings, plan, cfg.batch_size)
-        t = time.time()
-        tiles = run_tiles(plan, cfg, executor, str(work), progress)
-        unreadable = unreadable_regions(plan, tiles)
-        if tiles and all(s.damaged for s in tiles) and not any(s.count for s in tiles):
-            raise SlideReadError(f"no region of the slide can be read: {unreadable[0]['error']}")
-        timings["inference_s"] = time.time() - t
-        t = time.time()
-        blocks = write_blocks(plan, tiles, cfg, executor, out, work)
-        timings["labels_s"] = time.time() - t
-        t = time.time()
-        first_ids = offsets(tiles)
-        n, outputs = write_outputs(executor, FinalJob(
-            path, cfg.mpp, plan.info.slide_id, blocks.store, str(out), str(work),
-            tuple((s.index, first_ids[s.index]) for s in tiles), plan.tissue, cfg.gzip,
-            plan.info.mpp, Path(cfg.model).name, blocks.painted, model_sha256=bundle.sha256))
-        timings["outputs_s"] = time.time() - t
+        with _timed(timings, "inference_s"):
+            tiles = run_tiles(plan, cfg, executor, str(work), progress)
+            unreadable = unreadable_regions(plan, tiles)
+            if tiles and all(s.damaged for s in tiles) and not any(s.count for s in tiles):
+                raise SlideReadError(f"no region of the slide can be read: {unreadable[0]['error']}")
+        with _timed(timings, "labels_s"):
+            blocks = write_blocks(plan, tiles, cfg, executor, out, work)
+        with _timed(timings, "outputs_s"):
+            first_ids = offsets(tiles)
+            n, outputs = write_outputs(executor, FinalJob(
+                path, cfg.mpp, plan.info.slide_id, blocks.store, str(out), str(work),
+                tuple((s.index, first_ids[s.index]) for s in tiles), plan.tissue, cfg.gzip,
+                plan.info.mpp, Path(cfg.model).name, blocks.painted, model_sha256=bundle.sha256))
         if n != sum(s.count for s in tiles):
             raise RuntimeError(f"wrote {n} nuclei but tiles found {sum(s.count for s in tiles)}")
         summary.update(slide_report(plan, tiles, blocks, timings))
@@ -113,16 +110,7 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
         summary.update({"status": status, "nuclei": n, "outputs": outputs, "versions": versions(),
                         "seconds": round(time.time() - started, 3)})
         write_summary(summary_path, summary)
-        if lacking:
-            # keep the tiles for a re-run, which recomputes only those that met damage (giant
-            # clusters come back from the tile files, as they would again); the label blocks
-            # are all repainted then (nucleus ids shift by the new counts)
-            shutil.rmtree(work / "blocks", ignore_errors=True)
-            for s in tiles:
-                if s.damaged:
-                    tile_file(work, s.index).unlink(missing_ok=True)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        _settle_work(work, tiles, keep=bool(lacking))
         return SlideOutcome(path, status, n, time.time() - started, out_dir=str(out),
                             error="; ".join(lacking),
                             counters={"tiles_from_cache": summary["tiles_from_cache"],
@@ -135,3 +123,25 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
         write_summary(summary_path, summary)
         return SlideOutcome(path, "failed", error=str(exc), seconds=time.time() - started,
                             out_dir=str(out))
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """``timings[name]``: the seconds the block took (not set when it raises)."""
+    t = time.time()
+    yield
+    timings[name] = time.time() - t
+
+
+def _settle_work(work: Path, tiles: list[TileSummary], keep: bool) -> None:
+    """Remove a finished slide's work folder, or for a partial slide (``keep``) keep its tiles
+    for a re-run, which recomputes only those that met damage (giant clusters come back
+    from the tile files, as they would again); the label blocks are all repainted then
+    (nucleus ids shift by the new counts)."""
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    shutil.rmtree(work / "blocks", ignore_errors=True)
+    for s in tiles:
+        if s.damaged:
+            tile_file(work, s.index).unlink(missing_ok=True)
