@@ -98,7 +98,9 @@ def run_batch(client: Any, slides: dict[str, str], model: str, out: Path, tile: 
     from distributed import get_task_stream
 
     from pipeline.commands_run import _run_slides
-    from pipeline.run import DaskExecutor, RunConfig, process_slide
+    from pipeline.run import process_slide
+    from pipeline.slide_run.config import RunConfig
+    from pipeline.slide_run.executors import DaskExecutor
 
     cfg = RunConfig(model=model, out=str(out), tile_size=tile, overwrite=True, device="cpu",
                     tissue_mask=False)

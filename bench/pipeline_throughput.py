@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads = set_threads(args.threads)
     info = run_info(NAME, argv, threads)  # date and load at the start
     from pipeline.cluster import get_worker_model
-    from pipeline.run import PrepareJob, RunConfig, SerialExecutor, prepare_slide
+    from pipeline.slide_run.config import RunConfig
+    from pipeline.slide_run.executors import SerialExecutor
+    from pipeline.slide_run.plan import PrepareJob, prepare_slide
 
     with scratch("bench-throughput-", args.keep) as work:
         side, tile_sizes, model = args.side, args.tile_sizes, args.model
@@ -218,7 +220,8 @@ def run_cluster(args: argparse.Namespace, slide: str, model: str, work: Path, th
     """End to end through a LocalCluster (start-up excluded); each worker gets ``threads``
     torch threads, so this uses workers x threads cores, not the serial run's."""
     from pipeline.cluster import ClusterConfig, open_client, register_model
-    from pipeline.run import DaskExecutor, RunConfig
+    from pipeline.slide_run.config import RunConfig
+    from pipeline.slide_run.executors import DaskExecutor
 
     config = ClusterConfig(kind="local", n_workers=args.workers, torch_threads=threads,
                            dashboard_address=None, device="cpu")

@@ -7,8 +7,8 @@ bytes per nucleus.
     python -m bench.postprocess_speed --quick        # two small crops, one repeat (CI smoke)
     python -m bench.postprocess_speed --origin 60000 # crops placed far into a slide: 5-digit coordinates
 
-Phases, as the pipeline runs them (``run._save_tile`` on a worker, then
-``run.write_nuclei``, the single writer of table and GeoJSON):
+Phases, as the pipeline runs them (``slide_run.tile_file.save_tile`` on a worker, then
+``slide_run.outputs.write_nuclei``, the single writer of table and GeoJSON):
 
 * ``measurements``: the table's columns. Old: skimage ``regionprops_table`` (perimeter,
   eccentricity, solidity, intensity_mean, ...). New: ``table.instance_measurements``
@@ -185,7 +185,7 @@ def _probability(labels: np.ndarray) -> np.ndarray:
 
 
 def _local(labels: np.ndarray) -> np.ndarray:
-    """Consecutive local ids 1..n, as the watershed hands them to ``_save_tile``."""
+    """Consecutive local ids 1..n, as the watershed hands them to ``save_tile``."""
     _, inverse = np.unique(labels, return_inverse=True)
     return inverse.reshape(labels.shape).astype(np.int32)
 

@@ -81,8 +81,10 @@ def child(args: argparse.Namespace) -> None:
     quiet_logs()
     set_threads(args.threads)
     from pipeline.cluster import get_worker_model
-    from pipeline.run import RunConfig, SerialExecutor, process_slide
+    from pipeline.run import process_slide
     from pipeline.slide import register_memory_slide
+    from pipeline.slide_run.config import RunConfig
+    from pipeline.slide_run.executors import SerialExecutor
 
     get_worker_model(args.model, "cpu")
     result: dict[str, Any] = {}

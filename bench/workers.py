@@ -94,7 +94,9 @@ def worker_peaks(client: Any) -> list[float]:
 def part_a(args: argparse.Namespace, slide: str, model: str, work: Path, tile: int) -> dict[str, Any]:
     """Seconds per layout (mean over rounds) and worker peaks."""
     from pipeline.cluster import open_client, register_model
-    from pipeline.run import DaskExecutor, RunConfig, process_slide
+    from pipeline.run import process_slide
+    from pipeline.slide_run.config import RunConfig
+    from pipeline.slide_run.executors import DaskExecutor
 
     total = max(2, args.total_threads)
     layouts = [(1, total), (2, total // 2)]
@@ -136,7 +138,9 @@ def child(args: argparse.Namespace) -> None:
     last makes its growth the extra memory it needs beyond the bounded one."""
     quiet_logs()
     from pipeline.cluster import open_client, register_model
-    from pipeline.run import DaskExecutor, RunConfig, process_slide
+    from pipeline.run import process_slide
+    from pipeline.slide_run.config import RunConfig
+    from pipeline.slide_run.executors import DaskExecutor
 
     work: Path = args.child_dir
     model = str(work / "tiny.pt")

@@ -12,7 +12,7 @@ One exception keeps published numbers: where the pipeline would box-average k x 
 half to even where ``read_region`` rounds half up: at most one grey level on exact ties).
 
 Instances are post-processed at model resolution and brought back to the native labels'
-grid by nearest neighbour, as ``pipeline.run.write_label_block`` does (native pixel y takes
+grid by nearest neighbour, as ``pipeline.slide_run.blocks.write_label_block`` does (native pixel y takes
 model pixel floor((y + 0.5) / scale); below 1, nuclei that this splits are bridged,
 ``pipeline.label_sampling``), so that scores are always against the original annotations
 and comparable across resolutions. The semantic Dice and the regression MSE

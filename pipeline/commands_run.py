@@ -90,7 +90,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 @contextlib.contextmanager
 def executor_for(args: argparse.Namespace, model: str, device: str) -> Iterator[Any]:
     """A serial executor, or a Dask client with the model plugin registered."""
-    from pipeline.run import DaskExecutor, SerialExecutor
+    from pipeline.slide_run.executors import DaskExecutor, SerialExecutor
 
     if args.cluster == "none" and not args.scheduler:
         from pipeline.cluster import get_worker_model
@@ -130,7 +130,8 @@ def executor_for(args: argparse.Namespace, model: str, device: str) -> Iterator[
 def run_command(args: argparse.Namespace) -> int:
     from models.checkpoints import default_model
     from pipeline.discovery import slides_to_run
-    from pipeline.run import RunConfig, process_slide
+    from pipeline.run import process_slide
+    from pipeline.slide_run.config import RunConfig
 
     slides = slides_to_run(args.paths, args.out, args.name)
     cfg = RunConfig(model=args.model or default_model(), out=args.out, tile_size=args.tile_size,
@@ -149,19 +150,15 @@ def run_command(args: argparse.Namespace) -> int:
     return EXIT_FAILED if any(o.status != "done" for o in outcomes) else EXIT_OK
 
 
-class SlideInterrupted(BaseException):
-    """Raised in a slide's client thread at its next progress report once the run is
-    interrupted (Ctrl-C): a ``BaseException``, so the slide's own error handling does not
-    record it as a failure; its finished tiles stay in ``.work`` for the re-run."""
-
-
 def _run_slides(slides: dict[str, str], cfg: Any, executor: Any, at_once: int,
                 process: Callable[..., Any]) -> list[Any]:
     """Each slide through ``process``, ``at_once`` slides at a time (one client thread each,
     sharing the cluster), so that one slide's single-task phases (planning, finalising)
     overlap other slides' tiles and the workers never wait between phases. Outcomes in the
-    order of ``slides``. Ctrl-C stops every slide at its next tile result (not when it is
-    finished) and raises ``KeyboardInterrupt``."""
+    order of ``slides``. Ctrl-C stops every slide within seconds, in whatever phase
+    (``executor.interrupt()``, not when it is finished) and raises ``KeyboardInterrupt``."""
+    from pipeline.slide_run.executors import SlideInterrupted
+
     slots = list(range(at_once))
     lock = threading.Lock()
     stop = threading.Event()
@@ -193,7 +190,10 @@ def _run_slides(slides: dict[str, str], cfg: Any, executor: Any, at_once: int,
             running = wait(running, timeout=POLL_S).not_done
         return [f.result() for f in futures]
     except KeyboardInterrupt:
-        stop.set()  # running slides end at their next tile result; queued ones never start
+        stop.set()  # queued slides never start
+        interrupt = getattr(executor, "interrupt", None)
+        if interrupt is not None:  # running slides end now, in any phase
+            interrupt()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -225,7 +225,8 @@ def demo_command(args: argparse.Namespace) -> int:
     from models.checkpoints import default_model
     from models.metrics import instance_scores
     from pipeline.pyramid_tiff import write_pyramidal_tiff
-    from pipeline.run import RunConfig, process_slide
+    from pipeline.run import process_slide
+    from pipeline.slide_run.config import RunConfig
     from pipeline.synthetic import synthetic_he
     from pipeline.writers.preview import write_preview
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from pipeline.commands_run import _run_slides
 
 
@@ -66,7 +68,6 @@ def test_ctrl_c_stops_running_slides_at_their_next_tile() -> None:
     import os
     import signal
 
-    import pytest
 
     started: list[str] = []
     finished: list[str] = []
@@ -93,11 +94,11 @@ def test_an_interrupted_slide_cancels_its_queued_tiles_at_once(tmp_path) -> None
     cluster: releases the queued tile futures) before the exception leaves the slide,
     instead of when the traceback holding it is freed; the tiles made so far stay in
     ``.work`` for the re-run and no summary claims the slide."""
-    import pytest
     from tiny_slides import write_slides
 
-    from pipeline.commands_run import SlideInterrupted
-    from pipeline.run import RunConfig, SerialExecutor, process_slide
+    from pipeline.run import process_slide
+    from pipeline.slide_run.config import RunConfig
+    from pipeline.slide_run.executors import SerialExecutor, SlideInterrupted
 
     closed: dict[str, int] = {}
 
@@ -123,3 +124,75 @@ def test_an_interrupted_slide_cancels_its_queued_tiles_at_once(tmp_path) -> None
     assert caught.value is not None
     assert len(list((tmp_path / "out" / "a" / ".work").glob("tile-*.npz"))) == 1
     assert not (tmp_path / "out" / "a" / "summary.json").exists()
+
+
+class _Held:
+    """A task function held on the worker until the test releases it: a slide stays in the
+    phase that runs it (in-process Dask workers share these events with the test)."""
+
+    entered = threading.Event()
+    release = threading.Event()
+
+    def __init__(self, real) -> None:
+        self.real = real
+
+    def __call__(self, job):
+        _Held.entered.set()
+        _Held.release.wait(30)
+        return self.real(job)
+
+
+def _hold(monkeypatch, phase: str) -> None:
+    import pipeline.run as run
+    from pipeline.slide_run import blocks, outputs, plan
+    from pipeline.slide_run.executors import NetworkTask
+
+    if phase == "plan":
+        monkeypatch.setattr(run, "PREPARE_SLIDE", NetworkTask(_Held(plan.prepare_slide)))
+    elif phase == "labels":
+        monkeypatch.setattr(blocks, "write_label_block", _Held(blocks.write_label_block))
+    else:
+        monkeypatch.setattr(outputs, "finalize_slide", _Held(outputs.finalize_slide))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["plan", "labels", "outputs"])
+def test_ctrl_c_stops_slides_in_every_phase(tmp_path, monkeypatch, phase: str) -> None:
+    """Ctrl-C while two slides wait on a Dask task of their planning, label blocks or
+    outputs (held here as a long task would be): both end within seconds, neither is
+    recorded as failed, and KeyboardInterrupt reaches the caller. (Only the tile phase
+    stopped; in the others shutdown waited for the running slides' tasks.)"""
+    import os
+    import signal
+
+    from distributed import Client
+    from tiny_slides import write_slides
+
+    from pipeline.run import process_slide
+    from pipeline.slide_run.config import RunConfig
+    from pipeline.slide_run.executors import DaskExecutor
+
+    _Held.entered.clear()
+    _Held.release.clear()
+    _hold(monkeypatch, phase)
+    slides = write_slides(tmp_path / "slides", ["a.tif", "b.tif"])
+    cfg = RunConfig(model="pruned80.pt", out=str(tmp_path / "out"), tile_size=128, device="cpu")
+    sent: list[float] = []
+
+    def ctrl_c() -> None:
+        if _Held.entered.wait(120):
+            time.sleep(0.3)  # both slides reach the held phase
+            sent.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGINT)
+
+    client = Client(processes=False, n_workers=1, threads_per_worker=4, dashboard_address=":0")
+    try:
+        threading.Thread(target=ctrl_c, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            _run_slides({str(s): s.stem for s in slides}, cfg, DaskExecutor(client), 2, process_slide)
+        assert sent and time.monotonic() - sent[0] < 5.0
+    finally:
+        _Held.release.set()
+        client.close()
+    for slide in slides:  # interrupted, not failed: no summary claims the slide
+        assert not (tmp_path / "out" / slide.stem / "summary.json").exists()

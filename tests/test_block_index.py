@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.label_sampling import model_box
-from pipeline.run import TileSummary, _tiles_by_block
+from pipeline.slide_run.blocks import _tiles_by_block
+from pipeline.slide_run.tile_file import TileSummary
 from pipeline.types import Box
 
 

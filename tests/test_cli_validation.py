@@ -8,7 +8,7 @@ import pytest
 
 from pipeline import commands_run
 from pipeline.cli import main
-from pipeline.run import RunConfig
+from pipeline.slide_run.config import RunConfig
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_an_output_folder_that_cannot_be_written_exits_2(slide: Path, tmp_path: 
                                                          capsys) -> None:
     """``--out`` naming a file, or a folder the user may not write, exits 2 before any
     cluster starts (it used to fail with a traceback after the cluster had started)."""
-    import pipeline.run as run
+    import pipeline.slide_run.config as config
 
     monkeypatch.setattr(commands_run, "executor_for", lambda *a, **k: (_ for _ in ()).throw(
         AssertionError("a cluster was started")))
@@ -55,14 +55,15 @@ def test_an_output_folder_that_cannot_be_written_exits_2(slide: Path, tmp_path: 
     a_file.write_text("not a folder")
     assert main(["run", str(slide), "--out", str(a_file), "--model", "pruned80.pt"]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
-    monkeypatch.setattr(run.os, "access", lambda path, mode: False)  # root passes any access check
+    monkeypatch.setattr(config.os, "access", lambda path, mode: False)  # root passes any access check
     assert main(["run", str(slide), "--out", str(tmp_path / "new" / "out"), "--model", "pruned80.pt"]) == 2
     err = capsys.readouterr().err
     assert "no permission to write in" in err and "Traceback" not in err
 
 
 def test_a_slide_whose_folder_cannot_be_made_fails_alone(slide: Path, tmp_path: Path) -> None:
-    from pipeline.run import SerialExecutor, process_slide
+    from pipeline.run import process_slide
+    from pipeline.slide_run.executors import SerialExecutor
 
     out = tmp_path / "out"
     out.mkdir()

@@ -14,16 +14,10 @@ import zarr
 from pipeline.cli import main
 from pipeline.errors import SlideReadError
 from pipeline.pyramid_tiff import write_pyramidal_tiff
-from pipeline.run import (
-    NoRetry,
-    RunConfig,
-    SerialExecutor,
-    infer_tiles,
-    predict_tiles,
-    process_slide,
-    read_tiles,
-    segment_tiles,
-)
+from pipeline.run import process_slide
+from pipeline.slide_run.config import RunConfig
+from pipeline.slide_run.executors import NoRetry, SerialExecutor
+from pipeline.slide_run.tiles import infer_tiles, predict_tiles, read_tiles, segment_tiles
 from pipeline.synthetic import synthetic_he
 
 MODEL = "pruned80.pt"
@@ -87,6 +81,39 @@ def test_one_broken_tile_gives_a_partial_slide(tmp_path: Path) -> None:
     assert (zarr.open_group(str(out / "nuclei.zarr"), mode="r")["labels/nuclei/s0"][...] == labels).all()
 
 
+class Interrupted(BaseException):
+    """Stands for a kill: not an ``Exception``, so process_slide does not catch it."""
+
+
+def _interrupt_after_the_tiles(done: int, total: int) -> None:
+    if done == total:
+        raise Interrupted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", [False, True])
+def test_damage_survives_an_interrupted_run(tmp_path: Path, split: bool) -> None:
+    """Killed after every tile was saved, then resumed: the tiles come from their files,
+    and the damage they met must come with them; the slide is ``partial`` with the same
+    unreadable region as an uninterrupted run (it was ``done``, silently incomplete)."""
+    broken = _slide(tmp_path / "broken.tif")
+    _break_tile(broken, 1, 1)
+    executor = SplitExecutor() if split else SerialExecutor()
+    whole = process_slide(broken, _cfg(tmp_path / "whole"), executor)
+    assert whole.status == "partial"
+    with pytest.raises(Interrupted):
+        process_slide(broken, _cfg(tmp_path / "resumed"), executor, _interrupt_after_the_tiles)
+    resumed = process_slide(broken, _cfg(tmp_path / "resumed"), executor)
+    a, b = (json.loads((Path(o.out_dir) / "summary.json").read_text()) for o in (whole, resumed))
+    assert b["tiles_from_cache"] == b["tiles_processed"]  # nothing recomputed
+    assert (resumed.status, b["status"]) == ("partial", "partial")
+    assert b["unreadable_regions"] == a["unreadable_regions"] != []
+    assert b["tiles_with_damage"] == a["tiles_with_damage"] and resumed.nuclei == whole.nuclei
+    # and the re-run after that still recomputes the damaged tiles only
+    again = process_slide(broken, _cfg(tmp_path / "resumed"), executor)
+    assert again.counters["tiles_from_cache"] == b["tiles_processed"] - b["tiles_with_damage"]
+
+
 class SplitExecutor(SerialExecutor):
     """In this process, what a GPU cluster does: each tile batch as read_tiles,
     predict_tiles and segment_tiles, each result pickled (as Dask sends it worker to
@@ -95,7 +122,7 @@ class SplitExecutor(SerialExecutor):
     def map(self, fn, items):
         import pickle
 
-        if fn is not infer_tiles:
+        if getattr(fn, "fn", None) is not infer_tiles:
             yield from super().map(fn, items)
             return
         for item in items:

@@ -22,8 +22,8 @@ from pipeline.discovery import (
     slide_id,
     slides_to_run,
 )
-from pipeline.run import RunConfig, slide_dir
 from pipeline.slide import open_slide
+from pipeline.slide_run.config import RunConfig, slide_dir
 
 
 def _sha8(path: Path) -> str:

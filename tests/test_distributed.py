@@ -244,7 +244,8 @@ def test_gpu_layout_predicts_on_gpu_workers_and_post_processes_on_the_pool(
     from distributed import get_task_stream
 
     from pipeline.commands_run import executor_for
-    from pipeline.run import RunConfig, process_slide
+    from pipeline.run import process_slide
+    from pipeline.slide_run.config import RunConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

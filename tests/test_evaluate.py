@@ -32,7 +32,7 @@ from models.inference import predict_image
 from models.targets import distance_map
 from models.tune import default_grid, retune_checkpoint, tune_watershed
 from pipeline.cli import main
-from pipeline.run import block_rows
+from pipeline.label_sampling import block_rows
 from pipeline.slide import MemorySlide, plan_read, read_region
 from pipeline.types import Box
 

@@ -87,7 +87,7 @@ def as_tiles(lab: np.ndarray, cut: tuple[int, int]) -> list[tuple[np.ndarray, Bo
 def paint_slide(tiles: list[tuple[np.ndarray, Box, int]], scale: float, model_shape: tuple[int, int],
                 shape: tuple[int, int], step: int) -> np.ndarray:
     """The whole level-0 image, block by block, each block reading only the tiles that
-    intersect its model box (as ``pipeline.run._write_blocks`` plans them)."""
+    intersect its model box (as ``pipeline.slide_run.blocks.write_blocks`` plans them)."""
     out = np.zeros(shape, np.uint32)
     for y0 in range(0, shape[0], step):
         for x0 in range(0, shape[1], step):

@@ -53,7 +53,7 @@ def test_overview_size(shape: tuple[int, int]) -> None:
 
 
 def test_preview_of_a_single_level_slide_reads_in_chunks(tmp_path: Path) -> None:
-    from pipeline.run import _write_preview
+    from pipeline.slide_run.outputs import _write_preview
     from pipeline.writers.labels import create_store
 
     slide, reads = _single_level_slide(9000, 12000)
@@ -62,7 +62,7 @@ def test_preview_of_a_single_level_slide_reads_in_chunks(tmp_path: Path) -> None
         store = create_store(tmp_path / "n.zarr", (9000, 12000), 1024, 0.5)
         job = SimpleNamespace(path=path, mpp_override=None, store=store,
                               tissue=full_mask(slide.info), out_dir=str(tmp_path))
-        _write_preview(job, tmp_path / "preview.png")
+        _write_preview(job, tmp_path / "preview.png", None)  # no overview yet: read here
     finally:
         unregister_memory_slide(path)
     assert max(b.height * b.width for b in reads) <= READ_CHUNK ** 2

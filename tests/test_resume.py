@@ -3,6 +3,7 @@ again, and a finished slide made otherwise says so when skipped."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -12,8 +13,10 @@ import torch
 import zarr
 
 from pipeline.fingerprint import differences, read_work_fingerprint, slide_fingerprint
-from pipeline.run import WORK_DIR, RunConfig, SerialExecutor, process_slide
+from pipeline.run import process_slide
 from pipeline.slide import MemorySlide, register_memory_slide
+from pipeline.slide_run.config import WORK_DIR, RunConfig
+from pipeline.slide_run.executors import SerialExecutor
 from pipeline.synthetic import synthetic_he
 
 MODEL = "pruned80.pt"
@@ -55,7 +58,7 @@ def test_resume_with_other_tile_size_discards_partial_work(tmp_path: Path, slide
         process_slide(slide, _cfg(out, 128), SerialExecutor(), _interrupt_after(6))
     assert len(list((out / "resume" / WORK_DIR).glob("tile-*.npz"))) >= 6
 
-    with caplog.at_level(logging.WARNING, logger="pipeline.run"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.slide_run.plan"):
         resumed = process_slide(slide, _cfg(out, 256), SerialExecutor())
     assert resumed.status == "done"
     assert resumed.counters["tiles_from_cache"] == 0
@@ -108,9 +111,111 @@ def test_slide_fingerprint_changes_when_the_file_is_replaced(tmp_path: Path) -> 
     from types import SimpleNamespace
 
     plan = SimpleNamespace(plan=SimpleNamespace(level=0, scale=1.0, shape=(10, 10), mpp=0.25),
-                           halo=96, margin=32, multiple=16, device="cpu")
+                           halo=96, margin=32, multiple=16, runtime={"kind": "cpu"})
     path = tmp_path / "slide.tif"
     path.write_bytes(b"one slide")
-    first = slide_fingerprint(str(path), plan)
+    first = slide_fingerprint(str(path), plan, 1)
     path.write_bytes(b"another slide, same name")
-    assert "file.size" in differences(first, slide_fingerprint(str(path), plan))
+    assert "file.size" in differences(first, slide_fingerprint(str(path), plan, 1))
+
+
+def test_batch_size_and_cuda_numerics_are_recorded_on_cuda_only() -> None:
+    """The batch size changes no CPU output (measured: batches of 1, 2 and 4, torch and
+    OpenVINO); on CUDA cuDNN picks algorithms by shape, and deterministic numerics are a
+    setting of the worker."""
+    from pipeline.fingerprint import _runtime_identity, run_runtime
+
+    cuda = dict(_runtime_identity("cuda", None))
+    assert cuda["cuda_deterministic"] is True and "int8_isa" not in cuda
+    assert run_runtime(cuda, 4)["batch_size"] == 4
+    assert "batch_size" not in run_runtime({"kind": "openvino-int8"}, 4)
+    assert "batch_size" not in run_runtime({"kind": "cpu"}, 4)
+
+
+OPENVINO_MODEL = "pruned20x.pt"  # shipped with its INT8 OpenVINO model
+
+
+@pytest.fixture
+def fresh_models():
+    """Models loaded anew in this process (the runtime is chosen when a model loads), before
+    and after the test, so that no other test gets a model loaded under its environment."""
+    from pipeline.cluster import _load_in_process
+
+    _load_in_process.cache_clear()
+    yield
+    _load_in_process.cache_clear()
+
+
+def _use_runtime(monkeypatch, runtime: str) -> None:
+    from models.runtime import RUNTIME_ENV
+    from pipeline.cluster import _load_in_process
+
+    monkeypatch.setenv(RUNTIME_ENV, runtime)
+    _load_in_process.cache_clear()
+
+
+def test_the_fingerprint_records_what_changes_outputs() -> None:
+    from importlib.metadata import version
+
+    from models.watershed import WatershedParams
+    from pipeline.cluster import load_for_inference
+    from pipeline.fingerprint import int8_isa, runtime_fingerprint, settings_fingerprint
+
+    assert settings_fingerprint(_cfg(Path("x"), 256), "sha", WatershedParams())["package_version"] == \
+        version("wsi-nuclei")
+    on_torch = runtime_fingerprint(load_for_inference(MODEL, "cpu"))
+    assert on_torch["kind"] == "cpu" and on_torch["torch"] == version("torch")
+    assert "openvino" not in on_torch and "cuda_deterministic" not in on_torch
+    # INT8 outputs depend on VNNI (measured with ONEDNN_MAX_CPU_ISA=AVX2 on a VNNI CPU:
+    # probabilities up to 0.13 apart); the cap on the ISA counts too
+    assert int8_isa({"avx2", "avx512_vnni"}, {}) == int8_isa({"avx2", "amx_int8"}, {}) == "vnni"
+    assert int8_isa({"avx2", "avx512bw"}, {}) == "no-vnni"
+    assert int8_isa({"avx2", "avx_vnni"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}) == "no-vnni"
+    assert int8_isa({"avx2", "avx_vnni"}, {"ONEDNN_MAX_CPU_ISA": "AVX2_VNNI"}) == "vnni"
+    pytest.importorskip("openvino")
+    on_openvino = runtime_fingerprint(load_for_inference(OPENVINO_MODEL, "cpu"))
+    assert on_openvino["kind"] == "openvino-int8" and on_openvino["openvino"] == version("openvino")
+    assert len(on_openvino["openvino_model_sha256"]) == 64
+    assert on_openvino["int8_isa"] in ("vnni", "no-vnni")
+
+
+@pytest.mark.slow
+def test_a_finished_slide_says_its_runtime_differs(tmp_path: Path, slide: str, monkeypatch,
+                                                   fresh_models) -> None:
+    """``WSI_NUCLEI_RUNTIME=torch`` on a slide finished by OpenVINO: skipped, but the note
+    says the runtime differs, and from what to what (it said nothing)."""
+    pytest.importorskip("openvino")
+    cfg = RunConfig(model=OPENVINO_MODEL, out=str(tmp_path), tile_size=256, chunk=256,
+                    tissue_mask=False)
+    first = process_slide(slide, cfg, SerialExecutor())
+    summary = json.loads((Path(first.out_dir) / "summary.json").read_text())
+    assert summary["fingerprint"]["slide"]["runtime"]["kind"] == "openvino-int8"
+    assert "openvino" in summary["versions"]
+    assert process_slide(slide, cfg, SerialExecutor()).note == ""
+    _use_runtime(monkeypatch, "torch")
+    again = process_slide(slide, cfg, SerialExecutor())
+    assert again.skipped and "runtime.kind" in again.note
+    assert "openvino-int8 -> cpu" in again.note and "--overwrite" in again.note
+
+
+@pytest.mark.slow
+def test_a_worker_with_another_runtime_refuses_the_slides_tiles(tmp_path: Path, slide: str, monkeypatch,
+                                                                fresh_models) -> None:
+    """A cluster of mixed workers (here: planning on an OpenVINO worker, tiles on a torch
+    one) must not stitch one slide from two runtimes' tiles: the tile tasks refuse, and
+    the slide fails saying why."""
+    pytest.importorskip("openvino")
+    from pipeline.slide_run.tiles import infer_tiles
+
+    class MixedWorkers(SerialExecutor):
+        def map(self, fn, items):
+            if getattr(fn, "fn", None) is infer_tiles:
+                _use_runtime(monkeypatch, "torch")
+            return super().map(fn, items)
+
+    cfg = RunConfig(model=OPENVINO_MODEL, out=str(tmp_path), tile_size=256, chunk=256,
+                    tissue_mask=False)
+    outcome = process_slide(slide, cfg, MixedWorkers())
+    assert outcome.status == "failed"
+    assert "openvino-int8" in outcome.error and "cpu" in outcome.error
+    assert not list((tmp_path / "resume" / WORK_DIR).glob("tile-*.npz"))

@@ -20,8 +20,10 @@ from models import checkpoints
 from models.inference import predict_image
 from models.watershed import postprocess
 from pipeline.label_sampling import CONNECTIVITY
-from pipeline.run import RunConfig, SerialExecutor, process_slide
+from pipeline.run import process_slide
 from pipeline.slide import MemorySlide, register_memory_slide
+from pipeline.slide_run.config import RunConfig
+from pipeline.slide_run.executors import SerialExecutor
 from pipeline.synthetic import synthetic_he
 
 MODEL = "pruned80.pt"  # the shipped default; exactness does not depend on the weights
@@ -176,3 +178,33 @@ def test_output_parts_do_not_depend_on_their_order(tmp_path: Path, slide_image) 
     for rel in ("nuclei.geojson", "nuclei.parquet", "preview.png"):
         assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
     assert np.array_equal(_labels(outs[0]), _labels(outs[1]))
+
+
+@pytest.mark.slow
+def test_giant_clusters_make_the_slide_partial(tmp_path: Path, monkeypatch, caplog, capsys) -> None:
+    """Foreground clusters too large for any window (here: a tiny MAX_WINDOW) are not
+    segmented: the user is told with a WARNING, the slide is ``partial`` with the clusters'
+    level-0 boxes in summary.json, and the run exits 1 (it said ``done``, exit 0, and only
+    an INFO line on a worker); a re-run reuses every tile and says the same."""
+    import logging
+
+    import pipeline.stitch as stitch
+    from pipeline.cli import main
+    from pipeline.pyramid_tiff import write_pyramidal_tiff
+
+    monkeypatch.setattr(stitch, "MAX_WINDOW", 360)  # giant side 72 model pixels (pruned80)
+    rgb, _ = synthetic_he(400, 460, seed=5, mpp=0.25)
+    slide = write_pyramidal_tiff(tmp_path / "giants.tif", rgb, mpp=0.25)
+    args = ["run", str(slide), "--model", MODEL, "--out", str(tmp_path / "out"), "--tile-size", "128",
+            "--cluster", "none", "--no-tissue-mask", "--device", "cpu"]
+    with caplog.at_level(logging.WARNING):
+        assert main(args) == 1
+    assert "partial" in capsys.readouterr().out
+    assert any(r.levelno == logging.WARNING and "giant" in r.getMessage() for r in caplog.records)
+    summary = json.loads((tmp_path / "out" / "giants" / "summary.json").read_text())
+    assert summary["status"] == "partial" and summary["unreadable_regions"] == []
+    giants = summary["giant_clusters"]
+    assert giants and all(0 <= y0 < y1 <= 400 and 0 <= x0 < x1 <= 460 for y0, x0, y1, x1 in giants)
+    assert main(args) == 1
+    again = json.loads((tmp_path / "out" / "giants" / "summary.json").read_text())
+    assert again["giant_clusters"] == giants and again["tiles_from_cache"] == again["tiles_processed"]

@@ -18,8 +18,10 @@ from models.quantize import make_openvino
 from models.runtime import RUNTIME_ENV, CompiledNet, openvino_path
 from models.watershed import postprocess
 from pipeline.cluster import load_for_inference
-from pipeline.run import RunConfig, SerialExecutor, process_slide
+from pipeline.run import process_slide
 from pipeline.slide import MemorySlide, register_memory_slide
+from pipeline.slide_run.config import RunConfig
+from pipeline.slide_run.executors import SerialExecutor
 from pipeline.synthetic import synthetic_he
 
 pytest.importorskip("openvino")
@@ -76,7 +78,7 @@ def test_tiled_int8_pipeline_equals_whole_image(tmp_path: Path, tile: int) -> No
     _same_partition(labels.astype(np.int64), whole.astype(np.int64))
     assert outcome.nuclei == whole.max()
     summary = json.loads((Path(outcome.out_dir) / "summary.json").read_text())
-    assert summary["fingerprint"]["slide"]["device"] == "openvino-int8"  # resume never mixes runtimes
+    assert summary["fingerprint"]["slide"]["runtime"]["kind"] == "openvino-int8"  # never mixed
 
 
 def test_evaluate_scores_the_network_slides_run(tmp_path: Path, synthetic_folder: Path, capsys) -> None:

@@ -546,7 +546,9 @@ def test_a_72_dpi_tiff_fails_at_once_with_what_to_do(tmp_path: Path, tiny_checkp
     in planning (no tile is made), its summary says why and names --mpp."""
     from conftest import SHARED_DATA
 
-    from pipeline.run import RunConfig, SerialExecutor, process_slide
+    from pipeline.run import process_slide
+    from pipeline.slide_run.config import RunConfig
+    from pipeline.slide_run.executors import SerialExecutor
 
     boxes = SHARED_DATA / "slides" / "openslide-fixtures" / "boxes.tiff"
     if not boxes.is_file():

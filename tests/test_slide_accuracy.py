@@ -21,7 +21,9 @@ from models.data import downsample_image
 from models.evaluate import evaluate_folder, upsample_labels
 from models.metrics import aji
 from pipeline.pyramid_tiff import write_pyramidal_tiff
-from pipeline.run import RunConfig, SerialExecutor, process_slide
+from pipeline.run import process_slide
+from pipeline.slide_run.config import RunConfig
+from pipeline.slide_run.executors import SerialExecutor
 from pipeline.synthetic import monuseg_mosaic
 
 NAMES = ["TCGA-2Z-A9J9-01A-01-TS1", "TCGA-44-2665-01B-06-BS6", "TCGA-A6-6782-01A-01-BS1"]

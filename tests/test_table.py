@@ -15,8 +15,10 @@ import pytest
 import zarr
 
 from pipeline import __version__
-from pipeline.run import RunConfig, SerialExecutor, process_slide
+from pipeline.run import process_slide
 from pipeline.slide import MemorySlide, register_memory_slide
+from pipeline.slide_run.config import RunConfig
+from pipeline.slide_run.executors import SerialExecutor
 from pipeline.synthetic import synthetic_he
 from pipeline.writers.table import COLUMN_UNITS, COLUMNS, METADATA_KEY, TABLE_PATH, X_COLUMNS
 

@@ -12,8 +12,10 @@ import pandas as pd
 import pytest
 import zarr
 
-from pipeline.run import RunConfig, SerialExecutor, process_slide
+from pipeline.run import process_slide
 from pipeline.slide import MemorySlide, register_memory_slide
+from pipeline.slide_run.config import RunConfig
+from pipeline.slide_run.executors import SerialExecutor
 from pipeline.synthetic import synthetic_he
 from pipeline.tissue import TissueMask, keep_in_tissue
 from pipeline.types import Box

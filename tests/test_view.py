@@ -23,8 +23,10 @@ from PIL import Image as PILImage
 from tiny_slides import MODEL, TILE, write_slides
 
 from pipeline.cli import main
-from pipeline.run import RunConfig, SerialExecutor, process_slide
+from pipeline.run import process_slide
 from pipeline.slide import open_slide
+from pipeline.slide_run.config import RunConfig
+from pipeline.slide_run.executors import SerialExecutor
 from pipeline.types import Box
 from pipeline.view import INSTALL_HINT, layers_for, output_dir
 from pipeline.writers.colours import NUCLEUS_RGB

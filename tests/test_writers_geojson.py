@@ -15,7 +15,7 @@ import shapely
 from label_shapes import on_grid, synthetic_labels
 from shapely.geometry import Polygon, shape
 
-from pipeline.writers.features import feature_bodies, feature_texts, nucleus_feature, shift_bodies
+from pipeline.writers.features import feature_bodies, feature_texts, nucleus_feature
 from pipeline.writers.geojson import GeoJSONWriter
 from pipeline.writers.outlines import TileOutlines, trace_tile
 from pipeline.writers.table import instance_measurements
@@ -105,16 +105,6 @@ def test_feature_text_equals_the_dict_api() -> None:
         expected = nucleus_feature(nid, poly, {k: v for k, v in row.items() if k != "id"})
         assert json.loads(text) == json.loads(json.dumps(expected))
         assert "Area µm^2" in text and "Area px^2" not in text and "u00b5" not in text
-
-
-@pytest.mark.parametrize("scale", [1.0, 1.9771])
-def test_shift_bodies_equals_shifting_on_the_worker(scale: float) -> None:
-    lab = synthetic_labels()
-    cols = {"eccentricity": np.zeros(8)}
-    plain = feature_bodies(trace_tile(lab, (3, 5), scale).polygons, cols)
-    shifted = feature_bodies(trace_tile(lab, (3, 5), scale, origin_shift=(100.0, 7.0)).polygons, cols)
-    assert shift_bodies(plain, 100.0, 7.0) == shifted
-    assert shift_bodies(plain, 0.0, 0.0) == plain
 
 
 def test_write_texts_mixes_with_write(tmp_path: Path) -> None:
@@ -221,29 +211,27 @@ def test_empty_collection_and_bad_names(tmp_path: Path) -> None:
 
 
 def test_worker_text_and_finalize_splice(tmp_path: Path) -> None:
-    """run._save_tile stores each nucleus's text; run._stream_features splices the global
-    id in and applies an origin shift the worker did not know: the features equal the
-    dict API's."""
+    """The tile file stores each nucleus's text, traced on the worker with the slide's
+    origin shift; the single writer splices the global id in: the features equal the dict
+    API's."""
     from types import SimpleNamespace
 
-    from pipeline.run import _save_tile, _stream_features, tile_file
+    from pipeline.slide_run.tile_file import save_tile, tile_nuclei
     from pipeline.types import Box
 
     lab = synthetic_labels()
     prob = np.full(lab.shape, 0.5, np.float32)
-    job = SimpleNamespace(plan=SimpleNamespace(scale=2.0), slide_mpp=0.25, origin_shift=(0.0, 0.0),
+    job = SimpleNamespace(plan=SimpleNamespace(scale=2.0), slide_mpp=0.25, origin_shift=(100.0, 7.0),
                           work_dir=str(tmp_path))
     result = SimpleNamespace(labels=lab, prob=prob, extent=Box(3, 5, 3 + lab.shape[0], 5 + lab.shape[1]),
                              count=8, recomputed=0, truncated=0, giants=())
-    _save_tile(job, SimpleNamespace(index=4), result, 0.1)
-    path = tile_file(tmp_path, 4)
+    save_tile(job, SimpleNamespace(index=4), result, 0.1)
     outlines = trace_tile(lab, (3, 5), 2.0, origin_shift=(100.0, 7.0))
     values, polys = outlines.values, outlines.polygons
-    final = SimpleNamespace(slide_id="slide-A", origin_shift=(100, 7))
-    with np.load(path) as f, GeoJSONWriter(tmp_path / "out.geojson") as out:
-        cols = {k[4:]: f[k] for k in f.files if k.startswith("col_")}
-        cols["id"] = cols["id"].astype(np.uint64) + np.uint64(1000)
-        _stream_features(out, final, f, cols)
+    cols, bodies = tile_nuclei(str(tmp_path), 4)
+    cols["id"] = cols["id"].astype(np.uint64) + np.uint64(1000)
+    with GeoJSONWriter(tmp_path / "out.geojson") as out:
+        out.write_texts(feature_texts(cols["id"].tolist(), bodies))
     features = json.loads((tmp_path / "out.geojson").read_text())["features"]
     assert len(features) == 8
     for feat, value, poly in zip(features, values, polys):

@@ -60,8 +60,7 @@ from shapely.geometry import Polygon, mapping
 
 from pipeline.writers.outlines import XY_DECIMALS
 
-__all__ = ["MEASUREMENTS", "NUCLEUS_CLASS", "feature_bodies", "feature_texts", "nucleus_feature",
-           "shift_bodies"]
+__all__ = ["MEASUREMENTS", "NUCLEUS_CLASS", "feature_bodies", "feature_texts", "nucleus_feature"]
 
 NUCLEUS_CLASS = {"name": "Nucleus", "color": [0, 200, 0]}
 # Table column -> (QuPath-style measurement name, decimals written to the GeoJSON; the
@@ -199,23 +198,3 @@ def feature_texts(nucleus_ids: Iterable[int], bodies: Iterable[str]) -> list[str
     behind it. One string format per nucleus: this is all the single writer does per
     nucleus."""
     return [f'{{"type":"Feature",{b}"Nucleus id":{int(i)}.0}}}}}}' for i, b in zip(nucleus_ids, bodies)]
-
-
-def shift_bodies(bodies: Sequence[str], dx: float, dy: float) -> list[str]:
-    """Bodies with their geometry translated by (-dx, -dy), for an origin shift known only
-    after the workers wrote them (vectorised: parse, translate, write with 1 decimal, which
-    snaps to the grid; an integer shift such as OpenSlide's bounds keeps every vertex, so
-    the outline stays what it was). Costs ~0.05 ms per nucleus: ``TileJob.origin_shift``
-    makes the workers write shifted text in the first place."""
-    if not len(bodies) or (dx == 0 and dy == 0):
-        return list(bodies)
-    heads, rests = [], []
-    for body in bodies:
-        geom, sep, rest = body[len(_GEOMETRY_KEY):].partition(_PROPERTIES_KEY)
-        if not body.startswith(_GEOMETRY_KEY) or not sep:
-            raise ValueError("not a feature body (from feature_bodies)")
-        heads.append(geom)
-        rests.append(rest)
-    geoms = shapely.from_geojson(np.asarray(heads, dtype=object))
-    geoms = shapely.transform(geoms, lambda c: c - np.array([dx, dy]))
-    return [f"{_GEOMETRY_KEY}{g}{_PROPERTIES_KEY}{r}" for g, r in zip(_geometry_texts(geoms), rests)]

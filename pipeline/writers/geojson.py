@@ -20,11 +20,6 @@ from typing import IO, Any
 
 from pipeline.atomic import temp_name
 
-# pipeline/run.py still imports these names from here; they live in features and outlines
-# (issue 25: the imports move there when run.py is split, and these lines go)
-from pipeline.writers.features import feature_bodies, feature_texts, shift_bodies  # noqa: F401
-from pipeline.writers.outlines import trace_tile  # noqa: F401
-
 log = logging.getLogger(__name__)
 
 __all__ = ["GeoJSONWriter"]

@@ -32,7 +32,7 @@ Two files, one set of rows (one per nucleus, in global id order):
   pandas/Arrow users. Its schema metadata has one key, ``wsi_nuclei``: a JSON object with
   the level-0 ``mpp``, the ``units`` of each column, the ``coordinates`` convention, the
   ``wsi_nuclei_version``, and what the caller adds (slide path and id, model name and
-  sha256: ``pipeline.run.write_nuclei``). So a Parquet file copied away still says what
+  sha256: ``pipeline.slide_run.outputs.write_nuclei``). So a Parquet file copied away still says what
   its numbers mean.
 * ``nuclei.zarr/tables/nuclei``: the same rows as an **AnnData** (``anndata``'s own zarr
   encoding, zarr v3, written with ``anndata.io.write_elem``), annotating the label image

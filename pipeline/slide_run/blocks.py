@@ -1,0 +1,143 @@
+"""Phase 2, the label blocks: one task per chunk-aligned block of the level-0 label image,
+painting owned instances with global ids (prefix sums of per-tile counts, in tile order).
+A marker per painted block lets a resumed run skip it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.label_sampling import model_box, paint_block
+from pipeline.slide_run.config import RunConfig
+from pipeline.slide_run.executors import mapped
+from pipeline.slide_run.plan import SlidePlan
+from pipeline.slide_run.tile_file import TileSummary, tile_labels
+from pipeline.types import Box
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    store: Any  # pipeline.writers.labels.LabelStoreSpec
+    block: Box  # level-0, chunk-aligned
+    scale: float
+    model_shape: tuple[int, int]
+    sources: tuple[tuple[int, Box, int], ...]  # (tile index, extent, id offset)
+    work_dir: str
+
+
+def write_label_block(job: BlockJob) -> int:
+    """Phase 2: paint one level-0 block with global ids and write it; returns the model
+    pixels claimed by two tiles (0 under exact stitching). Only this task writes these
+    chunks. Nearest sampling, plus bridges that keep split nuclei whole when the model is
+    finer than level 0 (``pipeline.label_sampling``)."""
+    from pipeline.writers.labels import write_block
+
+    def sources() -> Iterator[tuple[np.ndarray, Box, int]]:
+        for index, extent, offset in job.sources:
+            yield tile_labels(job.work_dir, index), extent, offset
+
+    collisions: list[int] = []
+    labels = paint_block(job.block, job.scale, job.model_shape, job.store.shape, sources(),
+                         collisions)
+    write_block(job.store, job.block, labels)
+    return sum(collisions)
+
+
+def offsets(tiles: list[TileSummary]) -> dict[int, int]:
+    """Each tile's first global nucleus id less one: the counts of the tiles before it."""
+    out, total = {}, 0
+    for s in tiles:
+        out[s.index] = total
+        total += s.count
+    return out
+
+
+@dataclass(frozen=True)
+class LabelBlocks:
+    """What phase 2 made: the label store and its blocks holding nuclei."""
+
+    store: Any  # pipeline.writers.labels.LabelStoreSpec
+    painted: tuple[Box, ...]  # painted now or in an earlier, interrupted run (pyramid scope)
+    count: int
+    from_cache: int  # painted by that earlier run
+    collisions: int  # model pixels claimed by two tiles (0 under exact stitching)
+
+
+def write_blocks(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, executor: Any,
+                 out: Path, work: Path) -> LabelBlocks:
+    """Phase 2: one task per level-0 block that holds nuclei."""
+    from pipeline.atomic import atomic_write_text
+    from pipeline.writers.labels import create_store, open_store
+
+    height, width = plan.info.height, plan.info.width
+    store_path = out / "nuclei.zarr"
+    marker_dir = work / "blocks"
+    if marker_dir.exists() and store_path.exists():
+        store = open_store(store_path)
+    else:
+        store = create_store(store_path, (height, width), cfg.chunk, plan.info.mpp)
+        marker_dir.mkdir(parents=True, exist_ok=True)
+    first_ids = offsets(tiles)
+    step = cfg.chunk * max(1, 2048 // cfg.chunk)
+    candidates = _tiles_by_block(tiles, step, plan.plan.scale, (height, width))
+    jobs, painted, skipped, collisions = [], [], 0, 0
+    for y0 in range(0, height, step):
+        for x0 in range(0, width, step):
+            block = Box(y0, x0, min(y0 + step, height), min(x0 + step, width))
+            marker = marker_dir / f"{y0}-{x0}"
+            if marker.exists():  # painted by an interrupted run; holds its collision count
+                skipped += 1
+                collisions += int(marker.read_text() or 0)
+                painted.append(block)
+                continue
+            mbox = model_box(block, plan.plan.scale, plan.plan.shape)
+            sources = tuple((s.index, s.extent, first_ids[s.index])
+                            for s in candidates.get((y0 // step, x0 // step), ())
+                            if not s.extent.intersect(mbox).is_empty())
+            if not sources:
+                continue  # no nucleus here: unwritten chunks read as the fill value 0
+            jobs.append(BlockJob(store, block, plan.plan.scale, plan.plan.shape, sources, str(work)))
+            painted.append(block)
+    with mapped(executor, write_label_block, jobs) as results:
+        for job, result in results:
+            if isinstance(result, Exception):
+                raise result
+            collisions += int(result)
+            atomic_write_text(marker_dir / f"{job.block.y0}-{job.block.x0}", str(int(result)))
+    if collisions:
+        log.error("%s: %d model pixels were claimed by two tiles (a stitching bug; please "
+                  "report it)", plan.info.path, collisions)
+    return LabelBlocks(store, tuple(painted), len(jobs) + skipped, skipped, collisions)
+
+
+def _tiles_by_block(tiles: list[TileSummary], step: int, scale: float,
+                    shape: tuple[int, int]) -> dict[tuple[int, int], list[TileSummary]]:
+    """Tiles with nuclei that may touch each level-0 block (a superset: the caller tests
+    the exact intersection), so that block planning is linear in tiles, not blocks x tiles.
+
+    A model row ``m`` is painted on level-0 rows ``y`` with ``floor((y + 0.5) / scale) = m``,
+    i.e. ``y`` in ``[m * scale - 0.5, (m + 1) * scale - 0.5)``; for ``scale < 1`` a block
+    also reads its pixels' cells (``label_sampling.model_box``: model pixels whose centre
+    lies in the block). One block of slack on each side absorbs both and rounding, and
+    extents reaching the model edge extend to the slide edge (``block_rows`` clamps there)."""
+    last = ((shape[0] - 1) // step, (shape[1] - 1) // step)
+    index: dict[tuple[int, int], list[TileSummary]] = {}
+    for s in tiles:
+        if not s.count:
+            continue
+        e = s.extent
+        lo = (int(e.y0 * scale) // step - 1, int(e.x0 * scale) // step - 1)
+        hi = (int(e.y1 * scale) // step + 1, int(e.x1 * scale) // step + 1)
+        for by in range(max(0, lo[0]), last[0] + 1 if hi[0] >= last[0] else hi[0] + 1):
+            for bx in range(max(0, lo[1]), last[1] + 1 if hi[1] >= last[1] else hi[1] + 1):
+                index.setdefault((by, bx), []).append(s)
+    return index
+
+

@@ -1,0 +1,77 @@
+"""The run's configuration (``wsi-nuclei run``'s options) and its checks, made before any
+cluster starts; where a slide's results go."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models.checkpoints import default_model
+from pipeline.errors import ConfigError
+from pipeline.tiling import DEFAULT_CLUSTER_MARGIN, DEFAULT_TILE_SIZE
+
+WORK_DIR = ".work"  # a slide's partial work (tile files, label-block markers, fingerprint)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs besides the slide paths; defaults serve a laptop."""
+
+    model: str = field(default_factory=default_model)
+    out: str = "results"
+    tile_size: int = DEFAULT_TILE_SIZE
+    batch_size: int = 1
+    mpp: float | None = None
+    device: str = "auto"
+    gzip: bool = False
+    overwrite: bool = False
+    tissue_mask: bool = True
+    chunk: int = 1024
+    cluster_margin: int = DEFAULT_CLUSTER_MARGIN
+    keep_outside_tissue: bool = False  # keep nuclei whose centroid is off the tissue mask
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` (the CLI exits 2) for settings no slide can run with, before
+        any cluster starts; loads the model's metadata (a missing model raises too)."""
+        import math
+
+        from models.checkpoints import load
+
+        multiple = load(self.model, "cpu").config.size_multiple
+        problems = []
+        if self.tile_size <= 0 or self.tile_size % multiple:
+            problems.append(f"tile size {self.tile_size} must be a positive multiple of "
+                            f"{multiple} (e.g. {max(multiple, self.tile_size // multiple * multiple)})")
+        if self.batch_size < 1:
+            problems.append(f"batch size {self.batch_size} must be at least 1")
+        if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
+            problems.append(f"--mpp {self.mpp} must be a positive number of µm per pixel")
+        if self.chunk <= 0 or self.chunk % 16:
+            problems.append(f"label chunk {self.chunk} must be a positive multiple of 16")
+        if self.cluster_margin < 0:
+            problems.append(f"cluster margin {self.cluster_margin} must not be negative")
+        problems += _output_folder_problems(Path(self.out))
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def _output_folder_problems(out: Path) -> list[str]:
+    """Why results could not be written under ``out`` (a file there, or a folder this user
+    may not write), found before any cluster starts instead of after the first slide."""
+    if out.exists() and not out.is_dir():
+        return [f"--out {out} is a file, not a folder"]
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        return [f"--out {out}: no permission to write in {existing}"]
+    return []
+
+
+
+def slide_dir(cfg: RunConfig, path: str | Path, name: str | None = None) -> Path:
+    """``OUT/<name>``; ``name`` from :func:`pipeline.discovery.output_names` (default: the
+    slide id, right when the slide is the only one of its id in the run)."""
+    from pipeline.discovery import check_name, slide_id
+
+    return Path(cfg.out) / check_name(name if name is not None else slide_id(path))
+

@@ -1,0 +1,98 @@
+"""The tile file: one atomic ``.npz`` per tile in a slide's work folder, written by the
+tile tasks, read back by the label blocks, the nuclei writer and a resumed run. This
+module is the format's only owner: what is written, what is read back, and the summary
+a resumed run takes from a tile file instead of recomputing the tile."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.types import Box, Tile
+
+PHASES = ("read", "network", "watershed", "save")
+# stored slide tiles found damaged: level-0 (y0, x0, y1, x1, error)
+Damage = tuple[tuple[int, int, int, int, str], ...]
+
+
+@dataclass(frozen=True)
+class TileSummary:
+    index: int
+    count: int
+    extent: Box
+    recomputed: int
+    giants: tuple[Box, ...]  # giant components met (model-pixel boxes as far as seen)
+    seconds: float
+    cached: bool
+    # worker-seconds per phase (read, network, watershed, save); zeros for cached tiles
+    phases: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    dropped: int = 0  # nuclei centred off the tissue, not kept
+    # stored slide tiles this tile's reads found damaged: painted as glass, so the nuclei
+    # there are missing; kept in the tile file (a resumed run reports them too), and such
+    # tiles are recomputed on a re-run of a partial slide
+    damaged: Damage = ()
+
+
+def tile_file(work_dir: str | Path, index: int) -> Path:
+    return Path(work_dir) / f"tile-{index:07d}.npz"
+
+
+def save_tile(job: Any, tile: Tile, result: Any, seconds: float, dropped: int = 0,
+              damaged: Damage = ()) -> None:
+    """Outlines, measurements and each nucleus's GeoJSON text (all of it but the id,
+    which needs the global nucleus number) are made here, on the worker, vectorised over
+    the tile, so the single writer of phase 3 only splices ids into text. ``job``: the
+    tile task's ``TileJob``; ``result``: ``stitch.segment_tile``'s instances."""
+    from pipeline.atomic import save_npz_atomic
+    from pipeline.writers.features import feature_bodies
+    from pipeline.writers.outlines import trace_tile
+    from pipeline.writers.table import instance_measurements
+
+    scale = job.plan.scale
+    offset = (result.extent.y0, result.extent.x0)
+    shift = (float(job.origin_shift[0]), float(job.origin_shift[1]))
+    outlines = trace_tile(result.labels, offset, scale, shift)
+    columns = instance_measurements(result.labels, result.prob, offset, scale, job.slide_mpp,
+                                    outlines=outlines)
+    values = {k: columns[k].to_numpy() for k in columns}
+    bodies = "\n".join(feature_bodies(outlines.polygons, values)).encode("utf-8")
+    save_npz_atomic(tile_file(job.work_dir, tile.index),
+                    labels=result.labels, extent=np.array([*offset, result.extent.y1, result.extent.x1]),
+                    stats=np.array([result.count, result.recomputed, dropped]),
+                    giants=np.array([(b.y0, b.x0, b.y1, b.x1) for b in result.giants],
+                                    np.int64).reshape(-1, 4),
+                    seconds=np.array(seconds), features=np.frombuffer(bodies, dtype=np.uint8),
+                    damaged_boxes=np.array([r[:4] for r in damaged], np.int64).reshape(-1, 4),
+                    damaged_errors=np.array([r[4] for r in damaged], dtype=np.str_),
+                    **{f"col_{k}": v for k, v in values.items()})
+
+
+def cached_summary(work_dir: str, tile: Tile) -> TileSummary:
+    """The summary of a tile an earlier run saved, as its task returned it then."""
+    with np.load(tile_file(work_dir, tile.index)) as f:
+        y0, x0, y1, x1 = (int(v) for v in f["extent"])
+        count, recomputed, dropped = (int(v) for v in f["stats"])
+        giants = tuple(Box(*(int(v) for v in row)) for row in f["giants"])
+        damaged = tuple((*(int(v) for v in box), str(error))
+                        for box, error in zip(f["damaged_boxes"], f["damaged_errors"]))
+        return TileSummary(tile.index, count, Box(y0, x0, y1, x1), recomputed, giants,
+                           float(f["seconds"]), True, dropped=dropped, damaged=damaged)
+
+
+def tile_labels(work_dir: str, index: int) -> np.ndarray:
+    """The tile's owned instances (tile-local ids 1..count) over its extent."""
+    with np.load(tile_file(work_dir, index)) as f:
+        return f["labels"]
+
+
+def tile_nuclei(work_dir: str, index: int) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The tile's table columns (tile-local ``id``) and each nucleus's GeoJSON text
+    without its id (``writers.geojson.feature_texts`` splices the global one in)."""
+    with np.load(tile_file(work_dir, index)) as f:
+        columns = {k[4:]: f[k] for k in f.files if k.startswith("col_")}
+        if not len(columns["id"]):
+            return columns, []
+        return columns, f["features"].tobytes().decode("utf-8").split("\n")

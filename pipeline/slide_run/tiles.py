@@ -1,0 +1,326 @@
+"""Phase 1, the tile tasks: read windows, run the model (loaded once per worker), segment
+with exact ownership, measure, trace polygons; one tile file per tile (``tile_file``).
+A re-run skips tiles whose file exists. On a layout with a CPU pool beside its GPUs a
+batch runs as three chained tasks (:func:`read_tiles`, :func:`predict_tiles`,
+:func:`segment_tiles`), elsewhere as one (:func:`infer_tiles`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from pipeline.slide_run.config import RunConfig
+from pipeline.slide_run.executors import NetworkTask, mapped
+from pipeline.slide_run.plan import SlidePlan, damage_records, level0_box
+from pipeline.slide_run.tile_file import Damage, TileSummary, cached_summary, save_tile, tile_file
+from pipeline.types import Box, ReadPlan, Tile
+
+
+@dataclass(frozen=True)
+class TileJob:
+    path: str
+    mpp_override: float | None
+    model: str
+    device: str
+    plan: ReadPlan
+    tiles: tuple[Tile, ...]
+    work_dir: str
+    margin: int
+    multiple: int
+    slide_mpp: float
+    # (bounds_x, bounds_y) subtracted from GeoJSON coordinates on the worker (QuPath's
+    # origin: the slide's bounds)
+    origin_shift: tuple[float, float] = (0.0, 0.0)
+    # the tissue mask around these tiles (TissueMask.crop); nuclei centred off it are
+    # dropped on the worker, before ids are counted. None keeps every nucleus.
+    tissue: Any = None
+    # the network runtime the slide was planned on (SlidePlan.runtime): a worker on another
+    # refuses the tiles (fingerprint.check_runtime); empty: not pinned
+    runtime: Mapping[str, Any] = field(default_factory=dict)
+
+
+def infer_tiles(job: TileJob) -> list[TileSummary]:
+    """Phase 1 for a batch of tiles in one task (one forward pass for the batch):
+    read, predict, segment, measure, save. CPU layouts and single-process runs."""
+    from pipeline.slide import open_slide
+
+    todo, out = _not_cached(job)
+    if not todo:
+        return out
+    bundle = _network(job)
+    t0 = time.perf_counter()
+    with open_slide(job.path, mpp_override=job.mpp_override) as reader:
+        windows, saw_damage = _read_windows(reader, job, todo)
+        t_read = time.perf_counter()
+        probs, dists = _predict_by_shape(bundle.net, windows)
+        t_net = time.perf_counter()
+        shared = ((t_read - t0) / len(todo), (t_net - t_read) / len(todo))
+        predict = _window_predictor(bundle.net, lambda: reader, job, windows)
+        for tile, prob, dist, damaged in zip(todo, probs, dists, saw_damage):
+            before = reader.damage_fills
+
+            def met(damaged: bool = damaged, before: int = before) -> Damage:
+                # the tile's window, or a grown window its segmentation read
+                return damage_records(reader) if damaged or reader.damage_fills > before else ()
+
+            out.append(_segment_and_save(job, tile, prob, dist, predict, bundle.watershed, shared, met))
+    return sorted(out, key=lambda s: s.index)
+
+
+@dataclass
+class ReadTiles:
+    """A read task's result (CPU pool of a GPU layout), handed to the predict task: the
+    windows of the batch's tiles that are not cached yet."""
+
+    job: TileJob
+    cached: list[TileSummary]
+    tiles: list[Tile]
+    windows: list[np.ndarray]
+    damaged: list[Damage]  # per tile, if its read met damage
+    read_s: float  # worker-seconds per tile
+
+
+@dataclass
+class PredictedTiles:
+    """A predict task's result, handed to its post-processing task: the network outputs of
+    the tiles, with those of every grown-cluster window their segmentation will ask for
+    (:func:`pipeline.stitch.predict_grown_windows`), so that all of a slide's windows come
+    from the inference worker's device."""
+
+    job: TileJob
+    cached: list[TileSummary]
+    tiles: list[Tile]
+    probs: list[np.ndarray]
+    dists: list[np.ndarray]
+    grown: list[dict[Box, tuple[np.ndarray, np.ndarray]]]
+    damaged: list[Damage]
+    shared: tuple[float, float]  # read and network worker-seconds per tile
+
+
+def read_tiles(job: TileJob) -> ReadTiles:
+    """The reading part of :func:`infer_tiles` (CPU pool of a GPU layout): decoding the
+    slide is CPU work, and many pool processes read faster than one GPU worker would."""
+    from pipeline.slide import open_slide
+
+    todo, cached = _not_cached(job)
+    if not todo:
+        return ReadTiles(job, cached, [], [], [], 0.0)
+    t0 = time.perf_counter()
+    with open_slide(job.path, mpp_override=job.mpp_override) as reader:
+        windows, saw_damage = _read_windows(reader, job, todo)
+        records = damage_records(reader) if any(saw_damage) else ()
+    damaged = [records if saw else () for saw in saw_damage]
+    return ReadTiles(job, cached, todo, windows, damaged, (time.perf_counter() - t0) / len(todo))
+
+
+def predict_tiles(read: ReadTiles) -> PredictedTiles:
+    """The network part of :func:`infer_tiles` (GPU worker of a GPU layout): predict the
+    windows, then the larger windows of the clusters they cut (the slide is opened here
+    only if there are any)."""
+    from pipeline.stitch import predict_grown_windows
+
+    job = read.job
+    if not read.tiles:
+        return PredictedTiles(job, read.cached, [], [], [], [], [], (0.0, 0.0))
+    bundle = _network(job)
+    t0 = time.perf_counter()
+    probs, dists = _predict_by_shape(bundle.net, read.windows)
+    with _SlideOnDemand(job) as slide:
+        predict = _window_predictor(bundle.net, slide.reader, job, read.windows)
+        grown, damage = [], []
+        for tile, prob, dist, records in zip(read.tiles, probs, dists, read.damaged):
+            before = slide.damage_fills
+            grown.append(predict_grown_windows(tile.core, tile.window, prob, dist, job.plan.image,
+                                               bundle.watershed, job.margin, job.multiple, predict))
+            if slide.damage_fills > before:  # a grown window met damage
+                records = tuple(sorted(set(records) | set(damage_records(slide.reader()))))
+            damage.append(records)
+    shared = (read.read_s, (time.perf_counter() - t0) / len(read.tiles))
+    return PredictedTiles(job, read.cached, read.tiles, probs, dists, grown, damage, shared)
+
+
+class _SlideOnDemand:
+    """``job``'s slide, opened at the first read: a predict task reads only for grown
+    clusters, and most batches have none."""
+
+    def __init__(self, job: TileJob) -> None:
+        self.job = job
+        self._reader: Any = None
+
+    def reader(self) -> Any:
+        from pipeline.slide import open_slide
+
+        if self._reader is None:
+            self._reader = open_slide(self.job.path, mpp_override=self.job.mpp_override)
+        return self._reader
+
+    @property
+    def damage_fills(self) -> int:
+        return self._reader.damage_fills if self._reader is not None else 0
+
+    def __enter__(self) -> _SlideOnDemand:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+
+def segment_tiles(predicted: PredictedTiles) -> list[TileSummary]:
+    """The post-processing half of :func:`infer_tiles` (CPU pool of a GPU layout): the
+    same segmentation, with grown windows served from the predict task's outputs."""
+    from pipeline.stitch import replay_predictor
+
+    job, out = predicted.job, list(predicted.cached)
+    if predicted.tiles:
+        params = _worker_model(job).watershed
+        for i, tile in enumerate(predicted.tiles):
+            out.append(_segment_and_save(job, tile, predicted.probs[i], predicted.dists[i],
+                                         replay_predictor(predicted.grown[i]), params,
+                                         predicted.shared, lambda i=i: predicted.damaged[i]))
+    return sorted(out, key=lambda s: s.index)
+
+
+def _worker_model(job: TileJob) -> Any:
+    from pipeline.cluster import get_worker_model
+
+    return get_worker_model(job.model, job.device)
+
+
+def _network(job: TileJob) -> Any:
+    """The worker's model, for tasks that run the network: only on the runtime the slide
+    was planned on."""
+    from pipeline.fingerprint import check_runtime, runtime_fingerprint
+
+    bundle = _worker_model(job)
+    if job.runtime:
+        check_runtime(job.runtime, runtime_fingerprint(bundle))
+    return bundle
+
+
+def _not_cached(job: TileJob) -> tuple[list[Tile], list[TileSummary]]:
+    """The batch's tiles without a tile file, and the summaries of those with one."""
+    todo = [t for t in job.tiles if not tile_file(job.work_dir, t.index).exists()]
+    cached = [cached_summary(job.work_dir, t) for t in job.tiles if t not in todo]
+    return todo, cached
+
+
+def _read_windows(reader: Any, job: TileJob, tiles: list[Tile]) -> tuple[list[np.ndarray], list[bool]]:
+    """Each tile's window, and whether reading it met a damaged stored tile."""
+    from pipeline.slide import read_region
+
+    windows, saw_damage = [], []
+    for t in tiles:
+        before = reader.damage_fills
+        windows.append(read_region(reader, job.plan, t.window))
+        saw_damage.append(reader.damage_fills > before)
+    return windows, saw_damage
+
+
+def _window_predictor(net: Any, reader: Callable[[], Any], job: TileJob,
+                      windows: list[np.ndarray]) -> Any:
+    """Network outputs for any aligned window of the slide (grown clusters), computed in
+    tile-sized pieces so that worker memory stays bounded; ``reader()`` gives the open
+    slide."""
+    from models.inference import predict_batch
+    from pipeline.slide import read_region
+    from pipeline.stitch import subwindow_predictor
+
+    def predict_window(box: Box) -> tuple[np.ndarray, np.ndarray]:
+        p, d = predict_batch(net, read_region(reader(), job.plan, box)[None])
+        return p[0], d[0]
+
+    return subwindow_predictor(predict_window, job.margin, job.multiple,
+                               max(max(w.shape[:2]) for w in windows), job.plan.image)
+
+
+def _segment_and_save(job: TileJob, tile: Tile, prob: np.ndarray, dist: np.ndarray, predict: Any,
+                      params: Any, shared: tuple[float, float], damage: Callable[[], Damage]) -> TileSummary:
+    """One tile's instances (owned nuclei, off-tissue ones dropped), saved to its file with
+    the damage its reads met (``damage()``, asked once the segmentation's reads are done)."""
+    from pipeline.stitch import segment_tile
+    from pipeline.tissue import keep_in_tissue
+
+    t_seg = time.perf_counter()
+    result = segment_tile(tile.core, tile.window, prob, dist, job.plan.image, params,
+                          job.margin, job.multiple, predict)
+    dropped = 0
+    if job.tissue is not None:
+        labels, dropped = keep_in_tissue(result.labels, (result.extent.y0, result.extent.x0),
+                                         job.plan.scale, job.tissue)
+        result = replace(result, labels=labels)
+    t_save = time.perf_counter()
+    seconds = sum(shared) + t_save - t_seg
+    damaged = damage()
+    save_tile(job, tile, result, seconds, dropped, damaged)
+    phases = (*shared, t_save - t_seg, time.perf_counter() - t_save)
+    return TileSummary(tile.index, result.count, result.extent, result.recomputed, result.giants,
+                       seconds, False, phases, dropped, damaged)
+
+
+def _predict_by_shape(net: Any, windows: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Network outputs per window; windows of one shape go through one forward pass
+    (border tiles have smaller windows than interior ones)."""
+    from models.inference import predict_batch
+
+    probs: list[np.ndarray] = [np.empty(0)] * len(windows)
+    dists: list[np.ndarray] = [np.empty(0)] * len(windows)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, w in enumerate(windows):
+        groups.setdefault(w.shape, []).append(i)
+    for members in groups.values():
+        p, d = predict_batch(net, np.stack([windows[i] for i in members]))
+        for k, i in enumerate(members):
+            probs[i], dists[i] = p[k], d[k]
+    return probs, dists
+
+
+INFER_TILES = NetworkTask(infer_tiles, (read_tiles, predict_tiles, segment_tiles))
+
+
+def run_tiles(plan: SlidePlan, cfg: RunConfig, executor: Any, work: str,
+              progress: Callable[[int, int], None] | None) -> list[TileSummary]:
+    """Phase 1: every tile with tissue, in batches of ``cfg.batch_size``; summaries in
+    tile order. ``progress(done, total)`` after each batch."""
+    # largest windows first (border tiles are smaller): the last tasks to finish are short,
+    # so workers do not idle at the end of a slide; results are re-sorted by tile index
+    tiles = sorted(plan.tiles, key=lambda t: (-t.window.height * t.window.width, t.index))
+    batches = [tiles[i:i + cfg.batch_size] for i in range(0, len(tiles), cfg.batch_size)]
+    jobs = [TileJob(plan.info.path, cfg.mpp, cfg.model, cfg.device, plan.plan, batch, work,
+                    plan.margin, plan.multiple, slide_mpp(plan),
+                    origin_shift=tuple(float(v) for v in plan.info.bounds_xy),
+                    tissue=None if cfg.keep_outside_tissue else _tissue_around(plan, batch),
+                    runtime=plan.runtime)
+            for batch in batches]
+    done: list[TileSummary] = []
+    with mapped(executor, INFER_TILES, jobs) as results:
+        for _, result in results:
+            if isinstance(result, Exception):
+                raise result
+            done.extend(result)
+            if progress:
+                progress(len(done), len(plan.tiles))
+    return sorted(done, key=lambda s: s.index)
+
+
+def _tissue_around(plan: SlidePlan, tiles: list[Tile]) -> Any:
+    """The tissue mask where these tiles' nuclei can lie: their windows, grown as far as a
+    cluster window may grow (``stitch.MAX_WINDOW``)."""
+    from pipeline.stitch import MAX_WINDOW
+
+    y0 = min(t.window.y0 for t in tiles) - MAX_WINDOW
+    x0 = min(t.window.x0 for t in tiles) - MAX_WINDOW
+    y1 = max(t.window.y1 for t in tiles) + MAX_WINDOW
+    x1 = max(t.window.x1 for t in tiles) + MAX_WINDOW
+    return plan.tissue.crop(level0_box(Box(y0, x0, y1, x1), plan.plan.scale))
+
+
+def slide_mpp(plan: SlidePlan) -> float:
+    """The slide's level-0 µm/px; planning refuses a slide without one (``plan_read``)."""
+    if plan.info.mpp is None:
+        raise ValueError(f"{plan.info.path}: no pixel size")
+    return float(plan.info.mpp)
