@@ -19,24 +19,32 @@ import dask
 import numpy as np
 import pytest
 import torch
+from distributed import get_worker
 
 from models.checkpoints import save
 from models.config import NetConfig, TargetConfig, WatershedParams
 from models.network import NucleusNet
-from pipeline import cluster as cl
-from pipeline.cluster import (
-    ClusterConfig,
-    ClusterConfigError,
-    ModelPlugin,
-    TaskFailure,
-    bounded_map,
-    cluster_config_from,
-    get_worker_model,
-    open_client,
+from pipeline.cluster import plugin as cluster_plugin
+from pipeline.cluster.client import open_client
+from pipeline.cluster.config import ClusterConfig, cluster_config_from, default_lifetime, parse_duration
+from pipeline.cluster.errors import ClusterConfigError
+from pipeline.cluster.layout import (
+    LOCAL_GPU_THREADS,
+    available_cores,
     plan_layout,
+    post_resources,
     predict_resources,
+)
+from pipeline.cluster.local import local_worker_specs
+from pipeline.cluster.plugin import (
+    PLUGIN_NAME,
+    ModelPlugin,
+    get_worker_model,
+    load_for_inference,
     register_model,
 )
+from pipeline.cluster.slurm import slurm_cluster_kwargs, slurm_job_script
+from pipeline.cluster.submit import TaskFailure, bounded_map
 
 # The task functions below are pickled by reference: spawned LocalCluster workers inherit
 # this process's sys.path, so they import this module.
@@ -61,9 +69,9 @@ def test_plan_layout_one_worker_per_gpu_plus_a_cpu_pool(n_gpus: int) -> None:
     assert layout.cuda_devices == tuple(str(i) for i in range(n_gpus))  # each pinned to its own
     if n_gpus:
         assert layout.device == "auto"  # each worker's CUDA_VISIBLE_DEVICES decides
-        assert layout.gpu_threads == cl.LOCAL_GPU_THREADS and layout.torch_threads == 1
+        assert layout.gpu_threads == LOCAL_GPU_THREADS and layout.torch_threads == 1
         # the cores the GPU workers leave are single-threaded post-processing processes
-        assert layout.cpu_workers == 32 - n_gpus * cl.LOCAL_GPU_THREADS and layout.cpu_threads == 1
+        assert layout.cpu_workers == 32 - n_gpus * LOCAL_GPU_THREADS and layout.cpu_threads == 1
         assert predict_resources(layout) == {"GPU": 1}
     else:
         assert (layout.cpu_workers, layout.torch_threads) == (8, 4)
@@ -74,7 +82,7 @@ def test_plan_layout_respects_device_cpu_and_pins_cuda_n() -> None:
     cpu = plan_layout(8, 4, "cpu")
     assert not cpu.gpu and cpu.device == "cpu" and cpu.cpu_workers == 8
     one = plan_layout(8, 4, "cuda:2", visible=("3", "5", "GPU-abc", "7"))
-    assert one.cuda_devices == ("GPU-abc",) and one.cpu_workers == 8 - cl.LOCAL_GPU_THREADS
+    assert one.cuda_devices == ("GPU-abc",) and one.cpu_workers == 8 - LOCAL_GPU_THREADS
     assert plan_layout(2, 1, "cuda").cpu_workers == 1  # never without a CPU worker
     assert plan_layout(16, 2, "auto", n_workers=3).cpu_workers == 3
     with pytest.raises(ClusterConfigError, match="no CUDA device"):
@@ -111,31 +119,31 @@ def test_config_layout_follows_the_machine_and_device_flag(fake_gpus, monkeypatc
 
 
 def test_local_worker_specs_pin_gpus_and_hide_them_from_the_pool() -> None:
-    specs = cl.local_worker_specs(plan_layout(8, 2, "auto", visible=("2", "3")), memory_limit="1GiB")
+    specs = local_worker_specs(plan_layout(8, 2, "auto", visible=("2", "3")), memory_limit="1GiB")
     assert sorted(specs) == ["cpu-0", "cpu-1", "cpu-2", "cpu-3", "gpu-0", "gpu-1"]
     for i, device in enumerate(("2", "3")):
         options = specs[f"gpu-{i}"]["options"]
         assert options["env"] == {"CUDA_VISIBLE_DEVICES": device} and options["resources"] == {"GPU": 1}
-        assert options["nthreads"] == cl.LOCAL_GPU_THREADS
+        assert options["nthreads"] == LOCAL_GPU_THREADS
     pool = specs["cpu-0"]["options"]
     # the pool advertises POOL (post-processing tasks ask for it), never GPU
     assert pool["env"] == {"CUDA_VISIBLE_DEVICES": ""} and pool["resources"] == {"POOL": 1}
     assert pool["nthreads"] == 1
-    cpu_only = cl.local_worker_specs(plan_layout(2, 0))
+    cpu_only = local_worker_specs(plan_layout(2, 0))
     assert sorted(cpu_only) == ["cpu-0", "cpu-1"] and "env" not in cpu_only["cpu-0"]["options"]
     assert "resources" not in cpu_only["cpu-0"]["options"]
 
 
 def test_post_processing_goes_to_the_pool_only_where_there_is_one() -> None:
-    assert cl.post_resources(plan_layout(8, 2, "auto")) == {"POOL": 1}
-    assert cl.post_resources(plan_layout(8, 0)) is None  # CPU layout: one task per batch
-    assert cl.post_resources(plan_layout(8, 2, "cpu")) is None
-    assert cl.post_resources(None) is None  # attached scheduler: workers unknown
+    assert post_resources(plan_layout(8, 2, "auto")) == {"POOL": 1}
+    assert post_resources(plan_layout(8, 0)) is None  # CPU layout: one task per batch
+    assert post_resources(plan_layout(8, 2, "cpu")) is None
+    assert post_resources(None) is None  # attached scheduler: workers unknown
 
 
 def test_available_cores_follows_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
-    assert cl.available_cores() == 3
+    assert available_cores() == 3
     layout = ClusterConfig(device="cpu").layout()
     assert (layout.cpu_workers, layout.cpu_threads, layout.torch_threads) == (3, 1, 1)
 
@@ -162,7 +170,7 @@ def test_register_model_follows_the_layout(fake_gpus, tiny_model: Path) -> None:
     fake_gpus(2)
     client = _Recorder()
     plugin = register_model(client, tiny_model, ClusterConfig())
-    assert client.name == cl.PLUGIN_NAME
+    assert client.name == PLUGIN_NAME
     assert (plugin.device, plugin.cpu_inference, plugin.torch_threads) == ("auto", False, 1)
     plugin = register_model(client, tiny_model, ClusterConfig(), device="cpu")
     assert (plugin.device, plugin.cpu_inference, plugin.torch_threads) == ("cpu", True, 2)
@@ -175,18 +183,18 @@ def test_register_model_follows_the_layout(fake_gpus, tiny_model: Path) -> None:
                                            ("2-03:04:05", 183845), ("3h50m", 13800), ("230m", 13800),
                                            ("13800s", 13800), (3600, 3600), ("1.5h", 5400)])
 def test_parse_duration(text: str | int, seconds: int) -> None:
-    assert cl.parse_duration(text) == seconds
+    assert parse_duration(text) == seconds
 
 
 def test_parse_duration_refuses_bare_number_string() -> None:
     with pytest.raises(ValueError, match="ambiguous"):
-        cl.parse_duration("60")
+        parse_duration("60")
 
 
 def test_default_lifetime_below_walltime() -> None:
-    assert cl.default_lifetime(4 * 3600) == (13800, 300)  # 3h50m +- 5m
+    assert default_lifetime(4 * 3600) == (13800, 300)  # 3h50m +- 5m
     for walltime in (120, 600, 1800, 86400):
-        lifetime, stagger = cl.default_lifetime(walltime)
+        lifetime, stagger = default_lifetime(walltime)
         assert 0 < lifetime and lifetime + stagger < walltime
 
 
@@ -259,7 +267,7 @@ def test_config_file_errors(tmp_path: Path) -> None:
 def _job_script(**kwargs) -> str:
     base = dict(kind="slurm", queue="gpu", account="myproj", walltime="04:00:00", cores=8,
                 memory="64GB", interface="lo", dashboard_address=":0")
-    return cl.slurm_job_script(ClusterConfig(**{**base, **kwargs}))
+    return slurm_job_script(ClusterConfig(**{**base, **kwargs}))
 
 
 def test_job_script_directives_and_worker_command() -> None:
@@ -296,8 +304,8 @@ def test_job_script_cpu_defaults_and_skip() -> None:
 def test_missing_interface_on_submit_host_is_explained() -> None:
     cfg = ClusterConfig(kind="slurm", interface="ib-does-not-exist", dashboard_address=":0")
     with pytest.raises(ClusterConfigError, match="scheduler_interface"):
-        cl.slurm_cluster_kwargs(cfg)
-    ok = cl.slurm_cluster_kwargs(cl.ClusterConfig(kind="slurm", interface="ib-does-not-exist",
+        slurm_cluster_kwargs(cfg)
+    ok = slurm_cluster_kwargs(ClusterConfig(kind="slurm", interface="ib-does-not-exist",
                                                   scheduler_interface="lo"))
     assert ok["scheduler_options"]["interface"] == "lo" and ok["interface"] == "ib-does-not-exist"
 
@@ -314,7 +322,7 @@ THEIRS = {  # what an HPC user writes in ~/.config/dask/jobqueue.yaml (or DASK_J
 def test_jobqueue_config_fills_what_our_file_leaves_out() -> None:
     with dask.config.set(THEIRS):
         config = ClusterConfig(kind="slurm", interface="lo", dashboard_address=":0")
-        script = cl.slurm_job_script(config)
+        script = slurm_job_script(config)
     lines = script.splitlines()
     for directive in ("#SBATCH -p their-q", "#SBATCH -A their-acct", "#SBATCH -t 02:00:00",
                       "#SBATCH --constraint=avx2", "#SBATCH -J their-name", "#SBATCH --cpus-per-task=4",
@@ -333,7 +341,7 @@ def test_our_cluster_file_overrides_jobqueue_config(tmp_path: Path) -> None:
                     "  cores: 2\n  job_extra_directives: ['--constraint=gpu']\n  job_script_prologue: []\n"
                     "  interface: lo\n  dashboard_address: ':0'\n")
     with dask.config.set(THEIRS):
-        script = cl.slurm_job_script(cluster_config_from(file=ours))
+        script = slurm_job_script(cluster_config_from(file=ours))
     lines = script.splitlines()
     for directive in ("#SBATCH -p our-q", "#SBATCH -A our-acct", "#SBATCH -t 01:00:00",
                       "#SBATCH --constraint=gpu", "#SBATCH --cpus-per-task=2",
@@ -368,7 +376,7 @@ def _use_model(i: int) -> tuple[int, int, int, int, tuple[int, ...]]:
 
     bundle = get_worker_model()
     time.sleep(0.3)  # long enough that both workers get tasks
-    plugin = cl.get_worker().plugins[cl.PLUGIN_NAME]
+    plugin = get_worker().plugins[PLUGIN_NAME]
     prob, _ = predict_batch(bundle.net, np.zeros((1, 16, 16, 3), np.uint8))
     return os.getpid(), id(bundle), plugin.loads, torch.get_num_threads(), prob.shape
 
@@ -517,7 +525,7 @@ def test_attach_by_address_and_scheduler_file(client, tmp_path: Path) -> None:
 
 def _where(_: int) -> tuple[str, str | None]:
     time.sleep(0.05)
-    return str(cl.get_worker().name), os.environ.get("CUDA_VISIBLE_DEVICES")
+    return str(get_worker().name), os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
 def _name_and_gpus(dask_worker: Any) -> tuple[str, str | None]:
@@ -594,12 +602,12 @@ def test_load_for_inference_pins_cuda_numerics(loose_cuda_flags, monkeypatch: py
         loaded.append(str(device))
         return SimpleNamespace(net=torch.nn.Identity(), path=None, sha256="")
 
-    monkeypatch.setattr(cl, "load", fake_load)
+    monkeypatch.setattr(cluster_plugin, "load", fake_load)
     monkeypatch.delenv(ENV_VAR, raising=False)
-    cl.load_for_inference("m.pt", "cpu")
+    load_for_inference("m.pt", "cpu")
     assert cuda_flags() == LOOSE  # not touched off CUDA
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    cl.load_for_inference("m.pt", "cuda")
+    load_for_inference("m.pt", "cuda")
     assert cuda_flags() == {"cuda.matmul.allow_tf32": False, "cudnn.allow_tf32": False,
                             "cudnn.benchmark": False, "cudnn.deterministic": True}
     assert loaded == ["cpu", "cuda"]
@@ -623,7 +631,7 @@ def test_task_failure_is_one_line_unless_debug(capfd: pytest.CaptureFixture[str]
     attempt; we print one line per failed item, and Dask's blocks only with --debug."""
     config = ClusterConfig(kind="local", n_workers=1, threads_per_worker=1, torch_threads=1,
                            memory_limit="1GiB", dashboard_address=":0", device="cpu")
-    ours = cl.__name__
+    ours = bounded_map.__module__  # the logger of the one-line reports
     for debug in (False, True):
         caplog.clear()
         with open_client(config, wait_for_workers=1, timeout=120, debug=debug) as client:
@@ -649,7 +657,7 @@ def test_tile_task_modules_import_without_anndata() -> None:
     import subprocess
     import sys
 
-    code = ("import importlib, sys; from pipeline.cluster import TASK_MODULES; "
+    code = ("import importlib, sys; from pipeline.cluster.plugin import TASK_MODULES; "
             "[importlib.import_module(m) for m in TASK_MODULES if m.startswith('pipeline.')]; "
             "print('anndata' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

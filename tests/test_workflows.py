@@ -29,7 +29,9 @@ from tiny_slides import MODEL, TILE, results, write_slides
 from models.checkpoints import save
 from models.config import NetConfig, TargetConfig, WatershedParams
 from models.network import NucleusNet
-from pipeline.cluster import ClusterConfig, cluster_config_from, get_worker_model, open_client, register_model
+from pipeline.cluster.client import open_client
+from pipeline.cluster.config import ClusterConfig, cluster_config_from
+from pipeline.cluster.plugin import PLUGIN_NAME, get_worker_model, register_model
 from pipeline.discovery import slides_to_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -312,10 +314,10 @@ def _in_job() -> dict[str, str | None]:
 
 
 def _model_in_job() -> tuple[float, int, str | None]:
-    from pipeline import cluster
+    from distributed import get_worker
 
     bundle = get_worker_model()
-    plugin = cluster.get_worker().plugins[cluster.PLUGIN_NAME]
+    plugin = get_worker().plugins[PLUGIN_NAME]
     return bundle.mpp, plugin.loads, os.environ.get("SLURM_JOB_ID")
 
 

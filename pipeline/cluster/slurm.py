@@ -1,0 +1,117 @@
+"""Worker jobs on SLURM through dask-jobqueue.
+
+SLURM pitfalls handled here (see ``shared/docs/formats.md`` section 3): ``processes=1`` per
+GPU job, one GPU per worker with a ``GPU`` resource, ``--lifetime`` below the walltime (plus
+a stagger) so workers retire before SLURM kills them, node-local ``--local-directory``,
+``interface`` for the workers without breaking the scheduler on a login node that lacks it,
+the job prologue that recreates the environment on the node, and ``job_directives_skip``.
+Settings left out of our cluster file come from dask-jobqueue's own configuration
+(``jobqueue.slurm.*``), see :meth:`ClusterConfig.slurm_value`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from pipeline.cluster.config import ClusterConfig, format_duration, format_slurm_time, jobqueue_config
+from pipeline.cluster.errors import ClusterConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _check_local_interface(name: str, what: str) -> None:
+    import psutil  # a dependency of distributed
+
+    known = sorted(psutil.net_if_addrs())
+    if name not in known:
+        raise ClusterConfigError(
+            f"{what} {name!r} does not exist on this host ({', '.join(known)}). The scheduler runs "
+            f"here, not on the compute nodes: keep interface={name!r} for the workers and set "
+            f"scheduler_interface (e.g. one of the above) or scheduler_host.")
+
+
+def slurm_cluster_kwargs(config: ClusterConfig) -> dict[str, Any]:
+    """Keyword arguments for ``dask_jobqueue.SLURMCluster`` with the pitfalls handled.
+
+    Settings we do not need to know are passed only when our config gives them, so that
+    dask-jobqueue reads its own configuration for the rest. The values we compute with
+    (walltime, cores, processes, memory, interface, local directory, extra directives) are
+    resolved by :meth:`ClusterConfig.slurm_value` and passed explicitly; dask-jobqueue's
+    ``worker-extra-args`` and ``scheduler-options`` come first, ours after them.
+    ``cores`` given to dask-jobqueue is the number of Dask task threads (it becomes
+    ``--nthreads``); the job still asks SLURM for all its cores via ``job_cpu`` so the
+    spare CPUs serve torch threads.
+    """
+    if config.kind != "slurm":
+        raise ClusterConfigError(f"slurm_cluster_kwargs needs kind 'slurm', not {config.kind!r}")
+    layout = config.layout()
+    processes = config.slurm_value("processes")
+    threads = layout.gpu_threads if layout.gpu else layout.cpu_threads
+    worker_args = [str(a) for a in jobqueue_config("worker-extra-args", None) or ()]
+    extra = list(config.slurm_value("job_extra_directives") or ())
+    if config.gpus_per_worker:
+        extra.insert(0, f"--gres=gpu:{config.gpus_per_worker}")
+        worker_args += ["--resources", f"GPU={config.gpus_per_worker}"]
+    if config.lifetime_enabled:
+        lifetime, stagger = config.lifetime_seconds()
+        worker_args += ["--lifetime", format_duration(lifetime),
+                        "--lifetime-stagger", format_duration(stagger)]
+    interface = config.slurm_value("interface")
+    scheduler_options: dict[str, Any] = dict(jobqueue_config("scheduler-options", None) or {})
+    scheduler_options["dashboard_address"] = config.dashboard_address
+    if config.scheduler_host:
+        scheduler_options["host"] = config.scheduler_host
+    elif config.scheduler_interface:
+        _check_local_interface(config.scheduler_interface, "scheduler_interface")
+        scheduler_options["interface"] = config.scheduler_interface
+    elif interface and not ({"host", "interface"} & set(scheduler_options)):
+        # dask-jobqueue would bind the scheduler to the workers' interface: check it here
+        _check_local_interface(interface, "interface")
+        scheduler_options["interface"] = interface
+    kwargs: dict[str, Any] = {
+        "walltime": format_slurm_time(config.walltime_seconds()),
+        "cores": threads * processes,
+        "job_cpu": config.slurm_value("cores"),
+        "processes": processes,
+        "memory": config.slurm_value("memory"),
+        "interface": interface,
+        "scheduler_options": scheduler_options,
+        "local_directory": config.slurm_value("local_directory"),
+        "job_extra_directives": extra,
+        "worker_extra_args": worker_args,
+    }
+    for name in ("queue", "account", "job_name", "log_directory", "python", "job_script_prologue",
+                 "job_directives_skip", "death_timeout"):
+        value = getattr(config, name)
+        if value is not None:  # else dask-jobqueue reads jobqueue.slurm.* itself
+            kwargs[name] = list(value) if isinstance(value, tuple) else value
+    return kwargs
+
+
+def _import_jobqueue() -> Any:
+    try:
+        import dask_jobqueue
+    except ImportError as exc:
+        raise ClusterConfigError("kind 'slurm' needs dask-jobqueue: pip install 'wsi-nuclei[hpc]'") from exc
+    return dask_jobqueue
+
+
+@contextlib.contextmanager
+def slurm_cluster(config: ClusterConfig) -> Iterator[Any]:
+    """A started ``SLURMCluster`` (scheduler here, no jobs yet), closed on exit."""
+    dask_jobqueue = _import_jobqueue()
+    cluster = dask_jobqueue.SLURMCluster(**slurm_cluster_kwargs(config))
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def slurm_job_script(config: ClusterConfig) -> str:
+    """The batch script each worker job would run (starts and stops a scheduler to get it)."""
+    with slurm_cluster(config) as cluster:
+        return cluster.job_script()
+
