@@ -351,6 +351,43 @@ def test_our_cluster_file_overrides_jobqueue_config(tmp_path: Path) -> None:
     assert "--lifetime 50m" in script  # from our walltime
 
 
+SHIPPED_CLUSTER_FILE = Path(__file__).resolve().parents[1] / "workflows" / "slurm" / "cluster.yaml"
+SITE_ENV = {  # a site's dask-jobqueue configuration, as environment variables
+    "DASK_JOBQUEUE__SLURM__QUEUE": "site-cpu", "DASK_JOBQUEUE__SLURM__CORES": "16",
+    "DASK_JOBQUEUE__SLURM__MEMORY": "64GB", "DASK_JOBQUEUE__SLURM__WALLTIME": "08:00:00",
+    "DASK_JOBQUEUE__SLURM__SCHEDULER_OPTIONS__DASHBOARD_ADDRESS": ":0",
+}
+
+
+@pytest.fixture
+def site_jobqueue_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """``SITE_ENV`` in the environment and in dask's configuration, both restored after."""
+    for name, value in SITE_ENV.items():
+        monkeypatch.setenv(name, value)
+    dask.config.refresh()
+    yield
+    for name in SITE_ENV:
+        monkeypatch.delenv(name)
+    dask.config.refresh()
+
+
+def test_site_jobqueue_config_wins_over_the_shipped_cluster_file(site_jobqueue_env) -> None:
+    """The shipped cluster file (what run-dask-slurm.sh passes) names no dask-jobqueue key:
+    the site's queue, walltime, cores, memory and dashboard apply; a value the user names
+    in their own file or on the command line still wins."""
+    config = cluster_config_from({"cluster": "slurm"}, SHIPPED_CLUSTER_FILE)
+    lines = slurm_job_script(config).splitlines()
+    for directive in ("#SBATCH -p site-cpu", "#SBATCH -t 08:00:00", "#SBATCH --cpus-per-task=16",
+                      "#SBATCH --mem=60G"):  # 64 GB = 59.6 GiB
+        assert directive in lines, (directive, lines)
+    assert slurm_cluster_kwargs(config)["scheduler_options"]["dashboard_address"] == ":0"
+    named = cluster_config_from({"cluster": "slurm", "queue": "mine", "workers": 3}, SHIPPED_CLUSTER_FILE)
+    assert (named.slurm_value("queue"), named.slurm_value("cores"), named.jobs) == ("mine", 16, 3)
+    assert slurm_cluster_kwargs(ClusterConfig(kind="slurm"))["scheduler_options"]["dashboard_address"] == ":0"
+    ours = slurm_cluster_kwargs(ClusterConfig(kind="slurm", dashboard_address=":8788"))
+    assert ours["scheduler_options"]["dashboard_address"] == ":8788"
+
+
 # ------------------------------------------------------------------------- LocalCluster
 
 

@@ -223,7 +223,7 @@ def test_run_dask_slurm_passes_the_cluster_config(tmp_path: Path, stand_in: str)
 
 def test_example_cluster_yaml_is_valid() -> None:
     config = cluster_config_from({"cluster": "slurm"}, SLURM_DIR / "cluster.yaml")
-    assert config.kind == "slurm" and config.processes == 1
+    assert config.kind == "slurm" and config.slurm_value("processes") == 1
     assert config.slurm_value("local_directory") == "${TMPDIR:-/tmp}"  # node scratch
     lifetime, stagger = config.lifetime_seconds()
     assert lifetime + stagger < 3600

@@ -163,7 +163,8 @@ class ClusterConfig:
     lifetime_stagger: str | None = None
     death_timeout: float | None = None
     job_name: str | None = None
-    dashboard_address: str | None = ":8787"
+    # "auto": local ":8787"; SLURM dask-jobqueue's scheduler-options (its default ":8787"); None: off
+    dashboard_address: str | None = "auto"
 
     def __post_init__(self) -> None:
         for name in _TUPLE_FIELDS:

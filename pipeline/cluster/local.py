@@ -16,6 +16,8 @@ from pipeline.cluster.layout import POOL_RESOURCE, Layout
 
 log = logging.getLogger(__name__)
 
+LOCAL_DASHBOARD = ":8787"  # dashboard_address 'auto' on a local cluster (Dask's default port)
+
 def local_worker_specs(layout: Layout, memory_limit: str = "auto",
                        local_directory: str | None = None,
                        silence_logs: int | bool = logging.WARNING) -> dict[str, dict[str, Any]]:
@@ -60,7 +62,7 @@ def local_cluster(config: ClusterConfig, debug: bool = False) -> Iterator[SpecCl
     silence: int | bool = False if debug else logging.WARNING
     scheduler = {"cls": Scheduler, "options": {
         "host": "127.0.0.1", "dashboard": config.dashboard_address is not None,
-        "dashboard_address": config.dashboard_address}}
+        "dashboard_address": LOCAL_DASHBOARD if config.dashboard_address == "auto" else config.dashboard_address}}
     cluster = SpecCluster(workers=local_worker_specs(layout, config.memory_limit,
                                                      config.local_directory, silence),
                           scheduler=scheduler, silence_logs=silence)

@@ -61,7 +61,8 @@ def slurm_cluster_kwargs(config: ClusterConfig) -> dict[str, Any]:
                         "--lifetime-stagger", format_duration(stagger)]
     interface = config.slurm_value("interface")
     scheduler_options: dict[str, Any] = dict(jobqueue_config("scheduler-options", None) or {})
-    scheduler_options["dashboard_address"] = config.dashboard_address
+    if config.dashboard_address != "auto":  # else the site's (dask-jobqueue's) scheduler-options
+        scheduler_options["dashboard_address"] = config.dashboard_address
     if config.scheduler_host:
         scheduler_options["host"] = config.scheduler_host
     elif config.scheduler_interface:
