@@ -8,6 +8,9 @@ import asyncio
 import json
 import logging
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -386,6 +389,59 @@ def test_site_jobqueue_config_wins_over_the_shipped_cluster_file(site_jobqueue_e
     assert slurm_cluster_kwargs(ClusterConfig(kind="slurm"))["scheduler_options"]["dashboard_address"] == ":0"
     ours = slurm_cluster_kwargs(ClusterConfig(kind="slurm", dashboard_address=":8788"))
     assert ours["scheduler_options"]["dashboard_address"] == ":8788"
+
+
+# ------------------------------------------------------------------------- failures in one line
+
+CLI_TIMEOUT_S = 90  # each run below must end by itself well within this
+
+
+def _cli_run(tmp_path: Path, flags: list[str],
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``wsi-nuclei --quiet run`` on a tiny slide in a fresh process (its own Dask config)."""
+    from tiny_slides import MODEL, write_slides
+
+    [slide] = write_slides(tmp_path / "slides", ["a.tif"])
+    argv = [sys.executable, "-m", "pipeline.cli", "--quiet", "run", str(slide),
+            "--out", str(tmp_path / "out"), "--model", MODEL, *flags]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False,
+                          env={**os.environ, **(env or {})})
+
+
+def test_a_scheduler_address_where_nothing_listens_is_one_line_exit_2(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a free port: nothing listens there once it is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    started = time.monotonic()
+    proc = _cli_run(tmp_path, ["--scheduler", address],
+                    env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert address in line and "scheduler" in line, line
+    assert time.monotonic() - started < 30  # the connect timeout of dask's configuration
+
+
+def test_a_failing_sbatch_ends_the_run_with_its_error(tmp_path: Path) -> None:
+    """sbatch refuses the job (here a fake one on PATH): the run ends within a bounded time
+    with sbatch's message in one line, instead of waiting forever for workers."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: nowhere' >&2\nexit 1\n")
+    sbatch.chmod(0o755)
+    config = tmp_path / "cluster.yaml"
+    config.write_text("cluster:\n  kind: slurm\n  queue: nowhere\n  walltime: '00:10:00'\n  cores: 1\n"
+                      "  memory: 1GB\n  jobs: 1\n  interface: lo\n  dashboard_address: ':0'\n")
+    started = time.monotonic()
+    proc = _cli_run(tmp_path, ["--cluster", "slurm", "--cluster-config", str(config)],
+                    env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert proc.returncode != 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if "invalid partition" in line]
+    assert "nowhere" in line and "sbatch" in line, line
+    assert time.monotonic() - started < 60
 
 
 # ------------------------------------------------------------------------- LocalCluster

@@ -8,15 +8,31 @@ import logging
 from collections.abc import Iterator
 
 import dask
-from dask.utils import format_bytes, parse_bytes
+from dask.utils import format_bytes, parse_bytes, parse_timedelta
 from distributed import Client
 
 from pipeline.cluster.config import ADDRESS_RE, ClusterConfig, format_slurm_time
+from pipeline.cluster.errors import SchedulerUnreachable
 from pipeline.cluster.local import local_cluster
-from pipeline.cluster.slurm import slurm_cluster
+from pipeline.cluster.slurm import slurm_cluster, submit_jobs
 from pipeline.cluster.submit import QUIET_PLUGIN_NAME, QuietTaskErrors, quiet_task_errors
 
 log = logging.getLogger(__name__)
+
+def _attach(scheduler: str, timeout: float | None) -> Client:
+    """A client of a running scheduler (address or scheduler file), waiting at most
+    ``timeout`` s, by default Dask's connect timeout (``distributed.comm.timeouts.connect``);
+    nothing there is one line (:class:`SchedulerUnreachable`), not a chained traceback."""
+    if timeout is None:
+        timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
+    try:
+        if ADDRESS_RE.match(scheduler):
+            return Client(scheduler, timeout=timeout)
+        return Client(scheduler_file=scheduler, timeout=timeout)
+    except OSError as exc:  # TimeoutError included
+        raise SchedulerUnreachable(f"--scheduler {scheduler}: no scheduler answers there "
+                                   f"({' '.join(str(exc).split()) or type(exc).__name__})") from exc
+
 
 @contextlib.contextmanager
 def open_client(config: ClusterConfig, *, wait_for_workers: int = 0,
@@ -36,11 +52,7 @@ def open_client(config: ClusterConfig, *, wait_for_workers: int = 0,
         stack.enter_context(dask.config.set({"distributed.worker.multiprocessing-method": "spawn"}))
         if config.kind == "address":
             assert config.scheduler is not None  # validated
-            connect_timeout = timeout if timeout is not None else 30
-            if ADDRESS_RE.match(config.scheduler):
-                client = Client(config.scheduler, timeout=connect_timeout)
-            else:
-                client = Client(scheduler_file=config.scheduler, timeout=connect_timeout)
+            client = _attach(config.scheduler, timeout)
             log.info("attached to scheduler %s", client.scheduler.address)
         else:
             if not debug:  # the scheduler runs in this process
@@ -55,6 +67,8 @@ def open_client(config: ClusterConfig, *, wait_for_workers: int = 0,
                     minimum, maximum = config.minimum_jobs or 0, config.maximum_jobs
                 else:
                     minimum = maximum = config.jobs
+                # sbatch's answer before the run waits for workers (at least one job, even adaptive)
+                submit_jobs(cluster, max(minimum, min(maximum, 1)))
                 # adapt also for a fixed size: it resubmits jobs whose workers retired at --lifetime
                 cluster.adapt(minimum_jobs=minimum, maximum_jobs=maximum)
                 client = Client(cluster)

@@ -60,9 +60,9 @@ def local_cluster(config: ClusterConfig, debug: bool = False) -> Iterator[SpecCl
         log.info("local cluster: %d worker process(es) x %d task thread(s), torch threads %d",
                  layout.cpu_workers, layout.cpu_threads, layout.torch_threads)
     silence: int | bool = False if debug else logging.WARNING
+    dashboard = LOCAL_DASHBOARD if config.dashboard_address == "auto" else config.dashboard_address
     scheduler = {"cls": Scheduler, "options": {
-        "host": "127.0.0.1", "dashboard": config.dashboard_address is not None,
-        "dashboard_address": LOCAL_DASHBOARD if config.dashboard_address == "auto" else config.dashboard_address}}
+        "host": "127.0.0.1", "dashboard": dashboard is not None, "dashboard_address": dashboard}}
     cluster = SpecCluster(workers=local_worker_specs(layout, config.memory_limit,
                                                      config.local_directory, silence),
                           scheduler=scheduler, silence_logs=silence)

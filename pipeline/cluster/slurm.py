@@ -11,15 +11,21 @@ Settings left out of our cluster file come from dask-jobqueue's own configuratio
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
+from distributed.core import Status
+
 from pipeline.cluster.config import ClusterConfig, format_duration, format_slurm_time, jobqueue_config
-from pipeline.cluster.errors import ClusterConfigError
+from pipeline.cluster.errors import ClusterConfigError, JobSubmitError
 
 log = logging.getLogger(__name__)
+
+SUBMIT_TIMEOUT_S = 120  # sbatch answers in seconds; a stuck slurmctld must not hang the run
 
 
 def _check_local_interface(name: str, what: str) -> None:
@@ -116,3 +122,46 @@ def slurm_job_script(config: ClusterConfig) -> str:
     with slurm_cluster(config) as cluster:
         return cluster.job_script()
 
+
+
+def sbatch_error_line(exc: BaseException) -> str:
+    """dask-jobqueue's multi-line report of a failed ``sbatch`` (exit code, command, stdout,
+    stderr) as one line: the exit code and what sbatch said."""
+    text = str(exc)
+    match = re.search(r"Exit code: (\d+).*?stdout:\n(.*?)\nstderr:\n(.*)", text, re.S)
+    if match is None:
+        return f"{type(exc).__name__}: {' '.join(text.split())}"
+    said = " ".join(match.group(3).split()) or " ".join(match.group(2).split()) or "no message"
+    return f"sbatch exited {match.group(1)}: {said}"
+
+
+def submit_jobs(cluster: Any, jobs: int, timeout: float = SUBMIT_TIMEOUT_S) -> None:
+    """Submit ``jobs`` worker jobs now and wait for sbatch's answers (not for the jobs to run).
+
+    Why not leave it to ``adapt``: there a refused job (bad partition, account, limits) is
+    one tornado traceback, and the run then waits for that job's worker forever. Here it is
+    a :class:`JobSubmitError` with sbatch's message in one line. (``_correct_state`` starts
+    the jobs of ``worker_spec`` and re-raises their errors; ``scale`` would run it unawaited.)
+    """
+    if jobs < 1:
+        return
+    for _ in range(jobs):
+        cluster.worker_spec.update(cluster.new_worker_spec())
+    try:
+        cluster.sync(cluster._correct_state, callback_timeout=timeout)
+    except (TimeoutError, asyncio.TimeoutError, RuntimeError) as exc:
+        _forget_unsubmitted(cluster)
+        if isinstance(exc, RuntimeError):  # dask-jobqueue's report of a non-zero exit
+            raise JobSubmitError(f"SLURM worker job refused: {sbatch_error_line(exc)}") from exc
+        raise JobSubmitError(f"SLURM worker job: sbatch did not answer within {timeout:.0f} s") from exc
+
+
+def _forget_unsubmitted(cluster: Any) -> None:
+    """Mark the jobs that got no SLURM job id failed and drop them: closing the cluster
+    cancels the submitted ones, and refuses (an assertion) jobs left in the status
+    ``created``, as a refused submission leaves them."""
+    for name, job in list(cluster.workers.items()):
+        if getattr(job, "job_id", None) is None:
+            job.status = Status.failed
+            del cluster.workers[name]
+            cluster.worker_spec.pop(name, None)
