@@ -52,10 +52,15 @@ env = {k: os.environ.get(k) for k in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SL
 for slide, name in slides_to_run(args.paths, args.out, args.name).items():
     if "fail" in slide.name:
         sys.exit(3)
+    partial = "partial" in slide.name  # as wsi-nuclei run ends a slide with unreadable regions
     folder = Path(args.out) / name
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "summary.json").write_text(json.dumps({"status": "done", "slide": str(slide),
-                                                     "argv": argv, "env": env}))
+    regions = [[0, 0, 64, 64]] if partial else []
+    (folder / "summary.json").write_text(json.dumps({"status": "partial" if partial else "done",
+                                                     "slide": str(slide), "argv": argv, "env": env,
+                                                     "unreadable_regions": regions}))
+    if partial:
+        sys.exit(1)
 '''
 
 
@@ -179,6 +184,8 @@ def test_array_names_bare_paths_as_the_cli(tmp_path: Path, stand_in: str) -> Non
                   "WSI_NUCLEI_PYTHON": sys.executable, "SLURM_ARRAY_TASK_ID": str(task)})
     written = {folder.name: _summary(out, folder.name)["slide"] for folder in out.iterdir()}
     assert written == {name: str(path) for path, name in slides_to_run([root], out).items()}
+    # no MODEL: the CLI's default model (models.checkpoints.DEFAULT_MODELS), not one named here
+    assert all("--model" not in _summary(out, name)["argv"] for name in written)
     assert sorted(written) == sorted(["x", f"slide-{_sha8(paths[1])}", f"slide-{_sha8(paths[2])}"])
 
 
@@ -240,23 +247,46 @@ def _snakemake() -> list[str]:
     return [exe]
 
 
-def _snakemake_args(slides: Path, out: Path, stand_in: str, profile: str) -> list[str]:
+def _snakemake_args(slides: Path, out: Path, stand_in: str, profile: str, *config: str) -> list[str]:
     return [*_snakemake(), "-s", str(WORKFLOWS / "Snakefile"), "--workflow-profile",
             str(WORKFLOWS / "profile" / profile), "--config", f"slides={slides}", f"out={out}",
-            f"command={stand_in}", "threads=1", "mem_mb=500", "runtime_min=5", "model=dense.pt"]
+            f"command={stand_in}", "threads=1", "mem_mb=500", "runtime_min=5", *config]
 
 
 def test_snakemake_local_runs_each_slide_once(slides: Path, tmp_path: Path, stand_in: str) -> None:
     out = tmp_path / "out"
-    args = _snakemake_args(slides, out, stand_in, "local")
+    args = _snakemake_args(slides, out, stand_in, "local", "model=dense.pt")
     _run(args, cwd=tmp_path)
     assert _summary(out, "b-slide")["argv"][:4] == ["run", str(slides / "b-slide.svs"), "--name", "b-slide"]
     assert _summary(out, "a-slide")["argv"][-4:] == ["--cluster", "local", "--workers", "1"]
+    assert _summary(out, "a-slide")["argv"][4:6] == ["--model", "dense.pt"]
     again = _run(args, cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr  # resume: finished slides skipped
     (out / "a-slide" / "summary.json").unlink()
     third = _run(args, cwd=tmp_path)
     assert "1 of 2 steps" in third.stdout + third.stderr  # only the missing slide (+ 'all')
+
+
+def test_snakemake_default_model_is_the_clis(slides: Path, tmp_path: Path, stand_in: str) -> None:
+    """workflows/config.yaml names no model: each job runs the CLI's default."""
+    out = tmp_path / "out"
+    _run(_snakemake_args(slides, out, stand_in, "local"), cwd=tmp_path)
+    for name in ("a-slide", "b-slide"):
+        assert "--model" not in _summary(out, name)["argv"]
+
+
+def test_snakemake_keeps_a_partial_slides_summary(slides: Path, tmp_path: Path, stand_in: str) -> None:
+    """A slide that ends ``partial`` (wsi-nuclei exits 1) keeps its summary.json, its only
+    record of the unreadable regions: the rule succeeds for it, and the workflow says so."""
+    (slides / "c-partial.svs").write_text("x")
+    out = tmp_path / "out"
+    proc = _run(_snakemake_args(slides, out, stand_in, "local"), cwd=tmp_path, check=False)
+    assert (out / "c-partial" / "summary.json").is_file(), proc.stderr
+    summary = _summary(out, "c-partial")
+    assert summary["status"] == "partial" and summary["unreadable_regions"] == [[0, 0, 64, 64]]
+    assert proc.returncode == 0, proc.stderr
+    assert "c-partial" in proc.stderr and "partial" in proc.stderr
+    assert _summary(out, "a-slide")["status"] == "done"
 
 
 @pytest.mark.slow
