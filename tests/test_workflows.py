@@ -31,6 +31,7 @@ from models.config import NetConfig, TargetConfig, WatershedParams
 from models.network import NucleusNet
 from pipeline.cluster.client import open_client
 from pipeline.cluster.config import ClusterConfig, cluster_config_from
+from pipeline.cluster.errors import JobSubmitError
 from pipeline.cluster.plugin import PLUGIN_NAME, get_worker_model, register_model
 from pipeline.discovery import slides_to_run
 
@@ -376,6 +377,22 @@ def test_open_client_starts_a_slurm_worker(slurm: Slurm, tmp_path: Path, tiny_mo
     slurm.wait_gone(jobs[0], timeout=60)
     assert time.monotonic() - started < 240
     assert list((tmp_path / "dask-logs").glob("*.err")), "worker job logs are written"
+
+
+@pytest.mark.slurm
+def test_open_client_reports_a_refused_job_at_once(slurm: Slurm, tmp_path: Path) -> None:
+    """The real sbatch refuses a partition that does not exist: one line with its message,
+    no job left behind, no wait for workers."""
+    name = f"wsi-nuclei-refused-{os.getpid()}"
+    config = ClusterConfig(kind="slurm", queue="no-such-partition", cores=1, memory="1GB",
+                           walltime="00:10:00", job_name=name, interface="lo", dashboard_address=":0")
+    started = time.monotonic()
+    with pytest.raises(JobSubmitError, match="sbatch exited 1: .*partition") as refused:
+        with open_client(config):
+            pass
+    assert "\n" not in str(refused.value)
+    assert time.monotonic() - started < 60
+    assert slurm.jobs_named(name) == []
 
 
 @pytest.mark.slurm

@@ -17,12 +17,12 @@ documented commands use.
 from pipeline.cluster.client import open_client
 from pipeline.cluster.config import ClusterConfig, cluster_config_from
 from pipeline.cluster.errors import ClusterConfigError
-from pipeline.cluster.layout import Layout, plan_layout, post_resources, predict_resources
+from pipeline.cluster.layout import plan_layout, post_resources, predict_resources
 from pipeline.cluster.plugin import get_worker_model, load_for_inference, register_model
 from pipeline.cluster.slurm import slurm_job_script
 from pipeline.cluster.submit import TaskFailure, bounded_map
 
-__all__ = ["ClusterConfig", "ClusterConfigError", "Layout", "TaskFailure", "bounded_map",
+__all__ = ["ClusterConfig", "ClusterConfigError", "TaskFailure", "bounded_map",
            "cluster_config_from", "get_worker_model", "load_for_inference", "open_client",
            "plan_layout", "post_resources", "predict_resources", "register_model",
            "slurm_job_script"]  # the last: the job-script preview in workflows/README.md
