@@ -154,10 +154,11 @@ def test_available_cores_follows_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_layout_explicit_workers_share_cores() -> None:
     layout = ClusterConfig(n_workers=2, device="cpu").layout(cores=8)
     assert (layout.cpu_workers, layout.cpu_threads, layout.torch_threads) == (2, 1, 4)
-    slurm = ClusterConfig(kind="slurm", cores=8, memory="8GB").layout()
+    slurm = ClusterConfig(kind="slurm", jobqueue={"cores": 8, "memory": "8GB"}).layout()
     # one task thread, torch gets the job's cores
     assert (slurm.gpu_workers, slurm.cpu_workers, slurm.cpu_threads, slurm.torch_threads) == (0, 1, 1, 8)
-    gpu = ClusterConfig(kind="slurm", cores=8, memory="8GB", gpus_per_worker=1, jobs=3).layout()
+    gpu = ClusterConfig(kind="slurm", jobqueue={"cores": 8, "memory": "8GB"}, gpus_per_worker=1,
+                        jobs=3).layout()
     assert (gpu.gpu_workers, gpu.gpu_threads, gpu.cpu_workers, gpu.torch_threads) == (3, 4, 0, 1)
     assert predict_resources(gpu) == {"GPU": 1}
 
@@ -211,19 +212,21 @@ def test_default_lifetime_below_walltime() -> None:
     (dict(kind="address"), "scheduler"),
     (dict(kind="address", scheduler="not an address"), "scheduler"),
     (dict(kind="local", scheduler="tcp://h:8786"), "only meaningful"),
-    (dict(kind="slurm", memory="lots"), "memory"),
-    (dict(kind="slurm", memory="100MB"), "256 MiB"),
-    (dict(kind="slurm", walltime="soon"), "walltime"),
-    (dict(kind="slurm", walltime="00:01:00"), "2 minutes"),
-    (dict(kind="slurm", walltime="01:00:00", lifetime="58m", lifetime_stagger="5m"), "below the walltime"),
-    (dict(kind="slurm", cores=4, processes=3), "divide"),
-    (dict(kind="slurm", cores=2, processes=2, gpus_per_worker=1), "GPU"),
-    (dict(kind="slurm", cores=4, gpus_per_worker=2), "must be 0 or 1"),
+    (dict(kind="slurm", jobqueue={"memory": "lots"}), "memory"),
+    (dict(kind="slurm", jobqueue={"memory": "100MB"}), "256 MiB"),
+    (dict(kind="slurm", jobqueue={"walltime": "soon"}), "walltime"),
+    (dict(kind="slurm", jobqueue={"walltime": "00:01:00"}), "2 minutes"),
+    (dict(kind="slurm", jobqueue={"walltime": "01:00:00"}, lifetime="58m", lifetime_stagger="5m"),
+     "below the walltime"),
+    (dict(kind="slurm", jobqueue={"cores": 4, "processes": 3}), "divide"),
+    (dict(kind="slurm", jobqueue={"cores": 2, "processes": 2}, gpus_per_worker=1), "GPU"),
+    (dict(kind="slurm", jobqueue={"cores": 4}, gpus_per_worker=2), "must be 0 or 1"),
     (dict(kind="slurm", gpus_per_worker=1, device="cpu"), "no task uses"),
-    (dict(kind="slurm", cores=2, threads_per_worker=4), "exceed"),
+    (dict(kind="slurm", jobqueue={"cores": 2}, threads_per_worker=4), "exceed"),
     (dict(kind="slurm", minimum_jobs=1), "maximum_jobs"),
     (dict(kind="slurm", minimum_jobs=3, maximum_jobs=2), "minimum_jobs"),
     (dict(kind="slurm", scheduler_interface="lo", scheduler_host="x"), "not both"),
+    (dict(kind="slurm", jobqueue={"queu": "debug"}), "no dask-jobqueue setting"),
 ])
 def test_config_validation(kwargs: dict, match: str) -> None:
     with pytest.raises(ClusterConfigError, match=match):
@@ -237,9 +240,9 @@ def test_config_from_file_and_flags(tmp_path: Path) -> None:
                     "    - module load cuda\n")
     cfg = cluster_config_from({"model": "dense", "out": "x", "workers": 3, "device": None}, path)
     # YAML reads 04:00:00 as the integer 14400: it must come back as a SLURM time
-    assert cfg.walltime == "04:00:00"
+    assert cfg.jobqueue["walltime"] == "04:00:00"
     assert cfg.kind == "slurm" and cfg.jobs == 3 and cfg.gpus_per_worker == 1
-    assert cfg.job_script_prologue == ("module load cuda",)
+    assert cfg.jobqueue["job-script-prologue"] == ["module load cuda"]
     # CLI flags override the file
     local = cluster_config_from({"cluster": "local", "workers": 2, "cluster_config": str(path)})
     assert local.kind == "local" and local.n_workers == 2
@@ -248,7 +251,7 @@ def test_config_from_file_and_flags(tmp_path: Path) -> None:
     assert attach.kind == "address"
     json_path = tmp_path / "c.json"
     json_path.write_text(json.dumps({"kind": "slurm", "walltime": "00:30:00", "cores": 2, "memory": "2GB"}))
-    assert cluster_config_from(file=json_path).cores == 2
+    assert cluster_config_from(file=json_path).jobqueue["cores"] == 2
 
 
 def test_config_file_errors(tmp_path: Path) -> None:
@@ -267,16 +270,17 @@ def test_config_file_errors(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------- SLURM job scripts
 
 
-def _job_script(**kwargs) -> str:
-    base = dict(kind="slurm", queue="gpu", account="myproj", walltime="04:00:00", cores=8,
-                memory="64GB", interface="lo", dashboard_address=":0")
-    return slurm_job_script(ClusterConfig(**{**base, **kwargs}))
+def _job_script(jobqueue: dict | None = None, **kwargs) -> str:
+    base = {"queue": "gpu", "account": "myproj", "walltime": "04:00:00", "cores": 8, "memory": "64GB",
+            "interface": "lo"}
+    return slurm_job_script(ClusterConfig(kind="slurm", jobqueue={**base, **(jobqueue or {})},
+                                          dashboard_address=":0", **kwargs))
 
 
 def test_job_script_directives_and_worker_command() -> None:
-    script = _job_script(gpus_per_worker=1, log_directory=None, python="/opt/venv/bin/python",
-                         job_name="wsi-nuclei",
-                         job_script_prologue=("module load cuda", "source /opt/venv/bin/activate"))
+    script = _job_script({"log_directory": None, "python": "/opt/venv/bin/python", "job_name": "wsi-nuclei",
+                          "job_script_prologue": ("module load cuda", "source /opt/venv/bin/activate")},
+                         gpus_per_worker=1)
     lines = script.splitlines()
     for directive in ("#SBATCH -p gpu", "#SBATCH -A myproj", "#SBATCH -t 04:00:00", "#SBATCH -n 1",
                       "#SBATCH --cpus-per-task=8", "#SBATCH --gres=gpu:1", "#SBATCH -J wsi-nuclei"):
@@ -295,7 +299,7 @@ def test_job_script_directives_and_worker_command() -> None:
 
 
 def test_job_script_cpu_defaults_and_skip() -> None:
-    script = _job_script(queue=None, account=None, job_directives_skip=("--mem",),
+    script = _job_script({"queue": None, "account": None, "job_directives_skip": ("--mem",)},
                          local_directory="/scratch/$USER", lifetime="off")
     assert "#SBATCH -p" not in script and "#SBATCH -A" not in script
     assert "#SBATCH --mem" not in script and "--gres" not in script and "GPU=" not in script
@@ -305,11 +309,11 @@ def test_job_script_cpu_defaults_and_skip() -> None:
 
 
 def test_missing_interface_on_submit_host_is_explained() -> None:
-    cfg = ClusterConfig(kind="slurm", interface="ib-does-not-exist", dashboard_address=":0")
+    cfg = ClusterConfig(kind="slurm", jobqueue={"interface": "ib-does-not-exist"}, dashboard_address=":0")
     with pytest.raises(ClusterConfigError, match="scheduler_interface"):
         slurm_cluster_kwargs(cfg)
-    ok = slurm_cluster_kwargs(ClusterConfig(kind="slurm", interface="ib-does-not-exist",
-                                                  scheduler_interface="lo"))
+    ok = slurm_cluster_kwargs(ClusterConfig(kind="slurm", jobqueue={"interface": "ib-does-not-exist"},
+                                            scheduler_interface="lo"))
     assert ok["scheduler_options"]["interface"] == "lo" and ok["interface"] == "ib-does-not-exist"
 
 
@@ -324,7 +328,7 @@ THEIRS = {  # what an HPC user writes in ~/.config/dask/jobqueue.yaml (or DASK_J
 
 def test_jobqueue_config_fills_what_our_file_leaves_out() -> None:
     with dask.config.set(THEIRS):
-        config = ClusterConfig(kind="slurm", interface="lo", dashboard_address=":0")
+        config = ClusterConfig(kind="slurm", jobqueue={"interface": "lo"}, dashboard_address=":0")
         script = slurm_job_script(config)
     lines = script.splitlines()
     for directive in ("#SBATCH -p their-q", "#SBATCH -A their-acct", "#SBATCH -t 02:00:00",
@@ -386,6 +390,7 @@ def test_site_jobqueue_config_wins_over_the_shipped_cluster_file(site_jobqueue_e
     assert slurm_cluster_kwargs(config)["scheduler_options"]["dashboard_address"] == ":0"
     named = cluster_config_from({"cluster": "slurm", "queue": "mine", "workers": 3}, SHIPPED_CLUSTER_FILE)
     assert (named.slurm_value("queue"), named.slurm_value("cores"), named.jobs) == ("mine", 16, 3)
+    assert "#SBATCH -p mine" in slurm_job_script(named).splitlines()
     assert slurm_cluster_kwargs(ClusterConfig(kind="slurm"))["scheduler_options"]["dashboard_address"] == ":0"
     ours = slurm_cluster_kwargs(ClusterConfig(kind="slurm", dashboard_address=":8788"))
     assert ours["scheduler_options"]["dashboard_address"] == ":8788"

@@ -33,6 +33,7 @@ from pipeline.cluster.client import open_client
 from pipeline.cluster.config import ClusterConfig, cluster_config_from
 from pipeline.cluster.errors import JobSubmitError
 from pipeline.cluster.plugin import PLUGIN_NAME, get_worker_model, register_model
+from pipeline.cluster.slurm import slurm_cluster_kwargs
 from pipeline.discovery import slides_to_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,7 +233,7 @@ def test_run_dask_slurm_passes_the_cluster_config(tmp_path: Path, stand_in: str)
 def test_example_cluster_yaml_is_valid() -> None:
     config = cluster_config_from({"cluster": "slurm"}, SLURM_DIR / "cluster.yaml")
     assert config.kind == "slurm" and config.slurm_value("processes") == 1
-    assert config.slurm_value("local_directory") == "${TMPDIR:-/tmp}"  # node scratch
+    assert slurm_cluster_kwargs(config)["local_directory"] == "${TMPDIR:-/tmp}"  # node scratch
     lifetime, stagger = config.lifetime_seconds()
     assert lifetime + stagger < 3600
 
@@ -355,12 +356,12 @@ def _model_in_job() -> tuple[float, int, str | None]:
 @pytest.mark.slurm
 def test_open_client_starts_a_slurm_worker(slurm: Slurm, tmp_path: Path, tiny_model: Path) -> None:
     name = f"wsi-nuclei-test-{os.getpid()}"
-    config = ClusterConfig(kind="slurm", queue=slurm.partition, cores=1, memory="2GB", walltime="00:10:00",
-                           job_name=name, interface="lo", dashboard_address=":0",
-                           log_directory=str(tmp_path / "dask-logs"), device="cpu",
-                           # the prologue makes this module importable for the task functions
-                           job_script_prologue=(f"export PYTHONPATH={TESTS}:${{PYTHONPATH:-}}",
-                                                "export WSI_TEST_PROLOGUE=ran"))
+    config = ClusterConfig(kind="slurm", dashboard_address=":0", device="cpu", jobqueue={
+        "queue": slurm.partition, "cores": 1, "memory": "2GB", "walltime": "00:10:00", "name": name,
+        "interface": "lo", "log-directory": str(tmp_path / "dask-logs"),
+        # the prologue makes this module importable for the task functions
+        "job-script-prologue": [f"export PYTHONPATH={TESTS}:${{PYTHONPATH:-}}",
+                                "export WSI_TEST_PROLOGUE=ran"]})
     started = time.monotonic()
     with open_client(config, wait_for_workers=1, timeout=180) as client:
         jobs = slurm.jobs_named(name)
@@ -384,8 +385,9 @@ def test_open_client_reports_a_refused_job_at_once(slurm: Slurm, tmp_path: Path)
     """The real sbatch refuses a partition that does not exist: one line with its message,
     no job left behind, no wait for workers."""
     name = f"wsi-nuclei-refused-{os.getpid()}"
-    config = ClusterConfig(kind="slurm", queue="no-such-partition", cores=1, memory="1GB",
-                           walltime="00:10:00", job_name=name, interface="lo", dashboard_address=":0")
+    config = ClusterConfig(kind="slurm", dashboard_address=":0", jobqueue={
+        "queue": "no-such-partition", "cores": 1, "memory": "1GB", "walltime": "00:10:00", "name": name,
+        "interface": "lo"})
     started = time.monotonic()
     with pytest.raises(JobSubmitError, match="sbatch exited 1: .*partition") as refused:
         with open_client(config):

@@ -9,7 +9,7 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -87,27 +87,41 @@ def default_lifetime(walltime_s: int) -> tuple[int, int]:
 
 
 SLURM_SCRATCH = "${TMPDIR:-/tmp}"  # expanded by bash on the compute node, not here
-# ClusterConfig field -> its dask-jobqueue key (``jobqueue.slurm.<key>``)
+# cluster-file options and flags that name a dask-jobqueue setting -> its key (``jobqueue.slurm.<key>``);
+# a cluster file may also name any other key of dask-jobqueue's configuration, as it spells it
 JOBQUEUE_KEYS = {
     "queue": "queue", "account": "account", "walltime": "walltime", "cores": "cores",
     "memory": "memory", "processes": "processes", "job_script_prologue": "job-script-prologue",
     "job_extra_directives": "job-extra-directives", "job_directives_skip": "job-directives-skip",
-    "python": "python", "interface": "interface", "local_directory": "local-directory",
+    "python": "python", "interface": "interface",
     "log_directory": "log-directory", "death_timeout": "death-timeout", "job_name": "name",
 }
 # what wsi-nuclei uses where neither our file nor dask-jobqueue's configuration has a value
 SLURM_FALLBACKS: dict[str, Any] = {"cores": 1, "memory": "4GB", "processes": 1,
-                                   "local_directory": SLURM_SCRATCH}
-_TUPLE_FIELDS = ("job_script_prologue", "job_extra_directives", "job_directives_skip")
+                                   "local-directory": SLURM_SCRATCH}
+_LIST_KEYS = ("job-script-prologue", "job-extra-directives", "job-directives-skip")
 
 
-def jobqueue_config(key: str, default: Any = None) -> Any:
-    """dask-jobqueue's setting ``jobqueue.slurm.<key>``: the user's Dask config files,
-    ``DASK_JOBQUEUE__SLURM__*`` environment variables, else dask-jobqueue's defaults
-    (registered when ``dask_jobqueue`` is imported)."""
+def jobqueue_config(key: str | None, default: Any = None) -> Any:
+    """dask-jobqueue's setting ``jobqueue.slurm.<key>`` (``None``: all of them): the user's
+    Dask config files, ``DASK_JOBQUEUE__SLURM__*`` environment variables, else
+    dask-jobqueue's defaults (registered when ``dask_jobqueue`` is imported)."""
     with contextlib.suppress(ImportError):
         import dask_jobqueue  # noqa: F401  (registers its defaults with dask.config)
-    return dask.config.get(f"jobqueue.slurm.{key}", default=default)
+    return dask.config.get("jobqueue.slurm" + (f".{key}" if key else ""), default=default)
+
+
+def jobqueue_key(option: str, *, any_key: bool = True) -> str | None:
+    """The dask-jobqueue key that a cluster option names (``job_script_prologue`` ->
+    ``job-script-prologue``), else None. ``any_key``: besides ``JOBQUEUE_KEYS``, every key
+    of dask-jobqueue's own configuration (cluster files; not CLI arguments, whose ``name``
+    is the slide's)."""
+    name = str(option).replace("-", "_")
+    if name in JOBQUEUE_KEYS:
+        return JOBQUEUE_KEYS[name]
+    key = name.replace("_", "-")
+    known = {str(k).replace("_", "-") for k in jobqueue_config(None, {})} if any_key else set()
+    return key if key in known else None
 
 
 @dataclass(frozen=True)
@@ -122,10 +136,13 @@ class ClusterConfig:
     follow :func:`plan_layout` (local) or one task thread using all of the job's cores in
     torch (SLURM CPU) / ``GPU_TASK_THREADS`` task threads (SLURM GPU).
 
-    SLURM fields left ``None`` are dask-jobqueue's to decide (:meth:`slurm_value`): its
-    configuration (``jobqueue.slurm.*`` in Dask config files or ``DASK_JOBQUEUE__SLURM__*``),
-    and where that has nothing either, ``SLURM_FALLBACKS``. ``cores`` is the job's
-    ``--cpus-per-task``; ``memory`` is per job. Fixed-size SLURM clusters (``jobs``) are run
+    SLURM: ``jobqueue`` holds the user's own dask-jobqueue settings (``jobqueue.slurm.<key>``,
+    e.g. ``queue``, ``walltime``, ``cores``: the job's ``--cpus-per-task``, ``memory``: per
+    job), passed through to dask-jobqueue; what it leaves out is dask-jobqueue's to decide
+    (:meth:`slurm_value`): its configuration (Dask config files, ``DASK_JOBQUEUE__SLURM__*``),
+    and where that has nothing either, ``SLURM_FALLBACKS``. The other SLURM fields are what
+    dask-jobqueue lacks: GPUs per worker, the number of jobs, the workers' lifetime and the
+    scheduler's own interface. Fixed-size SLURM clusters (``jobs``) are run
     through ``adapt(min=max=jobs)`` so that workers retiring at ``lifetime`` are replaced;
     ``maximum_jobs`` turns on real adaptivity.
     """
@@ -139,41 +156,36 @@ class ClusterConfig:
     device: str = "auto"
     # address
     scheduler: str | None = None  # tcp://host:port or a scheduler file
-    # slurm: None = dask-jobqueue's configuration decides (see slurm_value)
-    queue: str | None = None
-    account: str | None = None
-    walltime: str | None = None
-    cores: int | None = None
-    memory: str | None = None
-    processes: int | None = None
+    # slurm: the user's dask-jobqueue settings (the rest: dask-jobqueue's configuration)
+    jobqueue: Mapping[str, Any] = field(default_factory=dict, hash=False)
     gpus_per_worker: int = 0
     jobs: int = 1
     minimum_jobs: int | None = None
     maximum_jobs: int | None = None
-    job_script_prologue: tuple[str, ...] | None = None
-    job_extra_directives: tuple[str, ...] | None = None
-    job_directives_skip: tuple[str, ...] | None = None
-    python: str | None = None
-    interface: str | None = None  # worker network interface (e.g. ib0)
-    scheduler_interface: str | None = None  # scheduler's, when the login node differs
+    scheduler_interface: str | None = None  # scheduler's, when the login node lacks the workers'
     scheduler_host: str | None = None
-    local_directory: str | None = None  # slurm default: node-local $TMPDIR (or /tmp)
-    log_directory: str | None = None
+    local_directory: str | None = None  # workers' spill files; SLURM default: jobqueue's, else node scratch
     lifetime: str | None = None  # default: walltime - 10 min; "off" disables
     lifetime_stagger: str | None = None
-    death_timeout: float | None = None
-    job_name: str | None = None
     # "auto": local ":8787"; SLURM dask-jobqueue's scheduler-options (its default ":8787"); None: off
     dashboard_address: str | None = "auto"
 
     def __post_init__(self) -> None:
-        for name in _TUPLE_FIELDS:
-            value = getattr(self, name)
-            if value is None:
+        settings: dict[str, Any] = {}
+        for option, value in dict(self.jobqueue).items():
+            if value is None:  # not named: dask-jobqueue's configuration decides
                 continue
-            if isinstance(value, str):
-                value = (value,)
-            object.__setattr__(self, name, tuple(str(v) for v in value))
+            key = jobqueue_key(option)
+            if key is None:
+                self._fail("jobqueue", f"{option!r} is no dask-jobqueue setting", dict(self.jobqueue))
+            if key in _LIST_KEYS:
+                value = [str(v) for v in ([value] if isinstance(value, str) else value)]
+            elif key == "walltime":
+                # canonical form: YAML reads 01:00:00 as the integer 3600 (base 60), SLURM would
+                # read a bare 3600 as minutes
+                value = format_slurm_time(self._check_duration("walltime", value))
+            settings[key] = value
+        object.__setattr__(self, "jobqueue", settings)
         self._validate()
 
     # -- validation -------------------------------------------------------------------
@@ -218,14 +230,9 @@ class ClusterConfig:
             self._fail(name, f"not a duration ({exc})", value)
 
     def _validate_slurm(self) -> None:
-        if self.walltime is not None:
-            # canonical form: YAML reads 01:00:00 as the integer 3600 (base 60), SLURM would
-            # read a bare 3600 as minutes
-            object.__setattr__(self, "walltime",
-                               format_slurm_time(self._check_duration("walltime", self.walltime)))
         cores, processes = self.slurm_value("cores"), self.slurm_value("processes")
         for name, value in (("cores", cores), ("processes", processes),
-                            ("death_timeout", self.slurm_value("death_timeout") or 1)):
+                            ("death_timeout", self.slurm_value("death-timeout") or 1)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
                 self._fail(name, "must be a positive number", value)
         if cores % processes:
@@ -274,16 +281,14 @@ class ClusterConfig:
                                        f"mid-task (KilledWorker)")
 
     # -- derived values ---------------------------------------------------------------
-    def slurm_value(self, name: str) -> Any:
-        """A SLURM setting in effect: ours if given, else dask-jobqueue's configuration
-        (``jobqueue.slurm.*``), else ``SLURM_FALLBACKS`` (what dask-jobqueue leaves unset)."""
-        ours = getattr(self, name)
+    def slurm_value(self, key: str) -> Any:
+        """The dask-jobqueue setting ``key`` in effect: ours (``jobqueue``) if given, else
+        dask-jobqueue's configuration, else ``SLURM_FALLBACKS`` (what it leaves unset)."""
+        ours = self.jobqueue.get(key)
         if ours is not None:
             return ours
-        theirs = jobqueue_config(JOBQUEUE_KEYS[name])
-        if theirs is not None:
-            return tuple(theirs) if isinstance(theirs, list) else theirs
-        return SLURM_FALLBACKS.get(name)
+        theirs = jobqueue_config(key)
+        return theirs if theirs is not None else SLURM_FALLBACKS.get(key)
 
     def walltime_seconds(self) -> int:
         """The worker jobs' walltime in seconds (ours, else dask-jobqueue's)."""
@@ -339,17 +344,23 @@ class ClusterConfig:
 # CLI flags of ``wsi-nuclei run`` that are not ClusterConfig field names
 _CLI_ALIASES = {"cluster": "kind", "address": "scheduler"}
 
-def _normalise_keys(data: Mapping[str, Any], source: str) -> dict[str, Any]:
-    names = {f.name for f in fields(ClusterConfig)}
-    out: dict[str, Any] = {}
+def _options(data: Mapping[str, Any], source: str, *, any_key: bool) -> dict[str, Any]:
+    """``ClusterConfig`` keyword arguments from options (a file's keys, CLI names): field
+    names, and dask-jobqueue settings (:func:`jobqueue_key`) gathered in ``jobqueue``.
+    Unknown keys are an error where they come from a file (``source``), else ignored."""
+    names = {f.name for f in fields(ClusterConfig)} - {"jobqueue"}
+    out: dict[str, Any] = {"jobqueue": {}}
     for key, value in data.items():
         name = _CLI_ALIASES.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
-        if name not in names:
-            raise ClusterConfigError(f"{source}: unknown cluster option {key!r} "
-                                     f"(known: {', '.join(sorted(names))})")
-        if isinstance(value, list):
-            value = tuple(value)
-        out[name] = value
+        jobqueue = None if name in names else jobqueue_key(name, any_key=any_key)
+        if jobqueue is not None:
+            out["jobqueue"][jobqueue] = value
+        elif name in names:
+            out[name] = value
+        elif source:
+            raise ClusterConfigError(f"{source}: unknown cluster option {key!r} (known: "
+                                     f"{', '.join(sorted(names | set(JOBQUEUE_KEYS)))}, or any "
+                                     f"dask-jobqueue setting of jobqueue.slurm)")
     return out
 
 
@@ -374,7 +385,7 @@ def read_cluster_file(path: str | os.PathLike) -> dict[str, Any]:
         data = data["cluster"]
     if not isinstance(data, dict):
         raise ClusterConfigError(f"cluster config file {path}: expected a mapping of options")
-    return _normalise_keys(data, str(path))
+    return _options(data, str(path), any_key=True)
 
 
 def cluster_config_from(args: Mapping[str, Any] | None = None,
@@ -390,18 +401,16 @@ def cluster_config_from(args: Mapping[str, Any] | None = None,
     """
     args = {str(k).replace("-", "_"): v for k, v in (args or {}).items() if v is not None}
     file = file or args.pop("cluster_config", None)
-    values: dict[str, Any] = read_cluster_file(file) if file else {}
-    names = {f.name for f in fields(ClusterConfig)}
-    flags = {(_CLI_ALIASES.get(k, k)): v for k, v in args.items()
-             if k in names or k in _CLI_ALIASES}
-    flags = {k: tuple(v) if isinstance(v, list) else v for k, v in flags.items()}
+    values: dict[str, Any] = read_cluster_file(file) if file else {"jobqueue": {}}
+    flags = _options(args, "", any_key=False)
     if "scheduler" in flags and "kind" not in flags:
         flags["kind"] = "address"
+    values["jobqueue"].update(flags.pop("jobqueue"))
     values.update(flags)
     workers = args.get("workers")
     if workers is not None:
         if values.get("kind", "local") == "slurm":
-            processes = int(values.get("processes") or jobqueue_config("processes")
+            processes = int(values["jobqueue"].get("processes") or jobqueue_config("processes")
                             or SLURM_FALLBACKS["processes"])
             values["jobs"] = max(1, -(-int(workers) // processes))
         else:

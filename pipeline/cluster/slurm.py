@@ -18,9 +18,10 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import dask
 from distributed.core import Status
 
-from pipeline.cluster.config import ClusterConfig, format_duration, format_slurm_time, jobqueue_config
+from pipeline.cluster.config import ClusterConfig, format_duration, format_slurm_time
 from pipeline.cluster.errors import ClusterConfigError, JobSubmitError
 
 log = logging.getLogger(__name__)
@@ -40,12 +41,12 @@ def _check_local_interface(name: str, what: str) -> None:
 
 
 def slurm_cluster_kwargs(config: ClusterConfig) -> dict[str, Any]:
-    """Keyword arguments for ``dask_jobqueue.SLURMCluster`` with the pitfalls handled.
+    """Keyword arguments for ``dask_jobqueue.SLURMCluster``: only the values we compute with.
 
-    Settings we do not need to know are passed only when our config gives them, so that
-    dask-jobqueue reads its own configuration for the rest. The values we compute with
-    (walltime, cores, processes, memory, interface, local directory, extra directives) are
-    resolved by :meth:`ClusterConfig.slurm_value` and passed explicitly; dask-jobqueue's
+    The rest of the user's settings reach dask-jobqueue as its own configuration
+    (:func:`slurm_cluster`). The values we compute with (walltime, cores, processes, memory,
+    interface, local directory, extra directives) are resolved by
+    :meth:`ClusterConfig.slurm_value` and passed explicitly; dask-jobqueue's
     ``worker-extra-args`` and ``scheduler-options`` come first, ours after them.
     ``cores`` given to dask-jobqueue is the number of Dask task threads (it becomes
     ``--nthreads``); the job still asks SLURM for all its cores via ``job_cpu`` so the
@@ -56,8 +57,8 @@ def slurm_cluster_kwargs(config: ClusterConfig) -> dict[str, Any]:
     layout = config.layout()
     processes = config.slurm_value("processes")
     threads = layout.gpu_threads if layout.gpu else layout.cpu_threads
-    worker_args = [str(a) for a in jobqueue_config("worker-extra-args", None) or ()]
-    extra = list(config.slurm_value("job_extra_directives") or ())
+    worker_args = [str(a) for a in config.slurm_value("worker-extra-args") or ()]
+    extra = list(config.slurm_value("job-extra-directives") or ())
     if config.gpus_per_worker:
         extra.insert(0, f"--gres=gpu:{config.gpus_per_worker}")
         worker_args += ["--resources", f"GPU={config.gpus_per_worker}"]
@@ -66,7 +67,7 @@ def slurm_cluster_kwargs(config: ClusterConfig) -> dict[str, Any]:
         worker_args += ["--lifetime", format_duration(lifetime),
                         "--lifetime-stagger", format_duration(stagger)]
     interface = config.slurm_value("interface")
-    scheduler_options: dict[str, Any] = dict(jobqueue_config("scheduler-options", None) or {})
+    scheduler_options: dict[str, Any] = dict(config.slurm_value("scheduler-options") or {})
     if config.dashboard_address != "auto":  # else the site's (dask-jobqueue's) scheduler-options
         scheduler_options["dashboard_address"] = config.dashboard_address
     if config.scheduler_host:
@@ -78,7 +79,7 @@ def slurm_cluster_kwargs(config: ClusterConfig) -> dict[str, Any]:
         # dask-jobqueue would bind the scheduler to the workers' interface: check it here
         _check_local_interface(interface, "interface")
         scheduler_options["interface"] = interface
-    kwargs: dict[str, Any] = {
+    return {
         "walltime": format_slurm_time(config.walltime_seconds()),
         "cores": threads * processes,
         "job_cpu": config.slurm_value("cores"),
@@ -86,16 +87,10 @@ def slurm_cluster_kwargs(config: ClusterConfig) -> dict[str, Any]:
         "memory": config.slurm_value("memory"),
         "interface": interface,
         "scheduler_options": scheduler_options,
-        "local_directory": config.slurm_value("local_directory"),
+        "local_directory": config.local_directory or config.slurm_value("local-directory"),
         "job_extra_directives": extra,
         "worker_extra_args": worker_args,
     }
-    for name in ("queue", "account", "job_name", "log_directory", "python", "job_script_prologue",
-                 "job_directives_skip", "death_timeout"):
-        value = getattr(config, name)
-        if value is not None:  # else dask-jobqueue reads jobqueue.slurm.* itself
-            kwargs[name] = list(value) if isinstance(value, tuple) else value
-    return kwargs
 
 
 def _import_jobqueue() -> Any:
@@ -108,13 +103,18 @@ def _import_jobqueue() -> Any:
 
 @contextlib.contextmanager
 def slurm_cluster(config: ClusterConfig) -> Iterator[Any]:
-    """A started ``SLURMCluster`` (scheduler here, no jobs yet), closed on exit."""
+    """A started ``SLURMCluster`` (scheduler here, no jobs yet), closed on exit.
+
+    The user's dask-jobqueue settings (``config.jobqueue``) are dask-jobqueue's
+    configuration while it lives (each job reads queue, account, name ... when it is made),
+    laid over the site's, which keeps every key they do not name."""
     dask_jobqueue = _import_jobqueue()
-    cluster = dask_jobqueue.SLURMCluster(**slurm_cluster_kwargs(config))
-    try:
-        yield cluster
-    finally:
-        cluster.close()
+    with dask.config.set({f"jobqueue.slurm.{key}": value for key, value in config.jobqueue.items()}):
+        cluster = dask_jobqueue.SLURMCluster(**slurm_cluster_kwargs(config))
+        try:
+            yield cluster
+        finally:
+            cluster.close()
 
 
 def slurm_job_script(config: ClusterConfig) -> str:
