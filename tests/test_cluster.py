@@ -30,7 +30,7 @@ from models.network import NucleusNet
 from pipeline.cluster import plugin as cluster_plugin
 from pipeline.cluster.client import open_client
 from pipeline.cluster.config import ClusterConfig, cluster_config_from, default_lifetime, parse_duration
-from pipeline.cluster.errors import ClusterConfigError
+from pipeline.cluster.errors import ClusterConfigError, JobSubmitError
 from pipeline.cluster.layout import (
     LOCAL_GPU_THREADS,
     available_cores,
@@ -46,7 +46,7 @@ from pipeline.cluster.plugin import (
     load_for_inference,
     register_model,
 )
-from pipeline.cluster.slurm import slurm_cluster_kwargs, slurm_job_script
+from pipeline.cluster.slurm import slurm_cluster, slurm_cluster_kwargs, slurm_job_script, submit_jobs
 from pipeline.cluster.submit import TaskFailure, bounded_map
 
 # The task functions below are pickled by reference: spawned LocalCluster workers inherit
@@ -447,6 +447,23 @@ def test_a_failing_sbatch_ends_the_run_with_its_error(tmp_path: Path) -> None:
     [line] = [line for line in proc.stderr.splitlines() if "invalid partition" in line]
     assert "nowhere" in line and "sbatch" in line, line
     assert time.monotonic() - started < 60
+
+
+def test_an_sbatch_that_does_not_answer_ends_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stuck sbatch (slurmctld down): the submission gives up after its timeout, and the
+    cluster still closes at once."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\nsleep 20\necho 'Submitted batch job 1'\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    config = ClusterConfig(kind="slurm", jobqueue={"interface": "lo", "walltime": "00:10:00"},
+                           dashboard_address=":0")
+    started = time.monotonic()
+    with pytest.raises(JobSubmitError, match="did not answer within 2 s"):
+        with slurm_cluster(config) as cluster:
+            submit_jobs(cluster, 1, timeout=2)
+    assert time.monotonic() - started < 15
 
 
 # ------------------------------------------------------------------------- LocalCluster

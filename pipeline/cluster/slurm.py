@@ -5,8 +5,8 @@ GPU job, one GPU per worker with a ``GPU`` resource, ``--lifetime`` below the wa
 a stagger) so workers retire before SLURM kills them, node-local ``--local-directory``,
 ``interface`` for the workers without breaking the scheduler on a login node that lacks it,
 the job prologue that recreates the environment on the node, and ``job_directives_skip``.
-Settings left out of our cluster file come from dask-jobqueue's own configuration
-(``jobqueue.slurm.*``), see :meth:`ClusterConfig.slurm_value`.
+The user's dask-jobqueue settings pass through to dask-jobqueue as its own configuration
+(``jobqueue.slurm.*``, laid over the site's); see :meth:`ClusterConfig.slurm_value`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pipeline.cluster.errors import ClusterConfigError, JobSubmitError
 log = logging.getLogger(__name__)
 
 SUBMIT_TIMEOUT_S = 120  # sbatch answers in seconds; a stuck slurmctld must not hang the run
+CLOSE_TIMEOUT_S = 30  # closing after an error: a stuck sbatch must not hang the exit either
 
 
 def _check_local_interface(name: str, what: str) -> None:
@@ -113,15 +114,19 @@ def slurm_cluster(config: ClusterConfig) -> Iterator[Any]:
         cluster = dask_jobqueue.SLURMCluster(**slurm_cluster_kwargs(config))
         try:
             yield cluster
-        finally:
-            cluster.close()
+        except BaseException:
+            try:  # the error that ended the run is the one to report
+                cluster.close(timeout=CLOSE_TIMEOUT_S)
+            except Exception as exc:
+                log.debug("closing the SLURM cluster after an error: %r", exc)
+            raise
+        cluster.close()
 
 
 def slurm_job_script(config: ClusterConfig) -> str:
     """The batch script each worker job would run (starts and stops a scheduler to get it)."""
     with slurm_cluster(config) as cluster:
         return cluster.job_script()
-
 
 
 def sbatch_error_line(exc: BaseException) -> str:
@@ -159,9 +164,12 @@ def submit_jobs(cluster: Any, jobs: int, timeout: float = SUBMIT_TIMEOUT_S) -> N
 def _forget_unsubmitted(cluster: Any) -> None:
     """Mark the jobs that got no SLURM job id failed and drop them: closing the cluster
     cancels the submitted ones, and refuses (an assertion) jobs left in the status
-    ``created``, as a refused submission leaves them."""
-    for name, job in list(cluster.workers.items()):
+    ``created``, as a refused or unanswered submission leaves them."""
+    for job in list(cluster._created):
         if getattr(job, "job_id", None) is None:
             job.status = Status.failed
+    for name, job in list(cluster.workers.items()):
+        if getattr(job, "job_id", None) is None:
             del cluster.workers[name]
-            cluster.worker_spec.pop(name, None)
+    for name in set(cluster.worker_spec) - set(cluster.workers):
+        del cluster.worker_spec[name]
