@@ -76,12 +76,9 @@ def tissue_mpx(plan: Any) -> float:
 def warm_imports() -> None:
     """Import what the pipeline's later phases import lazily, so that the first tile size
     measured does not pay for it (one-off costs are not throughput)."""
-    import pipeline.stitch  # noqa: F401
-    import pipeline.writers.geojson  # noqa: F401
-    import pipeline.writers.labels  # noqa: F401
-    import pipeline.writers.preview  # noqa: F401
-    import pipeline.writers.summary  # noqa: F401
-    import pipeline.writers.table  # noqa: F401
+    from pipeline.cluster.plugin import import_task_modules
+
+    import_task_modules()
 
 
 def halo_overhead(plan: Any) -> dict[str, float]:

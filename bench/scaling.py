@@ -105,10 +105,9 @@ def child(args: argparse.Namespace) -> None:
                   "tiles_total": s["tiles_total"], "label_blocks": s["label_blocks"],
                   "nuclei": s["nuclei"]}
     else:  # baseline: everything a run imports and the model, no slide
-        import pipeline.stitch  # noqa: F401
-        import pipeline.writers.geojson  # noqa: F401
-        import pipeline.writers.labels  # noqa: F401
-        import pipeline.writers.table  # noqa: F401
+        from pipeline.cluster.plugin import import_task_modules
+
+        import_task_modules()
     result["peak_rss_self"] = peak_rss_self()
     args.child_json.write_text(json.dumps(result))
 

@@ -8,6 +8,9 @@ import asyncio
 import json
 import logging
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,24 +22,32 @@ import dask
 import numpy as np
 import pytest
 import torch
+from distributed import get_worker
 
 from models.checkpoints import save
 from models.config import NetConfig, TargetConfig, WatershedParams
 from models.network import NucleusNet
-from pipeline import cluster as cl
-from pipeline.cluster import (
-    ClusterConfig,
-    ClusterConfigError,
-    ModelPlugin,
-    TaskFailure,
-    bounded_map,
-    cluster_config_from,
-    get_worker_model,
-    open_client,
+from pipeline.cluster import plugin as cluster_plugin
+from pipeline.cluster.client import open_client
+from pipeline.cluster.config import ClusterConfig, cluster_config_from, default_lifetime, parse_duration
+from pipeline.cluster.errors import ClusterConfigError, JobSubmitError
+from pipeline.cluster.layout import (
+    LOCAL_GPU_THREADS,
+    available_cores,
     plan_layout,
+    post_resources,
     predict_resources,
+)
+from pipeline.cluster.local import local_worker_specs
+from pipeline.cluster.plugin import (
+    PLUGIN_NAME,
+    ModelPlugin,
+    get_worker_model,
+    load_for_inference,
     register_model,
 )
+from pipeline.cluster.slurm import slurm_cluster, slurm_cluster_kwargs, slurm_job_script, submit_jobs
+from pipeline.cluster.submit import TaskFailure, bounded_map
 
 # The task functions below are pickled by reference: spawned LocalCluster workers inherit
 # this process's sys.path, so they import this module.
@@ -61,9 +72,9 @@ def test_plan_layout_one_worker_per_gpu_plus_a_cpu_pool(n_gpus: int) -> None:
     assert layout.cuda_devices == tuple(str(i) for i in range(n_gpus))  # each pinned to its own
     if n_gpus:
         assert layout.device == "auto"  # each worker's CUDA_VISIBLE_DEVICES decides
-        assert layout.gpu_threads == cl.LOCAL_GPU_THREADS and layout.torch_threads == 1
+        assert layout.gpu_threads == LOCAL_GPU_THREADS and layout.torch_threads == 1
         # the cores the GPU workers leave are single-threaded post-processing processes
-        assert layout.cpu_workers == 32 - n_gpus * cl.LOCAL_GPU_THREADS and layout.cpu_threads == 1
+        assert layout.cpu_workers == 32 - n_gpus * LOCAL_GPU_THREADS and layout.cpu_threads == 1
         assert predict_resources(layout) == {"GPU": 1}
     else:
         assert (layout.cpu_workers, layout.torch_threads) == (8, 4)
@@ -74,7 +85,7 @@ def test_plan_layout_respects_device_cpu_and_pins_cuda_n() -> None:
     cpu = plan_layout(8, 4, "cpu")
     assert not cpu.gpu and cpu.device == "cpu" and cpu.cpu_workers == 8
     one = plan_layout(8, 4, "cuda:2", visible=("3", "5", "GPU-abc", "7"))
-    assert one.cuda_devices == ("GPU-abc",) and one.cpu_workers == 8 - cl.LOCAL_GPU_THREADS
+    assert one.cuda_devices == ("GPU-abc",) and one.cpu_workers == 8 - LOCAL_GPU_THREADS
     assert plan_layout(2, 1, "cuda").cpu_workers == 1  # never without a CPU worker
     assert plan_layout(16, 2, "auto", n_workers=3).cpu_workers == 3
     with pytest.raises(ClusterConfigError, match="no CUDA device"):
@@ -111,31 +122,31 @@ def test_config_layout_follows_the_machine_and_device_flag(fake_gpus, monkeypatc
 
 
 def test_local_worker_specs_pin_gpus_and_hide_them_from_the_pool() -> None:
-    specs = cl.local_worker_specs(plan_layout(8, 2, "auto", visible=("2", "3")), memory_limit="1GiB")
+    specs = local_worker_specs(plan_layout(8, 2, "auto", visible=("2", "3")), memory_limit="1GiB")
     assert sorted(specs) == ["cpu-0", "cpu-1", "cpu-2", "cpu-3", "gpu-0", "gpu-1"]
     for i, device in enumerate(("2", "3")):
         options = specs[f"gpu-{i}"]["options"]
         assert options["env"] == {"CUDA_VISIBLE_DEVICES": device} and options["resources"] == {"GPU": 1}
-        assert options["nthreads"] == cl.LOCAL_GPU_THREADS
+        assert options["nthreads"] == LOCAL_GPU_THREADS
     pool = specs["cpu-0"]["options"]
     # the pool advertises POOL (post-processing tasks ask for it), never GPU
     assert pool["env"] == {"CUDA_VISIBLE_DEVICES": ""} and pool["resources"] == {"POOL": 1}
     assert pool["nthreads"] == 1
-    cpu_only = cl.local_worker_specs(plan_layout(2, 0))
+    cpu_only = local_worker_specs(plan_layout(2, 0))
     assert sorted(cpu_only) == ["cpu-0", "cpu-1"] and "env" not in cpu_only["cpu-0"]["options"]
     assert "resources" not in cpu_only["cpu-0"]["options"]
 
 
 def test_post_processing_goes_to_the_pool_only_where_there_is_one() -> None:
-    assert cl.post_resources(plan_layout(8, 2, "auto")) == {"POOL": 1}
-    assert cl.post_resources(plan_layout(8, 0)) is None  # CPU layout: one task per batch
-    assert cl.post_resources(plan_layout(8, 2, "cpu")) is None
-    assert cl.post_resources(None) is None  # attached scheduler: workers unknown
+    assert post_resources(plan_layout(8, 2, "auto")) == {"POOL": 1}
+    assert post_resources(plan_layout(8, 0)) is None  # CPU layout: one task per batch
+    assert post_resources(plan_layout(8, 2, "cpu")) is None
+    assert post_resources(None) is None  # attached scheduler: workers unknown
 
 
 def test_available_cores_follows_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
-    assert cl.available_cores() == 3
+    assert available_cores() == 3
     layout = ClusterConfig(device="cpu").layout()
     assert (layout.cpu_workers, layout.cpu_threads, layout.torch_threads) == (3, 1, 1)
 
@@ -143,10 +154,11 @@ def test_available_cores_follows_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_layout_explicit_workers_share_cores() -> None:
     layout = ClusterConfig(n_workers=2, device="cpu").layout(cores=8)
     assert (layout.cpu_workers, layout.cpu_threads, layout.torch_threads) == (2, 1, 4)
-    slurm = ClusterConfig(kind="slurm", cores=8, memory="8GB").layout()
+    slurm = ClusterConfig(kind="slurm", jobqueue={"cores": 8, "memory": "8GB"}).layout()
     # one task thread, torch gets the job's cores
     assert (slurm.gpu_workers, slurm.cpu_workers, slurm.cpu_threads, slurm.torch_threads) == (0, 1, 1, 8)
-    gpu = ClusterConfig(kind="slurm", cores=8, memory="8GB", gpus_per_worker=1, jobs=3).layout()
+    gpu = ClusterConfig(kind="slurm", jobqueue={"cores": 8, "memory": "8GB"}, gpus_per_worker=1,
+                        jobs=3).layout()
     assert (gpu.gpu_workers, gpu.gpu_threads, gpu.cpu_workers, gpu.torch_threads) == (3, 4, 0, 1)
     assert predict_resources(gpu) == {"GPU": 1}
 
@@ -162,7 +174,7 @@ def test_register_model_follows_the_layout(fake_gpus, tiny_model: Path) -> None:
     fake_gpus(2)
     client = _Recorder()
     plugin = register_model(client, tiny_model, ClusterConfig())
-    assert client.name == cl.PLUGIN_NAME
+    assert client.name == PLUGIN_NAME
     assert (plugin.device, plugin.cpu_inference, plugin.torch_threads) == ("auto", False, 1)
     plugin = register_model(client, tiny_model, ClusterConfig(), device="cpu")
     assert (plugin.device, plugin.cpu_inference, plugin.torch_threads) == ("cpu", True, 2)
@@ -175,18 +187,18 @@ def test_register_model_follows_the_layout(fake_gpus, tiny_model: Path) -> None:
                                            ("2-03:04:05", 183845), ("3h50m", 13800), ("230m", 13800),
                                            ("13800s", 13800), (3600, 3600), ("1.5h", 5400)])
 def test_parse_duration(text: str | int, seconds: int) -> None:
-    assert cl.parse_duration(text) == seconds
+    assert parse_duration(text) == seconds
 
 
 def test_parse_duration_refuses_bare_number_string() -> None:
     with pytest.raises(ValueError, match="ambiguous"):
-        cl.parse_duration("60")
+        parse_duration("60")
 
 
 def test_default_lifetime_below_walltime() -> None:
-    assert cl.default_lifetime(4 * 3600) == (13800, 300)  # 3h50m +- 5m
+    assert default_lifetime(4 * 3600) == (13800, 300)  # 3h50m +- 5m
     for walltime in (120, 600, 1800, 86400):
-        lifetime, stagger = cl.default_lifetime(walltime)
+        lifetime, stagger = default_lifetime(walltime)
         assert 0 < lifetime and lifetime + stagger < walltime
 
 
@@ -200,19 +212,21 @@ def test_default_lifetime_below_walltime() -> None:
     (dict(kind="address"), "scheduler"),
     (dict(kind="address", scheduler="not an address"), "scheduler"),
     (dict(kind="local", scheduler="tcp://h:8786"), "only meaningful"),
-    (dict(kind="slurm", memory="lots"), "memory"),
-    (dict(kind="slurm", memory="100MB"), "256 MiB"),
-    (dict(kind="slurm", walltime="soon"), "walltime"),
-    (dict(kind="slurm", walltime="00:01:00"), "2 minutes"),
-    (dict(kind="slurm", walltime="01:00:00", lifetime="58m", lifetime_stagger="5m"), "below the walltime"),
-    (dict(kind="slurm", cores=4, processes=3), "divide"),
-    (dict(kind="slurm", cores=2, processes=2, gpus_per_worker=1), "GPU"),
-    (dict(kind="slurm", cores=4, gpus_per_worker=2), "must be 0 or 1"),
+    (dict(kind="slurm", jobqueue={"memory": "lots"}), "memory"),
+    (dict(kind="slurm", jobqueue={"memory": "100MB"}), "256 MiB"),
+    (dict(kind="slurm", jobqueue={"walltime": "soon"}), "walltime"),
+    (dict(kind="slurm", jobqueue={"walltime": "00:01:00"}), "2 minutes"),
+    (dict(kind="slurm", jobqueue={"walltime": "01:00:00"}, lifetime="58m", lifetime_stagger="5m"),
+     "below the walltime"),
+    (dict(kind="slurm", jobqueue={"cores": 4, "processes": 3}), "divide"),
+    (dict(kind="slurm", jobqueue={"cores": 2, "processes": 2}, gpus_per_worker=1), "GPU"),
+    (dict(kind="slurm", jobqueue={"cores": 4}, gpus_per_worker=2), "must be 0 or 1"),
     (dict(kind="slurm", gpus_per_worker=1, device="cpu"), "no task uses"),
-    (dict(kind="slurm", cores=2, threads_per_worker=4), "exceed"),
+    (dict(kind="slurm", jobqueue={"cores": 2}, threads_per_worker=4), "exceed"),
     (dict(kind="slurm", minimum_jobs=1), "maximum_jobs"),
     (dict(kind="slurm", minimum_jobs=3, maximum_jobs=2), "minimum_jobs"),
     (dict(kind="slurm", scheduler_interface="lo", scheduler_host="x"), "not both"),
+    (dict(kind="slurm", jobqueue={"queu": "debug"}), "no dask-jobqueue setting"),
 ])
 def test_config_validation(kwargs: dict, match: str) -> None:
     with pytest.raises(ClusterConfigError, match=match):
@@ -226,9 +240,9 @@ def test_config_from_file_and_flags(tmp_path: Path) -> None:
                     "    - module load cuda\n")
     cfg = cluster_config_from({"model": "dense", "out": "x", "workers": 3, "device": None}, path)
     # YAML reads 04:00:00 as the integer 14400: it must come back as a SLURM time
-    assert cfg.walltime == "04:00:00"
+    assert cfg.jobqueue["walltime"] == "04:00:00"
     assert cfg.kind == "slurm" and cfg.jobs == 3 and cfg.gpus_per_worker == 1
-    assert cfg.job_script_prologue == ("module load cuda",)
+    assert cfg.jobqueue["job-script-prologue"] == ["module load cuda"]
     # CLI flags override the file
     local = cluster_config_from({"cluster": "local", "workers": 2, "cluster_config": str(path)})
     assert local.kind == "local" and local.n_workers == 2
@@ -237,7 +251,7 @@ def test_config_from_file_and_flags(tmp_path: Path) -> None:
     assert attach.kind == "address"
     json_path = tmp_path / "c.json"
     json_path.write_text(json.dumps({"kind": "slurm", "walltime": "00:30:00", "cores": 2, "memory": "2GB"}))
-    assert cluster_config_from(file=json_path).cores == 2
+    assert cluster_config_from(file=json_path).jobqueue["cores"] == 2
 
 
 def test_config_file_errors(tmp_path: Path) -> None:
@@ -256,16 +270,17 @@ def test_config_file_errors(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------- SLURM job scripts
 
 
-def _job_script(**kwargs) -> str:
-    base = dict(kind="slurm", queue="gpu", account="myproj", walltime="04:00:00", cores=8,
-                memory="64GB", interface="lo", dashboard_address=":0")
-    return cl.slurm_job_script(ClusterConfig(**{**base, **kwargs}))
+def _job_script(jobqueue: dict | None = None, **kwargs) -> str:
+    base = {"queue": "gpu", "account": "myproj", "walltime": "04:00:00", "cores": 8, "memory": "64GB",
+            "interface": "lo"}
+    return slurm_job_script(ClusterConfig(kind="slurm", jobqueue={**base, **(jobqueue or {})},
+                                          dashboard_address=":0", **kwargs))
 
 
 def test_job_script_directives_and_worker_command() -> None:
-    script = _job_script(gpus_per_worker=1, log_directory=None, python="/opt/venv/bin/python",
-                         job_name="wsi-nuclei",
-                         job_script_prologue=("module load cuda", "source /opt/venv/bin/activate"))
+    script = _job_script({"log_directory": None, "python": "/opt/venv/bin/python", "job_name": "wsi-nuclei",
+                          "job_script_prologue": ("module load cuda", "source /opt/venv/bin/activate")},
+                         gpus_per_worker=1)
     lines = script.splitlines()
     for directive in ("#SBATCH -p gpu", "#SBATCH -A myproj", "#SBATCH -t 04:00:00", "#SBATCH -n 1",
                       "#SBATCH --cpus-per-task=8", "#SBATCH --gres=gpu:1", "#SBATCH -J wsi-nuclei"):
@@ -284,7 +299,7 @@ def test_job_script_directives_and_worker_command() -> None:
 
 
 def test_job_script_cpu_defaults_and_skip() -> None:
-    script = _job_script(queue=None, account=None, job_directives_skip=("--mem",),
+    script = _job_script({"queue": None, "account": None, "job_directives_skip": ("--mem",)},
                          local_directory="/scratch/$USER", lifetime="off")
     assert "#SBATCH -p" not in script and "#SBATCH -A" not in script
     assert "#SBATCH --mem" not in script and "--gres" not in script and "GPU=" not in script
@@ -294,11 +309,11 @@ def test_job_script_cpu_defaults_and_skip() -> None:
 
 
 def test_missing_interface_on_submit_host_is_explained() -> None:
-    cfg = ClusterConfig(kind="slurm", interface="ib-does-not-exist", dashboard_address=":0")
+    cfg = ClusterConfig(kind="slurm", jobqueue={"interface": "ib-does-not-exist"}, dashboard_address=":0")
     with pytest.raises(ClusterConfigError, match="scheduler_interface"):
-        cl.slurm_cluster_kwargs(cfg)
-    ok = cl.slurm_cluster_kwargs(cl.ClusterConfig(kind="slurm", interface="ib-does-not-exist",
-                                                  scheduler_interface="lo"))
+        slurm_cluster_kwargs(cfg)
+    ok = slurm_cluster_kwargs(ClusterConfig(kind="slurm", jobqueue={"interface": "ib-does-not-exist"},
+                                            scheduler_interface="lo"))
     assert ok["scheduler_options"]["interface"] == "lo" and ok["interface"] == "ib-does-not-exist"
 
 
@@ -313,8 +328,8 @@ THEIRS = {  # what an HPC user writes in ~/.config/dask/jobqueue.yaml (or DASK_J
 
 def test_jobqueue_config_fills_what_our_file_leaves_out() -> None:
     with dask.config.set(THEIRS):
-        config = ClusterConfig(kind="slurm", interface="lo", dashboard_address=":0")
-        script = cl.slurm_job_script(config)
+        config = ClusterConfig(kind="slurm", jobqueue={"interface": "lo"}, dashboard_address=":0")
+        script = slurm_job_script(config)
     lines = script.splitlines()
     for directive in ("#SBATCH -p their-q", "#SBATCH -A their-acct", "#SBATCH -t 02:00:00",
                       "#SBATCH --constraint=avx2", "#SBATCH -J their-name", "#SBATCH --cpus-per-task=4",
@@ -333,7 +348,7 @@ def test_our_cluster_file_overrides_jobqueue_config(tmp_path: Path) -> None:
                     "  cores: 2\n  job_extra_directives: ['--constraint=gpu']\n  job_script_prologue: []\n"
                     "  interface: lo\n  dashboard_address: ':0'\n")
     with dask.config.set(THEIRS):
-        script = cl.slurm_job_script(cluster_config_from(file=ours))
+        script = slurm_job_script(cluster_config_from(file=ours))
     lines = script.splitlines()
     for directive in ("#SBATCH -p our-q", "#SBATCH -A our-acct", "#SBATCH -t 01:00:00",
                       "#SBATCH --constraint=gpu", "#SBATCH --cpus-per-task=2",
@@ -341,6 +356,114 @@ def test_our_cluster_file_overrides_jobqueue_config(tmp_path: Path) -> None:
         assert directive in lines, (directive, script)
     assert "--constraint=avx2" not in script and "their-python" not in script
     assert "--lifetime 50m" in script  # from our walltime
+
+
+SHIPPED_CLUSTER_FILE = Path(__file__).resolve().parents[1] / "workflows" / "slurm" / "cluster.yaml"
+SITE_ENV = {  # a site's dask-jobqueue configuration, as environment variables
+    "DASK_JOBQUEUE__SLURM__QUEUE": "site-cpu", "DASK_JOBQUEUE__SLURM__CORES": "16",
+    "DASK_JOBQUEUE__SLURM__MEMORY": "64GB", "DASK_JOBQUEUE__SLURM__WALLTIME": "08:00:00",
+    "DASK_JOBQUEUE__SLURM__SCHEDULER_OPTIONS__DASHBOARD_ADDRESS": ":0",
+}
+
+
+@pytest.fixture
+def site_jobqueue_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """``SITE_ENV`` in the environment and in dask's configuration, both restored after."""
+    for name, value in SITE_ENV.items():
+        monkeypatch.setenv(name, value)
+    dask.config.refresh()
+    yield
+    for name in SITE_ENV:
+        monkeypatch.delenv(name)
+    dask.config.refresh()
+
+
+def test_site_jobqueue_config_wins_over_the_shipped_cluster_file(site_jobqueue_env) -> None:
+    """The shipped cluster file (what run-dask-slurm.sh passes) names no dask-jobqueue key:
+    the site's queue, walltime, cores, memory and dashboard apply; a value the user names
+    in their own file or on the command line still wins."""
+    config = cluster_config_from({"cluster": "slurm"}, SHIPPED_CLUSTER_FILE)
+    lines = slurm_job_script(config).splitlines()
+    for directive in ("#SBATCH -p site-cpu", "#SBATCH -t 08:00:00", "#SBATCH --cpus-per-task=16",
+                      "#SBATCH --mem=60G"):  # 64 GB = 59.6 GiB
+        assert directive in lines, (directive, lines)
+    assert slurm_cluster_kwargs(config)["scheduler_options"]["dashboard_address"] == ":0"
+    named = cluster_config_from({"cluster": "slurm", "queue": "mine", "workers": 3}, SHIPPED_CLUSTER_FILE)
+    assert (named.slurm_value("queue"), named.slurm_value("cores"), named.jobs) == ("mine", 16, 3)
+    assert "#SBATCH -p mine" in slurm_job_script(named).splitlines()
+    assert slurm_cluster_kwargs(ClusterConfig(kind="slurm"))["scheduler_options"]["dashboard_address"] == ":0"
+    ours = slurm_cluster_kwargs(ClusterConfig(kind="slurm", dashboard_address=":8788"))
+    assert ours["scheduler_options"]["dashboard_address"] == ":8788"
+
+
+# ------------------------------------------------------------------------- failures in one line
+
+CLI_TIMEOUT_S = 90  # each run below must end by itself well within this
+
+
+def _cli_run(tmp_path: Path, flags: list[str],
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``wsi-nuclei --quiet run`` on a tiny slide in a fresh process (its own Dask config)."""
+    from tiny_slides import MODEL, write_slides
+
+    [slide] = write_slides(tmp_path / "slides", ["a.tif"])
+    argv = [sys.executable, "-m", "pipeline.cli", "--quiet", "run", str(slide),
+            "--out", str(tmp_path / "out"), "--model", MODEL, *flags]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False,
+                          env={**os.environ, **(env or {})})
+
+
+def test_a_scheduler_address_where_nothing_listens_is_one_line_exit_2(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a free port: nothing listens there once it is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    started = time.monotonic()
+    proc = _cli_run(tmp_path, ["--scheduler", address],
+                    env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert address in line and "scheduler" in line, line
+    assert time.monotonic() - started < 30  # the connect timeout of dask's configuration
+
+
+def test_a_failing_sbatch_ends_the_run_with_its_error(tmp_path: Path) -> None:
+    """sbatch refuses the job (here a fake one on PATH): the run ends within a bounded time
+    with sbatch's message in one line, instead of waiting forever for workers."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: nowhere' >&2\nexit 1\n")
+    sbatch.chmod(0o755)
+    config = tmp_path / "cluster.yaml"
+    config.write_text("cluster:\n  kind: slurm\n  queue: nowhere\n  walltime: '00:10:00'\n  cores: 1\n"
+                      "  memory: 1GB\n  jobs: 1\n  interface: lo\n  dashboard_address: ':0'\n")
+    started = time.monotonic()
+    proc = _cli_run(tmp_path, ["--cluster", "slurm", "--cluster-config", str(config)],
+                    env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert proc.returncode != 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if "invalid partition" in line]
+    assert "nowhere" in line and "sbatch" in line, line
+    assert time.monotonic() - started < 60
+
+
+def test_an_sbatch_that_does_not_answer_ends_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stuck sbatch (slurmctld down): the submission gives up after its timeout, and the
+    cluster still closes at once."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\nsleep 20\necho 'Submitted batch job 1'\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    config = ClusterConfig(kind="slurm", jobqueue={"interface": "lo", "walltime": "00:10:00"},
+                           dashboard_address=":0")
+    started = time.monotonic()
+    with pytest.raises(JobSubmitError, match="did not answer within 2 s"):
+        with slurm_cluster(config) as cluster:
+            submit_jobs(cluster, 1, timeout=2)
+    assert time.monotonic() - started < 15
 
 
 # ------------------------------------------------------------------------- LocalCluster
@@ -368,7 +491,7 @@ def _use_model(i: int) -> tuple[int, int, int, int, tuple[int, ...]]:
 
     bundle = get_worker_model()
     time.sleep(0.3)  # long enough that both workers get tasks
-    plugin = cl.get_worker().plugins[cl.PLUGIN_NAME]
+    plugin = get_worker().plugins[PLUGIN_NAME]
     prob, _ = predict_batch(bundle.net, np.zeros((1, 16, 16, 3), np.uint8))
     return os.getpid(), id(bundle), plugin.loads, torch.get_num_threads(), prob.shape
 
@@ -517,7 +640,7 @@ def test_attach_by_address_and_scheduler_file(client, tmp_path: Path) -> None:
 
 def _where(_: int) -> tuple[str, str | None]:
     time.sleep(0.05)
-    return str(cl.get_worker().name), os.environ.get("CUDA_VISIBLE_DEVICES")
+    return str(get_worker().name), os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
 def _name_and_gpus(dask_worker: Any) -> tuple[str, str | None]:
@@ -594,12 +717,12 @@ def test_load_for_inference_pins_cuda_numerics(loose_cuda_flags, monkeypatch: py
         loaded.append(str(device))
         return SimpleNamespace(net=torch.nn.Identity(), path=None, sha256="")
 
-    monkeypatch.setattr(cl, "load", fake_load)
+    monkeypatch.setattr(cluster_plugin, "load", fake_load)
     monkeypatch.delenv(ENV_VAR, raising=False)
-    cl.load_for_inference("m.pt", "cpu")
+    load_for_inference("m.pt", "cpu")
     assert cuda_flags() == LOOSE  # not touched off CUDA
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    cl.load_for_inference("m.pt", "cuda")
+    load_for_inference("m.pt", "cuda")
     assert cuda_flags() == {"cuda.matmul.allow_tf32": False, "cudnn.allow_tf32": False,
                             "cudnn.benchmark": False, "cudnn.deterministic": True}
     assert loaded == ["cpu", "cuda"]
@@ -623,7 +746,7 @@ def test_task_failure_is_one_line_unless_debug(capfd: pytest.CaptureFixture[str]
     attempt; we print one line per failed item, and Dask's blocks only with --debug."""
     config = ClusterConfig(kind="local", n_workers=1, threads_per_worker=1, torch_threads=1,
                            memory_limit="1GiB", dashboard_address=":0", device="cpu")
-    ours = cl.__name__
+    ours = bounded_map.__module__  # the logger of the one-line reports
     for debug in (False, True):
         caplog.clear()
         with open_client(config, wait_for_workers=1, timeout=120, debug=debug) as client:
@@ -649,7 +772,7 @@ def test_tile_task_modules_import_without_anndata() -> None:
     import subprocess
     import sys
 
-    code = ("import importlib, sys; from pipeline.cluster import TASK_MODULES; "
+    code = ("import importlib, sys; from pipeline.cluster.plugin import TASK_MODULES; "
             "[importlib.import_module(m) for m in TASK_MODULES if m.startswith('pipeline.')]; "
             "print('anndata' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

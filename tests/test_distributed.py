@@ -42,7 +42,8 @@ from PIL import Image
 from slurm_fixtures import Slurm, slurm_fixture  # noqa: F401  (the "slurm" fixture)
 
 from pipeline.cli import main
-from pipeline.cluster import ClusterConfig, open_client
+from pipeline.cluster.client import open_client
+from pipeline.cluster.config import ClusterConfig
 from pipeline.pyramid_tiff import write_pyramidal_tiff
 from pipeline.synthetic import synthetic_he
 from pipeline.writers.summary import is_done, read_summary

@@ -1,6 +1,7 @@
 """conda-env.yml and pyproject.toml must list the same dependencies with the same bounds.
 
-Compared: pyproject ``dependencies`` + the ``hpc`` extra (what a cluster node needs) against
+Compared: pyproject ``dependencies`` + the ``hpc`` and ``openvino`` extras (what a cluster node
+needs: SLURM, and the CPU runtime of the default model) against
 conda-env.yml's conda packages and its ``pip:`` section. Not compared: ``python``/``pip``
 themselves and the project's own ``-e .`` line (checked separately).
 """
@@ -33,6 +34,8 @@ PYPI_TO_CONDA = {
 # PyPI packages that conda-forge does not have under any name: they go in the pip section
 PIP_ONLY = {"openslide-bin"}
 CONDA_SPEC = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(.*?)\s*$")
+# the extras a cluster node needs: SLURM (hpc) and the CPU runtime of the default model
+ENV_EXTRAS = ("hpc", "openvino")
 
 
 def _pyproject() -> dict:
@@ -41,7 +44,8 @@ def _pyproject() -> dict:
 
 def _pyproject_requirements() -> dict[str, Requirement]:
     project = _pyproject()["project"]
-    reqs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["hpc"]]
+    extras = project["optional-dependencies"]
+    reqs = [Requirement(r) for r in project["dependencies"] + [r for e in ENV_EXTRAS for r in extras[e]]]
     return {canonicalize_name(r.name): r for r in reqs}
 
 
@@ -92,7 +96,7 @@ def test_every_conda_env_package_is_in_pyproject() -> None:
     extra = [name for name in conda if name not in ("python", "pip")
              and conda_to_pypi.get(name, name) not in known]
     extra += [name for name in pip if name not in known]
-    assert not extra, f"in conda-env.yml but not in pyproject.toml (dependencies + hpc): {extra}"
+    assert not extra, f"in conda-env.yml but not in pyproject.toml (dependencies + {ENV_EXTRAS}): {extra}"
     assert set(pip) <= PIP_ONLY, f"pip section should only hold what conda-forge lacks: {set(pip)}"
 
 
@@ -101,8 +105,8 @@ def test_conda_env_python_and_project_install() -> None:
     python = conda["python"].lstrip("=")
     requires = SpecifierSet(_pyproject()["project"]["requires-python"])
     assert python in requires, f"python={python} does not satisfy requires-python {requires}"
-    assert "-e .[hpc]" in other, "the env must install the project with its hpc extra"
-    assert "hpc" in _pyproject()["project"]["optional-dependencies"]
+    assert f"-e .[{','.join(ENV_EXTRAS)}]" in other, f"the env must install the project with {ENV_EXTRAS}"
+    assert set(ENV_EXTRAS) <= set(_pyproject()["project"]["optional-dependencies"])
 
 
 @pytest.mark.parametrize("name, expected", [("openslide_python", "openslide-python"),

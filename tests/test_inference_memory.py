@@ -41,11 +41,11 @@ def test_retained_memory_stops_page_faults_per_pass() -> None:
 
 
 def test_workers_retain_freed_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline import cluster
+    from pipeline.cluster import plugin
 
     calls = []
-    monkeypatch.setattr(cluster, "retain_freed_memory", lambda: calls.append(1) or True)
-    cluster._load_in_process.cache_clear()  # an earlier test may have loaded it
-    cluster._load_in_process("dense.pt", "cpu")
-    cluster._load_in_process.cache_clear()
+    monkeypatch.setattr(plugin, "retain_freed_memory", lambda: calls.append(1) or True)
+    plugin._load_in_process.cache_clear()  # an earlier test may have loaded it
+    plugin._load_in_process("dense.pt", "cpu")
+    plugin._load_in_process.cache_clear()
     assert calls

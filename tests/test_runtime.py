@@ -17,7 +17,7 @@ from models.inference import predict_image
 from models.quantize import make_openvino
 from models.runtime import RUNTIME_ENV, CompiledNet, openvino_path
 from models.watershed import postprocess
-from pipeline.cluster import load_for_inference
+from pipeline.cluster.plugin import load_for_inference
 from pipeline.run import process_slide
 from pipeline.slide import MemorySlide, register_memory_slide
 from pipeline.slide_run.config import RunConfig

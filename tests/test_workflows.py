@@ -29,7 +29,11 @@ from tiny_slides import MODEL, TILE, results, write_slides
 from models.checkpoints import save
 from models.config import NetConfig, TargetConfig, WatershedParams
 from models.network import NucleusNet
-from pipeline.cluster import ClusterConfig, cluster_config_from, get_worker_model, open_client, register_model
+from pipeline.cluster.client import open_client
+from pipeline.cluster.config import ClusterConfig, cluster_config_from
+from pipeline.cluster.errors import JobSubmitError
+from pipeline.cluster.plugin import PLUGIN_NAME, get_worker_model, register_model
+from pipeline.cluster.slurm import slurm_cluster_kwargs
 from pipeline.discovery import slides_to_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,10 +54,15 @@ env = {k: os.environ.get(k) for k in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SL
 for slide, name in slides_to_run(args.paths, args.out, args.name).items():
     if "fail" in slide.name:
         sys.exit(3)
+    partial = "partial" in slide.name  # as wsi-nuclei run ends a slide with unreadable regions
     folder = Path(args.out) / name
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "summary.json").write_text(json.dumps({"status": "done", "slide": str(slide),
-                                                     "argv": argv, "env": env}))
+    regions = [[0, 0, 64, 64]] if partial else []
+    (folder / "summary.json").write_text(json.dumps({"status": "partial" if partial else "done",
+                                                     "slide": str(slide), "argv": argv, "env": env,
+                                                     "unreadable_regions": regions}))
+    if partial:
+        sys.exit(1)
 '''
 
 
@@ -177,6 +186,8 @@ def test_array_names_bare_paths_as_the_cli(tmp_path: Path, stand_in: str) -> Non
                   "WSI_NUCLEI_PYTHON": sys.executable, "SLURM_ARRAY_TASK_ID": str(task)})
     written = {folder.name: _summary(out, folder.name)["slide"] for folder in out.iterdir()}
     assert written == {name: str(path) for path, name in slides_to_run([root], out).items()}
+    # no MODEL: the CLI's default model (models.checkpoints.DEFAULT_MODELS), not one named here
+    assert all("--model" not in _summary(out, name)["argv"] for name in written)
     assert sorted(written) == sorted(["x", f"slide-{_sha8(paths[1])}", f"slide-{_sha8(paths[2])}"])
 
 
@@ -221,8 +232,8 @@ def test_run_dask_slurm_passes_the_cluster_config(tmp_path: Path, stand_in: str)
 
 def test_example_cluster_yaml_is_valid() -> None:
     config = cluster_config_from({"cluster": "slurm"}, SLURM_DIR / "cluster.yaml")
-    assert config.kind == "slurm" and config.processes == 1
-    assert config.slurm_value("local_directory") == "${TMPDIR:-/tmp}"  # node scratch
+    assert config.kind == "slurm" and config.slurm_value("processes") == 1
+    assert slurm_cluster_kwargs(config)["local_directory"] == "${TMPDIR:-/tmp}"  # node scratch
     lifetime, stagger = config.lifetime_seconds()
     assert lifetime + stagger < 3600
 
@@ -238,23 +249,46 @@ def _snakemake() -> list[str]:
     return [exe]
 
 
-def _snakemake_args(slides: Path, out: Path, stand_in: str, profile: str) -> list[str]:
+def _snakemake_args(slides: Path, out: Path, stand_in: str, profile: str, *config: str) -> list[str]:
     return [*_snakemake(), "-s", str(WORKFLOWS / "Snakefile"), "--workflow-profile",
             str(WORKFLOWS / "profile" / profile), "--config", f"slides={slides}", f"out={out}",
-            f"command={stand_in}", "threads=1", "mem_mb=500", "runtime_min=5", "model=dense.pt"]
+            f"command={stand_in}", "threads=1", "mem_mb=500", "runtime_min=5", *config]
 
 
 def test_snakemake_local_runs_each_slide_once(slides: Path, tmp_path: Path, stand_in: str) -> None:
     out = tmp_path / "out"
-    args = _snakemake_args(slides, out, stand_in, "local")
+    args = _snakemake_args(slides, out, stand_in, "local", "model=dense.pt")
     _run(args, cwd=tmp_path)
     assert _summary(out, "b-slide")["argv"][:4] == ["run", str(slides / "b-slide.svs"), "--name", "b-slide"]
     assert _summary(out, "a-slide")["argv"][-4:] == ["--cluster", "local", "--workers", "1"]
+    assert _summary(out, "a-slide")["argv"][4:6] == ["--model", "dense.pt"]
     again = _run(args, cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr  # resume: finished slides skipped
     (out / "a-slide" / "summary.json").unlink()
     third = _run(args, cwd=tmp_path)
     assert "1 of 2 steps" in third.stdout + third.stderr  # only the missing slide (+ 'all')
+
+
+def test_snakemake_default_model_is_the_clis(slides: Path, tmp_path: Path, stand_in: str) -> None:
+    """workflows/config.yaml names no model: each job runs the CLI's default."""
+    out = tmp_path / "out"
+    _run(_snakemake_args(slides, out, stand_in, "local"), cwd=tmp_path)
+    for name in ("a-slide", "b-slide"):
+        assert "--model" not in _summary(out, name)["argv"]
+
+
+def test_snakemake_keeps_a_partial_slides_summary(slides: Path, tmp_path: Path, stand_in: str) -> None:
+    """A slide that ends ``partial`` (wsi-nuclei exits 1) keeps its summary.json, its only
+    record of the unreadable regions: the rule succeeds for it, and the workflow says so."""
+    (slides / "c-partial.svs").write_text("x")
+    out = tmp_path / "out"
+    proc = _run(_snakemake_args(slides, out, stand_in, "local"), cwd=tmp_path, check=False)
+    assert (out / "c-partial" / "summary.json").is_file(), proc.stderr
+    summary = _summary(out, "c-partial")
+    assert summary["status"] == "partial" and summary["unreadable_regions"] == [[0, 0, 64, 64]]
+    assert proc.returncode == 0, proc.stderr
+    assert "c-partial" in proc.stderr and "partial" in proc.stderr
+    assert _summary(out, "a-slide")["status"] == "done"
 
 
 @pytest.mark.slow
@@ -312,22 +346,22 @@ def _in_job() -> dict[str, str | None]:
 
 
 def _model_in_job() -> tuple[float, int, str | None]:
-    from pipeline import cluster
+    from distributed import get_worker
 
     bundle = get_worker_model()
-    plugin = cluster.get_worker().plugins[cluster.PLUGIN_NAME]
+    plugin = get_worker().plugins[PLUGIN_NAME]
     return bundle.mpp, plugin.loads, os.environ.get("SLURM_JOB_ID")
 
 
 @pytest.mark.slurm
 def test_open_client_starts_a_slurm_worker(slurm: Slurm, tmp_path: Path, tiny_model: Path) -> None:
     name = f"wsi-nuclei-test-{os.getpid()}"
-    config = ClusterConfig(kind="slurm", queue=slurm.partition, cores=1, memory="2GB", walltime="00:10:00",
-                           job_name=name, interface="lo", dashboard_address=":0",
-                           log_directory=str(tmp_path / "dask-logs"), device="cpu",
-                           # the prologue makes this module importable for the task functions
-                           job_script_prologue=(f"export PYTHONPATH={TESTS}:${{PYTHONPATH:-}}",
-                                                "export WSI_TEST_PROLOGUE=ran"))
+    config = ClusterConfig(kind="slurm", dashboard_address=":0", device="cpu", jobqueue={
+        "queue": slurm.partition, "cores": 1, "memory": "2GB", "walltime": "00:10:00", "name": name,
+        "interface": "lo", "log-directory": str(tmp_path / "dask-logs"),
+        # the prologue makes this module importable for the task functions
+        "job-script-prologue": [f"export PYTHONPATH={TESTS}:${{PYTHONPATH:-}}",
+                                "export WSI_TEST_PROLOGUE=ran"]})
     started = time.monotonic()
     with open_client(config, wait_for_workers=1, timeout=180) as client:
         jobs = slurm.jobs_named(name)
@@ -344,6 +378,23 @@ def test_open_client_starts_a_slurm_worker(slurm: Slurm, tmp_path: Path, tiny_mo
     slurm.wait_gone(jobs[0], timeout=60)
     assert time.monotonic() - started < 240
     assert list((tmp_path / "dask-logs").glob("*.err")), "worker job logs are written"
+
+
+@pytest.mark.slurm
+def test_open_client_reports_a_refused_job_at_once(slurm: Slurm, tmp_path: Path) -> None:
+    """The real sbatch refuses a partition that does not exist: one line with its message,
+    no job left behind, no wait for workers."""
+    name = f"wsi-nuclei-refused-{os.getpid()}"
+    config = ClusterConfig(kind="slurm", dashboard_address=":0", jobqueue={
+        "queue": "no-such-partition", "cores": 1, "memory": "1GB", "walltime": "00:10:00", "name": name,
+        "interface": "lo"})
+    started = time.monotonic()
+    with pytest.raises(JobSubmitError, match="sbatch exited 1: .*partition") as refused:
+        with open_client(config):
+            pass
+    assert "\n" not in str(refused.value)
+    assert time.monotonic() - started < 60
+    assert slurm.jobs_named(name) == []
 
 
 @pytest.mark.slurm

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Submit array.sbatch with one task per slide of SLIDES (at most MAX_PARALLEL at a time):
-#   workflows/slurm/submit-array.sh slides.txt results/ dense.pt [sbatch options...]
+#   workflows/slurm/submit-array.sh slides.txt results/ pruned20x.pt [sbatch options...]
 # e.g. ... -p gpu -A myproj --gres=gpu:1 --cpus-per-task=8 --time=04:00:00
 # Prints the array job id. Env: MAX_PARALLEL (default 20), LOG_DIR (default OUT/logs),
 # WSI_NUCLEI_PROLOGUE / WSI_NUCLEI_ARGS / WSI_NUCLEI_WORKERS / WSI_NUCLEI_CMD (see
