@@ -114,8 +114,10 @@ def _old_instance_measurements(labels: np.ndarray, prob: np.ndarray, offset_yx: 
     out = {
         "id": p["label"].astype(np.int64).astype("uint32"),
         "centroid_x_px": cx, "centroid_y_px": cy, "centroid_x_um": cx * mpp, "centroid_y_um": cy * mpp,
-        "area_px": area, "area_um2": area * mpp * mpp, "perimeter_um": p["perimeter"] * s * mpp,
-        "eccentricity": p["eccentricity"], "solidity": p["solidity"], "mean_probability": p["intensity_mean"],
+        "area_px": area, "Area µm^2": area * mpp * mpp, "Length µm": p["perimeter"] * s * mpp,
+        "Circularity": 4 * np.pi * p["area"] / np.maximum(p["perimeter"], 1e-9) ** 2,
+        "Solidity": p["solidity"], "Max diameter µm": np.nan, "Min diameter µm": np.nan,
+        "Eccentricity": p["eccentricity"], "Detection probability": p["intensity_mean"],
         "bbox_x0": np.floor((p["bbox-1"] + ox) * s).astype(np.int64),
         "bbox_y0": np.floor((p["bbox-0"] + oy) * s).astype(np.int64),
         "bbox_x1": np.ceil((p["bbox-3"] + ox) * s).astype(np.int64),

@@ -120,7 +120,7 @@ def test_layers_read_the_slide_lazily_with_features(run: Path) -> None:
     values = np.unique(labels["s0"][:])
     assert sorted(features["index"].tolist()) == values[values > 0].tolist()
     table = pd.read_parquet(run / "nuclei.parquet")
-    assert (features["index"] == table["id"]).all() and "area_um2" in features
+    assert (features["index"] == table["id"]).all() and "Area µm^2" in features
     assert tissue.settings["contour"] > 0 and tissue.kwargs["colormap"][0] == "transparent"
     # the tissue mask covers the slide where the slide is
     box = _world_box(tissue.kwargs["scale"], tissue.kwargs["translate"], tissue.data[0].shape)
@@ -209,7 +209,7 @@ print(json.dumps({{
     'layers': [(l.name, type(l).__name__, bool(l.visible)) for l in v.layers],
     'contour': nuclei.contour, 'id': int(t['id']),
     'value': int(np.ravel(nuclei.get_value(world, world=True))[-1]),  # multiscale: (level, value)
-    'status': status, 'area': float(t['area_um2']),
+    'status': status, 'area': float(t['Area µm^2']),
     'extents': [np.asarray(l.extent.world).tolist() for l in v.layers],
 }}))
 v.close()
@@ -222,7 +222,7 @@ v.close()
     assert got["contour"] == 1
     assert got["value"] == got["id"]  # the centroid lies in its nucleus (convex-ish shapes)
     assert f"id: {got['id']}," in got["status"]  # the hovered nucleus's table row
-    assert f"area_um2: {got['area']:.3g}," in got["status"]
+    assert f"Area µm^2: {got['area']:.3g}," in got["status"]
     image, _, nuclei = (np.asarray(e) for e in got["extents"])
     np.testing.assert_allclose(image, nuclei)  # the slide and its labels overlay
 

@@ -53,13 +53,14 @@ def _tile_features(side: int, mpp: float, scale: float) -> tuple[list[str], np.n
 
 
 @pytest.mark.parametrize(("side", "mpp", "scale", "most_bytes", "area_range"),
-                         [(512, 0.25, 1.0, 560, (0.97, 1.02)), (256, 0.5, 2.0, 430, (0.95, 1.02))])
+                         [(512, 0.25, 1.0, 630, (0.97, 1.02)), (256, 0.5, 2.0, 500, (0.95, 1.02))])
 def test_geojson_bytes_per_nucleus_and_area_agreement(side: int, mpp: float, scale: float, most_bytes: int,
                                                       area_range: tuple[float, float]) -> None:
     """The same slide region as a 40x model (scale 1) and a 20x model (scale 2) sees it:
     bytes per nucleus of the GeoJSON (features and their separators; 807 / 589 on this
     tile with 0.35 px outlines and full-precision measurements, 548 / 420 without feature
-    ids and with UTF-8 µ), with outlines whose area
+    ids and with UTF-8 µ, 618 / 490 with QuPath's six shape measurements), with outlines
+    whose area
     stays close to the label's (5th / 95th percentile within ``area_range``)."""
     texts, polys, label_area = _tile_features(side, mpp, scale)
     assert len(texts) > 100
@@ -72,19 +73,22 @@ def test_geojson_bytes_per_nucleus_and_area_agreement(side: int, mpp: float, sca
 
 
 def test_measurements_are_written_with_their_precision() -> None:
-    """Areas to 0.01 µm^2, perimeter to 0.01 µm, ratios and the probability to 0.001, as
+    """Areas to 0.01 µm^2, lengths to 0.01 µm, ratios and the probability to 0.001, as
     the shortest text; never "Area px^2" (QuPath derives it); the dict API writes the same
     numbers. Non-finite values stay out."""
     poly = Polygon([(0, 0), (4, 0), (4, 3), (0, 3)])
-    cols = {"area_px": [415.0, 390.88814440999995], "area_um2": [25.937512345, np.nan],
-            "perimeter_um": [19.776750080582790, 19.7649], "eccentricity": [0.38140963919697835, 0.0004],
-            "solidity": [0.974132863021752, 1.0], "mean_probability": [0.8999999761581421, np.inf]}
+    cols = {"area_px": [415.0, 390.88814440999995], "Area µm^2": [25.937512345, np.nan],
+            "Length µm": [19.776750080582790, 19.7649], "Circularity": [0.83311, 0.9],
+            "Max diameter µm": [7.2149, 7.0], "Eccentricity": [0.38140963919697835, 0.0004],
+            "Solidity": [0.974132863021752, 1.0], "Detection probability": [0.8999999761581421, np.inf]}
     texts = feature_texts([1, 2], feature_bodies([poly, poly], cols))
-    first = ('"measurements":{"Area µm^2":25.94,"Perimeter µm":19.78,"Eccentricity":0.381,'
-             '"Solidity":0.974,"Mean probability":0.9,"Nucleus id":1.0}')
+    first = ('"measurements":{"Area µm^2":25.94,"Length µm":19.78,"Circularity":0.833,'
+             '"Max diameter µm":7.21,"Eccentricity":0.381,"Solidity":0.974,"Detection probability":0.9,'
+             '"Nucleus id":1.0}')
     assert texts[0].endswith(first + "}}")
     second = json.loads(texts[1])["properties"]["measurements"]
-    assert second == {"Perimeter µm": 19.76, "Eccentricity": 0.0, "Solidity": 1.0, "Nucleus id": 2.0}
+    assert second == {"Length µm": 19.76, "Circularity": 0.9, "Max diameter µm": 7.0, "Eccentricity": 0.0,
+                      "Solidity": 1.0, "Nucleus id": 2.0}
     for k, text in enumerate(texts):
         row = {key: values[k] for key, values in cols.items()}
         assert json.loads(text) == json.loads(json.dumps(nucleus_feature(k + 1, poly, row)))
@@ -93,7 +97,7 @@ def test_measurements_are_written_with_their_precision() -> None:
 def test_feature_text_equals_the_dict_api() -> None:
     lab = synthetic_labels()
     table = instance_measurements(lab, np.full(lab.shape, 0.75), (3, 5), 2.0, 0.25)
-    table.loc[2, "solidity"] = np.inf  # dropped like NaN
+    table.loc[2, "Solidity"] = np.inf  # dropped like NaN
     outlines = trace_tile(lab, (3, 5), 2.0)
     values, polys = outlines.values, outlines.polygons
     columns = {k: table[k].to_numpy() for k in table}
@@ -153,9 +157,10 @@ def test_featurecollection_round_trip_plain_and_gzip(tmp_path: Path) -> None:
         area_px = (lab == nid).sum() * 4.0
         assert 0.5 * area_px <= geom.area <= area_px
         assert on_grid(geom) and shapely.is_ccw(geom.exterior)
-        assert meas["Area µm^2"] == round(area_px * 0.25, 2) and "Area px^2" not in meas  # calibrated
-        assert meas["Mean probability"] == 0.75
-        assert {"Solidity", "Eccentricity", "Perimeter µm"} <= set(meas)
+        assert meas["Area µm^2"] == round(geom.area * 0.25, 2) and "Area px^2" not in meas  # calibrated
+        assert meas["Detection probability"] == 0.75
+        assert {"Area µm^2", "Length µm", "Circularity", "Solidity", "Max diameter µm", "Min diameter µm",
+                "Eccentricity", "Detection probability", "Nucleus id"} == set(meas)
         assert not any(k.startswith(("centroid", "bbox")) for k in meas)
 
 
@@ -172,8 +177,8 @@ def test_output_is_deterministic(tmp_path: Path) -> None:
 
 def test_non_finite_measurements_are_dropped() -> None:
     poly = Polygon([(0, 0), (1, 0), (1, 1), (0, 1)])
-    feat = nucleus_feature(4, poly, {"area_um2": float("nan"), "solidity": np.float32(1.0),
-                                          "perimeter_um": float("inf"), "note": "text"})
+    feat = nucleus_feature(4, poly, {"Area µm^2": float("nan"), "Solidity": np.float32(1.0),
+                                          "Length µm": float("inf"), "note": "text"})
     assert feat["properties"]["measurements"] == {"Solidity": 1.0, "Nucleus id": 4.0}
     json.dumps(feat, allow_nan=False)
     with pytest.raises(ValueError, match="color"):

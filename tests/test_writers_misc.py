@@ -38,14 +38,16 @@ def test_square_measurements_in_level0_units() -> None:
     [row] = t.to_dict("records")
     assert row["id"] == 1001 and t["id"].dtype == np.uint32
     assert row["area_px"] == 64.0  # 16 model px * 2^2
-    assert row["area_um2"] == 64.0 * 0.25**2
+    # the outline of a 4 x 4 model-px square, smoothed: its polygon area, not the pixel count
+    assert 0.8 * 64.0 * 0.25**2 <= row["Area µm^2"] <= 64.0 * 0.25**2
     # level-0 rows (102..105)*2 -> 204..211, centre index 207.5; cols (43..46)*2 -> 86..93
     assert row["centroid_y_px"] == 207.5 and row["centroid_x_px"] == 89.5
     assert row["centroid_y_um"] == 207.5 * 0.25 and row["centroid_x_um"] == 89.5 * 0.25
     assert (row["bbox_y0"], row["bbox_x0"], row["bbox_y1"], row["bbox_x1"]) == (204, 86, 212, 94)
-    assert row["solidity"] == 1.0 and row["eccentricity"] == pytest.approx(0.0, abs=1e-12)
-    assert row["mean_probability"] == pytest.approx((15 * 0.5 + 0.9) / 16)
-    assert row["perimeter_um"] > 0
+    assert row["Solidity"] == pytest.approx(1.0) and row["Eccentricity"] == pytest.approx(0.0, abs=1e-12)
+    assert row["Detection probability"] == pytest.approx((15 * 0.5 + 0.9) / 16)
+    assert row["Length µm"] > 0 and 0.8 < row["Circularity"] <= 1.0
+    assert row["Min diameter µm"] <= row["Max diameter µm"] <= row["Length µm"] / 2
     empty = instance_measurements(np.zeros((3, 3), np.int32), np.zeros((3, 3)), (0, 0), 1.0, 0.5)
     assert len(empty) == 0 and list(empty.columns) == list(COLUMNS)
 
@@ -66,8 +68,8 @@ def test_moments_match_skimage_regionprops(seed: int) -> None:
     p = regionprops_table(lab, prob, properties=("label", "area", "centroid", "bbox", "eccentricity",
                                                  "intensity_mean"))
     assert t["id"].tolist() == p["label"].tolist()
-    np.testing.assert_allclose(t["eccentricity"], p["eccentricity"], rtol=0, atol=1e-9)
-    np.testing.assert_allclose(t["mean_probability"], p["intensity_mean"], rtol=1e-12)
+    np.testing.assert_allclose(t["Eccentricity"], p["eccentricity"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(t["Detection probability"], p["intensity_mean"], rtol=1e-12)
     np.testing.assert_array_equal(t["area_px"], p["area"] * s * s)
     np.testing.assert_allclose(t["centroid_y_px"], (p["centroid-0"] + oy + 0.5) * s - 0.5, rtol=1e-12)
     np.testing.assert_allclose(t["centroid_x_px"], (p["centroid-1"] + ox + 0.5) * s - 0.5, rtol=1e-12)
@@ -146,7 +148,7 @@ def test_bad_table_leaves_no_parquet(tmp_path: Path) -> None:
     good = _tiles(1, 3)[0]
     store = _store(tmp_path)
     with pytest.raises(ValueError, match="columns"):
-        write_table(tmp_path, [good, good.drop(columns=["solidity"])], store=store)
+        write_table(tmp_path, [good, good.drop(columns=["Solidity"])], store=store)
     assert not (tmp_path / "nuclei.parquet").exists()
     huge = {k: v.to_numpy() for k, v in good.items()}
     huge["id"] = huge["id"].astype(np.uint64) + np.uint64(2**32)  # would wrap in uint32

@@ -160,9 +160,11 @@ def test_polygons_align_with_table_rows() -> None:
     outlines = trace_tile(lab, (0, 0), 2.0)
     values, polys = outlines.values, outlines.polygons
     assert values.tolist() == table["id"].tolist()
-    np.testing.assert_allclose(table["perimeter_um"], shapely.length(polys) * 0.25)
+    np.testing.assert_allclose(table["Length µm"], shapely.length(polys) * 0.25)
+    np.testing.assert_allclose(table["Area µm^2"], shapely.area(polys) * 0.25**2)
     hull = shapely.convex_hull(polys)
-    np.testing.assert_allclose(table["solidity"], shapely.area(polys) / shapely.area(hull))
+    np.testing.assert_allclose(table["Solidity"], shapely.area(polys) / shapely.area(hull))
+    np.testing.assert_allclose(table["Max diameter µm"], 2 * shapely.minimum_bounding_radius(polys) * 0.25)
     for poly, area, cx, cy in zip(polys, table["area_px"], table["centroid_x_px"], table["centroid_y_px"]):
         assert poly.area <= area and poly.area >= 0.5 * area
         # table centroids use the pixel-index convention: continuous x - 0.5; the

@@ -27,18 +27,20 @@ keeps every column at full precision:
 * ``Area µm^2``: 0.01 µm^2 (a 40x pixel is 0.0625 µm^2). No ``Area px^2``: every slide
   has a pixel size (``slide.plan_read`` refuses one without), and QuPath, like the table,
   derives the one from the other.
-* ``Perimeter µm``: 0.01 µm. The outline is only within 0.5 model px (0.125-0.25 µm) of
-  the sub-pixel one, so a third decimal would be noise.
-* ``Eccentricity``, ``Solidity``, ``Mean probability``: 0.001. Douglas-Peucker at 0.5 px
-  alone moves solidity by a median 0.008 (40x) / 0.018 (20x), eccentricity comes from
-  the pixel moments, and 0.001 is finer than any useful probability threshold.
+* ``Length µm``, ``Max diameter µm``, ``Min diameter µm``: 0.01 µm. The outline is only
+  within 0.5 model px (0.125-0.25 µm) of the sub-pixel one, so a third decimal would be
+  noise.
+* ``Circularity``, ``Solidity``, ``Eccentricity``, ``Detection probability``: 0.001.
+  Douglas-Peucker at 0.5 px alone moves solidity by a median 0.008 (40x) / 0.018 (20x),
+  eccentricity comes from the pixel moments, and 0.001 is finer than any useful
+  probability threshold.
 * ``Nucleus id``: the label value, exact.
 
-Perimeter and solidity are those of the written polygon (``table.instance_measurements``
-measures the same outlines). What a nucleus costs: ``bench.postprocess_speed`` reports
-bytes per nucleus at 40x and 20x and what the type, objectType + classification,
-measurements and geometry take of it; coordinates far into a slide have a digit or two
-more each.
+The shape measurements are those of the written polygon (``table.instance_measurements``
+measures the same outlines, with QuPath's definitions: ``pipeline.measure.shape``). What a
+nucleus costs: ``bench.postprocess_speed`` reports bytes per nucleus at 40x and 20x and
+what the type, objectType + classification, measurements and geometry take of it;
+coordinates far into a slide have a digit or two more each.
 
 **No feature ids.** QuPath gives every imported object without an ``id`` a fresh random
 UUID, and the link from a feature to its label value and table row is the ``Nucleus id``
@@ -63,17 +65,20 @@ from pipeline.writers.outlines import XY_DECIMALS
 __all__ = ["MEASUREMENTS", "NUCLEUS_CLASS", "feature_bodies", "feature_texts", "nucleus_feature"]
 
 NUCLEUS_CLASS = {"name": "Nucleus", "color": [0, 200, 0]}
-# Table column -> (QuPath-style measurement name, decimals written to the GeoJSON; the
-# table keeps full precision)
-MEASUREMENTS: dict[str, tuple[str, int]] = {
-    "area_um2": ("Area µm^2", 2),
-    "perimeter_um": ("Perimeter µm", 2),
-    "eccentricity": ("Eccentricity", 3),
-    "solidity": ("Solidity", 3),
-    "mean_probability": ("Mean probability", 3),
+# Measurement (QuPath's name, as the table's column) -> decimals written to the GeoJSON;
+# the table keeps full precision
+MEASUREMENTS: dict[str, int] = {
+    "Area µm^2": 2,
+    "Length µm": 2,
+    "Circularity": 3,
+    "Solidity": 3,
+    "Max diameter µm": 2,
+    "Min diameter µm": 2,
+    "Eccentricity": 3,
+    "Detection probability": 3,
 }
-MEASUREMENT_NAMES = {"id": "Nucleus id", **{k: name for k, (name, _) in MEASUREMENTS.items()}}
-_DECIMALS = dict(MEASUREMENTS.values())  # final name -> decimals
+MEASUREMENT_NAMES = {"id": "Nucleus id"}  # table columns written under another name
+_DECIMALS = MEASUREMENTS
 # QuPath derives these from the ROI (the pixel area: from the µm^2 one)
 _SKIP = {"centroid_x_px", "centroid_y_px", "centroid_x_um", "centroid_y_um",
          "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1", "area_px"}

@@ -11,20 +11,22 @@ Coordinates and units (level-0 pixels unless the column says µm):
 * ``centroid_*_um = centroid_*_px * mpp`` (the NGFF physical coordinate).
 * ``area_px = model_area * s^2`` (the label's pixel count; the GeoJSON outline's area is
   within a few % of it, see ``outlines``).
-* ``perimeter_um`` and ``solidity`` come from the GeoJSON outline itself (the smoothed,
-  sub-pixel polygon in level-0 px): its length x mpp, and its area / its convex hull's
-  area. So the table and QuPath's view of a nucleus agree, and a perimeter does not
-  count staircase steps.
-* ``eccentricity`` is skimage's: from the second central moments of the pixels (the
-  ellipse with the same moments), scale-free.
+* The measurements have QuPath 0.6's names and definitions (``MEASUREMENT_COLUMNS``), so
+  that the table, the GeoJSON and QuPath's own measurements of an imported nucleus agree:
+  ``Area µm^2``, ``Length µm``, ``Circularity``, ``Solidity``, ``Max diameter µm``,
+  ``Min diameter µm`` of the GeoJSON outline itself (the smoothed, sub-pixel polygon in
+  level-0 px; ``pipeline.measure.shape``), so a length does not count staircase steps;
+  ``Eccentricity`` (an extra) is skimage's, from the second central moments of the pixels
+  (the ellipse with the same moments), scale-free; ``Detection probability`` is the mean
+  nucleus probability over the nucleus's pixels.
 * ``bbox_*`` is the half-open level-0 pixel range covering the nucleus:
   ``floor(model_bbox_start * s)`` .. ``ceil(model_bbox_stop * s)``; exact when s is an integer.
 
 All of it is computed for the whole crop at once, with no Python loop per nucleus: pixel
 count, centroid, second moments (eccentricity) and bbox from the traced pixel edges
 (``outlines.trace_tile``: Green's theorem, exact, equal to the sums over the pixels), the
-mean probability by one ``numpy.bincount`` over the foreground pixels, perimeter and
-solidity by shapely's vectorised functions over the outlines.
+mean probability by one ``numpy.bincount`` over the foreground pixels, the shape
+measurements by shapely's vectorised functions over the outlines.
 
 Two files, one set of rows (one per nucleus, in global id order):
 
@@ -74,11 +76,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import shapely
 import zarr
 
 from pipeline import __version__
 from pipeline.atomic import atomic_path
+from pipeline.measure.shape import SHAPE_NAMES, shape_measurements
+from pipeline.measure.shape import UNITS as SHAPE_UNITS
 from pipeline.writers.labels import LABEL_NAME, LabelStoreSpec
 from pipeline.writers.outlines import TileOutlines, trace_tile
 
@@ -97,6 +100,11 @@ __all__ = [
 
 TABLE_NAME = "nuclei"
 TABLE_PATH = f"tables/{TABLE_NAME}"
+# measurements, named as QuPath names them (shape: ``pipeline.measure.shape``; extras:
+# Eccentricity, from the pixel moments, and the mean nucleus probability)
+ECCENTRICITY = "Eccentricity"
+PROBABILITY = "Detection probability"
+MEASUREMENT_COLUMNS: tuple[str, ...] = (*SHAPE_NAMES, ECCENTRICITY, PROBABILITY)
 COLUMNS: dict[str, str] = {
     "id": "uint32",
     "centroid_x_px": "float64",
@@ -104,17 +112,14 @@ COLUMNS: dict[str, str] = {
     "centroid_x_um": "float64",
     "centroid_y_um": "float64",
     "area_px": "float64",
-    "area_um2": "float64",
-    "perimeter_um": "float64",
-    "eccentricity": "float64",
-    "solidity": "float64",
-    "mean_probability": "float64",
+    **{name: "float64" for name in MEASUREMENT_COLUMNS},
     "bbox_x0": "int64",
     "bbox_y0": "int64",
     "bbox_x1": "int64",
     "bbox_y1": "int64",
 }
 # NGFF unit names; "1": dimensionless; the id has no unit (it is the label value)
+_NGFF_UNITS = {"µm": "micrometer", "µm^2": "micrometer^2", "1": "1"}
 COLUMN_UNITS: dict[str, str] = {
     "id": "",
     "centroid_x_px": "pixel",
@@ -122,11 +127,9 @@ COLUMN_UNITS: dict[str, str] = {
     "centroid_x_um": "micrometer",
     "centroid_y_um": "micrometer",
     "area_px": "pixel^2",
-    "area_um2": "micrometer^2",
-    "perimeter_um": "micrometer",
-    "eccentricity": "1",
-    "solidity": "1",
-    "mean_probability": "1",
+    **{name: _NGFF_UNITS[unit] for name, unit in SHAPE_UNITS.items()},
+    ECCENTRICITY: "1",
+    PROBABILITY: "1",
     "bbox_x0": "pixel",
     "bbox_y0": "pixel",
     "bbox_x1": "pixel",
@@ -140,8 +143,7 @@ COORDINATES = (
 )
 METADATA_KEY = "wsi_nuclei"  # Parquet schema metadata key (JSON) and AnnData uns key
 # AnnData layout: measurements in X; obsm matrices with the Parquet columns behind them
-X_COLUMNS: tuple[str, ...] = ("area_px", "area_um2", "perimeter_um", "eccentricity", "solidity",
-                              "mean_probability")
+X_COLUMNS: tuple[str, ...] = (*MEASUREMENT_COLUMNS, "area_px")
 OBSM_PX: dict[str, tuple[str, ...]] = {
     "centroid_px": ("centroid_x_px", "centroid_y_px"),
     "bbox_px": ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"),
@@ -206,9 +208,7 @@ def instance_measurements(
     l1 = half + root
     l2 = np.clip(half - root, 0, None)
     ecc = np.sqrt(1 - np.divide(l2, l1, out=np.ones_like(l1), where=l1 > 0))
-    polygons = outlines.polygons
-    poly_area = shapely.area(polygons)
-    hull_area = shapely.area(shapely.convex_hull(polygons))
+    shape = shape_measurements(outlines.polygons, mpp_level0)  # the GeoJSON's own polygons
     oy, ox = float(offset_yx[0]), float(offset_yx[1])
     s = float(scale)
     cy = (outlines.centroid[:, 0] + oy + 0.5) * s - 0.5
@@ -223,11 +223,9 @@ def instance_measurements(
         "centroid_x_um": cx * mpp,
         "centroid_y_um": cy * mpp,
         "area_px": area,
-        "area_um2": area * mpp * mpp,
-        "perimeter_um": shapely.length(polygons) * mpp,
-        "eccentricity": ecc,
-        "solidity": np.divide(poly_area, hull_area, out=np.ones_like(poly_area), where=hull_area > 0),
-        "mean_probability": mean_prob,
+        **shape,
+        ECCENTRICITY: ecc,
+        PROBABILITY: mean_prob,
         "bbox_x0": np.floor((x0 + ox) * s).astype(np.int64),
         "bbox_y0": np.floor((y0 + oy) * s).astype(np.int64),
         "bbox_x1": np.ceil((x1 + ox) * s).astype(np.int64),
