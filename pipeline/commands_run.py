@@ -43,6 +43,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-outside-tissue", action="store_true",
                    help="keep nuclei whose centre lies off the tissue mask (debris, dye and "
                         "flakes on the glass are dropped by default; summary.json counts them)")
+    p.add_argument("--stain-vectors", default=None, metavar="STAINS",
+                   help="colour deconvolution for the intensity measurements: 'default' (QuPath's "
+                        "H&E defaults) or the string of a QuPath project's "
+                        "setColorDeconvolutionStains(...); default: estimated per slide from its "
+                        "tissue (summary.json records the vectors in QuPath's form)")
     p.add_argument("--cluster", choices=["local", "slurm", "none"], default=None,
                    help="local Dask cluster (default), SLURM via dask-jobqueue, or none (one process)")
     p.add_argument("--cluster-config", default=None, help="YAML/JSON file with cluster settings")
@@ -137,7 +142,7 @@ def run_command(args: argparse.Namespace) -> int:
     cfg = RunConfig(model=args.model or default_model(), out=args.out, tile_size=args.tile_size,
                     batch_size=args.batch_size, mpp=args.mpp, device=args.device, gzip=args.gzip,
                     overwrite=args.overwrite, tissue_mask=not args.no_tissue_mask,
-                    keep_outside_tissue=args.keep_outside_tissue)
+                    keep_outside_tissue=args.keep_outside_tissue, stain_vectors=args.stain_vectors)
     cfg.validate()  # bad values exit 2 here, before any cluster starts
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers} must be at least 1")

@@ -65,6 +65,7 @@ def settings_fingerprint(cfg: Any, model_sha256: str, watershed: Any) -> dict[st
         "mpp_override": cfg.mpp,
         "tissue_mask": cfg.tissue_mask,
         "keep_outside_tissue": cfg.keep_outside_tissue,
+        "stain_vectors": cfg.stain_vectors,
         "chunk": cfg.chunk,
         "package_version": _version("wsi-nuclei"),
     }

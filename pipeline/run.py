@@ -87,7 +87,7 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
         with _timed(timings, "prepare_s"):
             plan = one(executor, PREPARE_SLIDE, PrepareJob(path, cfg.mpp, cfg.model, cfg.device,
                                                            cfg.tissue_mask, cfg.tile_size,
-                                                           cfg.cluster_margin))
+                                                           cfg.cluster_margin, cfg.stain_vectors))
         summary["fingerprint"] = claim_work_dir(out, path, settings, plan, cfg.batch_size)
         with _timed(timings, "inference_s"):
             tiles = run_tiles(plan, cfg, executor, str(work), progress)

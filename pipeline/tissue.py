@@ -198,7 +198,8 @@ def tissue_signal(rgb: np.ndarray) -> np.ndarray:
     """Saturation, with marker pen (green-cyan hues) and near-black pixels set to 0
     (one max and one min per pixel serve saturation, hue and value)."""
     x = rgb[..., :3].astype(np.float32)
-    mx, mn = x.max(axis=2), x.min(axis=2)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]  # channel-wise: far faster than a reduce over 3
+    mx, mn = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
     sat = _saturation(mx, mn)
     hue = _hue(x, mx, mn)
     pen = (hue >= PEN_HUE_DEG[0]) & (hue <= PEN_HUE_DEG[1]) & (sat > SAT_FLOOR)

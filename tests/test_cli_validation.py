@@ -25,6 +25,7 @@ def slide(tmp_path: Path) -> Path:
     (["--mpp", "-0.5"], "--mpp"),
     (["--workers", "0"], "--workers"),
     (["--model", "no-such-model.pt"], "no-such-model"),
+    (["--stain-vectors", "pink"], "--stain-vectors"),
 ])
 def test_bad_values_exit_2_before_a_cluster_starts(slide: Path, tmp_path: Path, monkeypatch, capsys,
                                                    flags: list[str], message: str) -> None:

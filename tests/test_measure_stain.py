@@ -107,3 +107,23 @@ def test_label_statistics_match_numpy() -> None:
         assert stats["Nucleus: Hematoxylin: Max"][i - 1] == pytest.approx(v.max())
         assert stats["Nucleus: Hematoxylin: Std.Dev."][i - 1] == pytest.approx(v.std(ddof=1))
     assert np.isnan(stats["Nucleus: Hematoxylin: Mean"][3])
+
+
+def test_a_slide_s_stains_are_estimated_from_its_tissue_at_model_resolution() -> None:
+    """``slide_run.plan.slide_stains``: windows spread over the tiles with tissue, pixels
+    that are not H&E-coloured left out (a teal marking dye here), or the user's vectors."""
+    from pipeline.slide import MemorySlide, plan_read
+    from pipeline.slide_run.plan import slide_stains
+    from pipeline.tiling import plan_tiles
+
+    rgb, _, _, tissue = synthetic_he(3, size=512)
+    rgb[300:340, 300:420] = (60, 170, 170)  # teal marking dye on the tissue
+    slide = MemorySlide(rgb, 0.5)
+    plan = plan_read(slide.info, 0.5)
+    tiles = tuple(plan_tiles(plan.shape, 128, 16, 16, 16))
+    found = slide_stains(slide, plan, tiles, None)
+    assert found.source == "estimated"
+    assert angle_deg(found.hematoxylin, TRUE_H) < 5.0 and angle_deg(found.eosin, TRUE_E) < 5.0
+    assert np.allclose(found.background, BACKGROUND, atol=2.0)
+    assert slide_stains(slide, plan, tiles, "default").source == "user"
+    assert slide_stains(slide, plan, (), None).source.startswith("default")

@@ -30,6 +30,9 @@ class RunConfig:
     chunk: int = 1024
     cluster_margin: int = DEFAULT_CLUSTER_MARGIN
     keep_outside_tissue: bool = False  # keep nuclei whose centroid is off the tissue mask
+    # colour deconvolution: None = estimated per slide from its tissue; "default" = QuPath's
+    # H&E defaults; or a QuPath setColorDeconvolutionStains string
+    stain_vectors: str | None = None
 
     def validate(self) -> None:
         """Raise ``ConfigError`` (the CLI exits 2) for settings no slide can run with, before
@@ -51,6 +54,13 @@ class RunConfig:
             problems.append(f"label chunk {self.chunk} must be a positive multiple of 16")
         if self.cluster_margin < 0:
             problems.append(f"cluster margin {self.cluster_margin} must not be negative")
+        if self.stain_vectors is not None:
+            from pipeline.measure.stain import StainVectors
+
+            try:
+                StainVectors.parse(self.stain_vectors)
+            except ValueError as exc:
+                problems.append(f"--stain-vectors: {exc}")
         problems += _output_folder_problems(Path(self.out))
         if problems:
             raise ConfigError("; ".join(problems))

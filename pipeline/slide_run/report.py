@@ -35,6 +35,7 @@ def slide_report(plan: SlidePlan, tiles: list[TileSummary], blocks: LabelBlocks,
         "origin_shift_xy": list(plan.info.bounds_xy),
         "tiles_with_damage": sum(bool(s.damaged) for s in tiles),
         "unreadable_regions": unreadable_regions(plan, tiles),
+        "stain_vectors": plan.stains,
     }
 
 
