@@ -165,9 +165,9 @@ def _components(prob: np.ndarray, params: WatershedParams) -> tuple[np.ndarray, 
 
 def _instances(prob: np.ndarray, dist: np.ndarray, comps: np.ndarray, keep: list[int],
                params: WatershedParams, watershed: bool = True) -> np.ndarray:
-    """Instances of the kept components only (valid by the decomposition contract);
-    none at all without ``watershed`` (the window-planning pass of
-    :func:`predict_grown_windows`, whose decisions do not depend on instances)."""
+    """Instances of the kept components only (valid by the decomposition contract: on
+    any crop that holds them whole); none at all without ``watershed`` (the planning pass
+    of :func:`predict_grown_windows`, whose decisions do not depend on instances)."""
     if not keep or not watershed:
         return np.zeros(prob.shape, dtype=np.int32)
     selected = np.isin(comps, np.asarray(keep, dtype=comps.dtype))
@@ -176,15 +176,39 @@ def _instances(prob: np.ndarray, dist: np.ndarray, comps: np.ndarray, keep: list
 
 def segment_tile(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, image: Box,
                  params: WatershedParams, margin: int, multiple: int,
-                 predict: Predictor, watershed: bool = True) -> TileInstances:
+                 predict: Predictor | GrownPlan) -> TileInstances:
     """Instances owned by the tile with ``core``, from its window's network outputs.
 
-    ``predict`` recomputes outputs for larger windows when a component is truncated.
-    Every decision (which components are kept, grown, owned or giants; which windows are
-    predicted) depends on the foreground components only, never on the instances, so
-    ``watershed=False`` asks ``predict`` for exactly the same windows and only skips the
-    watershed (the labels are then all zero).
+    ``predict`` recomputes outputs for larger windows when a component is truncated; or,
+    on the CPU pool of a GPU layout, ``predict`` is the :class:`GrownPlan` the inference
+    worker made of those components (:func:`predict_grown_windows`), replayed in order:
+    a component the plan does not hold raises ``RuntimeError``.
     """
+    if isinstance(predict, GrownPlan):
+        replay = _Replay(predict)
+        result = _segment(core, window, prob, dist, image, params, margin, multiple, replay.grow)
+        replay.done()
+        return result
+
+    def grow(seed: tuple[int, int], bbox: Box, valid: Box) -> GrownCluster:
+        return _grow_component(seed, bbox, core, valid, image, params, margin, multiple, predict)
+
+    return _segment(core, window, prob, dist, image, params, margin, multiple, grow)
+
+
+Grow = Callable[[tuple[int, int], Box, Box], "GrownCluster"]
+"""The component at a seed pixel, first seen on a box and cut by the tile's valid box's
+edge (seed, box, valid box), grown until complete."""
+
+
+def _segment(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, image: Box,
+             params: WatershedParams, margin: int, multiple: int, grow: Grow,
+             watershed: bool = True) -> TileInstances:
+    """:func:`segment_tile` with truncated components grown by ``grow``. Every decision
+    (which components are kept, grown, owned or giants; which windows are predicted)
+    depends on the foreground components only, never on the instances, so
+    ``watershed=False`` grows exactly the same components and only skips the watershed
+    (the labels are then all zero)."""
     valid = window.grow(-margin).intersect(image)
     local = valid.slices((window.y0, window.x0))
     p, d = prob[local], dist[local]
@@ -223,57 +247,147 @@ def segment_tile(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, ima
             giants.append(bbox)
             covered[obj] |= comps[obj] == cid
             continue
-        piece, giant, owned = _grow_component(seed, bbox, core, image, params, margin,
-                                              multiple, predict, watershed)
+        cluster = grow(seed, bbox, valid)
         recomputed += 1
-        if giant is not None:
-            giants.append(giant)
+        if cluster.giant is not None:
+            giants.append(cluster.giant)
         # mark every part of this tile's valid box that belongs to the recomputed component
-        inter = piece.box.intersect(valid)
-        if not inter.is_empty():
-            sub = piece.labels[inter.slices((piece.box.y0, piece.box.x0))] > 0
-            covered[inter.slices((valid.y0, valid.x0))] |= sub | (
-                piece.prob[inter.slices((piece.box.y0, piece.box.x0))] > 0)
-        if owned:
-            pieces.append(piece)
+        if not cluster.inside.is_empty():
+            covered[cluster.inside.slices((valid.y0, valid.x0))] |= cluster.covered()
+        if cluster.owned is not None and watershed:
+            pieces.append(cluster.owned.piece(params))
     return _assemble(pieces, core, recomputed, tuple(giants))
+
+
+def _pack(mask: np.ndarray) -> bytes:
+    return np.packbits(mask, axis=None).tobytes()
+
+
+def _unpack(bits: bytes, box: Box) -> np.ndarray:
+    flat = np.unpackbits(np.frombuffer(bits, np.uint8), count=box.height * box.width)
+    return flat.reshape(box.shape).view(bool)
+
+
+@dataclass(frozen=True)
+class OwnedCluster:
+    """What the watershed of a grown component reads, for the tile that owns it, and no more.
+
+    Why compact: on a GPU layout it travels from the inference worker to the CPU pool.
+    The watershed of one component reads its distance and probability at its own pixels
+    only, and ``prob > fg_threshold`` in its box (a hole that holds another component's
+    foreground stays open): 8 bytes per component pixel and 2 bits per box pixel, where
+    the grown window's outputs are 8 bytes per window pixel (the window also holds the
+    growth room and every other component in it). :meth:`piece` rebuilds maps that equal
+    the network's wherever the watershed reads them (elsewhere: 1 on foreground, 0 off
+    it), so the instances are the same, and both paths segment from this form.
+    """
+
+    box: Box  # the component's bounding box (model px)
+    cid: int  # its id among the window's components (ids shift instance ids, not shapes)
+    foreground: bytes  # prob > fg_threshold on box, packed bits
+    mask: bytes  # the component's pixels on box, packed bits
+    prob: np.ndarray  # float32 at the component's pixels, raster order
+    dist: np.ndarray  # float32, likewise
+
+    @classmethod
+    def of(cls, box: Box, prob: np.ndarray, dist: np.ndarray, comps: np.ndarray, cid: int,
+           params: WatershedParams) -> OwnedCluster:
+        """From the component's crops of a window's outputs and components (on ``box``)."""
+        if not 0.0 <= params.fg_threshold < 1.0:
+            raise ValueError(f"fg_threshold {params.fg_threshold} is not a probability below 1")
+        mask = comps == cid
+        return cls(box, cid, _pack(prob > params.fg_threshold), _pack(mask),
+                   np.ascontiguousarray(prob[mask], np.float32), np.ascontiguousarray(dist[mask], np.float32))
+
+    def piece(self, params: WatershedParams) -> _Piece:
+        """The component's instances and probability on its box."""
+        mask = _unpack(self.mask, self.box)
+        prob = _unpack(self.foreground, self.box).astype(np.float32)
+        prob[mask] = self.prob
+        dist = np.zeros(self.box.shape, np.float32)
+        dist[mask] = self.dist
+        comps = np.where(mask, np.int32(self.cid), np.int32(0))
+        labels = _instances(prob, dist, comps, [self.cid], params)
+        return _Piece(self.box, labels, np.where(mask, prob, np.float32(0)))
+
+
+@dataclass(frozen=True)
+class GrownCluster:
+    """One truncated component of a tile, grown on larger windows until complete (or a
+    giant, or gone below threshold): what the tile's segmentation needs of it. A tile that
+    does not own it needs only its pixels in the tile's valid box (bits) and whether it is
+    a giant; the owner also its watershed's inputs."""
+
+    seed: tuple[int, int]  # the request: seed pixel and the box seen before growing
+    bbox: Box
+    windows: tuple[Box, ...]  # the windows predicted for it, in order
+    inside: Box  # the component's box within the tile's valid box (empty: none there)
+    inside_bits: bytes  # its pixels on ``inside``, packed bits
+    giant: Box | None = None  # its box, if it is a giant (then nobody segments it)
+    owned: OwnedCluster | None = None  # this tile owns it: its watershed's inputs
+
+    def covered(self) -> np.ndarray:
+        """The component's pixels on ``inside``."""
+        return _unpack(self.inside_bits, self.inside)
+
+
+@dataclass(frozen=True)
+class GrownPlan:
+    """The grown components of one tile, in the order the tile meets them
+    (:func:`predict_grown_windows`): what the inference worker sends the CPU pool."""
+
+    clusters: tuple[GrownCluster, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.clusters)
+
+    @property
+    def windows(self) -> tuple[Box, ...]:
+        """Every window predicted for the tile, in order."""
+        return tuple(w for c in self.clusters for w in c.windows)
+
+
+class _Replay:
+    """Serves a tile's :class:`GrownPlan` to :func:`_segment`, checking each request."""
+
+    def __init__(self, plan: GrownPlan) -> None:
+        self._left = list(reversed(plan.clusters))
+
+    def grow(self, seed: tuple[int, int], bbox: Box, valid: Box) -> GrownCluster:
+        if not self._left or (self._left[-1].seed, self._left[-1].bbox) != (seed, bbox):
+            raise RuntimeError(f"the cluster at {seed} ({bbox}) was not grown on the inference "
+                               "worker (predict_grown_windows and segment_tile disagree)")
+        return self._left.pop()
+
+    def done(self) -> None:
+        if self._left:
+            raise RuntimeError(f"{len(self._left)} cluster(s) grown on the inference worker were "
+                               "not asked for (predict_grown_windows and segment_tile disagree)")
 
 
 def predict_grown_windows(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, image: Box,
                           params: WatershedParams, margin: int, multiple: int,
-                          predict: Predictor) -> dict[Box, tuple[np.ndarray, np.ndarray]]:
-    """The network outputs of every larger window :func:`segment_tile` will ask for.
+                          predict: Predictor) -> GrownPlan:
+    """What :func:`segment_tile` needs of every larger window it will ask for.
 
     Why: on a GPU cluster the network runs on the GPU worker and the watershed on a pool of
     CPU processes, but a truncated cluster needs more windows from the *same* device (two
     devices differ in the last bits, which exact stitching does not tolerate). This runs
     segment_tile's decisions without the watershed (foreground components only, cheap) on
-    the GPU side; the CPU side then calls segment_tile with :func:`replay_predictor` of the
-    result and gets exactly the outputs it would have computed itself.
+    the GPU side and keeps, per grown component, only what the tile reads of it
+    (:class:`GrownCluster`: bits for its pixels in the tile, and the owner's watershed
+    inputs); the CPU side calls segment_tile with the plan and gets exactly the result it
+    would have computed itself. Windows are predicted one at a time, as segment_tile does.
     """
-    seen: dict[Box, tuple[np.ndarray, np.ndarray]] = {}
+    clusters: list[GrownCluster] = []
 
-    def recording(box: Box) -> tuple[np.ndarray, np.ndarray]:
-        if box not in seen:
-            seen[box] = predict(box)
-        return seen[box]
+    def grow(seed: tuple[int, int], bbox: Box, valid: Box) -> GrownCluster:
+        cluster = _grow_component(seed, bbox, core, valid, image, params, margin, multiple, predict)
+        clusters.append(cluster)
+        return cluster
 
-    segment_tile(core, window, prob, dist, image, params, margin, multiple, recording,
-                 watershed=False)
-    return seen
-
-
-def replay_predictor(outputs: dict[Box, tuple[np.ndarray, np.ndarray]]) -> Predictor:
-    """A predictor that only serves the windows of :func:`predict_grown_windows`."""
-
-    def replay(box: Box) -> tuple[np.ndarray, np.ndarray]:
-        try:
-            return outputs[box]
-        except KeyError:
-            raise RuntimeError(f"window {box} was not predicted on the inference worker "
-                               "(predict_grown_windows and segment_tile disagree)") from None
-
-    return replay
+    _segment(core, window, prob, dist, image, params, margin, multiple, grow, watershed=False)
+    return GrownPlan(tuple(clusters))
 
 
 def _global_box(obj: tuple[slice, slice], valid: Box) -> Box:
@@ -281,45 +395,60 @@ def _global_box(obj: tuple[slice, slice], valid: Box) -> Box:
                obj[0].stop + valid.y0, obj[1].stop + valid.x0)
 
 
-def _grow_component(seed: tuple[int, int], bbox: Box, core: Box, image: Box,
+def _grow_component(seed: tuple[int, int], bbox: Box, core: Box, tile_valid: Box, image: Box,
                     params: WatershedParams, margin: int, multiple: int,
-                    predict: Predictor, watershed: bool = True) -> tuple[_Piece, Box | None, bool]:
+                    predict: Predictor) -> GrownCluster:
     """Recompute the component holding ``seed`` on windows that grow until it fits.
 
-    Returns its instances (only that component, zero elsewhere; its probability marks
-    its pixels), its box if it is a giant (then nothing is segmented), and whether this
-    tile owns it. Windows stay within ``MAX_WINDOW``: the growth step shrinks to fit, and
-    a component whose box passes ``giant_side`` stops growing.
+    Returns what the tile needs of it: its pixels in the tile's valid box, its box if it
+    is a giant (then nothing is segmented), and if this tile owns it, its watershed's
+    inputs. Windows stay within ``MAX_WINDOW``: the growth step shrinks to fit, and a
+    component whose box passes ``giant_side`` stops growing.
     """
     limit = giant_side(margin, multiple)
     extra = 2 * multiple
+    windows: list[Box] = []
+    request = seed, bbox
     while True:
         room = (MAX_WINDOW - max(bbox.height, bbox.width)) // 2 - margin - multiple
         window = aligned_window(bbox, margin + max(multiple, min(extra, room)), multiple)
-        prob, dist = predict(window)
-        valid = window.grow(-margin).intersect(image)
-        local = valid.slices((window.y0, window.x0))
-        p, d = prob[local], dist[local]
-        comps, _ = _components(p, params)
-        cid = _seed_component(comps, seed, bbox, valid)
-        if cid == 0:  # the component vanished below threshold in this window
-            empty = np.zeros(comps.shape, np.float32)
-            return _Piece(valid, np.zeros(comps.shape, np.int32), empty), None, False
-        obj = ndi.find_objects(comps, max_label=cid)[cid - 1]
-        box = _global_box(obj, valid)
-        if _side(obj) > limit:
-            log.info("foreground component at %s is larger than %d px: not segmented "
-                     "(summary.json: giant_clusters)", seed, limit)
-            p_only = np.where(comps == cid, p, 0.0).astype(np.float32)
-            return _Piece(valid, np.zeros(comps.shape, np.int32), p_only), box, False
-        if cid not in _edge_ids(comps, _interior_edges(valid, image)):
-            y, x = _first_pixel(comps, cid, obj)
-            owned = core.contains(y + valid.y0, x + valid.x0)
-            labels = _instances(p, d, comps, [cid], params, watershed)
-            p_only = np.where(comps == cid, p, 0.0).astype(np.float32)
-            return _Piece(valid, labels, p_only), None, owned
-        bbox = box
-        extra *= 2
+        windows.append(window)
+        found = _in_window(window, seed, bbox, core, tile_valid, image, params, margin, limit, predict)
+        if isinstance(found, Box):  # still cut by the window's edge: grow around all of it seen
+            bbox, extra = found, extra * 2
+            continue
+        return GrownCluster(*request, tuple(windows), *found)
+
+
+def _in_window(window: Box, seed: tuple[int, int], bbox: Box, core: Box, tile_valid: Box, image: Box,
+               params: WatershedParams, margin: int, limit: int, predict: Predictor
+               ) -> Box | tuple[Box, bytes, Box | None, OwnedCluster | None]:
+    """The component at ``seed`` in ``window``'s outputs: its box if the window's edge
+    cuts it, else :class:`GrownCluster`'s fields from ``inside`` on. One window's outputs
+    at a time: they are this function's own and freed when it returns."""
+    prob, dist = predict(window)
+    valid = window.grow(-margin).intersect(image)
+    local = valid.slices((window.y0, window.x0))
+    p, d = prob[local], dist[local]
+    comps, _ = _components(p, params)
+    cid = _seed_component(comps, seed, bbox, valid)
+    if cid == 0:  # the component vanished below threshold in this window
+        return Box(0, 0, 0, 0), b"", None, None
+    obj = ndi.find_objects(comps, max_label=cid)[cid - 1]
+    box = _global_box(obj, valid)
+    giant = _side(obj) > limit
+    if not giant and cid in _edge_ids(comps, _interior_edges(valid, image)):
+        return box
+    inside = box.intersect(tile_valid)
+    bits = b"" if inside.is_empty() else _pack(comps[inside.slices((valid.y0, valid.x0))] == cid)
+    if giant:
+        log.info("foreground component at %s is larger than %d px: not segmented "
+                 "(summary.json: giant_clusters)", seed, limit)
+        return inside, bits, box, None
+    y, x = _first_pixel(comps, cid, obj)
+    if not core.contains(y + valid.y0, x + valid.x0):
+        return inside, bits, None, None
+    return inside, bits, None, OwnedCluster.of(box, p[obj], d[obj], comps[obj], cid, params)
 
 
 def _seed_component(comps: np.ndarray, seed: tuple[int, int], bbox: Box, valid: Box) -> int:

@@ -247,3 +247,17 @@ def test_gpu_check_runs_without_dask(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     expected = "tiled == whole" if argv else "headline: no CUDA device: skipped"
     assert expected in proc.stdout, proc.stdout
+
+
+def test_blob_memory_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Both tile paths run on slides with one large blob and agree tile by tile."""
+    from bench.blob_memory import main
+
+    summary, text = _run(main, ["--quick", "--json", str(tmp_path / "b.json")], capsys)
+    data = _json(tmp_path / "b.json", {"headline", "blobs", "tile", "same_results", "command", "date"})
+    assert data["headline"] == summary["headline"] == text and "predict -> segment" in text
+    assert data["same_results"] is True
+    for row in data["blobs"]:
+        assert row["tiles_recomputing"] > 0 and row["nuclei"] >= 1
+        assert set(row["peak_heap_mib"]) == {"read", "predict", "segment", "one_task"}
+        assert row["shipped_mib"]["owner"] > 0 and row["shipped_mib"]["total"] >= row["shipped_mib"]["max"]

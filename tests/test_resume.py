@@ -139,7 +139,7 @@ OPENVINO_MODEL = "pruned20x.pt"  # shipped with its INT8 OpenVINO model
 def fresh_models():
     """Models loaded anew in this process (the runtime is chosen when a model loads), before
     and after the test, so that no other test gets a model loaded under its environment."""
-    from pipeline.cluster import _load_in_process
+    from pipeline.cluster.plugin import _load_in_process
 
     _load_in_process.cache_clear()
     yield
@@ -148,7 +148,7 @@ def fresh_models():
 
 def _use_runtime(monkeypatch, runtime: str) -> None:
     from models.runtime import RUNTIME_ENV
-    from pipeline.cluster import _load_in_process
+    from pipeline.cluster.plugin import _load_in_process
 
     monkeypatch.setenv(RUNTIME_ENV, runtime)
     _load_in_process.cache_clear()

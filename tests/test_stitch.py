@@ -214,11 +214,14 @@ def test_a_seed_that_vanishes_in_a_grown_window_does_not_crash() -> None:
 
 @pytest.mark.parametrize("max_window", [None, 192])
 def test_windows_planned_without_watershed_replay_the_live_segmentation(monkeypatch, max_window) -> None:
-    """The GPU/CPU split: the inference worker predicts every window a tile's segmentation
+    """The GPU/CPU split: the inference worker grows every cluster a tile's segmentation
     will ask for (``predict_grown_windows``, no watershed), the CPU worker segments from
-    those outputs alone. Per tile, both must give the live result (labels, extent, counts,
-    giants), the planned windows must be exactly the ones the live run predicts, and the
-    slide must have grown clusters (and, with a small MAX_WINDOW, giants) to replay."""
+    that plan alone, after a pickle round trip (as Dask ships it). Per tile, both must give
+    the live result (labels, probability, extent, counts, giants), the planned windows
+    must be exactly the ones the live run predicts, and the slide must have grown
+    clusters (and, with a small MAX_WINDOW, giants) to replay."""
+    import pickle
+
     import pipeline.stitch as stitch
 
     if max_window:
@@ -234,9 +237,9 @@ def test_windows_planned_without_watershed_replay_the_live_segmentation(monkeypa
                                    edge_garbage_predictor(prob, dist, margin, live_calls))
         planned = stitch.predict_grown_windows(tile.core, tile.window, p, d, image, PARAMS, margin,
                                                MULTIPLE, edge_garbage_predictor(prob, dist, margin, []))
-        assert set(planned) == set(live_calls)
-        replayed = stitch.segment_tile(tile.core, tile.window, p, d, image, PARAMS, margin, MULTIPLE,
-                                       stitch.replay_predictor(planned))
+        assert list(planned.windows) == live_calls
+        shipped = pickle.loads(pickle.dumps(planned))
+        replayed = stitch.segment_tile(tile.core, tile.window, p, d, image, PARAMS, margin, MULTIPLE, shipped)
         assert replayed.extent == live.extent and (replayed.labels == live.labels).all()
         assert (replayed.prob == live.prob).all()
         assert (replayed.recomputed, replayed.giants) == (live.recomputed, live.giants)
@@ -246,10 +249,70 @@ def test_windows_planned_without_watershed_replay_the_live_segmentation(monkeypa
     assert (giants > 0) == bool(max_window)
 
 
-def test_replay_refuses_a_window_that_was_not_predicted() -> None:
-    from pipeline.stitch import replay_predictor
+def test_replay_refuses_a_cluster_that_was_not_grown() -> None:
+    """A plan made for another tile (or none) is refused, never silently half-used."""
+    from pipeline import stitch
 
-    outputs = {Box(0, 0, 32, 32): (np.zeros((32, 32), np.float32), np.zeros((32, 32), np.float32))}
-    assert replay_predictor(outputs)(Box(0, 0, 32, 32))[0].shape == (32, 32)
-    with pytest.raises(RuntimeError, match="not predicted"):
-        replay_predictor(outputs)(Box(0, 0, 48, 48))
+    margin = 16
+    prob, dist = synthetic_maps((300, 470), seed=1)
+    image = Box(0, 0, *prob.shape)
+    plans = []
+    for tile in plan_tiles(prob.shape, 64, 32, MULTIPLE):
+        p, d = crop(prob, tile.window), crop(dist, tile.window)
+        plan = stitch.predict_grown_windows(tile.core, tile.window, p, d, image, PARAMS, margin,
+                                            MULTIPLE, edge_garbage_predictor(prob, dist, margin, []))
+        plans.append((tile, p, d, plan))
+    (tile, p, d, plan), (_, _, _, other) = [entry for entry in plans if entry[3]][:2]
+    with pytest.raises(RuntimeError, match="not grown on the inference worker"):
+        stitch.segment_tile(tile.core, tile.window, p, d, image, PARAMS, margin, MULTIPLE, stitch.GrownPlan())
+    with pytest.raises(RuntimeError, match="not grown on the inference worker"):
+        stitch.segment_tile(tile.core, tile.window, p, d, image, PARAMS, margin, MULTIPLE, other)
+    extra = stitch.GrownPlan(plan.clusters + other.clusters)
+    with pytest.raises(RuntimeError, match="not asked for"):
+        stitch.segment_tile(tile.core, tile.window, p, d, image, PARAMS, margin, MULTIPLE, extra)
+
+def blob_maps(side: int, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One foreground disc far larger than a tile (a fold, a smear), with a few nuclei
+    around it: probability, distance map and the disc's mask."""
+    yy, xx = np.mgrid[:side, :side]
+    disc = (yy - side / 2) ** 2 + (xx - side / 2 - 3) ** 2 <= radius**2
+    labels = disc.astype(np.int32)
+    for i, (cy, cx) in enumerate([(20, 20), (30, side - 25), (side - 22, 40)]):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= 36] = i + 2
+    rng = np.random.default_rng(5)
+    prob = ndi.gaussian_filter((labels > 0).astype(np.float32), 1.0) + rng.normal(0, 0.02, disc.shape)
+    dist = distance_map(labels) + rng.normal(0, 0.02, disc.shape)
+    return prob.astype(np.float32), dist.astype(np.float32), disc
+
+
+def test_what_a_grown_cluster_sends_to_the_pool_is_bounded_by_the_tile() -> None:
+    """The inference worker hands the CPU pool, per tile, what its segmentation reads of
+    the grown windows: a tile that touches a large blob but does not own it gets a
+    tile-sized answer (it shipped every grown window's full outputs, 8 bytes per window
+    pixel, per tile: 1.7 GiB for a 7,000-px blob), and the owner gets the blob's own
+    pixels (8 bytes each) and little more."""
+    import pickle
+
+    from pipeline import stitch
+
+    margin, side = 16, 480
+    prob, dist, disc = blob_maps(side, radius=170)
+    image = Box(0, 0, side, side)
+    first = tuple(int(v) for v in np.argwhere(disc)[0])
+    disc_px = int(disc.sum())
+    grown = owners = 0
+    for tile in plan_tiles(prob.shape, 64, 32, MULTIPLE):
+        p, d = crop(prob, tile.window), crop(dist, tile.window)
+        planned = stitch.predict_grown_windows(tile.core, tile.window, p, d, image, PARAMS, margin,
+                                               MULTIPLE, edge_garbage_predictor(prob, dist, margin, []))
+        if not planned:
+            continue
+        grown += 1
+        sent = len(pickle.dumps(planned, protocol=pickle.HIGHEST_PROTOCOL))
+        window_px = tile.window.height * tile.window.width
+        if tile.core.contains(*first):
+            owners += 1
+            assert sent <= 8 * disc_px + 2 * window_px, (tile.index, sent, disc_px)
+        else:
+            assert sent <= window_px, (tile.index, sent, window_px)
+    assert grown > 20 and owners == 1

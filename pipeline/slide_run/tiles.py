@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from pipeline.slide_run.executors import NetworkTask, mapped
 from pipeline.slide_run.plan import SlidePlan, damage_records, level0_box
 from pipeline.slide_run.tile_file import Damage, TileSummary, cached_summary, save_tile, tile_file
 from pipeline.types import Box, ReadPlan, Tile
+
+if TYPE_CHECKING:
+    from pipeline.stitch import GrownPlan
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,8 @@ def infer_tiles(job: TileJob) -> list[TileSummary]:
         probs, dists = _predict_by_shape(bundle.net, windows)
         t_net = time.perf_counter()
         shared = ((t_read - t0) / len(todo), (t_net - t_read) / len(todo))
-        predict = _window_predictor(bundle.net, lambda: reader, job, windows)
+        predict = _window_predictor(bundle.net, lambda: reader, job, _largest_side(windows))
+        del windows  # the pixels are not needed any more: segmentation holds one tile's outputs
         for tile, prob, dist, damaged in zip(todo, probs, dists, saw_damage):
             before = reader.damage_fills
 
@@ -87,16 +91,17 @@ class ReadTiles:
 @dataclass
 class PredictedTiles:
     """A predict task's result, handed to its post-processing task: the network outputs of
-    the tiles, with those of every grown-cluster window their segmentation will ask for
-    (:func:`pipeline.stitch.predict_grown_windows`), so that all of a slide's windows come
-    from the inference worker's device."""
+    the tiles, and per tile what its segmentation needs of the clusters it grows
+    (:func:`pipeline.stitch.predict_grown_windows`: bits for a cluster's pixels in the
+    tile, and the owner's watershed inputs; never a grown window's full outputs), so that
+    all of a slide's windows come from the inference worker's device."""
 
     job: TileJob
     cached: list[TileSummary]
     tiles: list[Tile]
     probs: list[np.ndarray]
     dists: list[np.ndarray]
-    grown: list[dict[Box, tuple[np.ndarray, np.ndarray]]]
+    grown: list[GrownPlan]
     damaged: list[Damage]
     shared: tuple[float, float]  # read and network worker-seconds per tile
 
@@ -130,7 +135,7 @@ def predict_tiles(read: ReadTiles) -> PredictedTiles:
     t0 = time.perf_counter()
     probs, dists = _predict_by_shape(bundle.net, read.windows)
     with _SlideOnDemand(job) as slide:
-        predict = _window_predictor(bundle.net, slide.reader, job, read.windows)
+        predict = _window_predictor(bundle.net, slide.reader, job, _largest_side(read.windows))
         grown, damage = [], []
         for tile, prob, dist, records in zip(read.tiles, probs, dists, read.damaged):
             before = slide.damage_fills
@@ -172,15 +177,13 @@ class _SlideOnDemand:
 
 def segment_tiles(predicted: PredictedTiles) -> list[TileSummary]:
     """The post-processing half of :func:`infer_tiles` (CPU pool of a GPU layout): the
-    same segmentation, with grown windows served from the predict task's outputs."""
-    from pipeline.stitch import replay_predictor
-
+    same segmentation, with grown clusters replayed from the predict task's plan."""
     job, out = predicted.job, list(predicted.cached)
     if predicted.tiles:
         params = _worker_model(job).watershed
         for i, tile in enumerate(predicted.tiles):
             out.append(_segment_and_save(job, tile, predicted.probs[i], predicted.dists[i],
-                                         replay_predictor(predicted.grown[i]), params,
+                                         predicted.grown[i], params,
                                          predicted.shared, lambda i=i: predicted.damaged[i]))
     return sorted(out, key=lambda s: s.index)
 
@@ -221,11 +224,14 @@ def _read_windows(reader: Any, job: TileJob, tiles: list[Tile]) -> tuple[list[np
     return windows, saw_damage
 
 
-def _window_predictor(net: Any, reader: Callable[[], Any], job: TileJob,
-                      windows: list[np.ndarray]) -> Any:
+def _largest_side(windows: list[np.ndarray]) -> int:
+    return max(max(w.shape[:2]) for w in windows)
+
+
+def _window_predictor(net: Any, reader: Callable[[], Any], job: TileJob, max_side: int) -> Any:
     """Network outputs for any aligned window of the slide (grown clusters), computed in
-    tile-sized pieces so that worker memory stays bounded; ``reader()`` gives the open
-    slide."""
+    pieces of at most ``max_side`` px a side (the batch's largest tile window) so that the
+    network's activations stay tile-sized; ``reader()`` gives the open slide."""
     from models.inference import predict_batch
     from pipeline.slide import read_region
     from pipeline.stitch import subwindow_predictor
@@ -234,8 +240,7 @@ def _window_predictor(net: Any, reader: Callable[[], Any], job: TileJob,
         p, d = predict_batch(net, read_region(reader(), job.plan, box)[None])
         return p[0], d[0]
 
-    return subwindow_predictor(predict_window, job.margin, job.multiple,
-                               max(max(w.shape[:2]) for w in windows), job.plan.image)
+    return subwindow_predictor(predict_window, job.margin, job.multiple, max_side, job.plan.image)
 
 
 def _segment_and_save(job: TileJob, tile: Tile, prob: np.ndarray, dist: np.ndarray, predict: Any,
