@@ -123,15 +123,20 @@ def test_export_puts_every_element_on_one_micrometre_grid(runs: tuple[Path, Path
     assert np.mean(values == table.obs["id"].to_numpy()) > 0.9
 
 
-def test_export_of_a_run_without_nuclei(runs: tuple[Path, Path]) -> None:
-    sdata = _export(runs[1], "--no-slide")
+def test_export_of_a_run_without_nuclei(runs: tuple[Path, Path], caplog) -> None:
+    # its slide file gone: the store's reduced copy, with a warning
+    Path(json.loads((runs[1] / "summary.json").read_text())["slide"]).unlink()
+    sdata = _export(runs[1])
+    assert "exporting the reduced copy" in caplog.text
     table = sdata.tables["nuclei_table"]
     assert table.n_obs == 0 and table.n_vars > 0
     assert list(table.uns["spatialdata_attrs"]["region"]) == []  # annotates nothing
     assert not _level0(sdata.labels["nuclei_labels"]).any()
     assert not _level0(sdata.labels["tissue_labels"]).any()
-    # --no-slide: the store's reduced copy, on the same µm grid
-    np.testing.assert_allclose(_matrix(sdata.images["slide"]), np.diag([MPP, MPP, 1.0]))
+    store = zarr.open_group(str(runs[1] / "nuclei.zarr"), mode="r")
+    np.testing.assert_array_equal(_level0(sdata.images["slide"]), store["s0"][...])
+    per_px = store.attrs["wsi_nuclei_store"]["image_per_px"]
+    np.testing.assert_allclose(_matrix(sdata.images["slide"]), np.diag([MPP * per_px, MPP * per_px, 1.0]))
 
 
 def test_export_refuses_to_overwrite_and_leaves_no_temporary(runs: tuple[Path, Path], capsys) -> None:
