@@ -26,8 +26,9 @@ integer intrinsic coordinates (pixel i covers [i, i + 1)); the NGFF store puts l
 centres there. Level-0 pixel i therefore covers ``[i, i + 1) * mpp`` µm here (QuPath's
 convention too), every element's level 0 is ``Scale(mpp * d)`` (d = level-0 px per pixel)
 and ``obsm["spatial"]`` is the centroid ``(centroid_px + 0.5) * mpp``. SpatialData derives
-each coarser level's scale from the shapes (``shape0 / shape_k``), within one level-0 pixel of
-the store's strided ``2^k`` at the far edge of an odd-sized level.
+each coarser level's scale from the shapes (``shape0 / shape_k``) instead of the store's
+strided ``2^k``: at the far edge of a level whose sizes were rounded up, the two differ by
+less than one pixel of that level.
 
 Atomic: the store is written under a temporary name beside the final one and renamed; an
 existing export is replaced only with ``overwrite``.
