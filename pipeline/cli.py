@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.cliutil import add_threads_argument, formatter
+from pipeline.commands_export import add_export
 from pipeline.commands_models import add_evaluate, add_tune
 from pipeline.commands_prune import add_prune, add_prune_sweep
 from pipeline.commands_run import add_demo, add_run
@@ -124,7 +125,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_run, add_demo, _add_train, add_evaluate,
                                                                 add_tune, add_prune, add_prune_sweep,
-                                                                add_view]
+                                                                add_view, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:
