@@ -47,7 +47,7 @@ from typing import Any
 
 from pipeline.atomic import temp_name
 from pipeline.errors import ConfigError
-from pipeline.view import SLIDE_CHUNK, _levels, _ngff_transform, _slide_pyramid, output_dir
+from pipeline.view import SLIDE_CHUNK, ngff_transform, output_dir, slide_pyramid, store_levels
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _scale(group: Any, mpp: float) -> Any:
     ``t - s / 2 + mpp / 2`` (zero for every array the pipeline writes)."""
     from spatialdata.transformations import Scale, Sequence, Translation
 
-    scale, shift = _ngff_transform(group)
+    scale, shift = ngff_transform(group)
     corner = [t - s / 2 + mpp / 2 for s, t in zip(scale, shift)]
     transform = Scale(scale, axes=("y", "x"))
     if any(abs(c) > 1e-9 * mpp for c in corner):
@@ -119,7 +119,7 @@ def _slide_image(summary: dict[str, Any], n_levels: int, mpp: float) -> Any | No
     from pipeline.slide import SlideReadError
 
     try:
-        level0 = _slide_pyramid(summary["slide"], (summary.get("config") or {}).get("mpp"))[0]
+        level0 = slide_pyramid(summary["slide"], (summary.get("config") or {}).get("mpp"))[0]
     except SlideReadError as exc:
         log.warning("%s; exporting the reduced copy in nuclei.zarr", exc)
         return None
@@ -150,8 +150,8 @@ def spatialdata_elements(out_dir: str | os.PathLike[str], *, slide: bool = True)
     n_levels = len(root[LABEL_PATH].attrs["ome"]["multiscales"][0]["datasets"])
     image = _slide_image(summary, n_levels, mpp) if slide else None
     if image is None:
-        image = _pyramid(Image2DModel, _levels(root), ("c", "y", "x"), _scale(root, mpp), RGB)
-    labels = {f"{name}{LABELS_SUFFIX}": _pyramid(Labels2DModel, _levels(root[f"labels/{name}"]),
+        image = _pyramid(Image2DModel, store_levels(root), ("c", "y", "x"), _scale(root, mpp), RGB)
+    labels = {f"{name}{LABELS_SUFFIX}": _pyramid(Labels2DModel, store_levels(root[f"labels/{name}"]),
                                                  ("y", "x"), _scale(root[f"labels/{name}"], mpp))
               for name in root["labels"].attrs["ome"]["labels"]}
 

@@ -89,7 +89,7 @@ class _SlideSource:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _slide_pyramid(path: str, mpp_override: float | None) -> list[Any]:
+def slide_pyramid(path: str, mpp_override: float | None) -> list[Any]:
     """The slide's levels as lazy dask arrays (y, x, 3), finest first."""
     import dask.array as da
 
@@ -108,7 +108,7 @@ def _slide_pyramid(path: str, mpp_override: float | None) -> list[Any]:
     return out
 
 
-def _ngff_transform(group: Any) -> tuple[list[float], list[float]]:
+def ngff_transform(group: Any) -> tuple[list[float], list[float]]:
     """(scale, translation) of a multiscale group's first level, spatial axes only."""
     ms = group.attrs["ome"]["multiscales"][0]
     spatial = [i for i, a in enumerate(ms["axes"]) if a.get("type") == "space"]
@@ -121,7 +121,7 @@ def _ngff_transform(group: Any) -> tuple[list[float], list[float]]:
     return [float(scale[i]) for i in spatial], [float(shift[i]) for i in spatial]
 
 
-def _levels(group: Any) -> list[Any]:
+def store_levels(group: Any) -> list[Any]:
     import dask.array as da
 
     return [da.from_zarr(group[d["path"]]) for d in group.attrs["ome"]["multiscales"][0]["datasets"]]
@@ -166,35 +166,35 @@ def layers_for(out_dir: str | Path, *, filled: bool = False, slide: bool = True)
     image = None
     if slide:
         try:
-            image = _slide_pyramid(summary["slide"], (summary.get("config") or {}).get("mpp"))
+            image = slide_pyramid(summary["slide"], (summary.get("config") or {}).get("mpp"))
             layers.append(LayerSpec(_multi(image), {"name": name, "rgb": True, "scale": (px, px),
                                                     "units": unit}, "image"))
         except SlideReadError as exc:
             log.warning("%s; showing the reduced copy in nuclei.zarr", exc)
     if image is None:
-        scale, shift = _ngff_transform(root)
-        rgb = [level.transpose(1, 2, 0) for level in _levels(root)]  # (c, y, x) -> (y, x, c)
+        scale, shift = ngff_transform(root)
+        rgb = [level.transpose(1, 2, 0) for level in store_levels(root)]  # (c, y, x) -> (y, x, c)
         layers.append(LayerSpec(_multi(rgb), {"name": f"{name} (reduced copy)", "rgb": True,
                                               "scale": tuple(scale), "translate": tuple(shift),
                                               "units": unit}, "image"))
     if TISSUE_PATH in root:
         tissue = root[TISSUE_PATH]
-        scale, shift = _ngff_transform(tissue)
+        scale, shift = ngff_transform(tissue)
         rgba = tissue.attrs["ome"]["image-label"]["colors"][0]["rgba"]
         layers.append(LayerSpec(
-            _multi(_levels(tissue)),
+            _multi(store_levels(tissue)),
             {"name": "tissue", "scale": tuple(scale), "translate": tuple(shift), "units": unit,
              "opacity": 1.0, "colormap": {None: "transparent", 0: "transparent",
                                           1: [v / 255 for v in rgba]}},
             "labels", {"contour": TISSUE_CONTOUR}))
     nuclei = root[LABEL_PATH]
-    scale, shift = _ngff_transform(nuclei)
+    scale, shift = ngff_transform(nuclei)
     style: dict[str, Any] = {"opacity": FILLED_OPACITY}  # napari's colours tell touching nuclei apart
     if not filled:  # outlines in one bright colour, as in the preview and QuPath
         style = {"opacity": 1.0, "colormap": {None: [v / 255 for v in NUCLEUS_RGB] + [1.0],
                                               0: "transparent"}}
     layers.append(LayerSpec(
-        _multi(_levels(nuclei)),
+        _multi(store_levels(nuclei)),
         {"name": "nuclei", "scale": tuple(scale), "translate": tuple(shift), "units": unit,
          "features": _features(out), **style},
         "labels", {} if filled else {"contour": NUCLEI_CONTOUR}))
