@@ -51,8 +51,13 @@ def list_pairs(folder: str | Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def load_image(image_path: Path) -> np.ndarray:
+    """An annotated image as RGB uint8 (H, W, 3) (alpha dropped)."""
+    return np.asarray(Image.open(image_path).convert("RGB"))
+
+
 def load_sample(image_path: Path, label_path: Path) -> Sample:
-    image = np.asarray(Image.open(image_path).convert("RGB"))
+    image = load_image(image_path)
     labels = tifffile.imread(label_path).astype(np.uint32)
     if labels.shape != image.shape[:2]:
         raise ValueError(f"{label_path.name}: label shape {labels.shape} != image {image.shape[:2]}")
@@ -150,10 +155,12 @@ def random_patch(sampler: BalancedSampler, size: int, rng: np.random.Generator,
     return photometric(image, rng, augment), mask, out[2].astype(np.float32), out[3].astype(np.float32)
 
 
-def area_sampler(images: list[TrainingImage]) -> BalancedSampler:
-    """One dataset whose images are drawn with chance by area (the sampling of models
-    trained on one folder)."""
-    return BalancedSampler([[images]], [[[t.image.shape[0] * t.image.shape[1] for t in images]]])
+def slide_sampler(datasets: list[list[list[TrainingImage]]]) -> BalancedSampler:
+    """Datasets of slides of images: every dataset and every slide equally likely, an
+    image of a slide with chance by its area. One dataset of one "slide" holding every
+    image is the sampling of the models trained on one folder (chance by area)."""
+    return BalancedSampler(datasets, [[[t.image.shape[0] * t.image.shape[1] for t in slide]
+                                       for slide in slides] for slides in datasets])
 
 
 def batch(images: list[TrainingImage] | BalancedSampler, size: int, count: int,
@@ -161,7 +168,7 @@ def batch(images: list[TrainingImage] | BalancedSampler, size: int, count: int,
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(N, 3, S, S) float32 in [0, 1]; (N, 1, S, S) mask, distance and BCE target.
     ``augment`` may be a legacy jitter strength (HED + brightness/contrast only)."""
-    sampler = images if isinstance(images, BalancedSampler) else area_sampler(images)
+    sampler = images if isinstance(images, BalancedSampler) else slide_sampler([[images]])
     if not isinstance(augment, AugmentConfig):
         augment = AugmentConfig.legacy(float(augment))
     parts = [random_patch(sampler, size, rng, augment) for _ in range(count)]

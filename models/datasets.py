@@ -44,18 +44,18 @@ class DatasetSpec:
         return {"name": self.name, "folder": str(self.folder.resolve()), "mpp": self.mpp}
 
 
-def parse_dataset(text: str) -> DatasetSpec:
-    """``FOLDER`` or ``FOLDER:MPP`` (the images' µm/px, default 0.25 = 40x)."""
+def parse_dataset(text: str, default_mpp: float = DEFAULT_DATA_MPP) -> DatasetSpec:
+    """``FOLDER`` (its images at ``default_mpp``) or ``FOLDER:MPP`` (the images' µm/px)."""
     folder, sep, tail = text.rpartition(":")
     if sep and folder:
         try:
             mpp = float(tail)
         except ValueError:  # a colon that belongs to the path
-            return DatasetSpec(Path(text))
+            return DatasetSpec(Path(text), default_mpp)
         if not (mpp > 0 and math.isfinite(mpp)):
             raise ValueError(f"{text!r}: the µm/px after ':' must be a positive number")
         return DatasetSpec(Path(folder), mpp)
-    return DatasetSpec(Path(text))
+    return DatasetSpec(Path(text), default_mpp)
 
 
 def unique_names(specs: list[DatasetSpec]) -> list[str]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from tqdm import tqdm
 
 from models.checkpoints import ModelBundle
 from models.config import WatershedParams
-from models.data import downsample_image, downsample_labels, list_pairs, load_sample
+from models.data import downsample_image, downsample_labels, list_pairs, load_image, load_sample
 from models.datasets import MONUSEG_MPP
 from models.inference import predict_image
 from models.metrics import instance_scores
@@ -176,9 +177,12 @@ def segment(prediction: Prediction, watershed: WatershedParams) -> np.ndarray:
     return upsample_labels(labels, prediction.factor, prediction.truth.shape)
 
 
-def score_prediction(prediction: Prediction, watershed: WatershedParams) -> dict[str, Any]:
-    """All scores of one image for one watershed setting."""
-    labels = segment(prediction, watershed)
+def score_prediction(prediction: Prediction, watershed: WatershedParams,
+                     labels: np.ndarray | None = None) -> dict[str, Any]:
+    """All scores of one image for one watershed setting (``labels``: its segmentation,
+    when the caller has made it already)."""
+    if labels is None:
+        labels = segment(prediction, watershed)
     scores = instance_scores(prediction.truth, labels)
     return {"name": prediction.name,
             "n_true": int(np.unique(prediction.truth[prediction.truth > 0]).size),
@@ -188,9 +192,16 @@ def score_prediction(prediction: Prediction, watershed: WatershedParams) -> dict
             "regression_mse": prediction.regression_mse}
 
 
-def score_predictions(predictions: list[Prediction], watershed: WatershedParams) -> dict[str, Any]:
-    """Per-image scores and their means over images (JSON-able)."""
-    per_image = [score_prediction(p, watershed) for p in predictions]
+def score_predictions(predictions: list[Prediction], watershed: WatershedParams,
+                      on_labels: Callable[[Prediction, np.ndarray], None] | None = None) -> dict[str, Any]:
+    """Per-image scores and their means over images (JSON-able); ``on_labels`` sees each
+    image's segmentation (e.g. to draw it), which is made once."""
+    per_image = []
+    for p in predictions:
+        labels = segment(p, watershed)
+        if on_labels is not None:
+            on_labels(p, labels)
+        per_image.append(score_prediction(p, watershed, labels))
     means = {key: float(np.mean([row[key] for row in per_image])) if per_image else float("nan")
              for key in SCORE_KEYS}
     return {**means, "n_images": len(per_image), "per_image": per_image,
@@ -206,15 +217,16 @@ def evaluate_folder(bundle: ModelBundle, folder: str | Path, *,
     (``models.overlay``)."""
     predictions = predict_folder(bundle, folder, names=names, progress=progress,
                                  data_mpp=data_mpp)
-    result = score_predictions(predictions, watershed or bundle.watershed)
+    draw = None
     if overlays is not None:
         from models.overlay import save_overlay
 
-        pairs = {image.stem: image for image, _ in list_pairs(folder)}
-        for p in predictions:
-            image = load_sample(pairs[p.name], Path(folder) / "labels" / f"{p.name}.tif").image
-            save_overlay(Path(overlays) / f"{p.name}.png", image, p.truth,
-                         segment(p, watershed or bundle.watershed))
+        images = {image.stem: image for image, _ in list_pairs(folder)}
+
+        def draw(p: Prediction, labels: np.ndarray) -> None:
+            save_overlay(Path(overlays) / f"{p.name}.png", load_image(images[p.name]), p.truth, labels)
+
+    result = score_predictions(predictions, watershed or bundle.watershed, on_labels=draw)
     result["model"] = {"path": str(bundle.path) if bundle.path else None,
                        "sha256": bundle.sha256, "mpp": bundle.mpp,
                        "arch": bundle.config.arch}

@@ -99,18 +99,6 @@ def balanced_patches(image_sets: list[list[np.ndarray]], n: int, side: int) -> l
     return out
 
 
-def calibration_spec(item: Any, default_mpp: float) -> Any:
-    """A DatasetSpec from a spec, a path, or ``FOLDER[:MPP]`` (``default_mpp`` without one)."""
-    from dataclasses import replace
-
-    from models.datasets import DatasetSpec, parse_dataset
-
-    if isinstance(item, DatasetSpec):
-        return item
-    spec = parse_dataset(str(item))
-    return spec if spec.folder != Path(str(item)) else replace(spec, mpp=default_mpp)
-
-
 def training_names(provenance: dict[str, Any], folder: Path) -> set[str] | None:
     """The training images the checkpoint records for ``folder`` (calibration never sees
     its validation slides), or None where it records none."""
@@ -134,7 +122,10 @@ def make_openvino(checkpoint: str | Path, precision: str = "int8",
     if precision == "int8":
         if not calib:
             raise SystemExit("--calib FOLDER (training images) is needed for int8")
-        specs = [calibration_spec(c, native_mpp) for c in (calib if isinstance(calib, list) else [calib])]
+        from models.datasets import DatasetSpec, parse_dataset
+
+        specs = [c if isinstance(c, DatasetSpec) else parse_dataset(str(c), native_mpp)
+                 for c in (calib if isinstance(calib, list) else [calib])]
         sets = [load_calibration(s.folder, bundle.mpp, s.mpp, training_names(bundle.provenance, s.folder))
                 for s in specs]
         model = quantize_int8(model, balanced_patches(sets, patches, CALIB_SIDE))

@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from models import checkpoints
 from models.config import NetConfig, TargetConfig, TrainConfig, WatershedParams, from_dict
-from models.data import TrainingImage, as_specs, batch, load_datasets, soften_targets
-from models.datasets import MONUSEG_MPP, BalancedSampler
+from models.data import TrainingImage, as_specs, batch, load_datasets, slide_sampler, soften_targets
+from models.datasets import MONUSEG_MPP
 from models.inference import predict_image
 from models.network import NucleusNet
 
@@ -168,9 +168,7 @@ def train(data: str | Path | None, out: str | Path, net_cfg: NetConfig, target_c
         for d in datasets:
             d.train = [[next(soft) for _ in slide] for slide in d.train]
         del teacher
-    sampler = BalancedSampler([d.train for d in datasets],
-                              [[[t.image.shape[0] * t.image.shape[1] for t in slide] for slide in d.train]
-                               for d in datasets])
+    sampler = slide_sampler([d.train for d in datasets])
 
     # where the weights came from, kept across --resume: a model trained on from a pruned
     # checkpoint stays a pruned model (its "pruning" record is what bench/README read)

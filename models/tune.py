@@ -71,7 +71,7 @@ def tune_watershed(predictions: list[Prediction], grid: dict[str, Sequence] | No
     defaults = WatershedParams()
     axes = {k: tuple(grid.get(k, (getattr(defaults, k),))) for k in GRID_KEYS}
     combos = list(itertools.product(*(axes[k] for k in GRID_KEYS)))
-    total = np.zeros(len(combos))
+    mean = np.zeros(len(combos))  # weighted mean AJI of each setting (weights sum to 1)
     index = {c: i for i, c in enumerate(combos)}
     for pred, weight in zip(predictions, w):
         for fg in axes["fg_threshold"]:
@@ -88,8 +88,7 @@ def tune_watershed(predictions: list[Prediction], grid: dict[str, Sequence] | No
                 for size in axes["min_size"]:
                     drop = sized < size
                     drop[0] = False
-                    total[index[(fg, mt, mms, size)]] += weight * table.without_pred(drop).aji()
-    mean = total
+                    mean[index[(fg, mt, mms, size)]] += weight * table.without_pred(drop).aji()
     rows = [{**dict(zip(GRID_KEYS, c)), "aji": float(a)} for c, a in zip(combos, mean)]
     best = int(np.argmax(mean))
     fg, mt, mms, size = combos[best]

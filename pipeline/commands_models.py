@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +128,7 @@ def write_json(data: Any, path: str | os.PathLike) -> Path:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from models import checkpoints
-    from models.datasets import parse_dataset
+    from models.datasets import MONUSEG_MPP, parse_dataset
     from models.evaluate import evaluate_folder
     from models.runtime import with_runtime
     from models.tune import validation_sets
@@ -138,9 +137,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     # the network slides run: the checkpoint's OpenVINO model on the CPU where there is one
     bundle = with_runtime(checkpoints.load(args.model, device=device, fold_bn=True), device)
     runtime = getattr(bundle.net, "runtime", "torch")
-    specs = [parse_dataset(d) for d in args.data]
-    if args.mpp is not None:  # --mpp: the folders named without their own µm/px
-        specs = [s if ":" in d else replace(s, mpp=args.mpp) for s, d in zip(specs, args.data)]
+    # --mpp: the µm/px of the folders named without their own
+    specs = [parse_dataset(d, MONUSEG_MPP if args.mpp is None else args.mpp) for d in args.data]
     names = [n.strip() for n in args.images.split(",") if n.strip()] if args.images else None
     wanted: list[list[str] | None] = [names] * len(specs)
     if args.val:

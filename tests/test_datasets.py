@@ -220,7 +220,7 @@ def test_evaluate_reports_each_dataset_and_their_mean(tmp_path: Path, two_datase
 
 
 def test_int8_calibration_shares_patches_and_skips_validation_slides(tmp_path: Path, two_datasets) -> None:
-    from models.quantize import balanced_patches, calibration_spec, load_calibration, training_names
+    from models.quantize import balanced_patches, load_calibration, training_names
 
     out = tmp_path / "run"
     train(two_datasets, out, NET, TargetConfig(), replace(CFG, steps=6))
@@ -234,5 +234,5 @@ def test_int8_calibration_shares_patches_and_skips_validation_slides(tmp_path: P
     assert len(images) == len(names)
     patches = balanced_patches([images, images[:1]], 7, 32)
     assert len(patches) == 7 and all(p.shape == (32, 32, 3) for p in patches)
-    assert calibration_spec(f"{beta}:0.5", 0.25).mpp == 0.5
-    assert calibration_spec(str(beta), 0.3).mpp == 0.3
+    assert parse_dataset(f"{beta}:0.5", 0.25).mpp == 0.5  # --calib FOLDER:MPP
+    assert parse_dataset(str(beta), 0.3).mpp == 0.3  # --calib FOLDER with --calib-mpp
