@@ -177,11 +177,6 @@ def mask_resolution(info: SlideInfo, target_um_per_px: float = TARGET_UM_PER_PX,
     return max(1.0, target, max(info.width, info.height) / max_side)
 
 
-def saturation(rgb: np.ndarray) -> np.ndarray:
-    """HSV saturation in [0, 1] (0 for black, where hue is undefined)."""
-    return _saturation(rgb.max(axis=2), rgb.min(axis=2))
-
-
 def _saturation(mx: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0).astype(np.float32)
 

@@ -75,10 +75,11 @@ def shape_measurements(polygons: np.ndarray, mpp: float, prefix: str = "") -> di
     polygons = np.asarray(polygons, dtype=object)
     area = shapely.area(polygons)
     length = shapely.length(polygons)
-    exterior = shapely.polygons(shapely.get_exterior_ring(polygons))
-    ring_length = shapely.length(shapely.get_exterior_ring(polygons))
+    ring = shapely.get_exterior_ring(polygons)
+    ring_length = shapely.length(ring)
     with np.errstate(divide="ignore", invalid="ignore"):
-        circularity = np.where(ring_length > 0, 4 * np.pi * shapely.area(exterior) / ring_length**2, 0.0)
+        circularity = np.where(ring_length > 0,
+                               4 * np.pi * shapely.area(shapely.polygons(ring)) / ring_length**2, 0.0)
         hulls = shapely.convex_hull(polygons)
         hull_area = shapely.area(hulls)
         solidity = np.where(hull_area > 0, area / hull_area, 0.0)
