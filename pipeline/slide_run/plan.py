@@ -109,7 +109,7 @@ def slide_stains(reader: Any, plan: ReadPlan, tiles: tuple[Tile, ...], given: st
     pixels = np.concatenate(windows)
     signal = tissue_signal(pixels[None])[0]
     stained = signal > SAT_FLOOR
-    background = estimate_background(pixels, stained | (pixels.max(axis=1) < 180))
+    background = estimate_background(pixels, stained)  # it keeps only bright, unstained pixels
     found = estimate_stains(pixels[stained], background)
     log.info("%s: stain vectors %s (%s)", reader.info.path, found.to_qupath(), found.source)
     return found
