@@ -48,6 +48,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "H&E defaults) or the string of a QuPath project's "
                         "setColorDeconvolutionStains(...); default: estimated per slide from its "
                         "tissue (summary.json records the vectors in QuPath's form)")
+    p.add_argument("--cell-expansion", type=float, default=0.0, metavar="UM",
+                   help="also make cells: each nucleus grown by UM µm (QuPath's cellExpansion; its "
+                        "examples use 5), neighbours split halfway; GeoJSON cell objects with "
+                        "Cell:/Cytoplasm: measurements, labels/cells in the store (default: off)")
+    p.add_argument("--cell-constrain-scale", type=float, default=None, metavar="S",
+                   help="with --cell-expansion: keep a cell inside its nucleus's convex hull scaled "
+                        "by S about its centre (QuPath's cellConstrainScale, e.g. 1.5)")
     p.add_argument("--cluster", choices=["local", "slurm", "none"], default=None,
                    help="local Dask cluster (default), SLURM via dask-jobqueue, or none (one process)")
     p.add_argument("--cluster-config", default=None, help="YAML/JSON file with cluster settings")
@@ -142,7 +149,8 @@ def run_command(args: argparse.Namespace) -> int:
     cfg = RunConfig(model=args.model or default_model(), out=args.out, tile_size=args.tile_size,
                     batch_size=args.batch_size, mpp=args.mpp, device=args.device, gzip=args.gzip,
                     overwrite=args.overwrite, tissue_mask=not args.no_tissue_mask,
-                    keep_outside_tissue=args.keep_outside_tissue, stain_vectors=args.stain_vectors)
+                    keep_outside_tissue=args.keep_outside_tissue, stain_vectors=args.stain_vectors,
+                    cell_expansion=args.cell_expansion, cell_constrain_scale=args.cell_constrain_scale)
     cfg.validate()  # bad values exit 2 here, before any cluster starts
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers} must be at least 1")

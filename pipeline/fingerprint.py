@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 # Bump when the saved tile files or the outputs change layout or meaning: older partial
 # work is then recomputed, and older finished slides say so when skipped.
 # 5: nuclei.zarr root = RGB slide copy, tissue mask in labels/tissue; 6: GeoJSON without ids, UTF-8 µ;
-# 7: tile files record the damaged regions their reads met
-OUTPUT_FORMAT_VERSION = 7
+# 7: tile files record the damaged regions their reads met; 8: stain intensities per nucleus
+OUTPUT_FORMAT_VERSION = 8
 
 FINGERPRINT_FILE = "fingerprint.json"
 # CPU flags of the INT8 dot-product instructions: without them OpenVINO's INT8 kernels
@@ -66,6 +66,8 @@ def settings_fingerprint(cfg: Any, model_sha256: str, watershed: Any) -> dict[st
         "tissue_mask": cfg.tissue_mask,
         "keep_outside_tissue": cfg.keep_outside_tissue,
         "stain_vectors": cfg.stain_vectors,
+        "cell_expansion": cfg.cell_expansion,
+        "cell_constrain_scale": cfg.cell_constrain_scale,
         "chunk": cfg.chunk,
         "package_version": _version("wsi-nuclei"),
     }

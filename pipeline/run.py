@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline.errors import SlideReadError
 from pipeline.slide_run.blocks import offsets, write_blocks
+from pipeline.slide_run.cells import run_cells
 from pipeline.slide_run.config import WORK_DIR, RunConfig, slide_dir
 from pipeline.slide_run.executors import one
 from pipeline.slide_run.outputs import FinalJob, write_outputs
@@ -94,17 +95,25 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
             unreadable = unreadable_regions(plan, tiles)
             if tiles and all(s.damaged for s in tiles) and not any(s.count for s in tiles):
                 raise SlideReadError(f"no region of the slide can be read: {unreadable[0]['error']}")
+        with _timed(timings, "cells_s"):
+            cells = run_cells(plan, tiles, cfg, executor, str(work))
         with _timed(timings, "labels_s"):
-            blocks = write_blocks(plan, tiles, cfg, executor, out, work)
+            blocks = write_blocks(plan, tiles, cfg, executor, out, work, cells)
         with _timed(timings, "outputs_s"):
             first_ids = offsets(tiles)
             n, outputs = write_outputs(executor, FinalJob(
                 path, cfg.mpp, plan.info.slide_id, blocks.store, str(out), str(work),
                 tuple((s.index, first_ids[s.index]) for s in tiles), plan.tissue, cfg.gzip,
-                slide_mpp(plan), Path(cfg.model).name, blocks.painted, model_sha256=bundle.sha256))
+                slide_mpp(plan), Path(cfg.model).name, blocks.painted, model_sha256=bundle.sha256,
+                cells=bool(cells), stains=plan.stains))
         if n != sum(s.count for s in tiles):
             raise RuntimeError(f"wrote {n} nuclei but tiles found {sum(s.count for s in tiles)}")
         summary.update(slide_report(plan, tiles, blocks, timings))
+        if cells:
+            summary["cells"] = {"expansion_um": cfg.cell_expansion,
+                                "constrain_scale": cfg.cell_constrain_scale,
+                                "worker_s": round(sum(c.seconds for c in cells), 3),
+                                "tiles_from_cache": sum(c.cached for c in cells)}
         lacking = missing_regions(path, summary)
         status = "partial" if lacking else "done"
         summary.update({"status": status, "nuclei": n, "outputs": outputs, "versions": versions(),
@@ -142,6 +151,8 @@ def _settle_work(work: Path, tiles: list[TileSummary], keep: bool) -> None:
         shutil.rmtree(work, ignore_errors=True)
         return
     shutil.rmtree(work / "blocks", ignore_errors=True)
+    for cells in work.glob("cells-*.npz"):  # made from neighbours that may be recomputed
+        cells.unlink()
     for s in tiles:
         if s.damaged:
             tile_file(work, s.index).unlink(missing_ok=True)

@@ -26,6 +26,10 @@ def slide(tmp_path: Path) -> Path:
     (["--workers", "0"], "--workers"),
     (["--model", "no-such-model.pt"], "no-such-model"),
     (["--stain-vectors", "pink"], "--stain-vectors"),
+    (["--cell-expansion", "-1"], "--cell-expansion"),
+    (["--cell-expansion", "500"], "more than a cell"),
+    (["--cell-constrain-scale", "1.5"], "needs --cell-expansion"),
+    (["--cell-expansion", "5", "--cell-constrain-scale", "0.5"], "1 or more"),
 ])
 def test_bad_values_exit_2_before_a_cluster_starts(slide: Path, tmp_path: Path, monkeypatch, capsys,
                                                    flags: list[str], message: str) -> None:

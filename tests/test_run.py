@@ -20,6 +20,8 @@ from models import checkpoints
 from models.inference import predict_image
 from models.watershed import postprocess
 from pipeline.label_sampling import CONNECTIVITY
+from pipeline.measure.intensity import INTENSITY_NAMES, stain_intensities
+from pipeline.measure.stain import StainVectors
 from pipeline.run import process_slide
 from pipeline.slide import MemorySlide, register_memory_slide
 from pipeline.slide_run.config import RunConfig
@@ -83,6 +85,16 @@ def test_tiled_pipeline_equals_whole_image(tmp_path: Path, bundle, slide_image, 
     assert whole.max() > 100
     _same_partition(labels.astype(np.int64), whole.astype(np.int64))
     assert outcome.nuclei == whole.max()
+    # each nucleus's stain intensities, measured in its tile, equal the whole image's
+    stains = StainVectors.from_dict(json.loads((out / "summary.json").read_text())["stain_vectors"])
+    fg = labels > 0
+    pairs = np.unique(np.stack([whole[fg].astype(np.int64), labels[fg].astype(np.int64)]), axis=1)[::-1]
+    expected = stain_intensities(whole, rgb, stains, pairs[1])
+    table = pd.read_parquet(out / "nuclei.parquet").set_index("id").loc[pairs[0]]
+    assert np.isfinite(table[list(INTENSITY_NAMES)].to_numpy()).all()
+    for name in INTENSITY_NAMES:
+        np.testing.assert_allclose(table[name].to_numpy(), expected[name], rtol=1e-9, atol=1e-12,
+                                   err_msg=name)
 
 
 @pytest.mark.slow
@@ -208,3 +220,48 @@ def test_giant_clusters_make_the_slide_partial(tmp_path: Path, monkeypatch, capl
     assert main(args) == 1
     again = json.loads((tmp_path / "out" / "giants" / "summary.json").read_text())
     assert again["giant_clusters"] == giants and again["tiles_from_cache"] == again["tiles_processed"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tile, constrain", [(128, 1.5), (400, None)])
+def test_cells_do_not_depend_on_the_tiles(tmp_path: Path, bundle, slide_image, tile: int,
+                                          constrain: float | None) -> None:
+    """``--cell-expansion``: the stored cells equal the whole image's nuclei grown at once,
+    each cell carries its nucleus's id, and the outputs hold QuPath cells."""
+    from pipeline.measure.cells import expand_nuclei
+    from pipeline.writers.cells import CELL_COLUMNS
+
+    rgb, _ = slide_image
+    prob, dist = predict_image(bundle.net, rgb)
+    whole = postprocess(prob, dist, bundle.watershed)
+    out, outcome = _run(tmp_path, rgb, tile, cell_expansion=2.5, cell_constrain_scale=constrain)
+    group = zarr.open_group(str(out / "nuclei.zarr"), mode="r")
+    nuclei, cells = group["labels/nuclei/s0"][...], group["labels/cells/s0"][...]
+    expected = expand_nuclei(whole, 2.5 / 0.25, constrain)  # the model works at 0.25 µm/px here
+    assert (cells > 0).sum() > 1.5 * (nuclei > 0).sum()
+    _same_partition(cells.astype(np.int64), expected.astype(np.int64))
+    assert (cells[nuclei > 0] == nuclei[nuclei > 0]).all()  # a cell's id is its nucleus's
+    table = pd.read_parquet(out / "nuclei.parquet").set_index("id")
+    assert set(CELL_COLUMNS) <= set(table.columns) and len(table) == outcome.nuclei
+    cell_px = np.bincount(cells.ravel())[table.index.to_numpy()]
+    assert np.allclose(table["Cell: Area µm^2"] / 0.25**2, cell_px, rtol=0.1)
+    ratio = table["Nucleus/Cell area ratio"]
+    assert ((ratio > 0) & (ratio <= 1)).all()
+    collection = json.loads((out / "nuclei.geojson").read_text())
+    assert len(collection["features"]) == outcome.nuclei
+    for feature in collection["features"][:50]:
+        props = feature["properties"]
+        assert props["objectType"] == "cell"
+        cell = shapely.geometry.shape(feature["geometry"])
+        nucleus = shapely.geometry.shape(feature["nucleusGeometry"])
+        assert cell.is_valid and nucleus.is_valid and cell.buffer(1).contains(nucleus)
+        m = props["measurements"]
+        for name in ("Nucleus: Area µm^2", "Cell: Area µm^2", "Cell: Hematoxylin: Mean",
+                     "Nucleus: Eosin: Median", "Nucleus/Cell area ratio", "Detection probability"):
+            assert name in m, name
+        assert labels_at(cells, nucleus) == int(m["Nucleus id"])
+
+
+def labels_at(labels: np.ndarray, polygon) -> int:
+    point = polygon.representative_point()
+    return int(labels[int(point.y), int(point.x)])

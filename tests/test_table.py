@@ -113,7 +113,9 @@ def test_parquet_metadata_says_what_the_numbers_mean(slide_out: Path) -> None:
     uns = table.uns[METADATA_KEY]
     assert {k: uns[k] for k in ("mpp", "model", "model_sha256", "slide", "slide_id")} == {
         k: meta[k] for k in ("mpp", "model", "model_sha256", "slide", "slide_id")}
-    assert dict(uns["units"]) == meta["units"]
+    # the measurements' units beside them in var, the other columns' in uns
+    assert dict(table.var["unit"]) == {k: meta["units"][k] for k in X_COLUMNS}
+    assert dict(uns["units"]) | dict(table.var["unit"]) == meta["units"]
 
 
 def test_empty_slide_gives_readable_tables(empty_out: Path) -> None:

@@ -227,7 +227,7 @@ def test_worker_text_and_finalize_splice(tmp_path: Path) -> None:
     lab = synthetic_labels()
     prob = np.full(lab.shape, 0.5, np.float32)
     job = SimpleNamespace(plan=SimpleNamespace(scale=2.0), slide_mpp=0.25, origin_shift=(100.0, 7.0),
-                          work_dir=str(tmp_path))
+                          work_dir=str(tmp_path), stains=None)
     result = SimpleNamespace(labels=lab, prob=prob, extent=Box(3, 5, 3 + lab.shape[0], 5 + lab.shape[1]),
                              count=8, recomputed=0, truncated=0, giants=())
     save_tile(job, SimpleNamespace(index=4), result, 0.1)

@@ -1,47 +1,95 @@
-"""Per-object intensity statistics over a label image, for every object at once
-(``scipy.ndimage`` label statistics: one pass per statistic and channel, no Python loop
-per object), named as QuPath 0.6 names them: ``"<channel>: <statistic>"`` for a detection,
-``"<compartment>: <channel>: <statistic>"`` for a cell's nucleus, cytoplasm or cell.
+"""Per-object intensity statistics over a label image, for every object at once (one sort
+per channel of the labelled pixels, no Python loop per object), named as QuPath 0.6 names
+them: ``"<channel>: <statistic>"`` for a detection, ``"<compartment>: <channel>:
+<statistic>"`` for a cell's nucleus, cytoplasm or cell (``ObjectMeasurements``).
 
 ``Std.Dev.`` is the sample standard deviation (n - 1), as QuPath's (Apache Commons
 ``DescriptiveStatistics``); ``Median`` the middle value, or the mean of the two middle
-values for an even count.
+values for an even count (its default percentile estimate at 50 %).
+
+Why not ``scipy.ndimage.median`` and friends: each call sorts every pixel of the crop,
+background included; on a 512² tile the five statistics of three channels took 0.25 s,
+more than the network. Here only the labelled pixels are ordered, once by label, then
+each channel is sorted within its labels (one ``numpy.sort`` of label-offset keys).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage as ndi
+
+from pipeline.measure.stain import CHANNELS, StainVectors, deconvolve
 
 STATISTICS = ("Mean", "Median", "Min", "Max", "Std.Dev.")
+# a nucleus detection's intensity measurements, in the order they are written
+INTENSITY_NAMES: tuple[str, ...] = tuple(f"{c}: {s}" for c in CHANNELS for s in STATISTICS)
+
+
+def stain_intensities(labels: np.ndarray, rgb: np.ndarray, stains: StainVectors, ids: np.ndarray,
+                      prefix: str = "") -> dict[str, np.ndarray]:
+    """The stain statistics (``INTENSITY_NAMES``, each behind ``prefix``) of the objects
+    ``ids`` (ascending label values; a row per id), measured on ``rgb`` (``labels``'
+    shape, 3 channels). Only the objects' pixels are deconvolved: most of a tile is not a
+    nucleus."""
+    ids = np.asarray(ids)
+    flat = np.asarray(labels).ravel()
+    at = np.flatnonzero(flat)
+    row = np.searchsorted(ids, flat[at])  # ids may be sparse (global values): rows 0..len-1
+    ok = row < len(ids)
+    ok[ok] = ids[row[ok]] == flat[at[ok]]
+    at, row = at[ok], row[ok]
+    pixels = np.asarray(rgb)[..., :3].reshape(-1, 3)[at]
+    return label_statistics(row + 1, deconvolve(pixels, stains), len(ids), prefix)
 
 
 def label_statistics(labels: np.ndarray, channels: dict[str, np.ndarray], n: int,
                      prefix: str = "") -> dict[str, np.ndarray]:
     """Mean, Median, Min, Max and Std.Dev. of every channel for labels 1..n (NaN for a
-    label without pixels), keyed ``prefix + "<channel>: <statistic>"``."""
-    ids = np.arange(1, n + 1)
+    label without pixels), keyed ``prefix + "<channel>: <statistic>"``. ``channels``:
+    arrays of ``labels``' shape (or the same number of elements); pixels labelled 0 or
+    above ``n`` are not measured."""
+    flat = np.asarray(labels).ravel()
+    keep = np.flatnonzero((flat > 0) & (flat <= n))
+    order = keep[np.argsort(flat[keep], kind="stable")]  # the measured pixels, by label
+    lab = flat[order].astype(np.intp)
+    count = np.bincount(lab, minlength=n + 1)[1:n + 1]
+    start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.intp)
+    present = count > 0
     out: dict[str, np.ndarray] = {}
-    count = np.bincount(labels.ravel(), minlength=n + 1)[1:n + 1].astype(np.float64)
-    empty = count == 0
     for name, values in channels.items():
-        values = np.asarray(values, np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):  # labels without pixels: NaN below
-            stats = _stats(values, labels, ids, n)
-        var = stats.pop("Variance")
-        with np.errstate(invalid="ignore", divide="ignore"):
-            stats["Std.Dev."] = np.sqrt(np.where(count > 1, var * count / np.maximum(count - 1, 1), 0.0))
+        v = np.asarray(values, np.float64).ravel()[order]
+        stats = _sorted_statistics(v, lab, count, start, present, n)
         for stat in STATISTICS:
-            column = stats[stat].reshape(-1)[:n] if n else np.zeros(0)
-            out[f"{prefix}{name}: {stat}"] = np.where(empty, np.nan, column)
+            out[f"{prefix}{name}: {stat}"] = stats[stat]
     return out
 
 
-def _stats(values: np.ndarray, labels: np.ndarray, ids: np.ndarray, n: int) -> dict[str, np.ndarray]:
-    if n == 0:
-        return {k: np.zeros(0) for k in ("Mean", "Median", "Min", "Max", "Variance")}
-    return {"Mean": np.asarray(ndi.mean(values, labels, ids), np.float64),
-            "Median": np.asarray(ndi.median(values, labels, ids), np.float64),
-            "Min": np.asarray(ndi.minimum(values, labels, ids), np.float64),
-            "Max": np.asarray(ndi.maximum(values, labels, ids), np.float64),
-            "Variance": np.asarray(ndi.variance(values, labels, ids), np.float64)}
+def _sorted_statistics(v: np.ndarray, lab: np.ndarray, count: np.ndarray, start: np.ndarray,
+                       present: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """The statistics of ``v`` (pixels grouped by label ``lab``, ascending; ``count`` and
+    ``start`` per label 1..n)."""
+    nan = np.full(n, np.nan)
+    if not len(v):
+        return {stat: nan.copy() for stat in STATISTICS}
+    finite = v[np.isfinite(v)]
+    low = float(finite.min()) if len(finite) else 0.0
+    span = (float(finite.max()) - low + 1.0) if len(finite) else 1.0
+    # within each label, ascending values: sort keys label * span + (value - low); the key
+    # stays exact enough in float64 (labels of a crop times a few units of OD)
+    key = np.sort(lab * span + (v - low))
+    ordered = key - lab * span + low
+    total = np.bincount(lab, v, minlength=n + 1)[1:n + 1]
+    squares = np.bincount(lab, v * v, minlength=n + 1)[1:n + 1]
+    c = np.maximum(count, 1).astype(np.float64)
+    mean = total / c
+    var = np.maximum(squares - total * mean, 0.0) / np.maximum(c - 1, 1)
+    s = start[present]
+    k = count[present]
+    median = (ordered[s + (k - 1) // 2] + ordered[s + k // 2]) / 2
+    out = {"Mean": mean, "Std.Dev.": np.where(count > 1, np.sqrt(var), 0.0)}
+    for stat, values in (("Median", median), ("Min", ordered[s]), ("Max", ordered[s + k - 1])):
+        column = nan.copy()
+        column[present] = values
+        out[stat] = column
+    for stat in ("Mean", "Std.Dev."):
+        out[stat] = np.where(present, out[stat], np.nan)
+    return out

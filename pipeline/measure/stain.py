@@ -89,6 +89,15 @@ class StainVectors:
                 "qupath": self.to_qupath()}
 
     @classmethod
+    def from_dict(cls, data: dict[str, object]) -> StainVectors:
+        """The vectors :meth:`to_dict` wrote (``summary.json``, ``SlidePlan.stains``)."""
+        def triple(key: str) -> tuple[float, float, float]:
+            return tuple(float(v) for v in data[key])  # type: ignore[attr-defined, return-value]
+
+        return cls(triple("hematoxylin"), triple("eosin"), triple("background"),
+                   name=str(data.get("name", "")), source=str(data.get("source", "")))
+
+    @classmethod
     def parse(cls, text: str) -> StainVectors:
         """``default`` or a QuPath stains string (as :meth:`to_qupath` writes, or copied
         from a QuPath project's workflow: ``setColorDeconvolutionStains('{...}')``)."""

@@ -30,23 +30,31 @@ class BlockJob:
     model_shape: tuple[int, int]
     sources: tuple[tuple[int, Box, int], ...]  # (tile index, extent, id offset)
     work_dir: str
+    cell_sources: tuple[tuple[int, Box, int], ...] = ()  # (tile index, cell box, id offset)
 
 
 def write_label_block(job: BlockJob) -> int:
-    """Phase 2: paint one level-0 block with global ids and write it; returns the model
-    pixels claimed by two tiles (0 under exact stitching). Only this task writes these
-    chunks. Nearest sampling, plus bridges that keep split nuclei whole when the model is
-    finer than level 0 (``pipeline.label_sampling``)."""
-    from pipeline.writers.labels import write_block
+    """Phase 2: paint one level-0 block with global ids and write it, and its cells when
+    made; returns the model pixels claimed by two tiles (0 under exact stitching). Only
+    this task writes these chunks. Nearest sampling, plus bridges that keep split nuclei
+    whole when the model is finer than level 0 (``pipeline.label_sampling``)."""
+    from pipeline.slide_run.cells import cell_labels
+    from pipeline.writers.labels import CELL_NAME, LABEL_NAME, write_block
 
-    def sources() -> Iterator[tuple[np.ndarray, Box, int]]:
+    def nuclei() -> Iterator[tuple[np.ndarray, Box, int]]:
         for index, extent, offset in job.sources:
             yield tile_labels(job.work_dir, index), extent, offset
 
+    def cells() -> Iterator[tuple[np.ndarray, Box, int]]:
+        for index, box, offset in job.cell_sources:
+            yield cell_labels(job.work_dir, index)[0], box, offset
+
     collisions: list[int] = []
-    labels = paint_block(job.block, job.scale, job.model_shape, job.store.shape, sources(),
-                         collisions)
-    write_block(job.store, job.block, labels)
+    for name, sources in ((LABEL_NAME, nuclei), (CELL_NAME, cells)):
+        if name in job.store.labels:
+            labels = paint_block(job.block, job.scale, job.model_shape, job.store.shape, sources(),
+                                 collisions)
+            write_block(job.store, job.block, labels, name)
     return sum(collisions)
 
 
@@ -71,10 +79,11 @@ class LabelBlocks:
 
 
 def write_blocks(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, executor: Any,
-                 out: Path, work: Path) -> LabelBlocks:
-    """Phase 2: one task per level-0 block that holds nuclei."""
+                 out: Path, work: Path, cells: list[Any] = ()) -> LabelBlocks:  # type: ignore[assignment]
+    """Phase 2: one task per level-0 block that holds nuclei (or cells: ``cells`` are
+    phase 1b's ``CellSummary``s, when made)."""
     from pipeline.atomic import atomic_write_text
-    from pipeline.writers.labels import create_store, open_store
+    from pipeline.writers.labels import CELL_NAME, LABEL_NAME, create_store, open_store
 
     height, width = plan.info.height, plan.info.width
     store_path = out / "nuclei.zarr"
@@ -82,11 +91,15 @@ def write_blocks(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, exec
     if marker_dir.exists() and store_path.exists():
         store = open_store(store_path)
     else:
-        store = create_store(store_path, (height, width), cfg.chunk, plan.info.mpp)
+        store = create_store(store_path, (height, width), cfg.chunk, plan.info.mpp,
+                             labels=(LABEL_NAME, CELL_NAME) if cells else (LABEL_NAME,))
         marker_dir.mkdir(parents=True, exist_ok=True)
     first_ids = offsets(tiles)
     step = cfg.chunk * max(1, 2048 // cfg.chunk)
-    candidates = _tiles_by_block(tiles, step, plan.plan.scale, (height, width))
+    candidates = _tiles_by_block([(s.index, s.extent) for s in tiles if s.count], step,
+                                 plan.plan.scale, (height, width))
+    cell_candidates = _tiles_by_block([(c.index, c.box) for c in cells], step, plan.plan.scale,
+                                      (height, width))
     jobs, painted, skipped, collisions = [], [], 0, 0
     for y0 in range(0, height, step):
         for x0 in range(0, width, step):
@@ -98,12 +111,15 @@ def write_blocks(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, exec
                 painted.append(block)
                 continue
             mbox = model_box(block, plan.plan.scale, plan.plan.shape)
-            sources = tuple((s.index, s.extent, first_ids[s.index])
-                            for s in candidates.get((y0 // step, x0 // step), ())
-                            if not s.extent.intersect(mbox).is_empty())
-            if not sources:
+            key = (y0 // step, x0 // step)
+            sources = tuple((index, extent, first_ids[index]) for index, extent in candidates.get(key, ())
+                            if not extent.intersect(mbox).is_empty())
+            cell_sources = tuple((index, box, first_ids[index]) for index, box in cell_candidates.get(key, ())
+                                 if not box.intersect(mbox).is_empty())
+            if not sources and not cell_sources:
                 continue  # no nucleus here: unwritten chunks read as the fill value 0
-            jobs.append(BlockJob(store, block, plan.plan.scale, plan.plan.shape, sources, str(work)))
+            jobs.append(BlockJob(store, block, plan.plan.scale, plan.plan.shape, sources, str(work),
+                                 cell_sources))
             painted.append(block)
     with mapped(executor, write_label_block, jobs) as results:
         for job, result in results:
@@ -117,10 +133,11 @@ def write_blocks(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, exec
     return LabelBlocks(store, tuple(painted), len(jobs) + skipped, skipped, collisions)
 
 
-def _tiles_by_block(tiles: list[TileSummary], step: int, scale: float,
-                    shape: tuple[int, int]) -> dict[tuple[int, int], list[TileSummary]]:
-    """Tiles with nuclei that may touch each level-0 block (a superset: the caller tests
-    the exact intersection), so that block planning is linear in tiles, not blocks x tiles.
+def _tiles_by_block(tiles: list[tuple[int, Box]], step: int, scale: float,
+                    shape: tuple[int, int]) -> dict[tuple[int, int], list[tuple[int, Box]]]:
+    """Tiles (index, model-px extent of their nuclei or cells) that may touch each level-0
+    block (a superset: the caller tests the exact intersection), so that block planning
+    is linear in tiles, not blocks x tiles.
 
     A model row ``m`` is painted on level-0 rows ``y`` with ``floor((y + 0.5) / scale) = m``,
     i.e. ``y`` in ``[m * scale - 0.5, (m + 1) * scale - 0.5)``; for ``scale < 1`` a block
@@ -128,11 +145,9 @@ def _tiles_by_block(tiles: list[TileSummary], step: int, scale: float,
     lies in the block). One block of slack on each side absorbs both and rounding, and
     extents reaching the model edge extend to the slide edge (``block_rows`` clamps there)."""
     last = ((shape[0] - 1) // step, (shape[1] - 1) // step)
-    index: dict[tuple[int, int], list[TileSummary]] = {}
+    index: dict[tuple[int, int], list[tuple[int, Box]]] = {}
     for s in tiles:
-        if not s.count:
-            continue
-        e = s.extent
+        e = s[1]
         lo = (int(e.y0 * scale) // step - 1, int(e.x0 * scale) // step - 1)
         hi = (int(e.y1 * scale) // step + 1, int(e.x1 * scale) // step + 1)
         for by in range(max(0, lo[0]), last[0] + 1 if hi[0] >= last[0] else hi[0] + 1):

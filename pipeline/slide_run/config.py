@@ -11,6 +11,7 @@ from models.checkpoints import default_model
 from pipeline.errors import ConfigError
 from pipeline.tiling import DEFAULT_CLUSTER_MARGIN, DEFAULT_TILE_SIZE
 
+MAX_CELL_EXPANSION_UM = 50.0  # a cell reaching further from its nucleus is not a cell
 WORK_DIR = ".work"  # a slide's partial work (tile files, label-block markers, fingerprint)
 
 
@@ -33,6 +34,8 @@ class RunConfig:
     # colour deconvolution: None = estimated per slide from its tissue; "default" = QuPath's
     # H&E defaults; or a QuPath setColorDeconvolutionStains string
     stain_vectors: str | None = None
+    cell_expansion: float = 0.0  # µm a nucleus grows into its cell; 0: no cells
+    cell_constrain_scale: float | None = None  # cells kept inside the nucleus hull scaled by this
 
     def validate(self) -> None:
         """Raise ``ConfigError`` (the CLI exits 2) for settings no slide can run with, before
@@ -61,6 +64,17 @@ class RunConfig:
                 StainVectors.parse(self.stain_vectors)
             except ValueError as exc:
                 problems.append(f"--stain-vectors: {exc}")
+        if not (math.isfinite(self.cell_expansion) and self.cell_expansion >= 0):
+            problems.append(f"--cell-expansion {self.cell_expansion} must be a number of µm, 0 or more")
+        elif self.cell_expansion > MAX_CELL_EXPANSION_UM:
+            problems.append(f"--cell-expansion {self.cell_expansion} µm is more than a cell "
+                            f"(at most {MAX_CELL_EXPANSION_UM:g})")
+        if self.cell_constrain_scale is not None:
+            if not self.cell_expansion:
+                problems.append("--cell-constrain-scale needs --cell-expansion")
+            if not (math.isfinite(self.cell_constrain_scale) and self.cell_constrain_scale >= 1):
+                problems.append(f"--cell-constrain-scale {self.cell_constrain_scale} must be 1 or more "
+                                "(the hull scaled about the nucleus's centre)")
         problems += _output_folder_problems(Path(self.out))
         if problems:
             raise ConfigError("; ".join(problems))

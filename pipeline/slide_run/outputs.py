@@ -32,6 +32,8 @@ class FinalJob:
     model_name: str
     painted: tuple[Box, ...] = ()  # level-0 label blocks holding nuclei (pyramid scope)
     model_sha256: str = ""  # recorded in the table metadata
+    cells: bool = False  # cells were made (phase 1b): cell features and columns
+    stains: Any = None  # the slide's stain vectors (StainVectors.to_dict()), for the table metadata
 
 
 def write_layers(job: FinalJob) -> None:
@@ -51,7 +53,10 @@ def write_layers(job: FinalJob) -> None:
 def write_nuclei(job: FinalJob) -> int:
     """Phase 3, one part (in parallel with :func:`write_layers` and the label pyramid's
     blocks): the nucleus table (Parquet and the store's AnnData) and the GeoJSON, one tile
-    file at a time; returns the count."""
+    file at a time; returns the count. With cells, each row also has its cell's columns
+    and the GeoJSON holds QuPath cells (the nucleus inside) instead of nucleus detections."""
+    from pipeline.slide_run.cells import cell_columns
+    from pipeline.writers.cells import CELL_COLUMNS
     from pipeline.writers.features import feature_texts
     from pipeline.writers.geojson import GeoJSONWriter
     from pipeline.writers.table import write_table
@@ -67,6 +72,9 @@ def write_nuclei(job: FinalJob) -> int:
                 n = len(cols["id"])
                 if n == 0:
                     continue
+                if job.cells:
+                    extra, bodies = cell_columns(job.work_dir, index)
+                    cols.update(extra)
                 # the worker made each nucleus's text; only the global id is spliced in here
                 cols["id"] = cols["id"].astype(np.uint64) + np.uint64(offset)
                 writer.write_texts(feature_texts(cols["id"].tolist(), bodies))
@@ -75,7 +83,8 @@ def write_nuclei(job: FinalJob) -> int:
 
     write_table(out, frames(), store=job.store, metadata={
         "slide": job.path, "slide_id": job.slide_id, "model": job.model_name,
-        "model_sha256": job.model_sha256})
+        "model_sha256": job.model_sha256, "stain_vectors": job.stains},
+        extra_columns=CELL_COLUMNS if job.cells else ())
     return count
 
 

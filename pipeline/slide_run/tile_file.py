@@ -41,11 +41,12 @@ def tile_file(work_dir: str | Path, index: int) -> Path:
 
 
 def save_tile(job: Any, tile: Tile, result: Any, seconds: float, dropped: int = 0,
-              damaged: Damage = ()) -> None:
+              damaged: Damage = (), rgb: np.ndarray | None = None) -> None:
     """Outlines, measurements and each nucleus's GeoJSON text (all of it but the id,
     which needs the global nucleus number) are made here, on the worker, vectorised over
     the tile, so the single writer of phase 3 only splices ids into text. ``job``: the
-    tile task's ``TileJob``; ``result``: ``stitch.segment_tile``'s instances."""
+    tile task's ``TileJob``; ``result``: ``stitch.segment_tile``'s instances; ``rgb``: the
+    slide's pixels over ``result.extent`` (stain intensities, with ``job.stains``)."""
     from pipeline.atomic import save_npz_atomic
     from pipeline.writers.features import feature_bodies
     from pipeline.writers.outlines import trace_tile
@@ -56,7 +57,7 @@ def save_tile(job: Any, tile: Tile, result: Any, seconds: float, dropped: int = 
     shift = (float(job.origin_shift[0]), float(job.origin_shift[1]))
     outlines = trace_tile(result.labels, offset, scale, shift)
     columns = instance_measurements(result.labels, result.prob, offset, scale, job.slide_mpp,
-                                    outlines=outlines)
+                                    outlines=outlines, rgb=rgb, stains=job.stains)
     values = {k: columns[k].to_numpy() for k in columns}
     bodies = "\n".join(feature_bodies(outlines.polygons, values)).encode("utf-8")
     save_npz_atomic(tile_file(job.work_dir, tile.index),

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.measure.stain import StainVectors
 from pipeline.slide_run.config import RunConfig
 from pipeline.slide_run.executors import NetworkTask, mapped
 from pipeline.slide_run.plan import SlidePlan, damage_records, level0_box
@@ -44,6 +45,8 @@ class TileJob:
     # the network runtime the slide was planned on (SlidePlan.runtime): a worker on another
     # refuses the tiles (fingerprint.check_runtime); empty: not pinned
     runtime: Mapping[str, Any] = field(default_factory=dict)
+    # the slide's stain vectors (measure.stain.StainVectors), for the nuclei's intensities
+    stains: Any = None
 
 
 def infer_tiles(job: TileJob) -> list[TileSummary]:
@@ -63,15 +66,16 @@ def infer_tiles(job: TileJob) -> list[TileSummary]:
         t_net = time.perf_counter()
         shared = ((t_read - t0) / len(todo), (t_net - t_read) / len(todo))
         predict = _window_predictor(bundle.net, lambda: reader, job, _largest_side(windows))
-        del windows  # the pixels are not needed any more: segmentation holds one tile's outputs
-        for tile, prob, dist, damaged in zip(todo, probs, dists, saw_damage):
+        for tile, window, prob, dist, damaged in zip(todo, windows, probs, dists, saw_damage):
             before = reader.damage_fills
 
             def met(damaged: bool = damaged, before: int = before) -> Damage:
                 # the tile's window, or a grown window its segmentation read
                 return damage_records(reader) if damaged or reader.damage_fills > before else ()
 
-            out.append(_segment_and_save(job, tile, prob, dist, predict, bundle.watershed, shared, met))
+            pixels = _pixels_of(job, tile, window, lambda: reader)
+            out.append(_segment_and_save(job, tile, prob, dist, predict, bundle.watershed, shared, met,
+                                         pixels))
     return sorted(out, key=lambda s: s.index)
 
 
@@ -104,6 +108,7 @@ class PredictedTiles:
     grown: list[GrownPlan]
     damaged: list[Damage]
     shared: tuple[float, float]  # read and network worker-seconds per tile
+    windows: list[np.ndarray] = field(default_factory=list)  # the slide's pixels (intensities)
 
 
 def read_tiles(job: TileJob) -> ReadTiles:
@@ -145,7 +150,8 @@ def predict_tiles(read: ReadTiles) -> PredictedTiles:
                 records = tuple(sorted(set(records) | set(damage_records(slide.reader()))))
             damage.append(records)
     shared = (read.read_s, (time.perf_counter() - t0) / len(read.tiles))
-    return PredictedTiles(job, read.cached, read.tiles, probs, dists, grown, damage, shared)
+    return PredictedTiles(job, read.cached, read.tiles, probs, dists, grown, damage, shared,
+                          read.windows)
 
 
 class _SlideOnDemand:
@@ -181,10 +187,18 @@ def segment_tiles(predicted: PredictedTiles) -> list[TileSummary]:
     job, out = predicted.job, list(predicted.cached)
     if predicted.tiles:
         params = _worker_model(job).watershed
-        for i, tile in enumerate(predicted.tiles):
-            out.append(_segment_and_save(job, tile, predicted.probs[i], predicted.dists[i],
-                                         predicted.grown[i], params,
-                                         predicted.shared, lambda i=i: predicted.damaged[i]))
+        with _SlideOnDemand(job) as slide:  # opened only for nuclei reaching past a window
+            for i, tile in enumerate(predicted.tiles):
+                before = slide.damage_fills
+
+                def met(i: int = i, before: int = before) -> Damage:
+                    if slide.damage_fills == before:
+                        return predicted.damaged[i]
+                    return tuple(sorted(set(predicted.damaged[i]) | set(damage_records(slide.reader()))))
+
+                pixels = _pixels_of(job, tile, predicted.windows[i], slide.reader)
+                out.append(_segment_and_save(job, tile, predicted.probs[i], predicted.dists[i],
+                                             predicted.grown[i], params, predicted.shared, met, pixels))
     return sorted(out, key=lambda s: s.index)
 
 
@@ -243,10 +257,30 @@ def _window_predictor(net: Any, reader: Callable[[], Any], job: TileJob, max_sid
     return subwindow_predictor(predict_window, job.margin, job.multiple, max_side, job.plan.image)
 
 
+def _pixels_of(job: TileJob, tile: Tile, window: np.ndarray, reader: Callable[[], Any]
+               ) -> Callable[[Box], np.ndarray]:
+    """The slide's pixels at model resolution over any box: cropped from the tile's window
+    where the box lies inside it (nearly always), read otherwise (a nucleus of a grown
+    cluster reaching past the window). A model pixel's value does not depend on the box it
+    is read with, so either way the nucleus's intensities are the same."""
+    from pipeline.slide import read_region
+
+    w = tile.window
+
+    def pixels(box: Box) -> np.ndarray:
+        if w.y0 <= box.y0 and box.y1 <= w.y1 and w.x0 <= box.x0 and box.x1 <= w.x1:
+            return window[box.y0 - w.y0:box.y1 - w.y0, box.x0 - w.x0:box.x1 - w.x0]
+        return read_region(reader(), job.plan, box)
+
+    return pixels
+
+
 def _segment_and_save(job: TileJob, tile: Tile, prob: np.ndarray, dist: np.ndarray, predict: Any,
-                      params: Any, shared: tuple[float, float], damage: Callable[[], Damage]) -> TileSummary:
-    """One tile's instances (owned nuclei, off-tissue ones dropped), saved to its file with
-    the damage its reads met (``damage()``, asked once the segmentation's reads are done)."""
+                      params: Any, shared: tuple[float, float], damage: Callable[[], Damage],
+                      pixels: Callable[[Box], np.ndarray]) -> TileSummary:
+    """One tile's instances (owned nuclei, off-tissue ones dropped), measured on the
+    slide's ``pixels`` and saved to its file with the damage its reads met (``damage()``,
+    asked once the segmentation's and the measurements' reads are done)."""
     from pipeline.stitch import segment_tile
     from pipeline.tissue import keep_in_tissue
 
@@ -260,8 +294,9 @@ def _segment_and_save(job: TileJob, tile: Tile, prob: np.ndarray, dist: np.ndarr
         result = replace(result, labels=labels)
     t_save = time.perf_counter()
     seconds = sum(shared) + t_save - t_seg
+    rgb = pixels(result.extent) if result.count else None
     damaged = damage()
-    save_tile(job, tile, result, seconds, dropped, damaged)
+    save_tile(job, tile, result, seconds, dropped, damaged, rgb)
     phases = (*shared, t_save - t_seg, time.perf_counter() - t_save)
     return TileSummary(tile.index, result.count, result.extent, result.recomputed, result.giants,
                        seconds, False, phases, dropped, damaged)
@@ -299,7 +334,7 @@ def run_tiles(plan: SlidePlan, cfg: RunConfig, executor: Any, work: str,
                     plan.margin, plan.multiple, slide_mpp(plan),
                     origin_shift=tuple(float(v) for v in plan.info.bounds_xy),
                     tissue=None if cfg.keep_outside_tissue else _tissue_around(plan, batch),
-                    runtime=plan.runtime)
+                    runtime=plan.runtime, stains=StainVectors.from_dict(plan.stains) if plan.stains else None)
             for batch in batches]
     done: list[TileSummary] = []
     with mapped(executor, INFER_TILES, jobs) as results:

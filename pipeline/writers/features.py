@@ -60,9 +60,11 @@ import numpy as np
 import shapely
 from shapely.geometry import Polygon, mapping
 
+from pipeline.measure.intensity import INTENSITY_NAMES
 from pipeline.writers.outlines import XY_DECIMALS
 
-__all__ = ["MEASUREMENTS", "NUCLEUS_CLASS", "feature_bodies", "feature_texts", "nucleus_feature"]
+__all__ = ["CELL_RATIO", "MEASUREMENTS", "NUCLEUS_CLASS", "feature_bodies", "feature_texts", "geometry_text",
+           "nucleus_feature"]
 
 NUCLEUS_CLASS = {"name": "Nucleus", "color": [0, 200, 0]}
 # Measurement (QuPath's name, as the table's column) -> decimals written to the GeoJSON;
@@ -76,8 +78,12 @@ MEASUREMENTS: dict[str, int] = {
     "Min diameter µm": 2,
     "Eccentricity": 3,
     "Detection probability": 3,
+    **{name: 3 for name in INTENSITY_NAMES},
 }
 MEASUREMENT_NAMES = {"id": "Nucleus id"}  # table columns written under another name
+COMPARTMENTS = ("Nucleus", "Cell", "Cytoplasm")  # QuPath's prefixes of a cell's measurements
+CELL_RATIO = "Nucleus/Cell area ratio"
+MEASUREMENTS[CELL_RATIO] = 3
 _DECIMALS = MEASUREMENTS
 # QuPath derives these from the ROI (the pixel area: from the µm^2 one)
 _SKIP = {"centroid_x_px", "centroid_y_px", "centroid_x_um", "centroid_y_um",
@@ -86,11 +92,20 @@ _GEOMETRY_KEY = '"geometry":'
 _PROPERTIES_KEY = ',"properties":'
 
 
+def _decimals(name: str) -> int | None:
+    """The decimals of measurement ``name``, also behind a cell compartment's prefix
+    (``Nucleus: Area µm^2`` as ``Area µm^2``)."""
+    if name in _DECIMALS:
+        return _DECIMALS[name]
+    compartment, _, rest = name.partition(": ")
+    return _DECIMALS.get(rest) if compartment in COMPARTMENTS else None
+
+
 def _rounded(name: str, values: np.ndarray) -> np.ndarray:
     """``values`` rounded to the decimals of measurement ``name`` (``MEASUREMENTS``; other
     names unchanged), so that ``repr`` writes them short: the nearest double to k / 10^d.
     ``+ 0.0`` turns a rounded -0.0 into 0.0; a value too large to round stays as it is."""
-    decimals = _DECIMALS.get(name)
+    decimals = _decimals(name)
     if decimals is None:
         return values
     out = np.round(values, decimals) + 0.0
@@ -162,6 +177,7 @@ def feature_bodies(
     polygons: np.ndarray | Sequence[Polygon],
     measurements: Mapping[str, Any],
     classification: Mapping[str, Any] = NUCLEUS_CLASS,
+    nucleus_geometries: Sequence[str] | None = None,
 ) -> list[str]:
     """Each nucleus's feature text without its id parts (see ``feature_texts``).
 
@@ -170,12 +186,18 @@ def feature_bodies(
     out. Coordinates are written with 1 decimal (the 0.1 px grid), measurements rounded
     (``MEASUREMENTS``) and as ``repr`` (shortest round trip), one format string per
     nucleus: this runs on the workers.
+
+    With ``nucleus_geometries`` (GeoJSON geometry texts, e.g. :func:`geometry_text` of a
+    nucleus's detection body) the features are QuPath **cells**: ``polygons`` are the
+    cell boundaries (``geometry``) and the nuclei go to the feature-level
+    ``nucleusGeometry``, QuPath's place for them.
     """
     polys = np.asarray(polygons, dtype=object)
     geoms = _geometry_texts(polys)
     n = len(geoms)
-    fmt = _GEOMETRY_KEY + "{}" + _braces(
-        _PROPERTIES_KEY + '{"objectType":"detection","classification":'
+    cells = nucleus_geometries is not None
+    fmt = _GEOMETRY_KEY + "{}" + (',"nucleusGeometry":{}' if cells else "") + _braces(
+        _PROPERTIES_KEY + '{"objectType":"' + ("cell" if cells else "detection") + '","classification":'
         + json.dumps(_classification_json(classification), separators=(",", ":")) + ',"measurements":{')
     named: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (rounded values, written)
     for key, values in measurements.items():
@@ -195,7 +217,16 @@ def feature_bodies(
         elif written.any():  # rare: written per value, empty where not finite
             fmt += "{}"
             columns.append([f"{text}:{x!r}," if ok else "" for x, ok in zip(v.tolist(), written.tolist())])
+    if cells:
+        if len(nucleus_geometries) != n:
+            raise ValueError(f"{len(nucleus_geometries)} nucleus geometries for {n} cells")
+        return [fmt.format(g, nucleus, *row) for g, nucleus, *row in zip(geoms, nucleus_geometries, *columns)]
     return [fmt.format(*row) for row in zip(geoms, *columns)]
+
+
+def geometry_text(body: str) -> str:
+    """The geometry text of a feature body made by :func:`feature_bodies`."""
+    return body[len(_GEOMETRY_KEY):body.index(_PROPERTIES_KEY)]
 
 
 def feature_texts(nucleus_ids: Iterable[int], bodies: Iterable[str]) -> list[str]:

@@ -94,6 +94,7 @@ __all__ = [
 NGFF_VERSION = "0.5"
 LABEL_NAME = "nuclei"
 LABEL_PATH = f"labels/{LABEL_NAME}"
+CELL_NAME = "cells"  # cells grown from the nuclei (--cell-expansion): same ids as the nuclei
 TISSUE_NAME = "tissue"
 TISSUE_PATH = f"labels/{TISSUE_NAME}"
 DIMS = ("y", "x")
@@ -119,6 +120,7 @@ class LabelStoreSpec:
     level_shapes: tuple[tuple[int, int], ...]
     mpp: float  # level-0 micrometres per pixel
     dtype: str = "uint32"
+    labels: tuple[str, ...] = (LABEL_NAME,)  # instance label images: nuclei, and cells if made
 
     @property
     def n_levels(self) -> int:
@@ -178,6 +180,7 @@ def create_store(
     mpp: float,
     n_levels: int | None = None,
     dtype: str = "uint32",
+    labels: tuple[str, ...] = (LABEL_NAME,),
 ) -> LabelStoreSpec:
     """Create a fresh store (an existing one at ``path`` is deleted) with empty arrays.
 
@@ -198,11 +201,12 @@ def create_store(
     spec = LabelStoreSpec(
         path=str(p), shape=(int(shape[0]), int(shape[1])), chunk=int(chunk),
         level_shapes=pyramid_shapes(shape, chunk, n_levels), mpp=mpp, dtype=str(np.dtype(dtype)),
+        labels=tuple(labels),
     )
     root = zarr.open_group(store=spec.path, mode="w", zarr_format=3)
     root.attrs[STORE_ATTR] = {"mpp": mpp, "chunk": spec.chunk}
-    nuclei = root.require_group("labels").require_group(LABEL_NAME)
-    _create_level_arrays(nuclei, spec, spec.dtype)
+    for name in spec.labels:
+        _create_level_arrays(root.require_group("labels").require_group(name), spec, spec.dtype)
     log.debug("created label store %s: %d levels %s, chunk %d", p, spec.n_levels, spec.level_shapes, chunk)
     return spec
 
@@ -222,8 +226,10 @@ def open_store(path: str | os.PathLike[str]) -> LabelStoreSpec:
     if not shapes:
         raise ValueError(f"{p} has no {LABEL_PATH}/s0 array")
     s0 = nuclei["s0"]
+    names = tuple(n for n in (LABEL_NAME, CELL_NAME) if f"labels/{n}/s0" in root)
     return LabelStoreSpec(path=str(p), shape=shapes[0], chunk=int(info["chunk"]),
-                          level_shapes=tuple(shapes), mpp=float(info["mpp"]), dtype=str(s0.dtype))
+                          level_shapes=tuple(shapes), mpp=float(info["mpp"]), dtype=str(s0.dtype),
+                          labels=names)
 
 
 def _check_aligned(spec: LabelStoreSpec, box: Box) -> None:
@@ -238,8 +244,8 @@ def _check_aligned(spec: LabelStoreSpec, box: Box) -> None:
         raise ValueError(f"{box} is not aligned to the {c}-px chunk grid of a {h}x{w} image")
 
 
-def write_block(spec: LabelStoreSpec, box: Box, labels: np.ndarray) -> None:
-    """Write level-0 ``labels`` into the chunk-aligned ``box``.
+def write_block(spec: LabelStoreSpec, box: Box, labels: np.ndarray, name: str = LABEL_NAME) -> None:
+    """Write level-0 ``labels`` into the chunk-aligned ``box`` of label image ``name``.
 
     The box must start on the chunk grid and end on it or at the image edge, so it covers
     whole chunks: concurrent writers of different boxes never share a chunk, hence no locks.
@@ -253,7 +259,7 @@ def write_block(spec: LabelStoreSpec, box: Box, labels: np.ndarray) -> None:
         raise ValueError("negative label values")
     if labels.size and int(labels.max()) > np.iinfo(spec.dtype).max:
         raise ValueError(f"label value {int(labels.max())} does not fit {spec.dtype}")
-    arr = _open(spec, spec.level_path(0))
+    arr = _open(spec, spec.level_path(0, f"labels/{name}"))
     arr[box.y0:box.y1, box.x0:box.x1] = labels.astype(spec.dtype, copy=False)
 
 
@@ -278,13 +284,15 @@ def pyramid_blocks(spec: LabelStoreSpec, regions: Iterable[Box] | None = None,
 def build_pyramid_block(spec: LabelStoreSpec, block: Box,
                         levels: int = PYRAMID_BLOCK_LEVELS) -> None:
     """Levels ``1..levels`` over one block of :func:`pyramid_blocks`, from its level-0
-    labels read once (level k = level 0 ``[::2^k, ::2^k]``; memory: one block)."""
-    src = _open(spec, spec.level_path(0), "r")[block.y0:block.y1, block.x0:block.x1]
-    for k in range(1, min(levels, spec.n_levels - 1) + 1):
-        f = 2**k
-        part = src[::f, ::f]
-        y0, x0 = block.y0 // f, block.x0 // f
-        _open(spec, spec.level_path(k))[y0:y0 + part.shape[0], x0:x0 + part.shape[1]] = part
+    labels read once (level k = level 0 ``[::2^k, ::2^k]``; memory: one block), for each
+    label image of the store."""
+    for group in (f"labels/{name}" for name in spec.labels):
+        src = _open(spec, spec.level_path(0, group), "r")[block.y0:block.y1, block.x0:block.x1]
+        for k in range(1, min(levels, spec.n_levels - 1) + 1):
+            f = 2**k
+            part = src[::f, ::f]
+            y0, x0 = block.y0 // f, block.x0 // f
+            _open(spec, spec.level_path(k, group))[y0:y0 + part.shape[0], x0:x0 + part.shape[1]] = part
 
 
 def build_pyramid(spec: LabelStoreSpec, regions: Iterable[Box] | None = None,
@@ -312,12 +320,13 @@ def build_pyramid(spec: LabelStoreSpec, regions: Iterable[Box] | None = None,
             rows = range(-(-b.y0 // f) // c, (min(h, -(-b.y1 // f)) - 1) // c + 1)
             cols = range(-(-b.x0 // f) // c, (min(w, -(-b.x1 // f)) - 1) // c + 1)
             chunks.update((cy, cx) for cy in rows for cx in cols)
-        src = _open(spec, spec.level_path(k - 1), "r")
-        dst = _open(spec, spec.level_path(k))
-        for cy, cx in sorted(chunks):
-            y0, x0 = cy * c, cx * c
-            y1, x1 = min(y0 + c, h), min(x0 + c, w)
-            dst[y0:y1, x0:x1] = src[2 * y0:2 * y1:2, 2 * x0:2 * x1:2]
+        for group in (f"labels/{name}" for name in spec.labels):
+            src = _open(spec, spec.level_path(k - 1, group), "r")
+            dst = _open(spec, spec.level_path(k, group))
+            for cy, cx in sorted(chunks):
+                y0, x0 = cy * c, cx * c
+                y1, x1 = min(y0 + c, h), min(x0 + c, w)
+                dst[y0:y1, x0:x1] = src[2 * y0:2 * y1:2, 2 * x0:2 * x1:2]
         computed += len(chunks)
         log.debug("pyramid level %d %s: %d chunk(s)", k, spec.level_shapes[k], len(chunks))
     return computed
@@ -460,11 +469,12 @@ def finalize(
     if colors:
         image_label["colors"] = _check_colors(colors)
     n = spec.n_levels
-    root[LABEL_PATH].attrs["ome"] = {
-        "version": NGFF_VERSION, "image-label": image_label,
-        "multiscales": [_multiscale(spec, LABEL_NAME, [2.0**k for k in range(n)])],
-    }
-    names = [LABEL_NAME]
+    for label in spec.labels:  # nuclei, and cells (the same ids) when made
+        root[f"labels/{label}"].attrs["ome"] = {
+            "version": NGFF_VERSION, "image-label": image_label,
+            "multiscales": [_multiscale(spec, label, [2.0**k for k in range(n)])],
+        }
+    names = list(spec.labels)
     if "tissue_per_px" in info:
         d = float(info["tissue_per_px"])
         root[TISSUE_PATH].attrs["ome"] = {

@@ -44,8 +44,9 @@ Two files, one set of rows (one per nucleus, in global id order):
   - ``obs``: ``id`` (the instance key: the value in ``labels/nuclei``, uint32) and
     ``region`` (categorical, always ``"nuclei"``: the labels element it annotates);
     ``obs_names`` are the ids as strings.
-  - ``X`` (float64) with ``var_names`` = ``X_COLUMNS``: the per-nucleus measurements, where
-    scanpy/squidpy look for features.
+  - ``X`` (float64) with ``var_names`` = ``X_COLUMNS`` (and a cell's columns when cells
+    were made): the per-nucleus measurements, where scanpy/squidpy look for features;
+    ``var["unit"]`` their units.
   - ``obsm["spatial"]``: centroid (x, y) in **µm** (the unit of the label store's NGFF
     coordinate system; ``uns["wsi_nuclei"]["spatial_unit"]`` says so).
     ``obsm["centroid_px"]``: centroid (x, y) in level-0 px; ``obsm["bbox_px"]``: (x0, y0,
@@ -80,8 +81,10 @@ import zarr
 
 from pipeline import __version__
 from pipeline.atomic import atomic_path
+from pipeline.measure.intensity import INTENSITY_NAMES, stain_intensities
 from pipeline.measure.shape import SHAPE_NAMES, shape_measurements
 from pipeline.measure.shape import UNITS as SHAPE_UNITS
+from pipeline.measure.stain import StainVectors
 from pipeline.writers.labels import LABEL_NAME, LabelStoreSpec
 from pipeline.writers.outlines import TileOutlines, trace_tile
 
@@ -101,10 +104,11 @@ __all__ = [
 TABLE_NAME = "nuclei"
 TABLE_PATH = f"tables/{TABLE_NAME}"
 # measurements, named as QuPath names them (shape: ``pipeline.measure.shape``; extras:
-# Eccentricity, from the pixel moments, and the mean nucleus probability)
+# Eccentricity, from the pixel moments, and the mean nucleus probability; stain
+# intensities: ``pipeline.measure.intensity``)
 ECCENTRICITY = "Eccentricity"
 PROBABILITY = "Detection probability"
-MEASUREMENT_COLUMNS: tuple[str, ...] = (*SHAPE_NAMES, ECCENTRICITY, PROBABILITY)
+MEASUREMENT_COLUMNS: tuple[str, ...] = (*SHAPE_NAMES, ECCENTRICITY, PROBABILITY, *INTENSITY_NAMES)
 COLUMNS: dict[str, str] = {
     "id": "uint32",
     "centroid_x_px": "float64",
@@ -130,6 +134,8 @@ COLUMN_UNITS: dict[str, str] = {
     **{name: _NGFF_UNITS[unit] for name, unit in SHAPE_UNITS.items()},
     ECCENTRICITY: "1",
     PROBABILITY: "1",
+    # colour-deconvolved stain values and their sum, in optical density units (log10)
+    **{name: "optical density" for name in INTENSITY_NAMES},
     "bbox_x0": "pixel",
     "bbox_y0": "pixel",
     "bbox_x1": "pixel",
@@ -173,6 +179,8 @@ def instance_measurements(
     id_offset: int = 0,
     id_dtype: str = "uint32",
     outlines: TileOutlines | None = None,
+    rgb: np.ndarray | None = None,
+    stains: StainVectors | None = None,
 ) -> pd.DataFrame:
     """Measure every instance of a model-pixel label crop, in level-0 units.
 
@@ -209,6 +217,12 @@ def instance_measurements(
     l2 = np.clip(half - root, 0, None)
     ecc = np.sqrt(1 - np.divide(l2, l1, out=np.ones_like(l1), where=l1 > 0))
     shape = shape_measurements(outlines.polygons, mpp_level0)  # the GeoJSON's own polygons
+    if rgb is None:
+        intensity = {name: np.full(len(ids), np.nan) for name in INTENSITY_NAMES}
+    else:
+        if rgb.shape[:2] != labels.shape:
+            raise ValueError(f"rgb {rgb.shape} does not cover labels {labels.shape}")
+        intensity = stain_intensities(labels, rgb, stains or StainVectors(), ids)
     oy, ox = float(offset_yx[0]), float(offset_yx[1])
     s = float(scale)
     cy = (outlines.centroid[:, 0] + oy + 0.5) * s - 0.5
@@ -226,6 +240,7 @@ def instance_measurements(
         **shape,
         ECCENTRICITY: ecc,
         PROBABILITY: mean_prob,
+        **intensity,
         "bbox_x0": np.floor((x0 + ox) * s).astype(np.int64),
         "bbox_y0": np.floor((y0 + oy) * s).astype(np.int64),
         "bbox_x1": np.ceil((x1 + ox) * s).astype(np.int64),
@@ -244,13 +259,24 @@ def _as_frame(chunk: pd.DataFrame | Mapping[str, Any], dtypes: dict[str, str]) -
     return frame[list(dtypes)].astype(dtypes).reset_index(drop=True)
 
 
-def table_metadata(mpp: float, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def column_unit(name: str) -> str:
+    """A column's unit, also behind a cell compartment's prefix (``Cell: Area µm^2``)."""
+    if name in COLUMN_UNITS:
+        return COLUMN_UNITS[name]
+    rest = name.partition(": ")[2]
+    return COLUMN_UNITS.get(rest, "1")
+
+
+def table_metadata(mpp: float, extra: Mapping[str, Any] | None = None,
+                   columns: Iterable[str] = ()) -> dict[str, Any]:
     """What the numbers in the table mean: written into both the Parquet and the AnnData.
 
     ``extra`` (slide, model, checksum, ...) comes from the caller; the keys made here win.
+    ``columns``: measurement columns beyond ``COLUMNS`` (cells), whose units are added.
     """
+    units = {**COLUMN_UNITS, **{name: column_unit(name) for name in columns}}
     return {**dict(extra or {}), "wsi_nuclei_version": __version__, "mpp": mpp,
-            "units": dict(COLUMN_UNITS), "coordinates": COORDINATES}
+            "units": units, "coordinates": COORDINATES}
 
 
 class _AnnDataTable:
@@ -262,22 +288,29 @@ class _AnnDataTable:
     consistent AnnData (the store is marked complete by ``labels.finalize``, which runs later).
     """
 
-    def __init__(self, root: zarr.Group, id_dtype: str, rows: int, meta: Mapping[str, Any]) -> None:
+    def __init__(self, root: zarr.Group, id_dtype: str, rows: int, meta: Mapping[str, Any],
+                 x_columns: tuple[str, ...] = X_COLUMNS) -> None:
         import anndata as ad  # here: importing the measurement code (benchmarks, tests) stays light
         from anndata.io import write_elem
 
         self.id_dtype = id_dtype
         self.meta = {k: v for k, v in meta.items() if v is not None}  # uns cannot hold None
+        # the measurements' units go to var["unit"], beside their names (a name such as
+        # "Nucleus/Cell area ratio" cannot be a key of uns, which zarr stores as groups)
+        units = dict(self.meta.get("units", {}))
+        var = pd.DataFrame({"unit": [units.pop(c, "") for c in x_columns]},
+                           index=pd.Index(x_columns, dtype=object))
+        self.meta["units"] = units
         self.obsm = {"spatial": SPATIAL_UM, **OBSM_PX}
         skeleton = ad.AnnData(obs=self._obs(np.zeros(0, id_dtype)),
-                              var=pd.DataFrame(index=pd.Index(X_COLUMNS, dtype=object)))
+                              var=var)
         tables = root.require_group("tables")
         if TABLE_NAME in tables:
             del tables[TABLE_NAME]
         write_elem(tables, TABLE_NAME, skeleton, dataset_kwargs=_NO_SHARDS)
         self.group = tables[TABLE_NAME]
         self.arrays: list[tuple[list[str], zarr.Array]] = []  # (Parquet columns, array)
-        for parent, key, cols, dtype in [(self.group, "X", X_COLUMNS, "float64"),
+        for parent, key, cols, dtype in [(self.group, "X", x_columns, "float64"),
                                          *[(self.group["obsm"], k, v, COLUMNS[v[0]])
                                            for k, v in self.obsm.items()]]:
             write_elem(parent, key, np.zeros((0, len(cols)), dtype),
@@ -315,8 +348,8 @@ class _Sink:
     """Parquet writer + AnnData table fed one row group at a time."""
 
     def __init__(self, parquet_tmp: Path, root: zarr.Group, dtypes: dict[str, str], rows: int,
-                 meta: Mapping[str, Any]) -> None:
-        self.table = _AnnDataTable(root, dtypes["id"], rows, meta)
+                 meta: Mapping[str, Any], x_columns: tuple[str, ...]) -> None:
+        self.table = _AnnDataTable(root, dtypes["id"], rows, meta, x_columns)
         self.schema = pa.schema([(k, pa.from_numpy_dtype(np.dtype(v))) for k, v in dtypes.items()],
                                 metadata={METADATA_KEY: json.dumps(meta)})
         self.writer = pq.ParquetWriter(parquet_tmp, self.schema, compression="zstd")
@@ -339,6 +372,7 @@ def write_table(
     parquet_name: str = "nuclei.parquet",
     row_group_size: int = 65536,
     id_dtype: str = "uint32",
+    extra_columns: tuple[str, ...] = (),
 ) -> int:
     """Stream per-tile tables into ``out_dir/nuclei.parquet`` and the AnnData twin; return rows.
 
@@ -347,17 +381,18 @@ def write_table(
     reads the result. The AnnData goes to ``<store>/tables/nuclei`` (group replaced) of the
     label store ``store`` (``labels.create_store``), whose mpp the metadata records.
     ``metadata`` (JSON-able values: slide, model, checksum) joins ``table_metadata`` in both
-    outputs.
+    outputs. ``extra_columns``: float measurements after ``COLUMNS`` (a cell's, when cells
+    were made: ``writers.cells.CELL_COLUMNS``), in the Parquet and in the AnnData's ``X``.
     """
     if row_group_size < 1:
         raise ValueError("row_group_size must be >= 1")
     out = Path(out_dir)
-    dtypes = {**COLUMNS, "id": id_dtype}
+    dtypes = {**COLUMNS, **{name: "float64" for name in extra_columns}, "id": id_dtype}
     store_path = Path(store.path)
     root = zarr.open_group(store=str(store_path), mode="a", zarr_format=3)
-    meta = table_metadata(store.mpp, metadata)
+    meta = table_metadata(store.mpp, metadata, extra_columns)
     with atomic_path(out / parquet_name) as tmp:
-        sink = _Sink(tmp, root, dtypes, row_group_size, meta)
+        sink = _Sink(tmp, root, dtypes, row_group_size, meta, (*X_COLUMNS, *extra_columns))
         try:
             pending: list[pd.DataFrame] = []
             n_pending = 0
