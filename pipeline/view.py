@@ -143,14 +143,15 @@ def _features(out: Path) -> Any:
 
 def layers_for(out_dir: str | Path, *, filled: bool = False, slide: bool = True) -> list[LayerSpec]:
     """The layers of ``wsi-nuclei view``, bottom to top: the slide (from its file when
-    ``slide`` and readable, else the store's RGB image), the tissue contour, the nuclei
-    (contours, or filled at half opacity) with the table as features. All in µm when the
+    ``slide`` and readable, else the store's RGB image), the tissue contour, the cell
+    boundaries when cells were made, the nuclei (contours, or filled at half opacity)
+    with the table as features. All in µm when the
     mpp is known (the store's coordinates), else in level-0 pixels."""
     import zarr
 
     from pipeline.slide import SlideReadError
-    from pipeline.writers.colours import NUCLEUS_RGB
-    from pipeline.writers.labels import LABEL_PATH, STORE_ATTR, TISSUE_PATH
+    from pipeline.writers.colours import CELL_RGB, NUCLEUS_RGB
+    from pipeline.writers.labels import CELL_NAME, LABEL_PATH, STORE_ATTR, TISSUE_PATH
 
     out = output_dir(out_dir)
     summary = json.loads((out / "summary.json").read_text())
@@ -187,6 +188,14 @@ def layers_for(out_dir: str | Path, *, filled: bool = False, slide: bool = True)
              "opacity": 1.0, "colormap": {None: "transparent", 0: "transparent",
                                           1: [v / 255 for v in rgba]}},
             "labels", {"contour": TISSUE_CONTOUR}))
+    if f"labels/{CELL_NAME}" in root:  # cells (--cell-expansion): their boundaries under the nuclei
+        cells = root[f"labels/{CELL_NAME}"]
+        scale, shift = ngff_transform(cells)
+        layers.append(LayerSpec(
+            _multi(store_levels(cells)),
+            {"name": "cells", "scale": tuple(scale), "translate": tuple(shift), "units": unit,
+             "opacity": 1.0, "colormap": {None: [v / 255 for v in CELL_RGB] + [1.0], 0: "transparent"}},
+            "labels", {"contour": NUCLEI_CONTOUR}))
     nuclei = root[LABEL_PATH]
     scale, shift = ngff_transform(nuclei)
     style: dict[str, Any] = {"opacity": FILLED_OPACITY}  # napari's colours tell touching nuclei apart

@@ -43,7 +43,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("view")
     (slide,) = write_slides(root / "slides", ["s.tif"])
-    cfg = RunConfig(model=MODEL, out=str(root / "out"), tile_size=TILE, chunk=CHUNK, device="cpu")
+    cfg = RunConfig(model=MODEL, out=str(root / "out"), tile_size=TILE, chunk=CHUNK, device="cpu",
+                    cell_expansion=2.0)
     mp = pytest.MonkeyPatch()
     mp.setattr(labels, "IMAGE_SIDE", IMAGE_SIDE)
     try:
@@ -67,19 +68,20 @@ def _world_box(scale: tuple[float, ...], translate: tuple[float, ...], shape: tu
     return np.stack([t - s / 2, t + (np.asarray(shape[:2]) - 0.5) * s])
 
 
-def test_store_opens_as_rgb_image_with_two_labels(run: Path) -> None:
+def test_store_opens_as_rgb_image_with_three_labels(run: Path) -> None:
     store = str(run / "nuclei.zarr")
     nodes = list(Reader(parse_url(store))())
     image, labels = nodes[0], {n.metadata["name"]: n for n in nodes if n.first(Label) is not None}
     assert image.first(Label) is None and image.metadata["name"] == "s"  # the slide id
-    assert sorted(labels) == ["nuclei", "tissue"]
+    assert sorted(labels) == ["cells", "nuclei", "tissue"]
     levels = [np.asarray(d) for d in image.data]
     assert len(levels) == len(labels["nuclei"].data) == len(labels["tissue"].data) == 3
+    assert len(labels["cells"].data) == 3
     assert all(a.dtype == np.uint8 and a.shape[0] == 3 for a in levels)
     assert max(levels[0].shape[1:]) <= IMAGE_SIDE
     assert image.metadata["contrast_limits"] == [[0, 255]] * 3
     model = open_ome_zarr(zarr.open_group(store, mode="r"))
-    assert isinstance(model, Image) and model.labels.label_paths == ["nuclei", "tissue"]
+    assert isinstance(model, Image) and model.labels.label_paths == ["nuclei", "cells", "tissue"]
 
 
 def test_rgb_image_overlays_the_labels_in_micrometres(run: Path) -> None:
@@ -106,8 +108,11 @@ def test_rgb_image_overlays_the_labels_in_micrometres(run: Path) -> None:
 
 
 def test_layers_read_the_slide_lazily_with_features(run: Path) -> None:
-    image, tissue, nuclei = layers_for(run)
-    assert (image.kind, tissue.kind, nuclei.kind) == ("image", "labels", "labels")
+    image, tissue, cells, nuclei = layers_for(run)
+    assert (image.kind, tissue.kind, cells.kind, nuclei.kind) == ("image", "labels", "labels", "labels")
+    assert cells.kwargs["name"] == "cells" and cells.settings == {"contour": 1}
+    stored = zarr.open_group(str(run / "nuclei.zarr"), mode="r")["labels/cells"]
+    np.testing.assert_array_equal(np.asarray(cells.data[0]), stored["s0"][:])
     assert image.kwargs["rgb"] and image.kwargs["scale"] == (0.25, 0.25)
     assert image.kwargs["units"] == ("micrometer", "micrometer")
     np.testing.assert_array_equal(np.asarray(image.data[37:201, 5:250]), _slide(run)[37:201, 5:250])
