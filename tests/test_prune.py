@@ -503,3 +503,32 @@ def test_cli_prune_sweep_with_the_real_evaluator(tmp_path: Path, make_annotated_
     assert main(args) == 0  # resume: nothing left to do
     assert len(list(csv.DictReader(open(out / "sweep.csv")))) == 4
     assert (out / "sweep.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("arch", ["dual", "paper"])
+def test_structured_keeps_both_signs_of_a_head_in_proportion(arch: str) -> None:
+    """The conv feeding a head keeps channels that raise and channels that lower its output
+    (ReLU inputs: the head weight's sign is the channel's direction), in proportion, even
+    when one sign has the weaker filters: ranking by magnitude alone kept only negative
+    channels of a trained semantic head, capping its probability at the bias."""
+    net = _net(arch, True)
+    heads = [m for name, m in net.named_modules() if name.endswith("head")]
+    with torch.no_grad():
+        for head in heads:
+            w = head.weight
+            sign = -torch.ones(w.shape[1])
+            sign[: w.shape[1] // 4] = 1  # a quarter raise, the rest lower, as in a trained head
+            w.copy_(sign.view(1, -1, 1, 1) * (0.2 + torch.rand(w.shape[1])).view(1, -1, 1, 1))
+        for name, m in net.named_modules():  # the raising channels have the weakest filters
+            if isinstance(m, nn.Conv2d) and any(f"{name}" in n for n in _feeding_heads(net)):
+                m.weight[: m.out_channels // 4] *= 0.01
+    small = structured_prune(net, 0.8)
+    for head in (m for name, m in small.named_modules() if name.endswith("head")):
+        w = head.weight.reshape(-1)
+        positive, negative = int((w > 0).sum()), int((w < 0).sum())
+        assert positive >= 1 and negative >= 1
+        assert abs(positive / len(w) - 0.25) <= 1 / len(w) + 1e-9, (positive, negative)  # in proportion
+
+
+def _feeding_heads(net: NucleusNet) -> list[str]:
+    return [n.inputs[0] for n in conv_graph(net) if not n.prunable]
