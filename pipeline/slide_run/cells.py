@@ -184,14 +184,13 @@ def cell_columns(work_dir: str, index: int) -> tuple[dict[str, np.ndarray], list
 def run_cells(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, executor: Any,
               work: str) -> list[CellSummary]:
     """Phase 1b: the cells of every tile with nuclei (none without ``--cell-expansion``)."""
-    from pipeline.measure.stain import StainVectors
     from pipeline.slide_run.tiles import slide_mpp
 
     settings = cell_settings(cfg, plan)
     if settings is None:
         return []
     with_nuclei = [s for s in tiles if s.count]
-    stains = StainVectors.from_dict(plan.stains) if plan.stains else StainVectors()
+    stains = plan.stain_vectors()
     by_bucket = _buckets(with_nuclei)
     jobs = []
     for s in with_nuclei:

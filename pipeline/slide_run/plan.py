@@ -37,6 +37,12 @@ class SlidePlan:
     damaged: tuple[tuple[int, int, int, int, str], ...] = ()  # seen by the tissue mask's reads
     stains: dict[str, Any] = field(default_factory=dict)  # measure.stain.StainVectors.to_dict()
 
+    def stain_vectors(self) -> Any:
+        """The slide's ``measure.stain.StainVectors`` (QuPath's H&E defaults if none were set)."""
+        from pipeline.measure.stain import StainVectors
+
+        return StainVectors.from_dict(self.stains) if self.stains else StainVectors()
+
 
 @dataclass(frozen=True)
 class PrepareJob:

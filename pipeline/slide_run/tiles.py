@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.measure.stain import StainVectors
 from pipeline.slide_run.config import RunConfig
 from pipeline.slide_run.executors import NetworkTask, mapped
 from pipeline.slide_run.plan import SlidePlan, damage_records, level0_box
@@ -334,7 +333,7 @@ def run_tiles(plan: SlidePlan, cfg: RunConfig, executor: Any, work: str,
                     plan.margin, plan.multiple, slide_mpp(plan),
                     origin_shift=tuple(float(v) for v in plan.info.bounds_xy),
                     tissue=None if cfg.keep_outside_tissue else _tissue_around(plan, batch),
-                    runtime=plan.runtime, stains=StainVectors.from_dict(plan.stains) if plan.stains else None)
+                    runtime=plan.runtime, stains=plan.stain_vectors())
             for batch in batches]
     done: list[TileSummary] = []
     with mapped(executor, INFER_TILES, jobs) as results:
