@@ -31,7 +31,8 @@ PLUGIN_NAME = "wsi-nuclei-model"
 TASK_MODULES = ("pipeline.slide", "pipeline.stitch", "pipeline.tissue", "pipeline.label_sampling",
                 "pipeline.slide_run.plan", "pipeline.slide_run.tiles", "pipeline.slide_run.tile_file",
                 "pipeline.slide_run.blocks", "pipeline.slide_run.outputs", "pipeline.slide_run.cells",
-                "pipeline.measure.cells", "pipeline.writers.cells", "pipeline.writers.outlines", "pipeline.writers.features", "pipeline.writers.geojson",
+                "pipeline.measure.cells", "pipeline.writers.cells", "pipeline.writers.outlines",
+                "pipeline.writers.features", "pipeline.writers.geojson",
                 "pipeline.writers.table", "pipeline.writers.labels", "pipeline.writers.preview",
                 "pipeline.writers.summary", "anndata")  # anndata: the finalising task's table
 
