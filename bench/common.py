@@ -241,7 +241,7 @@ def spread_islands(height: int, width: int, n: int, size: int, grid: int = 1024)
 def island_slide(side: int, n_islands: int, island: int, *, mpp: float = 0.25, seed: int = 7,
                  name: str | None = None) -> Any:
     """A ``side x side`` procedural ``MemorySlide`` holding ``n_islands`` islands."""
-    from pipeline.slide import MemorySlide
+    from pipeline.slide.memory import MemorySlide
 
     fn = IslandPixels(spread_islands(side, side, n_islands, island), seed=seed, mpp=mpp)
     return MemorySlide.procedural(side, side, mpp, fn, name=name or f"islands-{side}-{n_islands}")

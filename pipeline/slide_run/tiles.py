@@ -49,7 +49,7 @@ class TileJob:
 def infer_tiles(job: TileJob) -> list[TileSummary]:
     """Phase 1 for a batch of tiles in one task (one forward pass for the batch):
     read, predict, segment, measure, save. CPU layouts and single-process runs."""
-    from pipeline.slide import open_slide
+    from pipeline.slide.open import open_slide
 
     todo, out = _not_cached(job)
     if not todo:
@@ -109,7 +109,7 @@ class PredictedTiles:
 def read_tiles(job: TileJob) -> ReadTiles:
     """The reading part of :func:`infer_tiles` (CPU pool of a GPU layout): decoding the
     slide is CPU work, and many pool processes read faster than one GPU worker would."""
-    from pipeline.slide import open_slide
+    from pipeline.slide.open import open_slide
 
     todo, cached = _not_cached(job)
     if not todo:
@@ -157,7 +157,7 @@ class _SlideOnDemand:
         self._reader: Any = None
 
     def reader(self) -> Any:
-        from pipeline.slide import open_slide
+        from pipeline.slide.open import open_slide
 
         if self._reader is None:
             self._reader = open_slide(self.job.path, mpp_override=self.job.mpp_override)
@@ -214,7 +214,7 @@ def _not_cached(job: TileJob) -> tuple[list[Tile], list[TileSummary]]:
 
 def _read_windows(reader: Any, job: TileJob, tiles: list[Tile]) -> tuple[list[np.ndarray], list[bool]]:
     """Each tile's window, and whether reading it met a damaged stored tile."""
-    from pipeline.slide import read_region
+    from pipeline.slide.region import read_region
 
     windows, saw_damage = [], []
     for t in tiles:
@@ -233,7 +233,7 @@ def _window_predictor(net: Any, reader: Callable[[], Any], job: TileJob, max_sid
     pieces of at most ``max_side`` px a side (the batch's largest tile window) so that the
     network's activations stay tile-sized; ``reader()`` gives the open slide."""
     from models.inference import predict_batch
-    from pipeline.slide import read_region
+    from pipeline.slide.region import read_region
     from pipeline.stitch import subwindow_predictor
 
     def predict_window(box: Box) -> tuple[np.ndarray, np.ndarray]:
