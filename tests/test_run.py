@@ -189,7 +189,7 @@ def test_giant_clusters_make_the_slide_partial(tmp_path: Path, monkeypatch, capl
     an INFO line on a worker); a re-run reuses every tile and says the same."""
     import logging
 
-    import pipeline.stitch as stitch
+    import pipeline.stitch.tile as stitch
     from pipeline.cli import main
     from pipeline.pyramid_tiff import write_pyramidal_tiff
 

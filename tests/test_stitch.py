@@ -9,7 +9,7 @@ from scipy import ndimage as ndi
 from models.config import WatershedParams
 from models.targets import distance_map
 from models.watershed import postprocess
-from pipeline.stitch import segment_tile, subwindow_predictor
+from pipeline.stitch.tile import segment_tile, subwindow_predictor
 from pipeline.tiling import plan_tiles
 from pipeline.types import Box
 
@@ -184,7 +184,7 @@ def test_giant_components_dropped_the_same_by_every_tile(monkeypatch, max_window
     """With a tiny MAX_WINDOW the chain and the ring are giants: no tile segments them, so
     nothing is split, doubled or claimed twice; the rest equals whole-image processing,
     and no window ever exceeds MAX_WINDOW (checked before predicting)."""
-    import pipeline.stitch as stitch
+    import pipeline.stitch.tile as stitch
 
     monkeypatch.setattr(stitch, "MAX_WINDOW", max_window)
     margin = 16
@@ -203,7 +203,7 @@ def test_giant_components_dropped_the_same_by_every_tile(monkeypatch, max_window
 def test_a_seed_that_vanishes_in_a_grown_window_does_not_crash() -> None:
     """Outputs of windows of other shapes differ by ~1e-7: the seed pixel of a grown
     component may fall below threshold there; the component is found by its box."""
-    from pipeline.stitch import _seed_component
+    from pipeline.stitch.tile import _seed_component
 
     comps = np.zeros((20, 20), np.int32)
     comps[5:10, 5:15] = 3
@@ -222,7 +222,7 @@ def test_windows_planned_without_watershed_replay_the_live_segmentation(monkeypa
     clusters (and, with a small MAX_WINDOW, giants) to replay."""
     import pickle
 
-    import pipeline.stitch as stitch
+    import pipeline.stitch.tile as stitch
 
     if max_window:
         monkeypatch.setattr(stitch, "MAX_WINDOW", max_window)
@@ -251,7 +251,7 @@ def test_windows_planned_without_watershed_replay_the_live_segmentation(monkeypa
 
 def test_replay_refuses_a_cluster_that_was_not_grown() -> None:
     """A plan made for another tile (or none) is refused, never silently half-used."""
-    from pipeline import stitch
+    from pipeline.stitch import tile as stitch
 
     margin = 16
     prob, dist = synthetic_maps((300, 470), seed=1)
@@ -293,7 +293,7 @@ def test_what_a_grown_cluster_sends_to_the_pool_is_bounded_by_the_tile() -> None
     pixels (8 bytes each) and little more."""
     import pickle
 
-    from pipeline import stitch
+    from pipeline.stitch import tile as stitch
 
     margin, side = 16, 480
     prob, dist, disc = blob_maps(side, radius=170)

@@ -20,7 +20,7 @@ from pipeline.slide_run.tile_file import Damage, TileSummary, cached_summary, sa
 from pipeline.types import Box, ReadPlan, Tile
 
 if TYPE_CHECKING:
-    from pipeline.stitch import GrownPlan
+    from pipeline.stitch.tile import GrownPlan
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def predict_tiles(read: ReadTiles) -> PredictedTiles:
     """The network part of :func:`infer_tiles` (GPU worker of a GPU layout): predict the
     windows, then the larger windows of the clusters they cut (the slide is opened here
     only if there are any)."""
-    from pipeline.stitch import predict_grown_windows
+    from pipeline.stitch.tile import predict_grown_windows
 
     job = read.job
     if not read.tiles:
@@ -234,7 +234,7 @@ def _window_predictor(net: Any, reader: Callable[[], Any], job: TileJob, max_sid
     network's activations stay tile-sized; ``reader()`` gives the open slide."""
     from models.inference import predict_batch
     from pipeline.slide.region import read_region
-    from pipeline.stitch import subwindow_predictor
+    from pipeline.stitch.tile import subwindow_predictor
 
     def predict_window(box: Box) -> tuple[np.ndarray, np.ndarray]:
         p, d = predict_batch(net, read_region(reader(), job.plan, box)[None])
@@ -247,7 +247,7 @@ def _segment_and_save(job: TileJob, tile: Tile, prob: np.ndarray, dist: np.ndarr
                       params: Any, shared: tuple[float, float], damage: Callable[[], Damage]) -> TileSummary:
     """One tile's instances (owned nuclei, off-tissue ones dropped), saved to its file with
     the damage its reads met (``damage()``, asked once the segmentation's reads are done)."""
-    from pipeline.stitch import segment_tile
+    from pipeline.stitch.tile import segment_tile
     from pipeline.tissue import keep_in_tissue
 
     t_seg = time.perf_counter()
@@ -315,7 +315,7 @@ def run_tiles(plan: SlidePlan, cfg: RunConfig, executor: Any, work: str,
 def _tissue_around(plan: SlidePlan, tiles: list[Tile]) -> Any:
     """The tissue mask where these tiles' nuclei can lie: their windows, grown as far as a
     cluster window may grow (``stitch.MAX_WINDOW``)."""
-    from pipeline.stitch import MAX_WINDOW
+    from pipeline.stitch.tile import MAX_WINDOW
 
     y0 = min(t.window.y0 for t in tiles) - MAX_WINDOW
     x0 = min(t.window.x0 for t in tiles) - MAX_WINDOW

@@ -1,0 +1,1 @@
+"""Exact, seam-free instances from tiles (see ``tile``)."""
