@@ -118,7 +118,7 @@ def tiny_checkpoint(folder: str | os.PathLike[str], name: str = "tiny.pt", *, mp
     Quick modes use it so that smoke runs take seconds and do not depend on the trained
     weights. Why not random weights: a random network often calls glass or whole islands
     foreground, and the stitcher then recomputes that "cluster" on windows growing up
-    to ``stitch.MAX_WINDOW`` (8192 px a side), which needs tens of GB. This one segments
+    to ``stitch.grown.MAX_WINDOW`` (8192 px a side), which needs tens of GB. This one segments
     dark (haematoxylin) blobs, so components stay nucleus-sized and every code path runs
     with realistic sizes.
     """

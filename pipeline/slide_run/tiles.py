@@ -20,7 +20,7 @@ from pipeline.slide_run.tile_file import Damage, TileSummary, cached_summary, sa
 from pipeline.types import Box, ReadPlan, Tile
 
 if TYPE_CHECKING:
-    from pipeline.stitch.tile import GrownPlan
+    from pipeline.stitch.grown import GrownPlan
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def _window_predictor(net: Any, reader: Callable[[], Any], job: TileJob, max_sid
     network's activations stay tile-sized; ``reader()`` gives the open slide."""
     from models.inference import predict_batch
     from pipeline.slide.region import read_region
-    from pipeline.stitch.tile import subwindow_predictor
+    from pipeline.stitch.grown import subwindow_predictor
 
     def predict_window(box: Box) -> tuple[np.ndarray, np.ndarray]:
         p, d = predict_batch(net, read_region(reader(), job.plan, box)[None])
@@ -315,7 +315,7 @@ def run_tiles(plan: SlidePlan, cfg: RunConfig, executor: Any, work: str,
 def _tissue_around(plan: SlidePlan, tiles: list[Tile]) -> Any:
     """The tissue mask where these tiles' nuclei can lie: their windows, grown as far as a
     cluster window may grow (``stitch.MAX_WINDOW``)."""
-    from pipeline.stitch.tile import MAX_WINDOW
+    from pipeline.stitch.grown import MAX_WINDOW
 
     y0 = min(t.window.y0 for t in tiles) - MAX_WINDOW
     x0 = min(t.window.x0 for t in tiles) - MAX_WINDOW
