@@ -168,7 +168,8 @@ def blob_plan(side: int, tile: int, model: str) -> tuple[Any, Any, str]:
     """A slide with one disc of diameter ``side`` (a tile's width of glass around it),
     registered in this process, and its plan restricted to the tiles whose window meets
     the disc's box (the others are glass)."""
-    from pipeline.slide import MemorySlide, register_memory_slide
+    from pipeline.slide.memory import MemorySlide
+    from pipeline.slide.open import register_memory_slide
     from pipeline.slide_run.plan import PrepareJob, prepare_slide
 
     extent = side + 2 * tile + 64
@@ -185,7 +186,7 @@ def blob_plan(side: int, tile: int, model: str) -> tuple[Any, Any, str]:
 
 def measure(side: int, tile: int, model: str, work: Path) -> dict[str, Any]:
     """Both paths on one blob: per stage, the largest peak over the tiles; bytes shipped."""
-    from pipeline.slide import unregister_memory_slide
+    from pipeline.slide.open import unregister_memory_slide
     from pipeline.slide_run.config import RunConfig
     from pipeline.slide_run.tile_file import tile_labels
     from pipeline.slide_run.tiles import run_tiles

@@ -118,7 +118,7 @@ def tiny_checkpoint(folder: str | os.PathLike[str], name: str = "tiny.pt", *, mp
     Quick modes use it so that smoke runs take seconds and do not depend on the trained
     weights. Why not random weights: a random network often calls glass or whole islands
     foreground, and the stitcher then recomputes that "cluster" on windows growing up
-    to ``stitch.MAX_WINDOW`` (8192 px a side), which needs tens of GB. This one segments
+    to ``stitch.grown.MAX_WINDOW`` (8192 px a side), which needs tens of GB. This one segments
     dark (haematoxylin) blobs, so components stay nucleus-sized and every code path runs
     with realistic sizes.
     """
@@ -241,7 +241,7 @@ def spread_islands(height: int, width: int, n: int, size: int, grid: int = 1024)
 def island_slide(side: int, n_islands: int, island: int, *, mpp: float = 0.25, seed: int = 7,
                  name: str | None = None) -> Any:
     """A ``side x side`` procedural ``MemorySlide`` holding ``n_islands`` islands."""
-    from pipeline.slide import MemorySlide
+    from pipeline.slide.memory import MemorySlide
 
     fn = IslandPixels(spread_islands(side, side, n_islands, island), seed=seed, mpp=mpp)
     return MemorySlide.procedural(side, side, mpp, fn, name=name or f"islands-{side}-{n_islands}")

@@ -48,8 +48,10 @@ from models import checkpoints
 from models.inference import context_margin, predict_batch, predict_image, retain_freed_memory
 from models.watershed import postprocess
 from pipeline.determinism import cuda_flags, pin_cuda_numerics
-from pipeline.slide import MemorySlide, plan_read, read_region
-from pipeline.stitch import segment_tile, subwindow_predictor
+from pipeline.slide.memory import MemorySlide
+from pipeline.slide.region import plan_read, read_region
+from pipeline.stitch.grown import subwindow_predictor
+from pipeline.stitch.tile import segment_tile
 from pipeline.synthetic import synthetic_he
 from pipeline.tiling import halo_for, plan_tiles
 from pipeline.types import Box

@@ -94,7 +94,8 @@ def halo_overhead(plan: Any) -> dict[str, float]:
 
 def measure_reads(path: str, plan: Any, bar: tqdm) -> tuple[float, list[np.ndarray]]:
     """Seconds to read every window (the reader is opened as a tile task would)."""
-    from pipeline.slide import open_slide, read_region
+    from pipeline.slide.open import open_slide
+    from pipeline.slide.region import read_region
 
     windows = []
     with Stopwatch() as t, open_slide(path) as reader:

@@ -82,7 +82,7 @@ def child(args: argparse.Namespace) -> None:
     set_threads(args.threads)
     from pipeline.cluster import get_worker_model
     from pipeline.run import process_slide
-    from pipeline.slide import register_memory_slide
+    from pipeline.slide.open import register_memory_slide
     from pipeline.slide_run.config import RunConfig
     from pipeline.slide_run.executors import SerialExecutor
 

@@ -3,8 +3,8 @@
 The images of the folder are at ``data_mpp`` um/px (MoNuSeg: 0.25) and are brought to the
 model's resolution the way the slide pipeline brings a slide there, so that a folder scores
 a model as ``wsi-nuclei run`` would use it on a flat scan of those pixels: the model image
-is :func:`pipeline.slide.read_region` of :func:`pipeline.slide.plan_read` on a single-level
-in-memory slide (ceil(H / scale) model pixels, scale = model mpp / data mpp; bilinear at
+is :func:`pipeline.slide.region.read_region` of :func:`pipeline.slide.region.plan_read` on a
+single-level in-memory slide (ceil(H / scale) model pixels, scale = model mpp / data mpp; bilinear at
 source coordinate (i + 0.5) * scale - 0.5 for a non-integer scale, up-sampling included).
 One exception keeps published numbers: where the pipeline would box-average k x k pixels
 (an integer scale k, e.g. a 20x model on 40x MoNuSeg), the image is
@@ -112,7 +112,7 @@ def _flat_slide(rgb: np.ndarray, mpp: float, name: str) -> Any:
     """One annotated image as a single-level in-memory slide (a ``SlideReader``): a memory
     slide of more than ``MEMORY_COARSEST`` pixels would get box-filtered levels that the
     data does not have, and the pipeline would read those instead of these pixels."""
-    from pipeline.slide import MemorySlide
+    from pipeline.slide.memory import MemorySlide
 
     slide = MemorySlide(rgb, mpp, name=name)
     slide.info = replace(slide.info, levels=slide.info.levels[:1])
@@ -123,7 +123,7 @@ def to_model_resolution(image: np.ndarray, labels: np.ndarray, model_mpp: float,
                         data_mpp: float, name: str = "image") -> tuple[np.ndarray, np.ndarray, float]:
     """The image the network sees, the labels on the same grid and the factor
     (:attr:`Prediction.factor`) that brings model labels back to native pixels."""
-    from pipeline.slide import _residual, plan_read, read_region
+    from pipeline.slide.region import _residual, plan_read, read_region
     from pipeline.types import Box
 
     slide = _flat_slide(image, data_mpp, name)

@@ -116,7 +116,7 @@ def _slide_image(summary: dict[str, Any], n_levels: int, mpp: float) -> Any | No
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import Scale
 
-    from pipeline.slide import SlideReadError
+    from pipeline.errors import SlideReadError
 
     try:
         level0 = slide_pyramid(summary["slide"], (summary.get("config") or {}).get("mpp"))[0]

@@ -63,7 +63,7 @@ def reduced_level(reader: object, target: float, max_side: int,
     (4 for a level of floor(W / 4) px that OpenSlide reports as 4.016), so overview pixels
     line up with level-0 pixels.
     """
-    from pipeline.slide import nominal_downsample
+    from pipeline.slide.region import nominal_downsample
 
     info = reader.info  # type: ignore[attr-defined]
     downsamples = [nominal_downsample(info, i) for i in range(len(info.levels))]
@@ -96,7 +96,7 @@ def slide_overview(reader: object, max_side: int) -> tuple[np.ndarray, float]:
     px per overview pixel: the finest pyramid level that fits, as it is (a 4600 px slide
     with a 2300 px level reads that level, not level 0 averaged 2x2: 4x fewer pixels
     for the same size); without such a level, a finer one box-averaged to fit."""
-    from pipeline.slide import nominal_downsample
+    from pipeline.slide.region import nominal_downsample
 
     info = reader.info  # type: ignore[attr-defined]
     target = max(1.0, max(info.width, info.height) / max_side)

@@ -39,12 +39,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from pipeline.synthetic_noise import noise_tables, pixel_noise, value_noise_grid, value_noise_points
+from pipeline.synthetic_nuclei import MAX_ASPECT, RADIUS_RANGE_UM, nuclei_for, paint_nuclei
 from pipeline.types import Box
 
 log = logging.getLogger(__name__)
@@ -59,279 +60,10 @@ H_STAIN = np.array([0.65, 0.70, 0.29]) / np.linalg.norm([0.65, 0.70, 0.29])
 E_STAIN = np.array([0.2159, 0.8012, 0.5581]) / np.linalg.norm([0.2159, 0.8012, 0.5581])
 BACKGROUND_OD = np.array([0.035, 0.045, 0.03])  # glass + mounting medium: near white
 
-CELL_UM = 16.0  # nucleus grid cell (64 px at 0.25 µm/px)
-RADIUS_MEDIAN_UM = 3.3  # MoNuSeg: median equivalent radius ~13 px at 0.25 µm/px
-RADIUS_RANGE_UM = (2.3, 6.0)
-MAX_ASPECT = 3.0
-CLUSTER_REACH_UM = 12.0  # cluster members lie within this distance of the cluster seed
-SINGLES_PER_CELL = 1.25
-CLUSTER_PROBABILITY = 0.12
-MIN_VISIBLE = 0.30
 BLUR_SIGMA = 0.7
 BLUR_MARGIN = 4
-NOISE_PERIODS = (251, 257)  # coprime table sizes: pixel noise repeats every 64507 px
 TISSUE_EDGE = 0.04  # width of the tissue/background transition in tissue-field units
 MAX_DENSITY = 3.0  # beyond, cells run out of per-cell ids (16) and nuclei mostly cover each other
-
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-# ----------------------------------------------------------------- hashing and noise
-
-
-def _splitmix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic): a cheap, well-mixed
-    hash, so lattice values of any region are computable independently."""
-    x = np.asarray(x, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return x
-
-
-def _lattice(iy: np.ndarray, ix: np.ndarray, key: int) -> np.ndarray:
-    """Deterministic uniform [0, 1) values at integer lattice points (any sign)."""
-    iy = np.asarray(iy, dtype=np.int64).astype(np.uint64)
-    ix = np.asarray(ix, dtype=np.int64).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        h = _splitmix(_splitmix(iy ^ np.uint64(key & 0xFFFFFFFFFFFFFFFF)) + ix)
-    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-def _smooth(t: np.ndarray) -> np.ndarray:
-    return t * t * (3.0 - 2.0 * t)
-
-
-def _value_noise_grid(box: Box, cell: float, key: int) -> np.ndarray:
-    """Value noise (smoothstep-interpolated lattice values in [0, 1)) on the pixels of
-    ``box``; separable interpolation, so cheap for large boxes. float32."""
-    ys = np.arange(box.y0, box.y1, dtype=np.float64) / cell
-    xs = np.arange(box.x0, box.x1, dtype=np.float64) / cell
-    iy0, ix0 = int(math.floor(ys[0])), int(math.floor(xs[0]))
-    iy1, ix1 = int(math.floor(ys[-1])) + 2, int(math.floor(xs[-1])) + 2
-    lat = _lattice(np.arange(iy0, iy1)[:, None], np.arange(ix0, ix1)[None, :], key)
-    fy, fx = np.floor(ys), np.floor(xs)
-    ty, tx = _smooth(ys - fy), _smooth(xs - fx)
-    ry, rx = (fy - iy0).astype(np.intp), (fx - ix0).astype(np.intp)
-    rows = lat[ry] * (1 - ty)[:, None] + lat[ry + 1] * ty[:, None]  # (H, nx)
-    rows = rows.astype(np.float32)
-    tx32 = tx.astype(np.float32)
-    return rows[:, rx] * (1 - tx32)[None, :] + rows[:, rx + 1] * tx32[None, :]
-
-
-def _value_noise_points(ys: np.ndarray, xs: np.ndarray, cell: float, key: int) -> np.ndarray:
-    """The same value noise at arbitrary points (used to decide where nuclei exist)."""
-    ys, xs = np.asarray(ys, np.float64) / cell, np.asarray(xs, np.float64) / cell
-    fy, fx = np.floor(ys), np.floor(xs)
-    ty, tx = _smooth(ys - fy), _smooth(xs - fx)
-    iy, ix = fy.astype(np.int64), fx.astype(np.int64)
-    top = _lattice(iy, ix, key) * (1 - tx) + _lattice(iy, ix + 1, key) * tx
-    bottom = _lattice(iy + 1, ix, key) * (1 - tx) + _lattice(iy + 1, ix + 1, key) * tx
-    return top * (1 - ty) + bottom * ty
-
-
-def _noise_tables(seed: int) -> list[np.ndarray]:
-    """Fixed per-seed Gaussian tables; pixel noise = sum of two tables of coprime period."""
-    rng = np.random.default_rng([seed, 0xA11CE])
-    return [rng.standard_normal((p, p)).astype(np.float32) for p in NOISE_PERIODS]
-
-
-def _pixel_noise(box: Box, tables: list[np.ndarray], offset: int) -> np.ndarray:
-    """Unit-variance-ish white noise for ``box``, a pure function of absolute pixel
-    coordinates (tables indexed modulo their period)."""
-    out = np.zeros(box.shape, np.float32)
-    for table in tables:
-        p = table.shape[0]
-        ry = (np.arange(box.y0, box.y1) + offset * 17) % p
-        # = table[ry[:, None], rx[None, :]] with rx = (x + offset * 31) % p, but by tiling
-        # the p rolled columns instead of a 2-D gather (40x faster, same values)
-        rows = np.roll(table[ry], -((box.x0 + offset * 31) % p), axis=1)
-        out += np.tile(rows, (1, -(-box.width // p)))[:, :box.width]
-    return out * np.float32(1 / math.sqrt(len(tables)))
-
-
-# ----------------------------------------------------------------- nuclei
-
-
-@dataclass
-class _Nuclei:
-    """Parameters of a set of nuclei (one entry per nucleus, arrays of equal length)."""
-
-    cy: np.ndarray
-    cx: np.ndarray
-    a: np.ndarray  # semi-major axis, px
-    b: np.ndarray  # semi-minor axis, px
-    theta: np.ndarray
-    priority: np.ndarray  # painting order key (higher = painted later = on top)
-    hematoxylin: np.ndarray  # mean haematoxylin concentration
-    gid: np.ndarray  # global id (uint32, nonzero)
-
-    def __len__(self) -> int:
-        return len(self.cy)
-
-    def take(self, idx: np.ndarray) -> _Nuclei:
-        return _Nuclei(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
-
-
-def _cell_px(mpp: float) -> int:
-    return max(8, int(round(CELL_UM / mpp)))
-
-
-def _reach_px(mpp: float) -> int:
-    """Upper bound of how far a nucleus' pixels can lie outside its cell."""
-    max_semi = RADIUS_RANGE_UM[1] * math.sqrt(MAX_ASPECT)
-    return int(math.ceil((CLUSTER_REACH_UM + max_semi) / mpp)) + 2
-
-
-def _cell_nuclei(seed: int, cy: int, cx: int, mpp: float, density: float = 1.0) -> list[tuple]:
-    """Nuclei whose seed point lies in grid cell (cy, cx): tuples
-    (y, x, a, b, theta, priority, hematoxylin, k). Deterministic in (seed, cy, cx, density).
-
-    ``density`` scales the expected number of single nuclei and the cluster probability;
-    at 1.0 the draws are exactly those of the original generator (so seeds used by tests
-    and benchmarks keep their images)."""
-    cell = _cell_px(mpp)
-    rng = np.random.default_rng([seed & 0xFFFFFFFF, cy % (1 << 32), cx % (1 << 32), 0x5EED])
-
-    def shape() -> tuple[float, float, float]:
-        r = float(np.clip(rng.lognormal(math.log(RADIUS_MEDIAN_UM), 0.27), *RADIUS_RANGE_UM)) / mpp
-        aspect = rng.uniform(1.0, 1.5) if rng.random() < 0.8 else rng.uniform(1.6, MAX_ASPECT)
-        return r * math.sqrt(aspect), r / math.sqrt(aspect), rng.uniform(0, math.pi)
-
-    out: list[tuple] = []
-    y0, x0 = cy * cell, cx * cell
-    mean = SINGLES_PER_CELL * density
-    for _ in range(min(rng.poisson(mean), max(8, int(4 * mean)))):
-        a, b, t = shape()
-        out.append((y0 + rng.uniform(0, cell), x0 + rng.uniform(0, cell), a, b, t))
-    if rng.random() < min(1.0, CLUSTER_PROBABILITY * density):
-        sy, sx = y0 + rng.uniform(0, cell), x0 + rng.uniform(0, cell)
-        reach = CLUSTER_REACH_UM / mpp
-        members: list[tuple] = []
-        for _ in range(int(rng.integers(3, 8))):
-            a, b, t = shape()
-            r = math.sqrt(a * b)
-            if not members:
-                members.append((sy, sx, a, b, t))
-                continue
-            for _try in range(6):  # next to a random member, slightly overlapping it
-                py, px, pa, pb, _ = members[int(rng.integers(len(members)))]
-                ang = rng.uniform(0, 2 * math.pi)
-                d = (math.sqrt(pa * pb) + r) * rng.uniform(0.78, 0.95)
-                ny, nx = py + d * math.sin(ang), px + d * math.cos(ang)
-                if math.hypot(ny - sy, nx - sx) <= reach:
-                    members.append((ny, nx, a, b, t))
-                    break
-        out.extend(members)
-    # darker, hyperchromatic nuclei now and then; lymphocyte-like small dark ones
-    result = []
-    for k, (y, x, a, b, t) in enumerate(out[:16]):
-        dark = rng.uniform(0.42, 0.8) * (1.25 if a * b * mpp * mpp < 9 else 1.0)
-        result.append((y, x, a, b, t, rng.random(), dark, k))
-    return result
-
-
-def _gid(cy: int, cx: int, k: int) -> int:
-    """Global id of the k-th nucleus of cell (cy, cx): unique over 2048 cells in x
-    (131072 px at 0.25 µm/px) and 131071 cells in y; never 0."""
-    return ((cy % 131071) << 15 | (cx % 2048) << 4 | k) + 1
-
-
-def _nuclei_for(domain: Box, seed: int, mpp: float, density: float = 1.0) -> _Nuclei:
-    """All nuclei that can reach into ``domain``."""
-    cell, reach = _cell_px(mpp), _reach_px(mpp)
-    rows: list[tuple] = []
-    gids: list[int] = []
-    for cy in range((domain.y0 - reach) // cell, (domain.y1 + reach) // cell + 1):
-        for cx in range((domain.x0 - reach) // cell, (domain.x1 + reach) // cell + 1):
-            for nuc in _cell_nuclei(seed, cy, cx, mpp, density):
-                rows.append(nuc[:7])
-                gids.append(_gid(cy, cx, nuc[7]))
-    if not rows:
-        empty = np.zeros(0)
-        return _Nuclei(empty, empty, empty, empty, empty, empty, empty, np.zeros(0, np.uint32))
-    arr = np.array(rows, dtype=np.float64)
-    nuc = _Nuclei(*(arr[:, i] for i in range(7)), np.array(gids, dtype=np.uint32))
-    ext = nuc.a + 1
-    inside = ((nuc.cy + ext > domain.y0) & (nuc.cy - ext < domain.y1)
-              & (nuc.cx + ext > domain.x0) & (nuc.cx - ext < domain.x1))
-    return nuc.take(np.nonzero(inside)[0])
-
-
-def _ellipse(n: _Nuclei, i: int, domain: Box) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray] | None:
-    """Slices (in ``domain``), mask and normalised radius^2 of nucleus i's ellipse."""
-    ext = n.a[i] + 1
-    y0 = max(int(math.floor(n.cy[i] - ext)), domain.y0)
-    y1 = min(int(math.ceil(n.cy[i] + ext)) + 1, domain.y1)
-    x0 = max(int(math.floor(n.cx[i] - ext)), domain.x0)
-    x1 = min(int(math.ceil(n.cx[i] + ext)) + 1, domain.x1)
-    if y1 <= y0 or x1 <= x0:
-        return None
-    dy = (np.arange(y0, y1) + 0.5 - n.cy[i]).astype(np.float32)[:, None]
-    dx = (np.arange(x0, x1) + 0.5 - n.cx[i]).astype(np.float32)[None, :]
-    c, s = math.cos(n.theta[i]), math.sin(n.theta[i])
-    u, v = (dx * c + dy * s) / n.a[i], (-dx * s + dy * c) / n.b[i]
-    r2 = u * u + v * v
-    return (slice(y0 - domain.y0, y1 - domain.y0), slice(x0 - domain.x0, x1 - domain.x0)), r2 <= 1.0, r2
-
-
-_CROSS = ndimage.generate_binary_structure(2, 1)
-
-
-def _largest_part(mask: np.ndarray) -> np.ndarray:
-    """Largest 4-connected part of a boolean mask (the mask itself if connected)."""
-    parts, n = ndimage.label(mask, structure=_CROSS)
-    if n <= 1:
-        return mask
-    return parts == np.argmax(np.bincount(parts.ravel())[1:]) + 1
-
-
-def _paint_nuclei(domain: Box, nuc: _Nuclei) -> tuple[np.ndarray, np.ndarray, _Nuclei]:
-    """Paint nuclei (priority order) on ``domain``: local index map (0 = none, i + 1),
-    normalised radius map, and the nuclei in painting order.
-
-    A nucleus is kept if the largest 4-connected part of its ellipse left uncovered by *all*
-    higher nuclei is >= 30 % of the ellipse. Kept nuclei are painted, and each is cut to its
-    largest 4-connected visible part (the rest, slivers cut off by a nucleus on top, become
-    stroma), so every truth nucleus is one 4-connected region as the watershed contract
-    produces. Everything is decided per nucleus on its whole ellipse, so the result for a
-    nucleus does not depend on the domain as long as the domain holds it and its
-    neighbours whole (callers grow the domain for that).
-    """
-    order = np.argsort(nuc.priority, kind="stable")
-    nuc = nuc.take(order)
-    idx = np.zeros(domain.shape, np.int32)
-    geoms = [_ellipse(nuc, i, domain) for i in range(len(nuc))]
-    for i, g in enumerate(geoms):
-        if g is not None:
-            sl, mask, _ = g
-            idx[sl][mask] = i + 1
-    keep = np.zeros(len(nuc), bool)
-    for i, g in enumerate(geoms):
-        if g is not None:
-            sl, mask, _ = g
-            area = int(mask.sum())
-            visible = idx[sl] == i + 1
-            # the largest part is at most all visible pixels: label only when that can pass
-            keep[i] = (area > 0 and visible.sum() >= MIN_VISIBLE * area
-                       and _largest_part(visible).sum() >= MIN_VISIBLE * area)
-    idx[:] = 0
-    rad = np.zeros(domain.shape, np.float32)
-    for i, g in enumerate(geoms):
-        if g is not None and keep[i]:
-            sl, mask, r2 = g
-            idx[sl][mask] = i + 1
-            rad[sl][mask] = r2[mask]
-    for i, g in enumerate(geoms):
-        if g is not None and keep[i]:
-            sl = g[0]
-            own = idx[sl] == i + 1
-            cut = own & ~_largest_part(own)
-            if cut.any():
-                idx[sl][cut] = 0
-    return idx, rad, nuc
 
 
 # ----------------------------------------------------------------- composition
@@ -351,9 +83,9 @@ def _stain_strip(sub: Box, idx: np.ndarray, rad: np.ndarray, tissue: np.ndarray,
     is_nuc = idx > 0
     # tissue alpha and stroma eosin / haematoxylin
     alpha = np.where(is_nuc, np.float32(1), np.clip(tissue / edge, 0.0, 1.0).astype(np.float32))
-    fib = _value_noise_grid(sub, 6.0 / (mpp / 0.25) * 1.0, seed * 7 + 1)
-    coarse = _value_noise_grid(sub, 40.0 * 0.25 / mpp, seed * 7 + 2)
-    streak = _value_noise_grid(sub, 14.0 * 0.25 / mpp, seed * 7 + 3)
+    fib = value_noise_grid(sub, 6.0 / (mpp / 0.25) * 1.0, seed * 7 + 1)
+    coarse = value_noise_grid(sub, 40.0 * 0.25 / mpp, seed * 7 + 2)
+    streak = value_noise_grid(sub, 14.0 * 0.25 / mpp, seed * 7 + 3)
     ys = np.arange(sub.y0, sub.y1, dtype=np.float32)[:, None]
     xs = np.arange(sub.x0, sub.x1, dtype=np.float32)[None, :]
     phase = (seed % 97) * 0.37
@@ -362,7 +94,7 @@ def _stain_strip(sub: Box, idx: np.ndarray, rad: np.ndarray, tissue: np.ndarray,
     hema = (0.03 + 0.03 * fib).astype(np.float32)
     # nuclei: haematoxylin from per-nucleus darkness, chromatin texture, darker rim
     dark = dark_lut[idx]
-    chrom = _value_noise_grid(sub, 2.5 * 0.25 / mpp, seed * 7 + 4)
+    chrom = value_noise_grid(sub, 2.5 * 0.25 / mpp, seed * 7 + 4)
     rim = np.clip((rad - 0.62) / 0.38, 0, 1) ** 2
     nuc_h = dark * (0.65 + 0.6 * chrom) * (1.0 + 0.45 * rim) + 0.08
     nuc_e = 0.16 + 0.1 * coarse
@@ -374,11 +106,11 @@ def _stain_strip(sub: Box, idx: np.ndarray, rad: np.ndarray, tissue: np.ndarray,
 def _colour_strip(sub: Box, conc_h: np.ndarray, conc_e: np.ndarray, tables: list[np.ndarray],
                   out: np.ndarray) -> None:
     """Beer–Lambert: optical density of the stains + glass + pixel noise -> uint8 RGB in ``out``."""
-    grain = _pixel_noise(sub, tables, 0) * np.float32(0.018)
+    grain = pixel_noise(sub, tables, 0) * np.float32(0.018)
     for ch in range(3):
         od = (conc_h * np.float32(H_STAIN[ch]) + conc_e * np.float32(E_STAIN[ch])
               + np.float32(BACKGROUND_OD[ch]) + grain
-              + _pixel_noise(sub, tables, ch + 1) * np.float32(0.012))
+              + pixel_noise(sub, tables, ch + 1) * np.float32(0.012))
         val = 255.0 * np.power(np.float32(10.0), -od)
         out[..., ch] = np.clip(val + 0.5, 0, 255).astype(np.uint8)
 
@@ -399,14 +131,14 @@ def _render(box: Box, *, seed: int, mpp: float, tissue_grid: TissueGrid, tissue_
     """
     m = BLUR_MARGIN if blur else 0
     dom = box.grow(m)
-    # visibility (and so the set of kept nuclei) is box-independent: see _paint_nuclei
+    # visibility (and so the set of kept nuclei) is box-independent: see paint_nuclei
     amax = RADIUS_RANGE_UM[1] * math.sqrt(MAX_ASPECT) / mpp
     paint_dom = dom.grow(2 * int(math.ceil(amax + 1)) + 2)
-    nuc = _nuclei_for(paint_dom, seed, mpp, density)
+    nuc = nuclei_for(paint_dom, seed, mpp, density)
     # nuclei only where there is tissue (decided at the centre, box-independently)
     if len(nuc):
         nuc = nuc.take(np.nonzero(tissue_at(nuc.cy, nuc.cx) > edge)[0])
-    idx_big, rad_big, nuc = _paint_nuclei(paint_dom, nuc)
+    idx_big, rad_big, nuc = paint_nuclei(paint_dom, nuc)
     inner = dom.slices((paint_dom.y0, paint_dom.x0))
     idx, rad = idx_big[inner], rad_big[inner]
     dark_lut = np.concatenate([[0.0], nuc.hematoxylin]).astype(np.float32)
@@ -423,7 +155,7 @@ def _render(box: Box, *, seed: int, mpp: float, tissue_grid: TissueGrid, tissue_
         conc_h = ndimage.gaussian_filter(conc_h, BLUR_SIGMA, truncate=truncate)
         conc_e = ndimage.gaussian_filter(conc_e, BLUR_SIGMA, truncate=truncate)
 
-    tables = _noise_tables(seed)
+    tables = noise_tables(seed)
     rgb = np.empty(box.shape + (3,), np.uint8)
     for r0 in range(0, box.height, STRIP_ROWS):
         r1 = min(r0 + STRIP_ROWS, box.height)
@@ -473,13 +205,13 @@ def _image_tissue(height: int, width: int, seed: int) -> tuple[TissueAt, TissueG
 
     def at(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         base = 1 - ((ys - cy) / ry) ** 2 - ((xs - cx) / rx) ** 2
-        return base + 0.5 * (_value_noise_points(ys, xs, scale, key) - 0.5)
+        return base + 0.5 * (value_noise_points(ys, xs, scale, key) - 0.5)
 
     def grid(box: Box) -> np.ndarray:
         ys = (np.arange(box.y0, box.y1) + 0.0)[:, None]
         xs = (np.arange(box.x0, box.x1) + 0.0)[None, :]
         base = (1 - ((ys - cy) / ry) ** 2 - ((xs - cx) / rx) ** 2).astype(np.float32)
-        return base + 0.5 * (_value_noise_grid(box, scale, key) - 0.5)
+        return base + 0.5 * (value_noise_grid(box, scale, key) - 0.5)
 
     return at, grid
 
@@ -536,14 +268,14 @@ def _slide_tissue(seed: int, mpp: float, tissue_fraction: float | None = None) -
     p1, p2 = rng.uniform(0, 2 * math.pi, 2)
 
     def at(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-        return (_value_noise_points(ys, xs, scale, key) - 0.32
+        return (value_noise_points(ys, xs, scale, key) - 0.32
                 + 0.12 * np.sin(np.asarray(ys) * k1 + p1) * np.cos(np.asarray(xs) * k2 + p2))
 
     def grid(box: Box) -> np.ndarray:
         ys = np.arange(box.y0, box.y1, dtype=np.float64)[:, None]
         xs = np.arange(box.x0, box.x1, dtype=np.float64)[None, :]
         sines = (0.12 * np.sin(ys * k1 + p1) * np.cos(xs * k2 + p2)).astype(np.float32)
-        return _value_noise_grid(box, scale, key) - np.float32(0.32) + sines
+        return value_noise_grid(box, scale, key) - np.float32(0.32) + sines
 
     if tissue_fraction is None:
         return at, grid

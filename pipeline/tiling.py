@@ -13,7 +13,7 @@ from pipeline.errors import ConfigError
 from pipeline.types import Box, Tile
 
 # Largest nucleus cluster (model px) resolved inside the halo without recomputation;
-# larger foreground components are recomputed on a bigger window (see stitch.py).
+# larger foreground components are recomputed on a bigger window (see pipeline/stitch/grown.py).
 DEFAULT_CLUSTER_MARGIN = 64
 DEFAULT_TILE_SIZE = 1024
 

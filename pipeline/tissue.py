@@ -33,7 +33,7 @@ from pipeline.overview import reduced_level
 from pipeline.types import Box, SlideInfo
 
 if TYPE_CHECKING:
-    from pipeline.slide import SlideReader
+    from pipeline.slide.reader import SlideReader
 
 log = logging.getLogger(__name__)
 

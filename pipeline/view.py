@@ -93,7 +93,7 @@ def slide_pyramid(path: str, mpp_override: float | None) -> list[Any]:
     """The slide's levels as lazy dask arrays (y, x, 3), finest first."""
     import dask.array as da
 
-    from pipeline.slide import open_slide
+    from pipeline.slide.open import open_slide
 
     reader = open_slide(path, mpp_override=mpp_override)
     source = _SlideSource(reader)
@@ -149,7 +149,7 @@ def layers_for(out_dir: str | Path, *, filled: bool = False, slide: bool = True)
     mpp is known (the store's coordinates), else in level-0 pixels."""
     import zarr
 
-    from pipeline.slide import SlideReadError
+    from pipeline.errors import SlideReadError
     from pipeline.writers.colours import CELL_RGB, NUCLEUS_RGB
     from pipeline.writers.labels import CELL_NAME, LABEL_PATH, STORE_ATTR, TISSUE_PATH
 

@@ -449,6 +449,48 @@ def test_a_failing_sbatch_ends_the_run_with_its_error(tmp_path: Path) -> None:
     assert time.monotonic() - started < 60
 
 
+def test_a_job_resubmitted_later_that_sbatch_refuses_ends_the_run(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """sbatch accepts the first job, then refuses the one ``adapt`` submits later (a worker
+    retired at its lifetime, or the load grew): the tasks waiting for a worker end within a
+    bounded time with sbatch's message in one line, and so does the run, instead of
+    waiting forever for a worker that will never come."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    count = tmp_path / "sbatch-calls"
+    (bin_dir / "sbatch").write_text(
+        f"#!/bin/sh\necho x >> {count}\n"
+        f"if [ $(wc -l < {count}) -le 1 ]; then echo 'Submitted batch job 4242'; exit 0; fi\n"
+        "echo 'sbatch: error: QOSMaxSubmitJobPerUserLimit' >&2\nexit 1\n")
+    (bin_dir / "scancel").write_text("#!/bin/sh\nexit 0\n")
+    for tool in ("sbatch", "scancel"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    config = ClusterConfig(kind="slurm", jobqueue={"interface": "lo", "walltime": "00:10:00"},
+                           dashboard_address=":0")
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            with open_client(config) as client:
+                client.cluster.scale(2)  # what adapt does when it resubmits (the same path)
+                list(bounded_map(client, abs, [-1], 1))  # waits for a worker: none comes
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    started = time.monotonic()
+    waiting = threading.Thread(target=run, daemon=True)
+    waiting.start()
+    waiting.join(timeout=60)
+    assert outcome, "still waiting for workers 60 s after sbatch refused the job"
+    [error] = outcome
+    assert isinstance(error, JobSubmitError), repr(error)
+    assert str(error) == ("SLURM worker job refused: sbatch exited 1: "
+                          "sbatch: error: QOSMaxSubmitJobPerUserLimit")
+    assert time.monotonic() - started < 60
+
+
 def test_an_sbatch_that_does_not_answer_ends_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stuck sbatch (slurmctld down): the submission gives up after its timeout, and the
     cluster still closes at once."""

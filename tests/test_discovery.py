@@ -22,7 +22,7 @@ from pipeline.discovery import (
     slide_id,
     slides_to_run,
 )
-from pipeline.slide import open_slide
+from pipeline.slide.open import open_slide
 from pipeline.slide_run.config import RunConfig, slide_dir
 
 

@@ -33,7 +33,8 @@ from models.targets import distance_map
 from models.tune import default_grid, retune_checkpoint, tune_watershed
 from pipeline.cli import main
 from pipeline.label_sampling import block_rows
-from pipeline.slide import MemorySlide, plan_read, read_region
+from pipeline.slide.memory import MemorySlide
+from pipeline.slide.region import plan_read, read_region
 from pipeline.types import Box
 
 TOP_KEYS = {"dice", "aji", "pq", "f1", "semantic_dice", "regression_mse", "n_images",

@@ -112,7 +112,8 @@ def test_label_statistics_match_numpy() -> None:
 def test_a_slide_s_stains_are_estimated_from_its_tissue_at_model_resolution() -> None:
     """``slide_run.plan.slide_stains``: windows spread over the tiles with tissue, pixels
     that are not H&E-coloured left out (a teal marking dye here), or the user's vectors."""
-    from pipeline.slide import MemorySlide, plan_read
+    from pipeline.slide.memory import MemorySlide
+    from pipeline.slide.region import plan_read
     from pipeline.slide_run.plan import slide_stains
     from pipeline.tiling import plan_tiles
 

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from pipeline.overview import READ_CHUNK, slide_overview
-from pipeline.slide import MemorySlide, register_memory_slide, unregister_memory_slide
+from pipeline.slide.memory import MemorySlide
+from pipeline.slide.open import register_memory_slide, unregister_memory_slide
 from pipeline.tissue import full_mask
 from pipeline.types import Box
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import pipeline.writers.preview as preview
-from pipeline.slide import MemorySlide
+from pipeline.slide.memory import MemorySlide
 from pipeline.tissue import TissueMask
 from pipeline.types import Box
 from pipeline.writers.colours import NUCLEUS_RGB, TISSUE_RGB

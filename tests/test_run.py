@@ -23,7 +23,8 @@ from pipeline.label_sampling import CONNECTIVITY
 from pipeline.measure.intensity import INTENSITY_NAMES, stain_intensities
 from pipeline.measure.stain import StainVectors
 from pipeline.run import process_slide
-from pipeline.slide import MemorySlide, register_memory_slide
+from pipeline.slide.memory import MemorySlide
+from pipeline.slide.open import register_memory_slide
 from pipeline.slide_run.config import RunConfig
 from pipeline.slide_run.executors import SerialExecutor
 from pipeline.synthetic import synthetic_he
@@ -200,11 +201,11 @@ def test_giant_clusters_make_the_slide_partial(tmp_path: Path, monkeypatch, capl
     an INFO line on a worker); a re-run reuses every tile and says the same."""
     import logging
 
-    import pipeline.stitch as stitch
+    import pipeline.stitch.grown as grown
     from pipeline.cli import main
     from pipeline.pyramid_tiff import write_pyramidal_tiff
 
-    monkeypatch.setattr(stitch, "MAX_WINDOW", 360)  # giant side 72 model pixels (pruned80)
+    monkeypatch.setattr(grown, "MAX_WINDOW", 360)  # giant side 72 model pixels (pruned80)
     rgb, _ = synthetic_he(400, 460, seed=5, mpp=0.25)
     slide = write_pyramidal_tiff(tmp_path / "giants.tif", rgb, mpp=0.25)
     args = ["run", str(slide), "--model", MODEL, "--out", str(tmp_path / "out"), "--tile-size", "128",

@@ -19,7 +19,8 @@ from models.runtime import RUNTIME_ENV, CompiledNet, openvino_path
 from models.watershed import postprocess
 from pipeline.cluster.plugin import load_for_inference
 from pipeline.run import process_slide
-from pipeline.slide import MemorySlide, register_memory_slide
+from pipeline.slide.memory import MemorySlide
+from pipeline.slide.open import register_memory_slide
 from pipeline.slide_run.config import RunConfig
 from pipeline.slide_run.executors import SerialExecutor
 from pipeline.synthetic import synthetic_he

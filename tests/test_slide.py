@@ -13,20 +13,12 @@ import pytest
 import tifffile
 
 from pipeline.errors import ConfigError, MissingMppError, SlideReadError
-from pipeline.slide import (
-    MemorySlide,
-    OpenSlideReader,
-    SlideReader,
-    TiffFileReader,
-    nominal_downsample,
-    open_slide,
-    plan_read,
-    read_region,
-    reflect_index,
-    register_memory_slide,
-    rgba_to_rgb,
-    unregister_memory_slide,
-)
+from pipeline.slide.memory import MemorySlide
+from pipeline.slide.open import open_slide, register_memory_slide, unregister_memory_slide
+from pipeline.slide.openslide_reader import OpenSlideReader, rgba_to_rgb
+from pipeline.slide.reader import SlideReader
+from pipeline.slide.region import nominal_downsample, plan_read, read_region, reflect_index
+from pipeline.slide.tiff_reader import TiffFileReader
 from pipeline.types import Box, Level, SlideInfo
 
 # ../shared relative to the repository (as in conftest.py), never copied into it

@@ -9,7 +9,8 @@ from scipy import ndimage as ndi
 from models.config import WatershedParams
 from models.targets import distance_map
 from models.watershed import postprocess
-from pipeline.stitch import segment_tile, subwindow_predictor
+from pipeline.stitch.grown import subwindow_predictor
+from pipeline.stitch.tile import segment_tile
 from pipeline.tiling import plan_tiles
 from pipeline.types import Box
 
@@ -184,13 +185,13 @@ def test_giant_components_dropped_the_same_by_every_tile(monkeypatch, max_window
     """With a tiny MAX_WINDOW the chain and the ring are giants: no tile segments them, so
     nothing is split, doubled or claimed twice; the rest equals whole-image processing,
     and no window ever exceeds MAX_WINDOW (checked before predicting)."""
-    import pipeline.stitch as stitch
+    from pipeline.stitch import grown
+    from pipeline.stitch.components import drop_giants
 
-    monkeypatch.setattr(stitch, "MAX_WINDOW", max_window)
+    monkeypatch.setattr(grown, "MAX_WINDOW", max_window)
     margin = 16
     prob, dist = synthetic_maps((300, 470), seed=1)
-    whole = stitch.drop_giants(postprocess(prob, dist, PARAMS), prob, PARAMS,
-                               stitch.giant_side(margin, MULTIPLE))
+    whole = drop_giants(postprocess(prob, dist, PARAMS), prob, PARAMS, grown.giant_side(margin, MULTIPLE))
     assert (whole == 0).sum() > (postprocess(prob, dist, PARAMS) == 0).sum() + 1000, "no giant"
     calls: list[Box] = []
     giants: list[Box] = []
@@ -203,7 +204,7 @@ def test_giant_components_dropped_the_same_by_every_tile(monkeypatch, max_window
 def test_a_seed_that_vanishes_in_a_grown_window_does_not_crash() -> None:
     """Outputs of windows of other shapes differ by ~1e-7: the seed pixel of a grown
     component may fall below threshold there; the component is found by its box."""
-    from pipeline.stitch import _seed_component
+    from pipeline.stitch.grown import _seed_component
 
     comps = np.zeros((20, 20), np.int32)
     comps[5:10, 5:15] = 3
@@ -222,10 +223,11 @@ def test_windows_planned_without_watershed_replay_the_live_segmentation(monkeypa
     clusters (and, with a small MAX_WINDOW, giants) to replay."""
     import pickle
 
-    import pipeline.stitch as stitch
+    import pipeline.stitch.tile as stitch
+    from pipeline.stitch import grown
 
     if max_window:
-        monkeypatch.setattr(stitch, "MAX_WINDOW", max_window)
+        monkeypatch.setattr(grown, "MAX_WINDOW", max_window)
     margin = 16
     prob, dist = synthetic_maps((300, 470), seed=1)
     image = Box(0, 0, *prob.shape)
@@ -251,7 +253,8 @@ def test_windows_planned_without_watershed_replay_the_live_segmentation(monkeypa
 
 def test_replay_refuses_a_cluster_that_was_not_grown() -> None:
     """A plan made for another tile (or none) is refused, never silently half-used."""
-    from pipeline import stitch
+    from pipeline.stitch import tile as stitch
+    from pipeline.stitch.grown import GrownPlan
 
     margin = 16
     prob, dist = synthetic_maps((300, 470), seed=1)
@@ -264,10 +267,10 @@ def test_replay_refuses_a_cluster_that_was_not_grown() -> None:
         plans.append((tile, p, d, plan))
     (tile, p, d, plan), (_, _, _, other) = [entry for entry in plans if entry[3]][:2]
     with pytest.raises(RuntimeError, match="not grown on the inference worker"):
-        stitch.segment_tile(tile.core, tile.window, p, d, image, PARAMS, margin, MULTIPLE, stitch.GrownPlan())
+        stitch.segment_tile(tile.core, tile.window, p, d, image, PARAMS, margin, MULTIPLE, GrownPlan())
     with pytest.raises(RuntimeError, match="not grown on the inference worker"):
         stitch.segment_tile(tile.core, tile.window, p, d, image, PARAMS, margin, MULTIPLE, other)
-    extra = stitch.GrownPlan(plan.clusters + other.clusters)
+    extra = GrownPlan(plan.clusters + other.clusters)
     with pytest.raises(RuntimeError, match="not asked for"):
         stitch.segment_tile(tile.core, tile.window, p, d, image, PARAMS, margin, MULTIPLE, extra)
 
@@ -293,7 +296,7 @@ def test_what_a_grown_cluster_sends_to_the_pool_is_bounded_by_the_tile() -> None
     pixels (8 bytes each) and little more."""
     import pickle
 
-    from pipeline import stitch
+    from pipeline.stitch import tile as stitch
 
     margin, side = 16, 480
     prob, dist, disc = blob_maps(side, radius=170)

@@ -19,7 +19,7 @@ from pipeline.pyramid_tiff import (
     write_pyramidal_tiff,
     write_pyramidal_tiff_tiles,
 )
-from pipeline.slide import ome_mpp
+from pipeline.slide.tiff_reader import ome_mpp
 from pipeline.synthetic import (
     H_STAIN,
     monuseg_mosaic,

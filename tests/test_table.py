@@ -16,7 +16,8 @@ import zarr
 
 from pipeline import __version__
 from pipeline.run import process_slide
-from pipeline.slide import MemorySlide, register_memory_slide
+from pipeline.slide.memory import MemorySlide
+from pipeline.slide.open import register_memory_slide
 from pipeline.slide_run.config import RunConfig
 from pipeline.slide_run.executors import SerialExecutor
 from pipeline.synthetic import synthetic_he

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.slide import MemorySlide, open_slide
+from pipeline.slide.memory import MemorySlide
+from pipeline.slide.open import open_slide
 from pipeline.tissue import TissueMask, full_mask, mask_resolution, tissue_mask
 from pipeline.types import Box
 

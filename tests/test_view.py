@@ -24,7 +24,7 @@ from tiny_slides import MODEL, TILE, write_slides
 
 from pipeline.cli import main
 from pipeline.run import process_slide
-from pipeline.slide import open_slide
+from pipeline.slide.open import open_slide
 from pipeline.slide_run.config import RunConfig
 from pipeline.slide_run.executors import SerialExecutor
 from pipeline.types import Box

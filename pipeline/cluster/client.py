@@ -12,10 +12,10 @@ from dask.utils import format_bytes, parse_bytes, parse_timedelta
 from distributed import Client
 
 from pipeline.cluster.config import ADDRESS_RE, ClusterConfig, format_slurm_time
-from pipeline.cluster.errors import SchedulerUnreachable
+from pipeline.cluster.errors import JobSubmitError, SchedulerUnreachable
 from pipeline.cluster.local import local_cluster
-from pipeline.cluster.slurm import slurm_cluster, submit_jobs
-from pipeline.cluster.submit import QUIET_PLUGIN_NAME, QuietTaskErrors, quiet_task_errors
+from pipeline.cluster.slurm import slurm_cluster, submit_jobs, watch_resubmissions
+from pipeline.cluster.submit import QUIET_PLUGIN_NAME, QuietTaskErrors, quiet_task_errors, why_no_workers
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ def open_client(config: ClusterConfig, *, wait_for_workers: int = 0,
     ``wait_for_workers`` blocks until that many workers joined (``timeout`` seconds), which
     avoids a silent wait on a full queue. Unless ``debug``, the clusters started here do not
     print Dask's per-task failure reports (:class:`QuietTaskErrors`); an attached
-    scheduler's workers keep their own logging.
+    scheduler's workers keep their own logging. A SLURM job that sbatch refuses, at the
+    start or later, ends the run with :class:`JobSubmitError` (sbatch's message, one line).
     """
     with contextlib.ExitStack() as stack:
         stack.enter_context(dask.config.set({"distributed.worker.multiprocessing-method": "spawn"}))
@@ -69,6 +70,7 @@ def open_client(config: ClusterConfig, *, wait_for_workers: int = 0,
                     minimum = maximum = config.jobs
                 # sbatch's answer before the run waits for workers (at least one job, even adaptive)
                 submit_jobs(cluster, max(minimum, min(maximum, 1)))
+                watch_resubmissions(cluster)  # later refusals end the run (see the end)
                 # adapt also for a fixed size: it resubmits jobs whose workers retired at --lifetime
                 cluster.adapt(minimum_jobs=minimum, maximum_jobs=maximum)
                 client = Client(cluster)
@@ -82,4 +84,7 @@ def open_client(config: ClusterConfig, *, wait_for_workers: int = 0,
         if wait_for_workers:
             client.wait_for_workers(wait_for_workers, timeout=timeout)
         yield client
+        why = why_no_workers(client)
+        if why is not None:  # the slides failed with it; the run ends with it too
+            raise JobSubmitError(why)
 

@@ -28,7 +28,8 @@ PLUGIN_NAME = "wsi-nuclei-model"
 # what tasks import, imported when a worker starts (with the model) rather than inside the
 # first slide's tasks: 1-2.5 s per worker, paid once at start-up either way, but no longer
 # counted in (and skewing) the first slide's timings and tile phases
-TASK_MODULES = ("pipeline.slide", "pipeline.stitch", "pipeline.tissue", "pipeline.label_sampling",
+TASK_MODULES = ("pipeline.slide.open", "pipeline.slide.region", "pipeline.stitch.tile", "pipeline.tissue",
+                "pipeline.label_sampling",
                 "pipeline.slide_run.plan", "pipeline.slide_run.tiles", "pipeline.slide_run.tile_file",
                 "pipeline.slide_run.blocks", "pipeline.slide_run.outputs", "pipeline.slide_run.cells",
                 "pipeline.measure.cells", "pipeline.writers.cells", "pipeline.writers.outlines",

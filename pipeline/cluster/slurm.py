@@ -23,6 +23,7 @@ from distributed.core import Status
 
 from pipeline.cluster.config import ClusterConfig, format_duration, format_slurm_time
 from pipeline.cluster.errors import ClusterConfigError, JobSubmitError
+from pipeline.cluster.submit import no_more_workers
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,31 @@ def submit_jobs(cluster: Any, jobs: int, timeout: float = SUBMIT_TIMEOUT_S) -> N
     except (TimeoutError, asyncio.TimeoutError, RuntimeError) as exc:
         _forget_unsubmitted(cluster)
         if isinstance(exc, RuntimeError):  # dask-jobqueue's report of a non-zero exit
-            raise JobSubmitError(f"SLURM worker job refused: {sbatch_error_line(exc)}") from exc
+            raise JobSubmitError(_refused(exc)) from exc
         raise JobSubmitError(f"SLURM worker job: sbatch did not answer within {timeout:.0f} s") from exc
+
+
+def _refused(exc: BaseException) -> str:
+    return f"SLURM worker job refused: {sbatch_error_line(exc)}"
+
+
+def watch_resubmissions(cluster: Any) -> None:
+    """Make a job that sbatch refuses later in the run (``adapt`` replacing a worker retired
+    at its lifetime, or scaling up) end the run: :func:`no_more_workers` with sbatch's message
+    and one ERROR line, where it was a tornado traceback and a wait for that worker forever.
+    After :func:`submit_jobs`, whose own refusals raise. (Every submission runs
+    ``_correct_state_internal``; ``scale`` and ``adapt`` only schedule it on the loop.)"""
+    correct_state = cluster._correct_state_internal
+
+    async def correct_state_or_report() -> None:
+        try:
+            await correct_state()
+        except RuntimeError as exc:  # dask-jobqueue's report of a non-zero exit
+            _forget_unsubmitted(cluster)
+            log.error("%s: the run ends", _refused(exc))
+            no_more_workers(cluster, _refused(exc))
+
+    cluster._correct_state_internal = correct_state_or_report
 
 
 def _forget_unsubmitted(cluster: Any) -> None:

@@ -12,16 +12,20 @@ from __future__ import annotations
 import logging
 import threading
 import traceback
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from distributed import Client, WorkerPlugin, as_completed
 
+from pipeline.cluster.errors import JobSubmitError
+
 log = logging.getLogger(__name__)
 
 QUIET_PLUGIN_NAME = "wsi-nuclei-quiet-task-errors"
 ITEM_REPR_CHARS = 120  # how much of a failed item's repr the one-line failure report shows
+WAIT_POLL_S = 0.5  # how often a wait for results checks that the cluster can still get workers
 
 T = TypeVar("T")
 
@@ -70,6 +74,34 @@ class QuietTaskErrors(WorkerPlugin):
 
 
 
+# clusters started here that can get no more workers, and why (one line)
+_NO_MORE_WORKERS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def no_more_workers(cluster: Any, why: str) -> None:
+    """Record that ``cluster`` gets no more workers (the first ``why`` stays): the waits of
+    :func:`bounded_map` on its client end with :class:`JobSubmitError` instead of lasting forever."""
+    _NO_MORE_WORKERS.setdefault(cluster, why)
+
+
+def why_no_workers(client: Any) -> str | None:
+    """Why the cluster of ``client`` (one started here) gets no more workers; None while it can."""
+    cluster = getattr(client, "cluster", None)
+    return None if cluster is None else _NO_MORE_WORKERS.get(cluster)
+
+
+def _next_done(done: as_completed, client: Any) -> Any:
+    """``next(done)``, or :class:`JobSubmitError` once ``client``'s cluster can get no more
+    workers: nothing would ever run the tasks waited for."""
+    while not done.has_ready():
+        why = why_no_workers(client)
+        if why is not None:
+            raise JobSubmitError(why)
+        with done.thread_condition:  # notified when a future completes
+            done.thread_condition.wait(timeout=WAIT_POLL_S)
+    return next(done)
+
+
 @dataclass(frozen=True)
 class TaskFailure:
     """The outcome of an item whose task failed (after its retries): yielded, not raised."""
@@ -107,6 +139,8 @@ def bounded_map(client: Client, fn: Callable[[T], Any], items: Iterable[T], max_
     on the pool); the result yielded is the last one's. Intermediate results go worker to
     worker, never through this client, and are freed once the next task has run; a failed
     task fails its item with its own error. ``max_in_flight`` counts items, not tasks.
+    When the cluster can get no more workers (:func:`no_more_workers`: sbatch refused a job
+    during the run), the wait raises :class:`JobSubmitError`.
     """
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be >= 1, not {max_in_flight}")
@@ -118,6 +152,7 @@ def bounded_map(client: Client, fn: Callable[[T], Any], items: Iterable[T], max_
     source = iter(items)
     pending: dict[str, T] = {}
     done = as_completed()
+    owner: list[Client] = []  # the client of the futures (``client`` may wrap it)
 
     def submit_next() -> bool:
         try:
@@ -129,6 +164,8 @@ def bounded_map(client: Client, fn: Callable[[T], Any], items: Iterable[T], max_
             future = client.submit(stage, future, retries=retries, **options)
         pending[future.key] = item
         done.add(future)
+        if not owner:
+            owner.append(future.client)
         return True
 
     for _ in range(max_in_flight):
@@ -136,7 +173,7 @@ def bounded_map(client: Client, fn: Callable[[T], Any], items: Iterable[T], max_
             break
     try:
         while pending:
-            future = next(done)
+            future = _next_done(done, owner[0])
             item = pending.pop(future.key)
             outcome: Any
             if future.status == "finished":

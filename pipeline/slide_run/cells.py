@@ -90,7 +90,8 @@ def make_cells(job: CellJob) -> CellSummary:
     """One tile's cells: grown from the stitched nuclei around them, measured on the
     slide's pixels, saved (labels, table columns, QuPath cell features)."""
     from pipeline.atomic import save_npz_atomic
-    from pipeline.slide import open_slide, read_region
+    from pipeline.slide.open import open_slide
+    from pipeline.slide.region import read_region
 
     image = job.plan.image
     box = cell_box(job.extent, job.settings.reach, image)

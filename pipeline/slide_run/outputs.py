@@ -41,7 +41,7 @@ def write_layers(job: FinalJob) -> None:
     blocks): the tissue mask and the RGB root image. Only this part writes the store's
     root attributes until :func:`finalize_slide`."""
     from pipeline.overview import slide_overview
-    from pipeline.slide import open_slide
+    from pipeline.slide.open import open_slide
     from pipeline.writers.labels import IMAGE_SIDE, write_image, write_tissue
 
     write_tissue(job.store, job.tissue.mask, job.tissue.level0_per_pixel)
@@ -139,7 +139,7 @@ def write_outputs(executor: Any, job: FinalJob) -> tuple[int, dict[str, str]]:
 def _write_preview(job: FinalJob, path: Path, overview: tuple[np.ndarray, float] | None) -> None:
     """``preview.png`` (pipeline.writers.preview); ``overview``: the slide overview already
     read for the store, so that the slide is not read whole twice."""
-    from pipeline.slide import open_slide
+    from pipeline.slide.open import open_slide
     from pipeline.writers.preview import make_preview
 
     with open_slide(job.path, mpp_override=job.mpp_override) as reader:

@@ -61,7 +61,8 @@ def prepare_slide(job: PrepareJob) -> SlidePlan:
     from models.inference import context_margin
     from pipeline.cluster import get_worker_model
     from pipeline.fingerprint import runtime_fingerprint
-    from pipeline.slide import open_slide, plan_read
+    from pipeline.slide.open import open_slide
+    from pipeline.slide.region import plan_read
     from pipeline.tiling import halo_for, plan_tiles
     from pipeline.tissue import full_mask, tissue_mask
 
@@ -96,7 +97,7 @@ def slide_stains(reader: Any, plan: ReadPlan, tiles: tuple[Tile, ...], given: st
     ``tissue.tissue_signal``) are left out, else a teal marking dye passes for haematoxylin;
     the glass among them gives the background."""
     from pipeline.measure.stain import StainVectors, estimate_background, estimate_stains
-    from pipeline.slide import read_region
+    from pipeline.slide.region import read_region
     from pipeline.tissue import SAT_FLOOR, tissue_signal
 
     if given is not None:
@@ -129,7 +130,7 @@ def level0_box(box: Box, scale: float) -> Box:
 
 def damage_records(reader: Any) -> tuple[tuple[int, int, int, int, str], ...]:
     """The reader's damaged stored tiles as level-0 boxes (y0, x0, y1, x1, error)."""
-    from pipeline.slide import nominal_downsample
+    from pipeline.slide.region import nominal_downsample
 
     out = []
     def order(item: tuple[tuple[int, Box], str]) -> tuple[int, int, int]:

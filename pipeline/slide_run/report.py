@@ -42,7 +42,7 @@ def slide_report(plan: SlidePlan, tiles: list[TileSummary], blocks: LabelBlocks,
 def missing_regions(path: str, report: dict[str, Any]) -> list[str]:
     """What the slide's results lack, one phrase each, each told to the user in a log line
     here: regions that could not be read, and giant clusters (foreground components too
-    large for any window: ``stitch.giant_side``), whose nuclei are not segmented. A slide
+    large for any window: ``stitch.grown.giant_side``), whose nuclei are not segmented. A slide
     with any is ``partial`` (the run exits 1)."""
     lacking = []
     if report["unreadable_regions"]:
@@ -69,7 +69,7 @@ def unreadable_regions(plan: SlidePlan, tiles: list[TileSummary]) -> list[dict[s
 
 def giant_clusters(tiles: list[TileSummary], scale: float) -> list[list[int]]:
     """Level-0 boxes (y0, x0, y1, x1) of the giant foreground components the tiles met
-    (not segmented; see ``stitch.giant_side``): the boxes each tile saw, overlapping ones
+    (not segmented; see ``stitch.grown.giant_side``): the boxes each tile saw, overlapping ones
     merged, so each giant is listed once."""
     merged = [b for s in tiles for b in s.giants]
     changed = True

@@ -45,7 +45,7 @@ def save_tile(job: Any, tile: Tile, result: Any, seconds: float, dropped: int = 
     """Outlines, measurements and each nucleus's GeoJSON text (all of it but the id,
     which needs the global nucleus number) are made here, on the worker, vectorised over
     the tile, so the single writer of phase 3 only splices ids into text. ``job``: the
-    tile task's ``TileJob``; ``result``: ``stitch.segment_tile``'s instances; ``rgb``: the
+    tile task's ``TileJob``; ``result``: ``stitch.tile.segment_tile``'s instances; ``rgb``: the
     slide's pixels over ``result.extent`` (stain intensities, with ``job.stains``)."""
     from pipeline.atomic import save_npz_atomic
     from pipeline.writers.features import feature_bodies

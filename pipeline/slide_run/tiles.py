@@ -20,7 +20,7 @@ from pipeline.slide_run.tile_file import Damage, TileSummary, cached_summary, sa
 from pipeline.types import Box, ReadPlan, Tile
 
 if TYPE_CHECKING:
-    from pipeline.stitch import GrownPlan
+    from pipeline.stitch.grown import GrownPlan
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class TileJob:
 def infer_tiles(job: TileJob) -> list[TileSummary]:
     """Phase 1 for a batch of tiles in one task (one forward pass for the batch):
     read, predict, segment, measure, save. CPU layouts and single-process runs."""
-    from pipeline.slide import open_slide
+    from pipeline.slide.open import open_slide
 
     todo, out = _not_cached(job)
     if not todo:
@@ -95,7 +95,7 @@ class ReadTiles:
 class PredictedTiles:
     """A predict task's result, handed to its post-processing task: the network outputs of
     the tiles, and per tile what its segmentation needs of the clusters it grows
-    (:func:`pipeline.stitch.predict_grown_windows`: bits for a cluster's pixels in the
+    (:func:`pipeline.stitch.tile.predict_grown_windows`: bits for a cluster's pixels in the
     tile, and the owner's watershed inputs; never a grown window's full outputs), so that
     all of a slide's windows come from the inference worker's device."""
 
@@ -113,7 +113,7 @@ class PredictedTiles:
 def read_tiles(job: TileJob) -> ReadTiles:
     """The reading part of :func:`infer_tiles` (CPU pool of a GPU layout): decoding the
     slide is CPU work, and many pool processes read faster than one GPU worker would."""
-    from pipeline.slide import open_slide
+    from pipeline.slide.open import open_slide
 
     todo, cached = _not_cached(job)
     if not todo:
@@ -130,7 +130,7 @@ def predict_tiles(read: ReadTiles) -> PredictedTiles:
     """The network part of :func:`infer_tiles` (GPU worker of a GPU layout): predict the
     windows, then the larger windows of the clusters they cut (the slide is opened here
     only if there are any)."""
-    from pipeline.stitch import predict_grown_windows
+    from pipeline.stitch.tile import predict_grown_windows
 
     job = read.job
     if not read.tiles:
@@ -162,7 +162,7 @@ class _SlideOnDemand:
         self._reader: Any = None
 
     def reader(self) -> Any:
-        from pipeline.slide import open_slide
+        from pipeline.slide.open import open_slide
 
         if self._reader is None:
             self._reader = open_slide(self.job.path, mpp_override=self.job.mpp_override)
@@ -227,7 +227,7 @@ def _not_cached(job: TileJob) -> tuple[list[Tile], list[TileSummary]]:
 
 def _read_windows(reader: Any, job: TileJob, tiles: list[Tile]) -> tuple[list[np.ndarray], list[bool]]:
     """Each tile's window, and whether reading it met a damaged stored tile."""
-    from pipeline.slide import read_region
+    from pipeline.slide.region import read_region
 
     windows, saw_damage = [], []
     for t in tiles:
@@ -246,8 +246,8 @@ def _window_predictor(net: Any, reader: Callable[[], Any], job: TileJob, max_sid
     pieces of at most ``max_side`` px a side (the batch's largest tile window) so that the
     network's activations stay tile-sized; ``reader()`` gives the open slide."""
     from models.inference import predict_batch
-    from pipeline.slide import read_region
-    from pipeline.stitch import subwindow_predictor
+    from pipeline.slide.region import read_region
+    from pipeline.stitch.grown import subwindow_predictor
 
     def predict_window(box: Box) -> tuple[np.ndarray, np.ndarray]:
         p, d = predict_batch(net, read_region(reader(), job.plan, box)[None])
@@ -262,7 +262,7 @@ def _pixels_of(job: TileJob, tile: Tile, window: np.ndarray, reader: Callable[[]
     where the box lies inside it (nearly always), read otherwise (a nucleus of a grown
     cluster reaching past the window). A model pixel's value does not depend on the box it
     is read with, so either way the nucleus's intensities are the same."""
-    from pipeline.slide import read_region
+    from pipeline.slide.region import read_region
 
     w = tile.window
 
@@ -280,7 +280,7 @@ def _segment_and_save(job: TileJob, tile: Tile, prob: np.ndarray, dist: np.ndarr
     """One tile's instances (owned nuclei, off-tissue ones dropped), measured on the
     slide's ``pixels`` and saved to its file with the damage its reads met (``damage()``,
     asked once the segmentation's and the measurements' reads are done)."""
-    from pipeline.stitch import segment_tile
+    from pipeline.stitch.tile import segment_tile
     from pipeline.tissue import keep_in_tissue
 
     t_seg = time.perf_counter()
@@ -348,8 +348,8 @@ def run_tiles(plan: SlidePlan, cfg: RunConfig, executor: Any, work: str,
 
 def _tissue_around(plan: SlidePlan, tiles: list[Tile]) -> Any:
     """The tissue mask where these tiles' nuclei can lie: their windows, grown as far as a
-    cluster window may grow (``stitch.MAX_WINDOW``)."""
-    from pipeline.stitch import MAX_WINDOW
+    cluster window may grow (``stitch.grown.MAX_WINDOW``)."""
+    from pipeline.stitch.grown import MAX_WINDOW
 
     y0 = min(t.window.y0 for t in tiles) - MAX_WINDOW
     x0 = min(t.window.x0 for t in tiles) - MAX_WINDOW

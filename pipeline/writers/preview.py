@@ -315,7 +315,7 @@ def _read_detail(reader: Any, box: Box, step: float) -> tuple[np.ndarray, float]
     level not finer than needed, box-averaged by an integer factor. Returns the pixels and
     the exact level-0 px per pixel."""
     from pipeline.overview import box_mean
-    from pipeline.slide import nominal_downsample
+    from pipeline.slide.region import nominal_downsample
 
     info = reader.info
     ds = [nominal_downsample(info, i) for i in range(len(info.levels))]
