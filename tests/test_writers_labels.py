@@ -24,7 +24,6 @@ from pipeline.writers.labels import (
     build_pyramid,
     build_pyramid_block,
     create_store,
-    finalize,
     open_store,
     pyramid_blocks,
     pyramid_shapes,
@@ -32,6 +31,7 @@ from pipeline.writers.labels import (
     write_image,
     write_tissue,
 )
+from pipeline.writers.ngff import finalize
 from pipeline.writers.table import instance_measurements, write_table
 
 BIG = 70_000  # ids above 2^16 catch any narrowing to uint16

@@ -35,7 +35,8 @@ TASK_MODULES = ("pipeline.slide.open", "pipeline.slide.region", "pipeline.stitch
                 "pipeline.measure.cells", "pipeline.writers.cells", "pipeline.writers.outlines",
                 "pipeline.writers.features", "pipeline.writers.geojson",
                 "pipeline.writers.table", "pipeline.writers.labels", "pipeline.writers.preview",
-                "pipeline.writers.summary", "anndata")  # anndata: the finalising task's table
+                "pipeline.writers.summary", "pipeline.writers.ngff",
+                "anndata")  # anndata: the finalising task's table
 
 
 class _NoInference(torch.nn.Module):

@@ -92,7 +92,8 @@ def finalize_slide(job: FinalJob) -> dict[str, Any]:
     """Phase 3, last part, after all others: the label pyramid's coarse levels (above those
     the blocks made), the store's metadata (NGFF multiscales, labels, omero) and the
     preview, which draws on the image, the labels and the table."""
-    from pipeline.writers.labels import PYRAMID_BLOCK_LEVELS, build_pyramid, finalize, read_image
+    from pipeline.writers.labels import PYRAMID_BLOCK_LEVELS, build_pyramid, read_image
+    from pipeline.writers.ngff import finalize
 
     out = Path(job.out_dir)
     build_pyramid(job.store, job.painted, first_level=PYRAMID_BLOCK_LEVELS + 1)

@@ -12,9 +12,10 @@ Store layout (``<out>/nuclei.zarr``)::
                          resolution (long side <= IMAGE_SIDE), "omero" R/G/B channels with
                          windows 0-255; written LAST by finalize()
     s0 .. sN             RGB levels, each a 2 x 2 box mean of the one before
-    labels/zarr.json     ome: {version: "0.5", labels: ["nuclei", "tissue"]}
+    labels/zarr.json     ome: {version: "0.5", labels: ["nuclei", ("cells",) "tissue"]}
     labels/nuclei/       ome: {version, multiscales, image-label{version, source, colors?}}
       s0 .. sN           uint32 instance ids (0 = background), level 0 = slide level 0
+    labels/cells/        with --cell-expansion: the cells, each with its nucleus's id, as nuclei
     labels/tissue/       the tissue mask (uint8, 1 = tissue) at its own coarse resolution
       s0 .. sN           strided [::2, ::2]
     tables/nuclei/       AnnData table, one row per label id, SpatialData table attributes
@@ -49,8 +50,8 @@ nuclei arrays, no OME metadata) -> ``write_block`` per chunk-aligned box, any or
 any process (each chunk has exactly one writer) -> ``build_pyramid`` (or, in parallel,
 ``build_pyramid_block`` per ``pyramid_blocks`` box, then ``build_pyramid(first_level=
 PYRAMID_BLOCK_LEVELS + 1)``) -> ``write_tissue``
-and ``write_image`` -> ``finalize`` (metadata, root last). A store without root
-``multiscales`` is incomplete.
+and ``write_image`` -> ``writers.ngff.finalize`` (metadata, root last). A store without
+root ``multiscales`` is incomplete.
 """
 
 from __future__ import annotations
@@ -59,17 +60,15 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
 from pipeline.types import Box
-from pipeline.writers.colours import TISSUE_RGB
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,6 @@ __all__ = [
     "build_pyramid",
     "build_pyramid_block",
     "create_store",
-    "finalize",
     "open_store",
     "pyramid_blocks",
     "pyramid_shapes",
@@ -154,7 +152,7 @@ def pyramid_shapes(
     return tuple(shapes)
 
 
-def _open(spec: LabelStoreSpec, path: str, mode: str = "r+") -> zarr.Array:
+def open_array(spec: LabelStoreSpec, path: str, mode: str = "r+") -> zarr.Array:
     return zarr.open_array(store=spec.path, path=path, mode=mode, zarr_format=3)
 
 
@@ -259,7 +257,7 @@ def write_block(spec: LabelStoreSpec, box: Box, labels: np.ndarray, name: str = 
         raise ValueError("negative label values")
     if labels.size and int(labels.max()) > np.iinfo(spec.dtype).max:
         raise ValueError(f"label value {int(labels.max())} does not fit {spec.dtype}")
-    arr = _open(spec, spec.level_path(0, f"labels/{name}"))
+    arr = open_array(spec, spec.level_path(0, f"labels/{name}"))
     arr[box.y0:box.y1, box.x0:box.x1] = labels.astype(spec.dtype, copy=False)
 
 
@@ -287,12 +285,12 @@ def build_pyramid_block(spec: LabelStoreSpec, block: Box,
     labels read once (level k = level 0 ``[::2^k, ::2^k]``; memory: one block), for each
     label image of the store."""
     for group in (f"labels/{name}" for name in spec.labels):
-        src = _open(spec, spec.level_path(0, group), "r")[block.y0:block.y1, block.x0:block.x1]
+        src = open_array(spec, spec.level_path(0, group), "r")[block.y0:block.y1, block.x0:block.x1]
         for k in range(1, min(levels, spec.n_levels - 1) + 1):
             f = 2**k
             part = src[::f, ::f]
             y0, x0 = block.y0 // f, block.x0 // f
-            _open(spec, spec.level_path(k, group))[y0:y0 + part.shape[0], x0:x0 + part.shape[1]] = part
+            open_array(spec, spec.level_path(k, group))[y0:y0 + part.shape[0], x0:x0 + part.shape[1]] = part
 
 
 def build_pyramid(spec: LabelStoreSpec, regions: Iterable[Box] | None = None,
@@ -321,8 +319,8 @@ def build_pyramid(spec: LabelStoreSpec, regions: Iterable[Box] | None = None,
             cols = range(-(-b.x0 // f) // c, (min(w, -(-b.x1 // f)) - 1) // c + 1)
             chunks.update((cy, cx) for cy in rows for cx in cols)
         for group in (f"labels/{name}" for name in spec.labels):
-            src = _open(spec, spec.level_path(k - 1, group), "r")
-            dst = _open(spec, spec.level_path(k, group))
+            src = open_array(spec, spec.level_path(k - 1, group), "r")
+            dst = open_array(spec, spec.level_path(k, group))
             for cy, cx in sorted(chunks):
                 y0, x0 = cy * c, cx * c
                 y1, x1 = min(y0 + c, h), min(x0 + c, w)
@@ -389,112 +387,6 @@ def write_image(spec: LabelStoreSpec, overview: np.ndarray, level0_per_pixel: fl
     _record(spec, "image_per_px", level0_per_pixel)
     log.debug("RGB image %s at %.3g level-0 px per pixel, %d levels", shapes[0], level0_per_pixel,
               len(shapes))
-
-
-def _multiscale(spec: LabelStoreSpec, name: str, per_px: Sequence[float], *, rgb: bool = False,
-                translate: Sequence[float] | None = None, kind: str = "nearest",
-                method: str = "stride [::2, ::2] of the previous level (labels are never averaged)",
-                ) -> dict[str, Any]:
-    """NGFF ``multiscales`` entry: level k's pixel is ``per_px[k]`` level-0 pixels, its
-    centre shifted by ``translate[k]`` level-0 pixels (see the module docstring)."""
-    unit = spec.mpp
-    axes = [{"name": d, "type": "space", "unit": "micrometer"} for d in DIMS]
-    if rgb:
-        axes.insert(0, {"name": "c", "type": "channel"})
-    channel_scale, channel_shift = ([1.0], [0.0]) if rgb else ([], [])
-    datasets = []
-    for k, d in enumerate(per_px):
-        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": channel_scale + [unit * d] * 2}]
-        if translate is not None and translate[k]:
-            transforms.append({"type": "translation",
-                               "translation": channel_shift + [unit * translate[k]] * 2})
-        datasets.append({"path": f"s{k}", "coordinateTransformations": transforms})
-    return {"name": name, "axes": axes, "datasets": datasets, "type": kind, "metadata": {"method": method}}
-
-
-def _check_colors(colors: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for col in colors:
-        rgba = [int(v) for v in col["rgba"]]
-        if len(rgba) != 4 or not all(0 <= v <= 255 for v in rgba):
-            raise ValueError(f"colour {col} needs rgba as 4 ints in 0..255")
-        out.append({"label-value": int(col["label-value"]), "rgba": rgba})
-    return out
-
-
-def _omero(name: str) -> dict[str, Any]:
-    """Rendering hints (NGFF transitional "omero"): show the three channels as RGB."""
-    window = {"min": 0, "max": 255, "start": 0, "end": 255}
-    return {"name": name, "rdefs": {"model": "color"},
-            "channels": [{"label": label, "color": color, "window": window, "active": True,
-                          "coefficient": 1, "family": "linear", "inverted": False}
-                         for label, color in RGB_CHANNELS]}
-
-
-def _coarse(per_px: float) -> float:
-    """Centre shift (level-0 px) of a pixel that covers ``per_px`` level-0 pixels."""
-    return (per_px - 1.0) / 2.0
-
-
-def finalize(
-    spec: LabelStoreSpec,
-    *,
-    name: str,
-    colors: Sequence[Mapping[str, Any]] | None = None,
-    extra_attrs: Mapping[str, Any] | None = None,
-) -> None:
-    """Write the NGFF 0.5 metadata; call after all pixels are written (``write_image``
-    is required, ``write_tissue`` optional).
-
-    Order: ``labels/nuclei``, ``labels/tissue`` -> ``labels`` (with ``version``, formats.md
-    gotcha 2) -> root. The root ``multiscales`` therefore appears last and marks the store
-    complete. ``name`` names the root image (the slide id: viewers show it); ``colors``
-    are optional NGFF ``{"label-value", "rgba"}`` entries for the nuclei (keep few: viewers
-    colour instances themselves); ``extra_attrs`` go at the top level of the root
-    attributes (not inside ``ome``).
-    """
-    if extra_attrs is not None and "ome" in extra_attrs:
-        raise ValueError("extra_attrs must not contain the reserved key 'ome'")
-    root = zarr.open_group(store=spec.path, mode="r+", zarr_format=3)
-    info = root.attrs[STORE_ATTR]
-    if "image_per_px" not in info:
-        raise ValueError(f"{spec.path}: no RGB image (call write_image before finalize)")
-    for k in range(spec.n_levels):  # fail early on a store that was not fully created
-        if _open(spec, spec.level_path(k), "r").shape != spec.level_shapes[k]:
-            raise ValueError(f"{spec.path}/{spec.level_path(k)} does not match the spec")
-        for group in ("", TISSUE_PATH) if "tissue_per_px" in info else ("",):
-            if f"s{k}" not in (root[group] if group else root):
-                raise ValueError(f"{spec.path}/{spec.level_path(k, group)} is missing")
-    image_label: dict[str, Any] = {"version": NGFF_VERSION, "source": {"image": "../../"}}
-    if colors:
-        image_label["colors"] = _check_colors(colors)
-    n = spec.n_levels
-    for label in spec.labels:  # nuclei, and cells (the same ids) when made
-        root[f"labels/{label}"].attrs["ome"] = {
-            "version": NGFF_VERSION, "image-label": image_label,
-            "multiscales": [_multiscale(spec, label, [2.0**k for k in range(n)])],
-        }
-    names = list(spec.labels)
-    if "tissue_per_px" in info:
-        d = float(info["tissue_per_px"])
-        root[TISSUE_PATH].attrs["ome"] = {
-            "version": NGFF_VERSION,
-            "multiscales": [_multiscale(spec, TISSUE_NAME, [d * 2**k for k in range(n)],
-                                        translate=[_coarse(d)] * n)],
-            "image-label": {"version": NGFF_VERSION, "source": {"image": "../../"},
-                            "colors": [{"label-value": 1, "rgba": [*TISSUE_RGB, 255]}],
-                            "properties": [{"label-value": 1, "class": "tissue"}]},
-        }
-        names.append(TISSUE_NAME)
-    root["labels"].attrs["ome"] = {"version": NGFF_VERSION, "labels": names}
-    d = float(info["image_per_px"])
-    image = _multiscale(spec, name, [d * 2**k for k in range(n)], rgb=True,
-                        translate=[_coarse(d * 2**k) for k in range(n)], kind="mean",
-                        method="2 x 2 box mean of the previous level")
-    attrs: dict[str, Any] = dict(extra_attrs or {})
-    attrs["ome"] = {"version": NGFF_VERSION, "multiscales": [image], "omero": _omero(name)}
-    root.attrs.update(attrs)
-    log.info("finalized OME-Zarr %s (%d levels)", spec.path, spec.n_levels)
 
 
 def read_image(spec: LabelStoreSpec) -> tuple[np.ndarray, float]:

@@ -285,7 +285,7 @@ class _AnnDataTable:
     anndata writes every element (``write_elem``); the growing arrays are re-created empty
     with row-group chunks and extended with ``zarr.Array.append``. ``obs`` needs all ids and
     ``uns`` the row count, so ``close`` writes them; until then the group is not a
-    consistent AnnData (the store is marked complete by ``labels.finalize``, which runs later).
+    consistent AnnData (the store is marked complete by ``ngff.finalize``, which runs later).
     """
 
     def __init__(self, root: zarr.Group, id_dtype: str, rows: int, meta: Mapping[str, Any],
