@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -230,3 +231,24 @@ def test_train_command_defaults_follow_the_architecture(
     monkeypatch.setattr(models.train, "train", fake_train)
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), *argv]) == 0
     assert (seen["net"].batchnorm, seen["net"].dropout) == (batchnorm, dropout)
+
+
+def test_augmentation_ablation_runs_each_variant_once(run: tuple[Path, Path], tmp_path: Path) -> None:
+    """``python -m models.ablation``: ``all`` and ``no-<name>`` fine-tunes from one start,
+    each tuned and recorded; a second call reuses the finished variants."""
+    from models.ablation import main, variants
+
+    assert variants(["stain"])["no-stain"].stain == 0.0 and variants(["rotate"])["no-rotate"].rotate is False
+    with pytest.raises(ValueError, match="unknown"):
+        variants(["sharpness"])
+    data, best = run
+    out = tmp_path / "ablation"
+    argv = ["--data", str(data), "--init", str(best), "--out", str(out), "--steps", "2",
+            "--patch-size", "32", "--batch-size", "2", "--downsample", "1", "--only", "stain"]
+    assert main(argv) == 0
+    report = json.loads((out / "ablation.json").read_text())
+    assert [r["variant"] for r in report["results"]] == ["all", "no-stain"]
+    assert report["results"][1]["augment"]["stain"] == 0.0 and report["results"][0]["delta_vs_all"] == 0.0
+    assert all(0.0 <= r["tuned_val_aji"] <= 1.0 for r in report["results"])
+    first = (out / "no-stain" / "result.json").stat().st_mtime_ns
+    assert main(argv) == 0 and (out / "no-stain" / "result.json").stat().st_mtime_ns == first
