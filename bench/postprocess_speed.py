@@ -74,6 +74,7 @@ from skimage.measure import regionprops_table
 from tqdm import tqdm
 
 from bench.common import default_json, headline, quiet_logs, run_info, write_json
+from pipeline.measure.intensity import INTENSITY_NAMES
 from pipeline.writers.features import feature_bodies, feature_texts, nucleus_feature
 from pipeline.writers.geojson import GeoJSONWriter
 from pipeline.writers.outlines import SIMPLIFY_TOLERANCE, _largest_polygon, trace_tile
@@ -118,6 +119,7 @@ def _old_instance_measurements(labels: np.ndarray, prob: np.ndarray, offset_yx: 
         "Circularity": 4 * np.pi * p["area"] / np.maximum(p["perimeter"], 1e-9) ** 2,
         "Solidity": p["solidity"], "Max diameter µm": np.nan, "Min diameter µm": np.nan,
         "Eccentricity": p["eccentricity"], "Detection probability": p["intensity_mean"],
+        **{name: np.nan for name in INTENSITY_NAMES},  # the old path had no stain intensities
         "bbox_x0": np.floor((p["bbox-1"] + ox) * s).astype(np.int64),
         "bbox_y0": np.floor((p["bbox-0"] + oy) * s).astype(np.int64),
         "bbox_x1": np.ceil((p["bbox-3"] + ox) * s).astype(np.int64),
