@@ -197,7 +197,7 @@ def test_slide_speed_copies_place_every_tile_apart(tmp_path: Path) -> None:
 
     from bench.slide_speed import build_mosaics, parse_args, quick_folder
 
-    assert parse_args([]).copies == 4 and parse_args(["--quick"]).copies == 1
+    assert parse_args([]).copies == [4] and parse_args(["--quick"]).copies == [1]
     folder = quick_folder(tmp_path / "tiles")
     per_tile = sum(int(tifffile.imread(p).max()) for p in (folder / "labels").glob("*.tif"))
     _, truth, placements = build_mosaics(folder, tmp_path, [20], seed=5, quick=True, copies=3)
@@ -207,6 +207,19 @@ def test_slide_speed_copies_place_every_tile_apart(tmp_path: Path) -> None:
         cover[y:y + h, x:x + w] += 1
     assert cover.max() == 1
     assert len(np.unique(truth[truth > 0])) == 3 * per_tile
+
+
+def test_slide_speed_fits_fixed_cost_and_rate() -> None:
+    """``seconds = fixed + rate x mm²`` per magnification and model, over its tissue areas;
+    none where a model ran at one size only."""
+    from bench.slide_speed import fit_fixed_rate
+
+    rows = [{"mag": 20, "model": "m.pt", "copies": c, "tissue_mm2": 0.875 * c,
+             "seconds": 1.5 + 2.5 * 0.875 * c} for c in (1, 4, 16)]
+    rows.append({"mag": 40, "model": "m.pt", "copies": 1, "tissue_mm2": 0.875, "seconds": 9.0})
+    (fit,) = fit_fixed_rate(rows)
+    assert (fit["mag"], fit["copies"]) == (20, [1, 4, 16])
+    assert fit["fixed_s"] == pytest.approx(1.5) and fit["rate_s_per_mm2"] == pytest.approx(2.5)
 
 
 def test_gpu_check_quick_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
