@@ -103,9 +103,10 @@ STORE_ATTR = "wsi_nuclei_store"  # non-OME root attribute: what open_store / fin
 RGB_CHANNELS = (("Red", "FF0000"), ("Green", "00FF00"), ("Blue", "0000FF"))
 
 
-def _compressor() -> BloscCodec:
-    # Blosc/zstd with byte shuffle: the NGFF ecosystem default; label runs compress well.
-    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+def _compressor(clevel: int = 5) -> BloscCodec:
+    # Blosc/zstd with byte shuffle: the NGFF ecosystem default; label runs compress well. The
+    # RGB image takes level 1: as small (10.36 vs 10.31 MB for a 2300^2 overview), 2x faster
+    return BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle")
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def _create_level_arrays(group: zarr.Group, spec: LabelStoreSpec, dtype: str,
         arrays.append(group.create_array(
             f"s{k}", shape=shp, chunks=(1, spec.chunk, spec.chunk) if rgb else (spec.chunk, spec.chunk),
             dtype=dtype, fill_value=0, dimension_names=list(RGB_DIMS if rgb else DIMS),
-            compressors=_compressor(), overwrite=True,
+            compressors=_compressor(1 if rgb else 5), overwrite=True,
         ))
     return arrays
 
