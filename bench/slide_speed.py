@@ -151,20 +151,30 @@ def slide_aji(out_dir: Path, factor: int, truth: np.ndarray,
     return float(np.mean(scores))
 
 
-def run_one(slide: Path, model: str, out: Path, cluster: str, extra: list[str]) -> dict[str, Any]:
-    """``wsi-nuclei run`` in a fresh process; returns its summary.json and the wall time."""
-    cmd = [sys.executable, "-m", "pipeline.cli", "--quiet", "run", str(slide), "--model", model,
-           "--out", str(out), "--cluster", cluster, *extra]
+def run_cli(target: Path, model: str | None, out: Path, cluster: str, extra: list[str],
+            ) -> tuple[float, list[dict[str, Any]]]:
+    """``wsi-nuclei run TARGET`` (a slide or a folder of slides) in a fresh process; returns
+    its wall time and each slide's summary.json (with its ``out_dir``)."""
+    cmd = [sys.executable, "-m", "pipeline.cli", "--quiet", "run", str(target), "--out", str(out),
+           "--cluster", cluster, *(["--model", model] if model else []), *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
-    summaries = list(out.glob("*/summary.json"))
-    if proc.returncode != 0 or len(summaries) != 1:
+    if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr[-2000:]}")
-    summary = json.loads(summaries[0].read_text())
-    summary["wall_s"] = wall
-    summary["out_dir"] = str(summaries[0].parent)
-    return summary
+    summaries = []
+    for path in sorted(out.glob("*/summary.json")):
+        summaries.append({**json.loads(path.read_text()), "out_dir": str(path.parent)})
+    return wall, summaries
+
+
+def run_one(slide: Path, model: str, out: Path, cluster: str, extra: list[str]) -> dict[str, Any]:
+    """``wsi-nuclei run`` of one slide in a fresh process; returns its summary.json and the
+    wall time."""
+    wall, summaries = run_cli(slide, model, out, cluster, extra)
+    if len(summaries) != 1:
+        raise RuntimeError(f"{slide}: {len(summaries)} summaries in {out}")
+    return {**summaries[0], "wall_s": wall}
 
 
 def row_for(summary: dict[str, Any], tissue_mm2: float, aji_value: float) -> dict[str, Any]:

@@ -84,6 +84,34 @@ def test_batch_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 
 @pytest.mark.slow
+def test_batch_one_run_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Small slides in one wsi-nuclei run, and one slide of their total area: both finish,
+    spans within the process times, an overhead per slide."""
+    from bench.batch import main
+
+    out = main(["--one-run", "--quick", "--cluster", "none", "--json", str(tmp_path / "b.json")])
+    assert set(out["runs"]) == {"batch", "reference"} and out["runs"]["batch"]["slides"] == 4
+    for r in out["runs"].values():
+        assert 0 < r["span_s"] <= r["process_s"] and r["tissue_mm2"] > 0 and r["nuclei"] > 0
+    assert "per_slide_overhead_s" in out and "per-slide overhead" in capsys.readouterr().out
+
+
+def test_batch_span_leaves_out_start_up(tmp_path: Path) -> None:
+    """A run's span: first slide's start (its summary's mtime - seconds) to the last's end."""
+    import os
+
+    from bench.batch import slides_span
+
+    summaries = []
+    for name, end, seconds in (("a", 1000.0, 4.0), ("b", 1003.0, 5.0), ("c", 1010.0, 2.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text("{}")
+        os.utime(tmp_path / name / "summary.json", (end, end))
+        summaries.append({"out_dir": str(tmp_path / name), "seconds": seconds})
+    assert slides_span(summaries) == pytest.approx(1010.0 - 996.0)
+
+
+@pytest.mark.slow
 def test_pyramid_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Both ways build every level, from a level 0 with labels, and agree."""
     from bench.pyramid_speed import main
