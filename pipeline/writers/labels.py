@@ -390,10 +390,10 @@ def write_image(spec: LabelStoreSpec, overview: np.ndarray, level0_per_pixel: fl
               len(shapes))
 
 
-def read_image(spec: LabelStoreSpec) -> tuple[np.ndarray, float]:
-    """The root RGB image's finest level as written by :func:`write_image`: (h, w, 3) uint8
-    and its level-0 px per pixel (the preview is made from it in a later task)."""
+def read_image(spec: LabelStoreSpec, level: int = 0) -> tuple[np.ndarray, float]:
+    """A level of the root RGB image as written by :func:`write_image` (default the finest):
+    (h, w, 3) uint8 and its level-0 px per pixel (the preview is made from it in a later task)."""
     root = zarr.open_group(store=spec.path, mode="r", zarr_format=3)
-    rgb = np.moveaxis(root["s0"][...], 0, 2)
-    return np.ascontiguousarray(rgb), float(root.attrs[STORE_ATTR]["image_per_px"])
+    rgb = np.moveaxis(root[f"s{level}"][...], 0, 2)
+    return np.ascontiguousarray(rgb), float(root.attrs[STORE_ATTR]["image_per_px"]) * 2**level
 
