@@ -12,13 +12,18 @@ every run also gets a slide-level AJI (mean over the placed tiles, scored at 40x
 Seconds are the slide's own ``seconds`` from its ``summary.json`` (cluster start-up and
 imports excluded; the process wall time is reported beside it). Tissue area is the area of
 the placed tiles (0.875 mm² for the 14 MoNuSeg tiles, times ``--copies``: 3.5 mm² by default),
-so every model is divided by the same figure. Phases: ``read``, ``network``, ``watershed``
-(incl. re-predicting grown clusters), ``save`` (polygons, measurements, tile file) are
-worker-seconds summed over tiles (``summary.json`` ``tile_phases_s``); ``labels`` and
-``outputs`` (pyramid, table, GeoJSON, preview) are wall seconds of the later phases.
+so every model is divided by the same figure. With several ``--copies`` (e.g. ``1 4 16``)
+every magnification and model is also fitted as ``seconds = fixed + rate x mm²`` (least
+squares over the copies): ``fixed`` is what a slide pays whatever its tissue (outputs'
+metadata, preview, scheduling, the last tiles' tail), ``rate`` the big-slide cost per mm².
+Phases: ``read``, ``network``, ``watershed`` (incl. re-predicting grown clusters), ``save``
+(polygons, measurements, tile file) are worker-seconds summed over tiles (``summary.json``
+``tile_phases_s``); ``labels`` and ``outputs`` (pyramid, table, GeoJSON, preview) are wall
+seconds of the later phases.
 
     python -m bench.slide_speed                                  # 20x + 40x, every shipped model, 4 copies
     python -m bench.slide_speed --models pruned80.pt --mags 40 --cluster none
+    python -m bench.slide_speed --models pruned20x.pt --copies 1 4 16   # fixed cost + rate per mm²
     python -m bench.slide_speed --quick                          # synthetic tiles, tiny model
 """
 
@@ -72,16 +77,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="cluster layout of the runs (local = the default of wsi-nuclei run)")
     parser.add_argument("--run-args", default="", help="extra arguments for every wsi-nuclei run")
     parser.add_argument("--seed", type=int, default=5, help="mosaic layout seed")
-    parser.add_argument("--copies", type=int, default=None,
-                        help="place every test tile this many times (default 4, --quick 1): a slide "
-                             "pays a few seconds whatever its size, which a 0.875 mm² mosaic "
-                             "(--copies 1) overweights next to a real slide's 50-200 mm²")
+    parser.add_argument("--copies", type=int, nargs="+", default=None,
+                        help="place every test tile this many times, one mosaic per value (default 4, "
+                             "--quick 1): a slide pays a few seconds whatever its size, which a "
+                             "0.875 mm² mosaic (--copies 1) overweights next to a real slide's "
+                             "50-200 mm²; two values or more: fit seconds = fixed + rate x mm²")
     parser.add_argument("--keep", default=None, help="keep slides and outputs in this folder")
     parser.add_argument("--quick", action="store_true", help="synthetic tiles, tiny model (~1 min)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.copies is None:
-        args.copies = 1 if args.quick else 4
+        args.copies = [1 if args.quick else 4]
+    if min(args.copies) < 1:
+        parser.error("--copies must be at least 1")
     return args
 
 
@@ -143,20 +151,30 @@ def slide_aji(out_dir: Path, factor: int, truth: np.ndarray,
     return float(np.mean(scores))
 
 
-def run_one(slide: Path, model: str, out: Path, cluster: str, extra: list[str]) -> dict[str, Any]:
-    """``wsi-nuclei run`` in a fresh process; returns its summary.json and the wall time."""
-    cmd = [sys.executable, "-m", "pipeline.cli", "--quiet", "run", str(slide), "--model", model,
-           "--out", str(out), "--cluster", cluster, *extra]
+def run_cli(target: Path, model: str | None, out: Path, cluster: str, extra: list[str],
+            ) -> tuple[float, list[dict[str, Any]]]:
+    """``wsi-nuclei run TARGET`` (a slide or a folder of slides) in a fresh process; returns
+    its wall time and each slide's summary.json (with its ``out_dir``)."""
+    cmd = [sys.executable, "-m", "pipeline.cli", "--quiet", "run", str(target), "--out", str(out),
+           "--cluster", cluster, *(["--model", model] if model else []), *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
-    summaries = list(out.glob("*/summary.json"))
-    if proc.returncode != 0 or len(summaries) != 1:
+    if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr[-2000:]}")
-    summary = json.loads(summaries[0].read_text())
-    summary["wall_s"] = wall
-    summary["out_dir"] = str(summaries[0].parent)
-    return summary
+    summaries = []
+    for path in sorted(out.glob("*/summary.json")):
+        summaries.append({**json.loads(path.read_text()), "out_dir": str(path.parent)})
+    return wall, summaries
+
+
+def run_one(slide: Path, model: str, out: Path, cluster: str, extra: list[str]) -> dict[str, Any]:
+    """``wsi-nuclei run`` of one slide in a fresh process; returns its summary.json and the
+    wall time."""
+    wall, summaries = run_cli(slide, model, out, cluster, extra)
+    if len(summaries) != 1:
+        raise RuntimeError(f"{slide}: {len(summaries)} summaries in {out}")
+    return {**summaries[0], "wall_s": wall}
 
 
 def row_for(summary: dict[str, Any], tissue_mm2: float, aji_value: float) -> dict[str, Any]:
@@ -174,12 +192,38 @@ def row_for(summary: dict[str, Any], tissue_mm2: float, aji_value: float) -> dic
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    cols = ["slide", "model", "s/mm2", *PHASES, "labels", "outputs", "nuclei", "AJI"]
+    cols = ["slide", "model", "mm2", "s", "s/mm2", *PHASES, "labels", "outputs", "nuclei", "AJI"]
     print("  ".join(f"{c:>12}" for c in cols))
     for r in rows:
         p = r["phase_s_per_mm2"]
-        vals = [f"{r['mag']}x", r["model"], f"{r['s_per_mm2']:.2f}", *(f"{p[k]:.2f}" for k in PHASES),
-                f"{p['labels']:.2f}", f"{p['outputs']:.2f}", str(r["nuclei"]), f"{r['slide_aji']:.3f}"]
+        vals = [f"{r['mag']}x", r["model"], f"{r['tissue_mm2']:.2f}", f"{r['seconds']:.1f}",
+                f"{r['s_per_mm2']:.2f}", *(f"{p[k]:.2f}" for k in PHASES), f"{p['labels']:.2f}",
+                f"{p['outputs']:.2f}", str(r["nuclei"]), f"{r['slide_aji']:.3f}"]
+        print("  ".join(f"{v:>12}" for v in vals))
+
+
+def fit_fixed_rate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per magnification and model with two tissue areas or more: ``seconds = fixed + rate x
+    mm²`` by least squares over its runs (``fixed``: seconds a slide pays whatever its size)."""
+    fits = []
+    for mag, model in dict.fromkeys((r["mag"], r["model"]) for r in rows):
+        runs = [r for r in rows if (r["mag"], r["model"]) == (mag, model)]
+        area = np.array([r["tissue_mm2"] for r in runs])
+        if len(set(area.tolist())) < 2:
+            continue
+        rate, fixed = np.polyfit(area, [r["seconds"] for r in runs], 1)
+        fits.append({"mag": mag, "model": model, "fixed_s": float(fixed), "rate_s_per_mm2": float(rate),
+                     "copies": [r["copies"] for r in runs], "tissue_mm2": area.tolist()})
+    return fits
+
+
+def print_fits(fits: list[dict[str, Any]]) -> None:
+    print("fit: seconds = fixed + rate x mm² of tissue")
+    cols = ["slide", "model", "fixed s", "rate s/mm2", "copies"]
+    print("  ".join(f"{c:>12}" for c in cols))
+    for f in fits:
+        vals = [f"{f['mag']}x", f["model"], f"{f['fixed_s']:.2f}", f"{f['rate_s_per_mm2']:.2f}",
+                ",".join(map(str, f["copies"]))]
         print("  ".join(f"{v:>12}" for v in vals))
 
 
@@ -195,27 +239,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if not (folder / "images").is_dir():
                 raise SystemExit(f"no MoNuSeg test folder at {folder} (use --data or --quick)")
             models = args.models or [str(p) for p in weight_files()]
-        slides, truth, placements = build_mosaics(folder, work, args.mags, args.seed, args.quick,
-                                                  args.copies)
-        tissue_mm2 = sum(h * w for _, _, _, h, w in placements) * TRUTH_MPP ** 2 / 1e6
         rows = []
-        bar = tqdm(total=len(slides) * len(models), desc=NAME, unit="run", file=sys.stderr)
-        for mag, slide in slides.items():
-            for model in models:
-                out = work / f"out-{mag}x-{Path(model).stem}"
-                summary = run_one(slide, model, out, args.cluster, args.run_args.split())
-                score = slide_aji(Path(summary["out_dir"]), 40 // mag, truth, placements)
-                rows.append({"mag": mag, "model": Path(model).name, **row_for(summary, tissue_mm2, score)})
-                bar.update()
+        bar = tqdm(total=len(args.mags) * len(models) * len(args.copies), desc=NAME, unit="run",
+                   file=sys.stderr)
+        for copies in args.copies:
+            where = work if len(args.copies) == 1 else work / f"copies-{copies}"
+            where.mkdir(parents=True, exist_ok=True)
+            slides, truth, placements = build_mosaics(folder, where, args.mags, args.seed, args.quick,
+                                                      copies)
+            tissue_mm2 = sum(h * w for _, _, _, h, w in placements) * TRUTH_MPP ** 2 / 1e6
+            for mag, slide in slides.items():
+                for model in models:
+                    out = where / f"out-{mag}x-{Path(model).stem}"
+                    summary = run_one(slide, model, out, args.cluster, args.run_args.split())
+                    score = slide_aji(Path(summary["out_dir"]), 40 // mag, truth, placements)
+                    rows.append({"mag": mag, "model": Path(model).name, "copies": copies,
+                                 "tissue_mm2": tissue_mm2, "tiles_placed": len(placements),
+                                 **row_for(summary, tissue_mm2, score)})
+                    bar.update()
         bar.close()
     print_table(rows)
+    fits = fit_fixed_rate(rows)
+    if fits:
+        print_fits(fits)
     best = min(rows, key=lambda r: r["s_per_mm2"])
-    result = {**run_info(NAME, argv, 0), "cluster": args.cluster, "copies": args.copies,
-              "tissue_mm2": tissue_mm2,
-              "tiles_placed": len(placements), "anchors_s_per_mm2": ANCHORS_S_PER_MM2, "runs": rows}
+    def per_size(key: str) -> Any:  # the JSON of one size keeps its former scalar fields
+        values = sorted({r[key] for r in rows})
+        return values[0] if len(values) == 1 else values
+
+    result = {**run_info(NAME, argv, 0), "cluster": args.cluster, "copies": per_size("copies"),
+              "tissue_mm2": per_size("tissue_mm2"), "tiles_placed": per_size("tiles_placed"),
+              "anchors_s_per_mm2": ANCHORS_S_PER_MM2, "runs": rows,
+              "fits": fits}
     result["headline"] = headline(
         f"fastest {best['model']} on the {best['mag']}x mosaic: {best['s_per_mm2']:.2f} s/mm² of tissue "
-        f"(slide AJI {best['slide_aji']:.3f}, cluster {args.cluster})")
+        f"(slide AJI {best['slide_aji']:.3f}, cluster {args.cluster})"
+        + "".join(f"; {f['mag']}x {f['model']}: {f['fixed_s']:.1f} s per slide + {f['rate_s_per_mm2']:.2f} "
+                  f"s/mm²" for f in fits))
     write_json(args.json or default_json(NAME, args.quick), result)
     return result
 

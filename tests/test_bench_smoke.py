@@ -84,6 +84,34 @@ def test_batch_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 
 @pytest.mark.slow
+def test_batch_one_run_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Small slides in one wsi-nuclei run, and one slide of their total area: both finish,
+    spans within the process times, an overhead per slide."""
+    from bench.batch import main
+
+    out = main(["--one-run", "--quick", "--cluster", "none", "--json", str(tmp_path / "b.json")])
+    assert set(out["runs"]) == {"batch", "reference"} and out["runs"]["batch"]["slides"] == 4
+    for r in out["runs"].values():
+        assert 0 < r["span_s"] <= r["process_s"] and r["tissue_mm2"] > 0 and r["nuclei"] > 0
+    assert "per_slide_overhead_s" in out and "per-slide overhead" in capsys.readouterr().out
+
+
+def test_batch_span_leaves_out_start_up(tmp_path: Path) -> None:
+    """A run's span: first slide's start (its summary's mtime - seconds) to the last's end."""
+    import os
+
+    from bench.batch import slides_span
+
+    summaries = []
+    for name, end, seconds in (("a", 1000.0, 4.0), ("b", 1003.0, 5.0), ("c", 1010.0, 2.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text("{}")
+        os.utime(tmp_path / name / "summary.json", (end, end))
+        summaries.append({"out_dir": str(tmp_path / name), "seconds": seconds})
+    assert slides_span(summaries) == pytest.approx(1010.0 - 996.0)
+
+
+@pytest.mark.slow
 def test_pyramid_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Both ways build every level, from a level 0 with labels, and agree."""
     from bench.pyramid_speed import main
@@ -197,7 +225,7 @@ def test_slide_speed_copies_place_every_tile_apart(tmp_path: Path) -> None:
 
     from bench.slide_speed import build_mosaics, parse_args, quick_folder
 
-    assert parse_args([]).copies == 4 and parse_args(["--quick"]).copies == 1
+    assert parse_args([]).copies == [4] and parse_args(["--quick"]).copies == [1]
     folder = quick_folder(tmp_path / "tiles")
     per_tile = sum(int(tifffile.imread(p).max()) for p in (folder / "labels").glob("*.tif"))
     _, truth, placements = build_mosaics(folder, tmp_path, [20], seed=5, quick=True, copies=3)
@@ -207,6 +235,19 @@ def test_slide_speed_copies_place_every_tile_apart(tmp_path: Path) -> None:
         cover[y:y + h, x:x + w] += 1
     assert cover.max() == 1
     assert len(np.unique(truth[truth > 0])) == 3 * per_tile
+
+
+def test_slide_speed_fits_fixed_cost_and_rate() -> None:
+    """``seconds = fixed + rate x mm²`` per magnification and model, over its tissue areas;
+    none where a model ran at one size only."""
+    from bench.slide_speed import fit_fixed_rate
+
+    rows = [{"mag": 20, "model": "m.pt", "copies": c, "tissue_mm2": 0.875 * c,
+             "seconds": 1.5 + 2.5 * 0.875 * c} for c in (1, 4, 16)]
+    rows.append({"mag": 40, "model": "m.pt", "copies": 1, "tissue_mm2": 0.875, "seconds": 9.0})
+    (fit,) = fit_fixed_rate(rows)
+    assert (fit["mag"], fit["copies"]) == (20, [1, 4, 16])
+    assert fit["fixed_s"] == pytest.approx(1.5) and fit["rate_s_per_mm2"] == pytest.approx(2.5)
 
 
 def test_gpu_check_quick_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

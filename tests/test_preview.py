@@ -186,3 +186,31 @@ def test_labels_thumbnail_is_strided_sample(tmp_path: Path) -> None:
     assert thumb.shape == (17, 22)
     assert set(np.unique(thumb)) <= set(np.unique(lab))
     np.testing.assert_array_equal(labels_thumbnail(spec, lab.shape), lab)
+
+
+def test_preview_from_the_image_level_it_would_make(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where level 0 of the root image is over PREVIEW_SIDE (at most twice: IMAGE_SIDE),
+    the run's preview reads level 1 instead of averaging level 0 by 2: the same PNG."""
+    from pipeline.slide_run.outputs import _preview_level
+    from pipeline.writers.labels import read_image, write_image
+
+    monkeypatch.setattr(preview, "PREVIEW_SIDE", 128)
+    rgb, labels = _disc_slide(256)
+    rgb[:, 128:] //= 2  # no uniform 2 x 2 blocks: averaging matters
+    store = create_store(tmp_path / "nuclei.zarr", (256, 256), 64, 0.5)
+    write_block(store, Box(0, 0, 256, 256), labels)
+    build_pyramid(store)
+    write_table(tmp_path, [instance_measurements(labels, np.ones(labels.shape, np.float32), (0, 0),
+                                                 1.0, 0.5)], store=store)
+    tissue = TissueMask(np.ones((16, 16), bool), 16.0)
+    write_image(store, rgb[:200, :250], 1.0)
+    assert _preview_level(store) == 1
+    pngs = []
+    for level in (0, 1):
+        path = tmp_path / f"preview{level}.png"
+        make_preview(path, MemorySlide(rgb, mpp=0.5), store, tissue, tmp_path / "nuclei.parquet",
+                     read_image(store, level))
+        pngs.append(path.read_bytes())
+    assert pngs[0] == pngs[1]
+    write_image(store, rgb[:128, :100], 1.0)  # fits the preview as it is
+    assert _preview_level(store) == 0

@@ -100,7 +100,7 @@ def finalize_slide(job: FinalJob) -> dict[str, Any]:
     finalize(job.store, name=job.slide_id, extra_attrs={"wsi-nuclei": {"slide": job.path,
                                                                        "model": job.model_name}})
     preview = out / "preview.png"
-    _write_preview(job, preview, read_image(job.store))
+    _write_preview(job, preview, read_image(job.store, _preview_level(job.store)))
     return {"zarr": str(job.store.path), "geojson": str(_geojson_path(job)),
             "table": str(out / "nuclei.parquet"), "preview": str(preview)}
 
@@ -135,6 +135,20 @@ def write_outputs(executor: Any, job: FinalJob) -> tuple[int, dict[str, str]]:
             if name == "nuclei":
                 nuclei = int(result)
     return nuclei, one(executor, finalize_slide, job)
+
+
+def _preview_level(store: Any) -> int:
+    """The root image's level the preview is made from: level 1 where the preview would
+    box-average level 0 by 2 (level 0 over ``PREVIEW_SIDE``, at most ``IMAGE_SIDE``: twice
+    that), for level 1 *is* that 2 x 2 box mean (``write_image``): a quarter of the pixels
+    to read and none to average; else level 0."""
+    import math
+
+    from pipeline.writers.labels import open_array
+    from pipeline.writers.preview import PREVIEW_SIDE
+
+    _, h, w = open_array(store, "s0", mode="r").shape  # (c, y, x); as many levels as the nuclei
+    return 1 if store.n_levels > 1 and math.ceil(max(h, w) / PREVIEW_SIDE) == 2 else 0
 
 
 def _write_preview(job: FinalJob, path: Path, overview: tuple[np.ndarray, float] | None) -> None:

@@ -103,9 +103,10 @@ STORE_ATTR = "wsi_nuclei_store"  # non-OME root attribute: what open_store / fin
 RGB_CHANNELS = (("Red", "FF0000"), ("Green", "00FF00"), ("Blue", "0000FF"))
 
 
-def _compressor() -> BloscCodec:
-    # Blosc/zstd with byte shuffle: the NGFF ecosystem default; label runs compress well.
-    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+def _compressor(clevel: int = 5) -> BloscCodec:
+    # Blosc/zstd with byte shuffle: the NGFF ecosystem default; label runs compress well. The
+    # RGB image takes level 1: as small (10.36 vs 10.31 MB for a 2300^2 overview), 2x faster
+    return BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle")
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def _create_level_arrays(group: zarr.Group, spec: LabelStoreSpec, dtype: str,
         arrays.append(group.create_array(
             f"s{k}", shape=shp, chunks=(1, spec.chunk, spec.chunk) if rgb else (spec.chunk, spec.chunk),
             dtype=dtype, fill_value=0, dimension_names=list(RGB_DIMS if rgb else DIMS),
-            compressors=_compressor(), overwrite=True,
+            compressors=_compressor(1 if rgb else 5), overwrite=True,
         ))
     return arrays
 
@@ -389,10 +390,10 @@ def write_image(spec: LabelStoreSpec, overview: np.ndarray, level0_per_pixel: fl
               len(shapes))
 
 
-def read_image(spec: LabelStoreSpec) -> tuple[np.ndarray, float]:
-    """The root RGB image's finest level as written by :func:`write_image`: (h, w, 3) uint8
-    and its level-0 px per pixel (the preview is made from it in a later task)."""
+def read_image(spec: LabelStoreSpec, level: int = 0) -> tuple[np.ndarray, float]:
+    """A level of the root RGB image as written by :func:`write_image` (default the finest):
+    (h, w, 3) uint8 and its level-0 px per pixel (the preview is made from it in a later task)."""
     root = zarr.open_group(store=spec.path, mode="r", zarr_format=3)
-    rgb = np.moveaxis(root["s0"][...], 0, 2)
-    return np.ascontiguousarray(rgb), float(root.attrs[STORE_ATTR]["image_per_px"])
+    rgb = np.moveaxis(root[f"s{level}"][...], 0, 2)
+    return np.ascontiguousarray(rgb), float(root.attrs[STORE_ATTR]["image_per_px"]) * 2**level
 

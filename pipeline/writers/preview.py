@@ -58,6 +58,9 @@ DETAIL_RGB = (255, 200, 0)  # amber box: where the detail panel is
 TEXT_RGB = (20, 20, 20)
 GAP = 16  # px between panels
 TITLE = 28  # px of the title strip above the panels (only with a detail panel)
+# zlib level of the PNG: 1 encodes a 1934 x 1178 preview in 0.17 s instead of 0.26 s (Pillow's
+# default 6) for a file 2 % larger (3.44 vs 3.38 MB): a slide pays it whatever its size
+PNG_LEVEL = 1
 
 
 @dataclass(frozen=True)
@@ -238,7 +241,7 @@ def write_preview(
         draw.text((4, 4), f"whole slide: tissue contour, {what}", fill=TEXT_RGB, font=font)
         draw.text((x + 4, 4), "densest region (amber box): nucleus outlines", fill=TEXT_RGB, font=font)
     with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG")
+        canvas.save(tmp, format="PNG", compress_level=PNG_LEVEL)
     log.info("preview %s (%dx%d)", path, canvas.width, canvas.height)
 
 
