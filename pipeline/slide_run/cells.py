@@ -131,23 +131,34 @@ def grow_cells(job: CellJob, box: Box) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _rivals(job: CellJob, near: Box) -> Iterator[tuple[np.ndarray, Box]]:
-    """Label crops (canvas ids, model-px box) of every nucleus with a pixel in ``near``,
-    whole: the other tiles' nuclei with ids above the tile's own (``job.count``), then
-    the tile's own nuclei."""
+    """Label crops (canvas ids, model-px box) of the nuclei with a pixel in ``near``: the
+    other tiles' nuclei with ids above the tile's own (``job.count``), then the tile's
+    own nuclei. Without a constraint only their pixels inside ``near`` are painted (a
+    pixel farther than the reach from the tile's cells is nobody's nearest there); with
+    one, whole nuclei (their hulls need every pixel). Vectorised per neighbour tile."""
     next_id = job.count
     for index, extent in job.neighbours:
-        if index == job.index or extent.intersect(near).is_empty():
+        seen = extent.intersect(near)
+        if index == job.index or seen.is_empty():
             continue
         labels = tile_labels(job.work_dir, index)
-        for value, where in enumerate(ndi.find_objects(labels), start=1):
-            if where is None:
-                continue
-            at = Box(extent.y0 + where[0].start, extent.x0 + where[1].start,
-                     extent.y0 + where[0].stop, extent.x0 + where[1].stop)
-            if at.intersect(near).is_empty():
-                continue
-            next_id += 1
-            yield np.where(labels[where] == value, next_id, 0).astype(np.int32), at
+        ids = np.unique(labels[seen.slices((extent.y0, extent.x0))])
+        ids = ids[ids > 0]
+        if not ids.size:
+            continue
+        lut = np.zeros(int(labels.max()) + 1, np.int32)
+        lut[ids] = np.arange(next_id + 1, next_id + 1 + len(ids), dtype=np.int32)
+        next_id += len(ids)
+        if job.settings.constrain_scale is None:
+            yield lut[labels[seen.slices((extent.y0, extent.x0))]], seen
+            continue
+        objects = ndi.find_objects(labels)
+        boxes = np.array([(objects[i - 1][0].start, objects[i - 1][1].start,
+                           objects[i - 1][0].stop, objects[i - 1][1].stop) for i in ids])
+        y0, x0 = boxes[:, :2].min(axis=0)
+        y1, x1 = boxes[:, 2:].max(axis=0)
+        whole = Box(int(y0), int(x0), int(y1), int(x1))
+        yield lut[labels[whole.slices()]], whole.shift(extent.y0, extent.x0)
     yield tile_labels(job.work_dir, job.index).astype(np.int32), job.extent
 
 
