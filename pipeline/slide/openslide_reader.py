@@ -30,7 +30,7 @@ import numpy as np
 
 from pipeline.discovery import slide_id
 from pipeline.errors import SlideReadError
-from pipeline.slide.reader import DEFAULT_STORED_TILE, SlideReader, one_line
+from pipeline.slide.reader import DEFAULT_STORED_TILE, FileSlideReader, one_line
 from pipeline.types import Box, Level, SlideInfo
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-class OpenSlideReader(SlideReader):
+class OpenSlideReader(FileSlideReader):
     """OpenSlide backend; the handle opens lazily so the reader pickles as its path."""
 
     backend = "openslide"
@@ -159,13 +159,7 @@ class OpenSlideReader(SlideReader):
                 self._slide.close()
                 self._slide = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "info": self.info}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.path = state["path"]
-        self.info = state["info"]
-        self._lock = threading.Lock()
+    def _forget(self) -> None:
         self._slide = None
 
 

@@ -8,7 +8,9 @@ tifffile handles must never be shared across processes.
 from __future__ import annotations
 
 import logging
+import threading
 from abc import ABC, abstractmethod
+from typing import Any
 
 import numpy as np
 
@@ -119,3 +121,23 @@ def one_line(exc: BaseException) -> str:
     """An exception as one short line (error messages must fit one CLI line)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+class FileSlideReader(SlideReader):
+    """A reader of a slide file whose handles open lazily: it pickles as its path and
+    ``info``, and the unpickled copy (a worker's) reopens the file at its first read."""
+
+    path: str
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "info": self.info}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = state["path"]
+        self.info = state["info"]
+        self._lock = threading.Lock()
+        self._forget()
+
+    @abstractmethod
+    def _forget(self) -> None:
+        """No handle open: the file opens again at the next read."""

@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline.discovery import slide_id
 from pipeline.errors import SlideReadError
-from pipeline.slide.reader import DEFAULT_STORED_TILE, SlideReader
+from pipeline.slide.reader import DEFAULT_STORED_TILE, FileSlideReader
 from pipeline.types import Box, Level, SlideInfo
 
 _OME_UNITS_UM = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "μm": 1.0, "micron": 1.0,
@@ -56,7 +56,7 @@ def tiff_resolution_mpp(page: Any) -> float | None:
     return um / per_unit if um is not None else None
 
 
-class TiffFileReader(SlideReader):
+class TiffFileReader(FileSlideReader):
     """tifffile backend (OME-TIFF, plain TIFF); reads only the requested region through
     the series' zarr store, so a large file is never loaded whole."""
 
@@ -170,13 +170,7 @@ class TiffFileReader(SlideReader):
             self._tiff = None
             self._arrays = {}
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "info": self.info}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.path = state["path"]
-        self.info = state["info"]
-        self._lock = threading.Lock()
+    def _forget(self) -> None:
         self._tiff = None
         self._arrays = {}
 
