@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.label_sampling import model_box, paint_block
 from pipeline.slide_run.config import RunConfig
-from pipeline.slide_run.executors import mapped
+from pipeline.slide_run.executors import completed
 from pipeline.slide_run.plan import SlidePlan
 from pipeline.slide_run.tile_file import TileSummary, tile_labels
 from pipeline.types import Box
@@ -121,10 +121,8 @@ def write_blocks(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, exec
             jobs.append(BlockJob(store, block, plan.plan.scale, plan.plan.shape, sources, str(work),
                                  cell_sources))
             painted.append(block)
-    with mapped(executor, write_label_block, jobs) as results:
+    with completed(executor, write_label_block, jobs) as results:
         for job, result in results:
-            if isinstance(result, Exception):
-                raise result
             collisions += int(result)
             atomic_write_text(marker_dir / f"{job.block.y0}-{job.block.x0}", str(int(result)))
     if collisions:

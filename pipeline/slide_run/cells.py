@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from pipeline.slide_run.config import RunConfig
-from pipeline.slide_run.executors import mapped
+from pipeline.slide_run.executors import completed
 from pipeline.slide_run.plan import SlidePlan
 from pipeline.slide_run.tile_file import TileSummary, tile_labels, tile_nuclei
 from pipeline.types import Box, ReadPlan
@@ -213,13 +213,8 @@ def run_cells(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, executo
         jobs.append(CellJob(plan.info.path, cfg.mpp, plan.plan, s.index, s.extent, s.count, neighbours,
                             work, settings, slide_mpp(plan),
                             tuple(float(v) for v in plan.info.bounds_xy), stains))  # type: ignore[arg-type]
-    done: list[CellSummary] = []
-    with mapped(executor, make_cells, jobs) as results:
-        for _, result in results:
-            if isinstance(result, Exception):
-                raise result
-            done.append(result)
-    return sorted(done, key=lambda c: c.index)
+    with completed(executor, make_cells, jobs) as results:
+        return sorted((result for _, result in results), key=lambda c: c.index)
 
 
 BUCKET = 512  # model px: the side of the grid that finds a tile's neighbours without a scan of all

@@ -175,12 +175,24 @@ def mapped(executor: Any, fn: Task, items: Iterable[Any]) -> Iterator[Iterator[t
             close()
 
 
+@contextlib.contextmanager
+def completed(executor: Any, fn: Task, items: Iterable[Any]) -> Iterator[Iterator[tuple[Any, Any]]]:
+    """:func:`mapped` whose (item, result) pairs raise a task's error where its result
+    would come: a phase stops at its first failed task."""
+    with mapped(executor, fn, items) as results:
+        yield (_raised(pair) for pair in results)
+
+
+def _raised(pair: tuple[Any, Any]) -> tuple[Any, Any]:
+    if isinstance(pair[1], Exception):
+        raise pair[1]
+    return pair
+
+
 def one(executor: Any, fn: Task, job: Any) -> Any:
     """``fn(job)`` as one task that is not retried for a :class:`PipelineError`; its error
     raised here."""
-    with mapped(executor, NoRetry(fn), [job]) as results:
+    with completed(executor, NoRetry(fn), [job]) as results:
         for _, result in results:
-            if isinstance(result, Exception):
-                raise result
             return result
     raise RuntimeError("executor returned nothing")

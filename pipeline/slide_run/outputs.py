@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.slide_run.executors import NoRetry, mapped, one
+from pipeline.slide_run.executors import NoRetry, completed, one
 from pipeline.slide_run.tile_file import tile_nuclei
 from pipeline.types import Box
 
@@ -128,10 +128,8 @@ def write_outputs(executor: Any, job: FinalJob) -> tuple[int, dict[str, str]]:
     parts: list[tuple[str, Any]] = [("nuclei", job), ("layers", job)]
     parts += [("pyramid", (job.store, block)) for block in pyramid_blocks(job.store, job.painted)]
     nuclei = 0
-    with mapped(executor, NoRetry(_write_outputs_part), parts) as results:
+    with completed(executor, NoRetry(_write_outputs_part), parts) as results:
         for (name, _), result in results:
-            if isinstance(result, Exception):
-                raise result
             if name == "nuclei":
                 nuclei = int(result)
     return nuclei, one(executor, finalize_slide, job)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.slide_run.config import RunConfig
-from pipeline.slide_run.executors import NetworkTask, mapped
+from pipeline.slide_run.executors import NetworkTask, completed
 from pipeline.slide_run.plan import SlidePlan, damage_records, level0_box
 from pipeline.slide_run.tile_file import Damage, TileSummary, cached_summary, save_tile, tile_file
 from pipeline.types import Box, ReadPlan, Tile
@@ -336,10 +336,8 @@ def run_tiles(plan: SlidePlan, cfg: RunConfig, executor: Any, work: str,
                     runtime=plan.runtime, stains=plan.stain_vectors())
             for batch in batches]
     done: list[TileSummary] = []
-    with mapped(executor, INFER_TILES, jobs) as results:
+    with completed(executor, INFER_TILES, jobs) as results:
         for _, result in results:
-            if isinstance(result, Exception):
-                raise result
             done.extend(result)
             if progress:
                 progress(len(done), len(plan.tiles))
