@@ -15,6 +15,8 @@ each channel is sorted within its labels (one ``numpy.sort`` of label-offset key
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from pipeline.measure.stain import CHANNELS, StainVectors, deconvolve
@@ -25,11 +27,14 @@ INTENSITY_NAMES: tuple[str, ...] = tuple(f"{c}: {s}" for c in CHANNELS for s in 
 
 
 def stain_intensities(labels: np.ndarray, rgb: np.ndarray, stains: StainVectors, ids: np.ndarray,
-                      prefix: str = "") -> dict[str, np.ndarray]:
-    """The stain statistics (``INTENSITY_NAMES``, each behind ``prefix``) of the objects
-    ``ids`` (ascending label values; a row per id), measured on ``rgb`` (``labels``'
-    shape, 3 channels). Only the objects' pixels are deconvolved: most of a tile is not a
-    nucleus."""
+                      compartments: Mapping[str, np.ndarray | None] | None = None) -> dict[str, np.ndarray]:
+    """The stain statistics (``INTENSITY_NAMES``) of the objects ``ids`` (ascending label
+    values; a row per id), measured on ``rgb`` (``labels``' shape, 3 channels). Only the
+    objects' pixels are deconvolved, once: most of a tile is not a nucleus.
+
+    ``compartments``: prefix -> mask (``labels``' shape) of the pixels that count, None
+    for all of them, e.g. ``{"Cell: ": None, "Cytoplasm: ": nuclei == 0}``; default: all
+    pixels, no prefix."""
     ids = np.asarray(ids)
     flat = np.asarray(labels).ravel()
     at = np.flatnonzero(flat)
@@ -37,8 +42,13 @@ def stain_intensities(labels: np.ndarray, rgb: np.ndarray, stains: StainVectors,
     ok = row < len(ids)
     ok[ok] = ids[row[ok]] == flat[at[ok]]
     at, row = at[ok], row[ok]
-    pixels = np.asarray(rgb)[..., :3].reshape(-1, 3)[at]
-    return label_statistics(row + 1, deconvolve(pixels, stains), len(ids), prefix)
+    channels = deconvolve(np.asarray(rgb)[..., :3].reshape(-1, 3)[at], stains)
+    out: dict[str, np.ndarray] = {}
+    for prefix, mask in (compartments or {"": None}).items():
+        keep = np.ones(len(at), bool) if mask is None else np.asarray(mask).ravel()[at]
+        out.update(label_statistics(row[keep] + 1, {k: v[keep] for k, v in channels.items()}, len(ids),
+                                    prefix))
+    return out
 
 
 def label_statistics(labels: np.ndarray, channels: dict[str, np.ndarray], n: int,

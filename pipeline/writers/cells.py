@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from pipeline.measure.intensity import INTENSITY_NAMES, label_statistics
+from pipeline.measure.intensity import INTENSITY_NAMES, stain_intensities
 from pipeline.measure.shape import AREA, SHAPE_NAMES, shape_measurements
-from pipeline.measure.stain import StainVectors, deconvolve
+from pipeline.measure.stain import StainVectors
 from pipeline.writers.features import CELL_RATIO, feature_bodies, geometry_text
 from pipeline.writers.outlines import trace_tile
 from pipeline.writers.table import MEASUREMENT_COLUMNS, PROBABILITY
@@ -42,15 +42,8 @@ def cell_measurements(cells: np.ndarray, nuclei: np.ndarray, rgb: np.ndarray, of
     expected = np.asarray(nucleus_columns["id"])
     if not np.array_equal(ids, expected):
         raise ValueError(f"{len(ids)} cells for {len(expected)} nuclei: every nucleus needs its cell")
-    # the cell's pixels deconvolved once; the cytoplasm's are those outside the nucleus
-    at = np.flatnonzero(cells.ravel())
-    rows = np.searchsorted(ids, cells.ravel()[at]) + 1  # every cell id is in ids (checked above)
-    channels = deconvolve(np.asarray(rgb)[..., :3].reshape(-1, 3)[at], stains)
-    outside = nuclei.ravel()[at] == 0
-    columns = {**shape_measurements(outlines.polygons, mpp_level0, CELL),
-               **label_statistics(rows, channels, len(ids), CELL),
-               **label_statistics(rows[outside], {k: v[outside] for k, v in channels.items()}, len(ids),
-                                  CYTOPLASM)}
+    columns = {**shape_measurements(outlines.polygons, mpp_level0, CELL),  # cytoplasm: cell less nucleus
+               **stain_intensities(cells, rgb, stains, ids, {CELL: None, CYTOPLASM: nuclei == 0})}
     cell_area = columns[CELL + AREA]
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.asarray(nucleus_columns[AREA], np.float64) / cell_area

@@ -67,6 +67,7 @@ __all__ = ["CELL_RATIO", "MEASUREMENTS", "NUCLEUS_CLASS", "feature_bodies", "fea
            "nucleus_feature"]
 
 NUCLEUS_CLASS = {"name": "Nucleus", "color": [0, 200, 0]}
+CELL_RATIO = "Nucleus/Cell area ratio"  # a cell's nucleus area over its area
 # Measurement (QuPath's name, as the table's column) -> decimals written to the GeoJSON;
 # the table keeps full precision
 MEASUREMENTS: dict[str, int] = {
@@ -79,11 +80,10 @@ MEASUREMENTS: dict[str, int] = {
     "Eccentricity": 3,
     "Detection probability": 3,
     **{name: 3 for name in INTENSITY_NAMES},
+    CELL_RATIO: 3,
 }
 MEASUREMENT_NAMES = {"id": "Nucleus id"}  # table columns written under another name
 COMPARTMENTS = ("Nucleus", "Cell", "Cytoplasm")  # QuPath's prefixes of a cell's measurements
-CELL_RATIO = "Nucleus/Cell area ratio"
-MEASUREMENTS[CELL_RATIO] = 3
 _DECIMALS = MEASUREMENTS
 # QuPath derives these from the ROI (the pixel area: from the µm^2 one)
 _SKIP = {"centroid_x_px", "centroid_y_px", "centroid_x_um", "centroid_y_um",
