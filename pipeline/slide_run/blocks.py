@@ -5,7 +5,7 @@ A marker per painted block lets a resumed run skip it."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,7 @@ class LabelBlocks:
 
 
 def write_blocks(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, executor: Any,
-                 out: Path, work: Path, cells: list[Any] = ()) -> LabelBlocks:  # type: ignore[assignment]
+                 out: Path, work: Path, cells: Sequence[Any] = ()) -> LabelBlocks:
     """Phase 2: one task per level-0 block that holds nuclei (or cells: ``cells`` are
     phase 1b's ``CellSummary``s, when made)."""
     from pipeline.atomic import atomic_write_text
