@@ -3,14 +3,19 @@ each run's watershed tuned on its validation slides, so that every augmentation 
 only if it helps (issue 22: "each measured on validation by ablation").
 
     python -m models.ablation --data ../shared/data/monuseg/train:0.25 ../shared/data/tnbc/train:0.25 \\
-        --init models/weights/dense20x.pt --steps 500 --out runs/ablation --threads 1
+        --init models/weights/candidates/pruned20x-v1.pt --steps 250 --out runs/ablation --threads 1 \\
+        --done docs/results/ablation
 
-One run per variant (``all`` = every default augmentation, then ``no-<name>`` for each),
+One run per variant (``all`` = every default augmentation, then ``no-<group>`` for each
+group of ``GROUPS``, then ``legacy``),
 in ``OUT/<variant>/`` (a ``wsi-nuclei train`` folder: resumable, checkpoints); a finished
 variant has ``OUT/<variant>/result.json`` and is skipped when the command runs again, so
-the ablation survives interruptions. ``OUT/ablation.json`` gathers the results: the
-tuned validation AJI (each dataset weighing the same, as ``wsi-nuclei tune``), per
-dataset the final proxy score of ``log.csv``, and the difference to ``all``.
+the ablation survives interruptions. ``--done DIR`` keeps a copy of each finished result as
+``DIR/<variant>.json`` and skips the variants found there: with DIR in the repository (e.g.
+``docs/results/ablation``), an ablation longer than one machine's life resumes on a new one.
+``OUT/ablation.json`` gathers the results: the tuned validation AJI (each dataset weighing
+the same, as ``wsi-nuclei tune``), per dataset the final proxy score of ``log.csv``, and
+the difference to ``all``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import csv
 import json
 import logging
 import sys
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +34,28 @@ from models.config import AugmentConfig, TargetConfig, TrainConfig
 log = logging.getLogger(__name__)
 
 
-def variants(names: list[str] | None = None) -> dict[str, AugmentConfig]:
-    """``all`` and one ``no-<name>`` per augmentation (default: every field)."""
-    base = AugmentConfig()
-    known = [f.name for f in fields(AugmentConfig)]
-    unknown = sorted(set(names or []) - set(known))
+# The augmentations issue 22 added, one group per item it lists; ``brightness`` (with a
+# weaker ``stain``) is what the models before it were trained with, the ``legacy`` baseline.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "stain": ("stain", "hue", "saturation"),  # stronger HED jitter, hue/saturation
+    "scale": ("scale",),  # random rescale
+    "optics": ("blur", "jpeg"),  # scanner blur, JPEG re-compression
+    "deform": ("rotate", "shear"),  # affine deformation
+}
+
+
+def variants(names: list[str] | None = None, jitter: float = TrainConfig.color_jitter
+             ) -> dict[str, AugmentConfig]:
+    """``all``, one ``no-<group>`` per group in ``names`` (default: every group) with that
+    group's fields back at the legacy augmentation's values, and ``legacy`` (all of them)."""
+    base, legacy = AugmentConfig(), AugmentConfig.legacy(jitter)
+    unknown = sorted(set(names or []) - set(GROUPS))
     if unknown:
-        raise ValueError(f"unknown augmentation(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        raise ValueError(f"unknown augmentation group(s) {', '.join(unknown)}; known: {', '.join(GROUPS)}")
     out = {"all": base}
-    for name in names or known:
-        off = False if isinstance(getattr(base, name), bool) else 0.0
-        out[f"no-{name}"] = replace(base, **{name: off})
+    for group in names or GROUPS:
+        out[f"no-{group}"] = replace(base, **{f: getattr(legacy, f) for f in GROUPS[group]})
+    out["legacy"] = legacy
     return out
 
 
@@ -51,8 +67,12 @@ def run_variant(name: str, augment: AugmentConfig, args: argparse.Namespace) -> 
 
     folder = Path(args.out) / name
     result_path = folder / "result.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
+    kept = Path(args.done) / f"{name}.json" if args.done else None
+    for path in (kept, result_path):
+        if path is not None and path.exists():
+            result = json.loads(path.read_text())
+            _keep(result, kept)
+            return result
     start = load(args.init)
     cfg = TrainConfig(augment=augment, steps=args.steps, val_every=args.steps, lr=args.lr,
                       patch_size=args.patch_size, batch_size=args.batch_size,
@@ -67,7 +87,18 @@ def run_variant(name: str, augment: AugmentConfig, args: argparse.Namespace) -> 
               "watershed": params.to_dict(), "final_val_score": float(last["val_score"]),
               **{k: float(v) for k, v in last.items() if k.startswith("val_score_") and v}}
     result_path.write_text(json.dumps(result, indent=1))
+    _keep(result, kept)
     return result
+
+
+def _keep(result: dict[str, Any], path: Path | None) -> None:
+    """Copy a finished variant's result to the ``--done`` folder (atomically)."""
+    if path is None or path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
 
 
 def _last_row(path: Path) -> dict[str, str]:
@@ -91,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--downsample", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", nargs="*", default=None, help="augmentations to ablate (default: all)")
+    parser.add_argument("--done", default=None,
+                        help="folder of finished variants' results, read to skip them and written on finish")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help=f"groups to ablate (default: all of {', '.join(GROUPS)})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -101,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         r["delta_vs_all"] = r["tuned_val_aji"] - base
         log.info("%-16s tuned val AJI %.4f (%+.4f vs all)", r["variant"], r["tuned_val_aji"],
                  r["delta_vs_all"])
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "ablation.json").write_text(json.dumps(
         {"command": "python -m models.ablation " + " ".join(sys.argv[1:] if argv is None else argv),
          "results": results}, indent=1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from conftest import TINY_WIDTHS
 
 from models.checkpoints import load
-from models.config import NetConfig, TargetConfig, TrainConfig, WatershedParams
+from models.config import AugmentConfig, NetConfig, TargetConfig, TrainConfig, WatershedParams
 from models.datasets import MONUSEG_MPP, split_by_slide
 from models.network import NucleusNet
 from models.train import learning_rate, train
@@ -238,7 +239,10 @@ def test_augmentation_ablation_runs_each_variant_once(run: tuple[Path, Path], tm
     each tuned and recorded; a second call reuses the finished variants."""
     from models.ablation import main, variants
 
-    assert variants(["stain"])["no-stain"].stain == 0.0 and variants(["rotate"])["no-rotate"].rotate is False
+    assert list(variants()) == ["all", "no-stain", "no-scale", "no-optics", "no-deform", "legacy"]
+    no_stain = variants(["stain"], jitter=0.08)["no-stain"]
+    assert (no_stain.stain, no_stain.hue, no_stain.saturation) == (0.08, 0.0, 0.0)
+    assert no_stain.scale == AugmentConfig().scale and variants(["deform"])["no-deform"].rotate is False
     with pytest.raises(ValueError, match="unknown"):
         variants(["sharpness"])
     data, best = run
@@ -247,8 +251,18 @@ def test_augmentation_ablation_runs_each_variant_once(run: tuple[Path, Path], tm
             "--patch-size", "32", "--batch-size", "2", "--downsample", "1", "--only", "stain"]
     assert main(argv) == 0
     report = json.loads((out / "ablation.json").read_text())
-    assert [r["variant"] for r in report["results"]] == ["all", "no-stain"]
-    assert report["results"][1]["augment"]["stain"] == 0.0 and report["results"][0]["delta_vs_all"] == 0.0
+    assert [r["variant"] for r in report["results"]] == ["all", "no-stain", "legacy"]
+    assert report["results"][1]["augment"]["hue"] == 0.0 and report["results"][0]["delta_vs_all"] == 0.0
     assert all(0.0 <= r["tuned_val_aji"] <= 1.0 for r in report["results"])
     first = (out / "no-stain" / "result.json").stat().st_mtime_ns
     assert main(argv) == 0 and (out / "no-stain" / "result.json").stat().st_mtime_ns == first
+    # --done keeps each finished result outside OUT; a new machine (OUT gone) skips those
+    done = tmp_path / "done"
+    assert main([*argv, "--done", str(done)]) == 0
+    assert sorted(p.name for p in done.iterdir()) == ["all.json", "legacy.json", "no-stain.json"]
+    kept = json.loads((done / "no-stain.json").read_text())
+    shutil.rmtree(out)
+    assert main([*argv, "--out", str(out), "--done", str(done)]) == 0
+    assert not (out / "no-stain").exists()
+    again = json.loads((out / "ablation.json").read_text())["results"][1]
+    assert {k: v for k, v in again.items() if k != "delta_vs_all"} == kept
