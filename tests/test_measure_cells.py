@@ -35,6 +35,16 @@ def test_cells_split_between_neighbours_and_keep_their_nuclei() -> None:
     assert far[10, 4] == 0 and far[10, 5] == 1
 
 
+@pytest.mark.parametrize("expansion", [3.0, 7.5, 10.0])
+def test_unconstrained_cells_equal_scikit_image_expand_labels(expansion: float) -> None:
+    """Without a constraint a cell is scikit-image's ``expand_labels`` (the pixels within
+    the distance, given to the nearest label), computed there from float distances."""
+    from skimage.segmentation import expand_labels
+
+    nuclei = nuclei_image(3, size=200, n=60)
+    assert np.array_equal(expand_nuclei(nuclei, expansion), expand_labels(nuclei, expansion))
+
+
 def test_scaled_hull_constraint_limits_cells() -> None:
     nuclei = np.zeros((60, 60), np.int32)
     nuclei[28:32, 20:40] = 1  # an elongated nucleus, 4 x 20 px

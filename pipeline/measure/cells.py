@@ -36,9 +36,13 @@ def expand_nuclei(nuclei: np.ndarray, expansion_px: float,
     nuclei = np.asarray(nuclei)
     if expansion_px <= 0 or not nuclei.any():
         return nuclei.copy()
-    dist, (iy, ix) = ndi.distance_transform_edt(nuclei == 0, return_indices=True)
+    # the nearest nucleus pixel of every pixel; its distance from the indices in integers
+    # (a third cheaper than scipy's float distances beside them)
+    iy, ix = ndi.distance_transform_edt(nuclei == 0, return_distances=False, return_indices=True)
     cells = nuclei[iy, ix]
-    cells[dist > expansion_px] = 0
+    iy -= np.arange(nuclei.shape[0], dtype=iy.dtype)[:, None]
+    ix -= np.arange(nuclei.shape[1], dtype=ix.dtype)[None, :]
+    cells[iy * iy + ix * ix > expansion_px * expansion_px] = 0
     if constrain_scale is not None:
         reach = int(math.ceil(expansion_px)) + 1
         cells[~within_scaled_hulls(nuclei, cells, constrain_scale, reach)] = 0

@@ -169,8 +169,9 @@ def _geometry_texts(polygons: np.ndarray) -> list[str]:
     return text.split("\n")
 
 
-def _braces(text: str) -> str:
-    return text.replace("{", "{{").replace("}", "}}")
+def _literal(text: str) -> str:
+    """``text`` as literal text of a %-format."""
+    return text.replace("%", "%%")
 
 
 def feature_bodies(
@@ -184,8 +185,8 @@ def feature_bodies(
     ``measurements`` maps table column names (or final names) to arrays aligned with
     ``polygons``; ``id`` and centroid/bbox columns are skipped, non-finite values left
     out. Coordinates are written with 1 decimal (the 0.1 px grid), measurements rounded
-    (``MEASUREMENTS``) and as ``repr`` (shortest round trip), one format string per
-    nucleus: this runs on the workers.
+    (``MEASUREMENTS``) and as ``repr`` (shortest round trip), one %-format per nucleus
+    (a third faster than ``str.format`` with some 60 fields): this runs on the workers.
 
     With ``nucleus_geometries`` (GeoJSON geometry texts, e.g. :func:`geometry_text` of a
     nucleus's detection body) the features are QuPath **cells**: ``polygons`` are the
@@ -196,7 +197,7 @@ def feature_bodies(
     geoms = _geometry_texts(polys)
     n = len(geoms)
     cells = nucleus_geometries is not None
-    fmt = _GEOMETRY_KEY + "{}" + (',"nucleusGeometry":{}' if cells else "") + _braces(
+    fmt = _GEOMETRY_KEY + "%s" + (',"nucleusGeometry":%s' if cells else "") + _literal(
         _PROPERTIES_KEY + '{"objectType":"' + ("cell" if cells else "detection") + '","classification":'
         + json.dumps(_classification_json(classification), separators=(",", ":")) + ',"measurements":{')
     named: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (rounded values, written)
@@ -212,16 +213,16 @@ def feature_bodies(
     for name, (v, written) in named.items():
         text = json.dumps(name, ensure_ascii=False)
         if written.all():
-            fmt += _braces(text) + ":{!r},"
+            fmt += _literal(text) + ":%r,"
             columns.append(v.tolist())
         elif written.any():  # rare: written per value, empty where not finite
-            fmt += "{}"
+            fmt += "%s"
             columns.append([f"{text}:{x!r}," if ok else "" for x, ok in zip(v.tolist(), written.tolist())])
     if cells:
         if len(nucleus_geometries) != n:
             raise ValueError(f"{len(nucleus_geometries)} nucleus geometries for {n} cells")
-        return [fmt.format(g, nucleus, *row) for g, nucleus, *row in zip(geoms, nucleus_geometries, *columns)]
-    return [fmt.format(*row) for row in zip(geoms, *columns)]
+        return [fmt % row for row in zip(geoms, nucleus_geometries, *columns)]
+    return [fmt % row for row in zip(geoms, *columns)]
 
 
 def geometry_text(body: str) -> str:
