@@ -25,6 +25,8 @@ seconds of the later phases.
     python -m bench.slide_speed --models pruned80.pt --mags 40 --cluster none
     python -m bench.slide_speed --models pruned20x.pt --copies 1 4 16   # fixed cost + rate per mm²
     python -m bench.slide_speed --quick                          # synthetic tiles, tiny model
+    python -m bench.slide_speed --models pruned20x.pt --run-args=--stain-normalise \
+        --json bench/results/slide_speed_stain_norm.json         # its cost: in the network phase
 """
 
 from __future__ import annotations

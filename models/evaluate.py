@@ -140,9 +140,12 @@ def to_model_resolution(image: np.ndarray, labels: np.ndarray, model_mpp: float,
 
 
 def predict_folder(bundle: ModelBundle, folder: str | Path, *, names: list[str] | None = None,
-                   progress: bool = True, data_mpp: float = MONUSEG_MPP) -> list[Prediction]:
+                   progress: bool = True, data_mpp: float = MONUSEG_MPP,
+                   prepare: Callable[[np.ndarray], np.ndarray] | None = None) -> list[Prediction]:
     """Run the network once per image of an annotated folder (optionally only ``names``)
-    whose images are at ``data_mpp`` um/px (see the module docstring for the resampling)."""
+    whose images are at ``data_mpp`` um/px (see the module docstring for the resampling);
+    ``prepare`` maps each image at model resolution to what the network sees (e.g. the
+    command line's stain normalisation, as ``wsi-nuclei run`` applies it to a tile)."""
     if not (data_mpp > 0 and math.isfinite(data_mpp)):
         raise ValueError(f"data resolution must be a positive um/px, got {data_mpp}")
     pairs = {image.stem: (image, label) for image, label in list_pairs(folder)}
@@ -158,7 +161,7 @@ def predict_folder(bundle: ModelBundle, folder: str | Path, *, names: list[str] 
         sample = load_sample(*pairs[name])
         image, small, factor = to_model_resolution(sample.image, sample.labels, bundle.mpp,
                                                    data_mpp, name)
-        prob, dist = predict_image(bundle.net, image)
+        prob, dist = predict_image(bundle.net, image if prepare is None else prepare(image))
         truth_mask = small > 0
         pred_mask = prob > 0.5
         total = int(truth_mask.sum()) + int(pred_mask.sum())
@@ -211,12 +214,13 @@ def score_predictions(predictions: list[Prediction], watershed: WatershedParams,
 def evaluate_folder(bundle: ModelBundle, folder: str | Path, *,
                     watershed: WatershedParams | None = None, names: list[str] | None = None,
                     progress: bool = True, data_mpp: float = MONUSEG_MPP,
-                    overlays: str | Path | None = None) -> dict[str, Any]:
+                    overlays: str | Path | None = None,
+                    prepare: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, Any]:
     """Scores of ``bundle`` on an annotated folder at ``data_mpp`` um/px with its own (or
     the given) watershed; with ``overlays``, a truth | prediction picture per image there
-    (``models.overlay``)."""
+    (``models.overlay``); ``prepare``: as for :func:`predict_folder`."""
     predictions = predict_folder(bundle, folder, names=names, progress=progress,
-                                 data_mpp=data_mpp)
+                                 data_mpp=data_mpp, prepare=prepare)
     draw = None
     if overlays is not None:
         from models.overlay import save_overlay

@@ -11,10 +11,13 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.atomic import atomic_write_text
 from pipeline.cliutil import add_threads_argument, formatter, set_torch_threads
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger("wsi_nuclei")
 
@@ -65,6 +68,10 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="also write a truth | prediction picture per image (missed nuclei in "
                         "red, false ones in magenta) under DIR/<dataset>/")
     p.add_argument("--images", help="comma-separated image names (default: all)")
+    p.add_argument("--stain-normalise", action="store_true",
+                   help="re-render each image, at model resolution, from its own stain vectors "
+                        "(estimated on its tissue pixels) in the training images' typical H&E "
+                        "before the network, as 'wsi-nuclei run --stain-normalise' does a slide's tiles")
     p.set_defaults(func=_run_evaluate)
 
 
@@ -152,7 +159,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     for spec, chosen in zip(specs, wanted):
         result = evaluate_folder(bundle, spec.folder, names=chosen, progress=not args.quiet,
                                  data_mpp=spec.mpp,
-                                 overlays=Path(args.overlays) / spec.name if args.overlays else None)
+                                 overlays=Path(args.overlays) / spec.name if args.overlays else None,
+                                 prepare=normalise_image if args.stain_normalise else None)
+        result["stain_normalise"] = bool(args.stain_normalise)
         results[spec.name] = result
         if len(specs) > 1:
             print(f"\n{spec.name} ({spec.folder}, {spec.mpp:g} µm/px)")
@@ -167,6 +176,22 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             "datasets": results, "mean_over_datasets": mean_over_datasets(results)}
         log.info("wrote %s", write_json(payload, args.json))
     return 0
+
+
+def normalise_image(rgb: np.ndarray, scaled: bool = False) -> np.ndarray:
+    """An annotated image (at model resolution) stain-normalised as a slide is: its own
+    vectors from its H&E-coloured pixels (``tissue_signal``, the slide's sampled windows'
+    test), mapped to ``measure.stain.REFERENCE``; ``scaled``: also Macenko's scaling of
+    its 99th-percentile concentrations to the reference's."""
+    from pipeline.measure.stain import concentration_percentiles, normalise_stains, stains_of_pixels
+    from pipeline.tissue import SAT_FLOOR, tissue_signal
+
+    pixels = rgb.reshape(-1, 3)
+    stained = tissue_signal(pixels[None])[0] > SAT_FLOOR
+    found = stains_of_pixels(pixels, stained)
+    log.debug("stain vectors %s (%s)", found.to_qupath(), found.source)
+    top = concentration_percentiles(pixels[stained], found) if scaled else None
+    return normalise_stains(rgb, found, source_max=top)
 
 
 SUMMARY_KEYS = ("aji", "pq", "f1", "precision", "recall", "dice")

@@ -48,6 +48,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "H&E defaults) or the string of a QuPath project's "
                         "setColorDeconvolutionStains(...); default: estimated per slide from its "
                         "tissue (summary.json records the vectors in QuPath's form)")
+    p.add_argument("--stain-normalise", action="store_true",
+                   help="show the network each tile re-rendered from the slide's stain vectors in "
+                        "the training images' typical H&E (per pixel, so tiling stays exact; the "
+                        "intensities are still measured on the slide's own colours). Default: off: "
+                        "with the shipped model it lowered validation AJI (README, Accuracy)")
     p.add_argument("--cell-expansion", type=float, default=0.0, metavar="UM",
                    help="also make cells: each nucleus grown by UM µm (QuPath's cellExpansion; its "
                         "examples use 5), neighbours split halfway; GeoJSON cell objects with "
@@ -150,7 +155,8 @@ def run_command(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, mpp=args.mpp, device=args.device, gzip=args.gzip,
                     overwrite=args.overwrite, tissue_mask=not args.no_tissue_mask,
                     keep_outside_tissue=args.keep_outside_tissue, stain_vectors=args.stain_vectors,
-                    cell_expansion=args.cell_expansion, cell_constrain_scale=args.cell_constrain_scale)
+                    stain_normalise=args.stain_normalise, cell_expansion=args.cell_expansion,
+                    cell_constrain_scale=args.cell_constrain_scale)
     cfg.validate()  # bad values exit 2 here, before any cluster starts
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers} must be at least 1")

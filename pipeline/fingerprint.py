@@ -66,6 +66,8 @@ def settings_fingerprint(cfg: Any, model_sha256: str, watershed: Any) -> dict[st
         "tissue_mask": cfg.tissue_mask,
         "keep_outside_tissue": cfg.keep_outside_tissue,
         "stain_vectors": cfg.stain_vectors,
+        # only when on: results made before the switch existed keep their fingerprint
+        **({"stain_normalise": True} if cfg.stain_normalise else {}),
         "cell_expansion": cfg.cell_expansion,
         "cell_constrain_scale": cfg.cell_constrain_scale,
         "chunk": cfg.chunk,

@@ -302,3 +302,12 @@ def test_blob_memory_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         assert row["tiles_recomputing"] > 0 and row["nuclei"] >= 1
         assert set(row["peak_heap_mib"]) == {"read", "predict", "segment", "one_task"}
         assert row["shipped_mib"]["owner"] > 0 and row["shipped_mib"]["total"] >= row["shipped_mib"]["max"]
+
+
+def test_stain_norm_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.stain_norm import main
+
+    _, text = _run(main, ["--quick", "--json", str(tmp_path / "s.json")], capsys)
+    data = _json(tmp_path / "s.json", {"headline", "seconds", "seconds_per_mm2_at_0.5um", "command"})
+    assert set(data["seconds"]) == {"256"} and data["seconds_per_mm2_at_0.5um"] > data["seconds"]["256"]
+    assert "per mm²" in text

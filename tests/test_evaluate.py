@@ -427,3 +427,38 @@ def test_evaluate_runs_on_real_monuseg(monuseg: Path, tmp_path: Path) -> None:
     result = evaluate_folder(load(model), monuseg / "test", names=names, progress=False)
     assert result["n_images"] == 1 and result["per_image"][0]["n_true"] > 100
     assert np.isfinite([result[k] for k in ("dice", "aji", "pq", "f1", "regression_mse")]).all()
+
+
+def test_prepare_maps_the_model_resolution_image_the_network_sees(
+        synthetic_folder: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = spy_predict_image(monkeypatch)
+    bundle = load(tiny_checkpoint)
+    plain = predict_folder(bundle, synthetic_folder, names=["img1"], progress=False)
+    given: list[np.ndarray] = []
+
+    def invert(image: np.ndarray) -> np.ndarray:
+        given.append(image.copy())
+        return 255 - image
+
+    prepared = predict_folder(bundle, synthetic_folder, names=["img1"], progress=False, prepare=invert)
+    assert len(seen) == 2 and len(given) == 1
+    assert (given[0] == seen[0]).all()  # the resampled image, as the network saw it unprepared
+    assert (seen[1] == 255 - seen[0]).all()
+    assert not np.array_equal(prepared[0].prob, plain[0].prob)
+
+
+def test_cli_evaluate_stain_normalise(synthetic_folder: Path, tiny_checkpoint: Path, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.commands_models import normalise_image
+
+    calls = []
+    real = models.evaluate.evaluate_folder
+    monkeypatch.setattr(models.evaluate, "evaluate_folder",
+                        lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    for flag in ([], ["--stain-normalise"]):
+        out = tmp_path / f"eval{len(flag)}.json"
+        assert main(["--quiet", "evaluate", "--model", str(tiny_checkpoint), "--data",
+                     str(synthetic_folder), "--json", str(out), "--device", "cpu",
+                     "--images", "img0", *flag]) == 0
+        assert json.loads(out.read_text())["stain_normalise"] is bool(flag)
+        assert calls[-1]["prepare"] is (normalise_image if flag else None)

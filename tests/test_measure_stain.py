@@ -10,11 +10,15 @@ from pipeline.measure.intensity import label_statistics
 from pipeline.measure.stain import (
     DEFAULT_EOSIN,
     DEFAULT_HEMATOXYLIN,
+    REFERENCE,
     StainVectors,
     angle_deg,
+    concentration_percentiles,
     deconvolve,
     estimate_background,
     estimate_stains,
+    normalise_stains,
+    stains_of_pixels,
 )
 
 TRUE_H = (0.55, 0.76, 0.35)  # 8.5 degrees from QuPath's default haematoxylin
@@ -128,3 +132,61 @@ def test_a_slide_s_stains_are_estimated_from_its_tissue_at_model_resolution() ->
     assert np.allclose(found.background, BACKGROUND, atol=2.0)
     assert slide_stains(slide, plan, tiles, "default").source == "user"
     assert slide_stains(slide, plan, (), None).source.startswith("default")
+
+
+SLIDE_B = StainVectors((0.78, 0.58, 0.23), (0.30, 0.72, 0.62), (226.0, 219.0, 231.0))  # another lab
+
+
+def _rendered(stains: StainVectors, gain: float = 1.0, seed: int = 3) -> np.ndarray:
+    """The same haematoxylin / eosin concentrations (times ``gain``) rendered with
+    ``stains`` (Beer-Lambert, log10, rounded to uint8): nuclei, stroma and glass."""
+    rng = np.random.default_rng(seed)
+    h = np.where(rng.random((96, 128)) < 0.3, rng.uniform(0.2, 0.8, (96, 128)), 0.0)
+    e = rng.uniform(0.0, 0.5, (96, 128))
+    h[:10], e[:10] = 0, 0  # glass
+    m = stains.matrix()
+    od = gain * (h[..., None] * m[0] + e[..., None] * m[1])
+    return np.clip(np.rint(np.asarray(stains.background) * 10 ** -od), 0, 255).astype(np.uint8)
+
+
+def test_normalising_another_lab_s_rendering_gives_the_reference_rendering() -> None:
+    reference = StainVectors(TRUE_H, TRUE_E, BACKGROUND)
+    a, b = _rendered(reference), _rendered(SLIDE_B)
+    before = np.abs(b.astype(int) - a)
+    assert before.max() > 40 and before.mean() > 10  # the two labs' pixels differ
+    out = normalise_stains(b, SLIDE_B, reference)
+    assert out.dtype == np.uint8 and out.shape == a.shape
+    after = np.abs(out.astype(int) - a)
+    assert after.max() <= 2 and after.mean() < 0.3, (after.max(), after.mean())
+    # with vectors estimated from the pixels (as a slide's are), most of the way there
+    found = stains_of_pixels(b.reshape(-1, 3), (b < 200).any(axis=-1).reshape(-1))
+    assert found.source == "estimated"
+    estimated = np.abs(normalise_stains(b, found, reference).astype(int) - a)
+    assert estimated.mean() < 0.3 * before.mean(), (estimated.mean(), before.mean())
+
+
+def test_normalising_with_the_reference_s_own_vectors_changes_nothing() -> None:
+    noise = np.random.default_rng(0).integers(1, 256, (64, 80, 3), dtype=np.uint8)
+    for stains in (REFERENCE, SLIDE_B):
+        # every pixel up to the glass's colour comes back as it was; brighter is glass
+        image = np.minimum(noise, np.asarray(stains.background, np.uint8))
+        assert (normalise_stains(image, stains, stains) == image).all()
+        assert (normalise_stains(noise, stains, stains) == image).all()
+    assert (normalise_stains(image, SLIDE_B) != image).any(axis=-1).mean() > 0.9
+
+
+def test_macenko_scaling_brings_a_stronger_staining_back() -> None:
+    reference = StainVectors(TRUE_H, TRUE_E, BACKGROUND)
+    a, strong = _rendered(reference), _rendered(SLIDE_B, gain=1.5)
+    top_a = concentration_percentiles(a, reference)
+    top_b = concentration_percentiles(strong, SLIDE_B)
+    assert top_b[0] == pytest.approx(1.5 * top_a[0], rel=0.02)
+    unscaled = np.abs(normalise_stains(strong, SLIDE_B, reference).astype(int) - a)
+    scaled = np.abs(normalise_stains(strong, SLIDE_B, reference, top_b, top_a).astype(int) - a)
+    assert unscaled.mean() > 5 and scaled.mean() < 0.5, (unscaled.mean(), scaled.mean())
+
+
+def test_normalising_commutes_with_cropping() -> None:
+    image = _rendered(SLIDE_B)
+    whole = normalise_stains(image, SLIDE_B)
+    assert (normalise_stains(image[17:61, 5:99], SLIDE_B) == whole[17:61, 5:99]).all()

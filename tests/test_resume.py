@@ -97,6 +97,24 @@ def test_finished_slide_skipped_says_what_differs(tmp_path: Path, slide: str) ->
     assert not redone.skipped and redone.status == "done"
 
 
+@pytest.mark.slow
+def test_resume_with_stain_normalise_discards_tiles_made_without_it(tmp_path: Path, slide: str,
+                                                                     caplog) -> None:
+    clean = process_slide(slide, _cfg(tmp_path / "clean", 256, stain_normalise=True), SerialExecutor())
+    out = tmp_path / "resumed"
+    with pytest.raises(Interrupted):
+        process_slide(slide, _cfg(out, 256), SerialExecutor(), _interrupt_after(2))
+    assert "stain_normalise" not in read_work_fingerprint(out / "resume" / WORK_DIR)["settings"]
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.slide_run.plan"):
+        resumed = process_slide(slide, _cfg(out, 256, stain_normalise=True), SerialExecutor())
+    assert resumed.status == "done" and resumed.counters["tiles_from_cache"] == 0
+    assert "settings.stain_normalise" in caplog.text
+    assert (_labels(resumed.out_dir) == _labels(clean.out_dir)).all()
+    skipped = process_slide(slide, _cfg(out, 256), SerialExecutor())
+    assert skipped.skipped and "stain_normalise" in skipped.note
+
+
 def test_differences_name_what_changed() -> None:
     old = {"settings": {"tile_size": 512, "watershed": {"fg": 0.5}}, "slide": {"halo": [1, 2]}}
     new = {"settings": {"tile_size": 1024, "watershed": {"fg": 0.5}}, "slide": {"halo": (1, 2)}}

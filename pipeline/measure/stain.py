@@ -45,6 +45,7 @@ MIN_PIXELS = 500  # fewer tissue pixels than this: keep the defaults
 MAX_PIXELS = 100_000  # more are thinned by a regular stride (the estimate does not move)
 MAX_DEVIATION_DEG = 30.0  # an estimate further than this from the default is implausible
 CHANNELS = ("Hematoxylin", "Eosin", "OD Sum")
+NORMALISE_PERCENTILE = 99.0  # Macenko's robust maximum concentration
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -195,3 +196,80 @@ def estimate_stains(pixels: np.ndarray, background: tuple[float, float, float] =
                             source=f"default: estimate {dh:.0f}/{de:.0f} degrees from H&E")
     return StainVectors(tuple(float(x) for x in h), tuple(float(x) for x in e),  # type: ignore[arg-type]
                         background, name="H&E estimated", source="estimated")
+
+
+def stains_of_pixels(pixels: np.ndarray, stained: np.ndarray) -> StainVectors:
+    """A region's stain vectors from its pixels (N x 3 RGB) and which of them are stained
+    tissue (``pipeline.tissue.tissue_signal`` above its floor): the glass among the others
+    gives the background, the stained ones the vectors. One estimate for a slide's sampled
+    windows and for an annotated image, so that both are normalised alike."""
+    pixels = np.asarray(pixels).reshape(-1, 3)
+    stained = np.asarray(stained, bool).reshape(-1)
+    background = estimate_background(pixels, stained)  # it keeps only bright, unstained pixels
+    return estimate_stains(pixels[stained], background)
+
+
+def concentration_percentiles(pixels: np.ndarray, stains: StainVectors,
+                              q: float = NORMALISE_PERCENTILE) -> tuple[float, float]:
+    """The ``q``-th percentile of the haematoxylin and eosin concentrations of pixels
+    (N x 3 RGB) that carry stain: Macenko's robust maximum, what his normalisation scales."""
+    pixels = np.asarray(pixels).reshape(-1, 3)
+    pixels = pixels[::max(1, len(pixels) // MAX_PIXELS)]
+    od = optical_density(pixels, stains.background)
+    od = od[np.linalg.norm(od, axis=1) > OD_FLOOR]
+    if len(od) < MIN_PIXELS:
+        return (1.0, 1.0)
+    conc = od @ np.linalg.pinv(stains.matrix()).astype(np.float32)
+    return tuple(float(max(v, 1e-3)) for v in np.percentile(conc[:, :2], q, axis=0))  # type: ignore[return-value]
+
+
+def normalise_stains(rgb: np.ndarray, source: StainVectors, reference: StainVectors | None = None,
+                     source_max: tuple[float, float] | None = None,
+                     reference_max: tuple[float, float] | None = None) -> np.ndarray:
+    """``rgb`` (H x W x 3 uint8) stained with ``source`` re-rendered with ``reference``
+    (default :data:`REFERENCE`, the training images' typical H&E).
+
+    Why: the network learnt one lab's look (augmented); a slide stained or scanned far from
+    it is brought there before inference. Per pixel with per-slide constants, so it commutes
+    with tiling: a tile normalised alone equals the same pixels of the normalised slide.
+    OD = -log10(I / source background); concentrations = OD · pinv(source stain matrix)
+    (haematoxylin, eosin, residual); OD' = concentrations · reference matrix; I' =
+    reference background · 10^-OD'. The three steps are one 3 x 3 matrix. ``source_max``:
+    the source's robust maximum concentrations (:func:`concentration_percentiles`), scaled
+    to ``reference_max`` (default: :data:`REFERENCE_MAX_CONCENTRATIONS`), Macenko's
+    intensity normalisation; None maps the vectors only."""
+    ref = REFERENCE if reference is None else reference
+    gain = np.ones(3, np.float64)
+    if source_max is not None:
+        target = REFERENCE_MAX_CONCENTRATIONS if reference_max is None else reference_max
+        gain[:2] = np.asarray(target, float) / np.asarray(source_max, float)
+    transform = (np.linalg.pinv(source.matrix()) * gain) @ ref.matrix()
+    # per output channel j: ln I'_j = ln bg_j - ln10 · sum_c OD_c · T[c, j], and OD_c is a
+    # function of one uint8 value: nine 256-entry tables, gathered and summed (a (N, 3) @ (3, 3)
+    # product, and a log per pixel, are several times slower)
+    values = np.maximum(np.arange(256, dtype=np.float64), 1.0)
+    od = np.maximum(-np.log10(values[:, None] / np.asarray(source.background, np.float64)), 0.0)
+    tables = (-math.log(10.0) * od[:, :, None] * transform[None]).astype(np.float32)  # value, c, j
+    tables[:, 0, :] += np.log(np.asarray(ref.background, np.float32))
+    x = np.asarray(rgb)[..., :3]
+    out = np.empty(x.shape, np.uint8)
+    for j in range(3):
+        log_i = tables[:, 0, j].take(x[..., 0])
+        log_i += tables[:, 1, j].take(x[..., 1])
+        log_i += tables[:, 2, j].take(x[..., 2])
+        np.exp(log_i, out=log_i)
+        out[..., j] = np.clip(np.rint(log_i, out=log_i), 0, 255, out=log_i)
+    return out
+
+
+# The training images' typical H&E, what --stain-normalise maps a slide to: estimated by
+# `python -m bench.stain_norm --reference` (docs/results/stain-norm/reference.json) from
+# the training images of the default model (pruned20x.pt: MoNuSeg train and TNBC train,
+# validation slides left out), at its 0.5 µm/px, each image as `wsi-nuclei evaluate
+# --stain-normalise` estimates one; per dataset the unit mean of the images' vectors (23 of
+# 24 MoNuSeg, 22 of 24 TNBC estimates plausible), the median background and 99th-percentile
+# concentrations; then the mean of the two datasets. 2.6 (haematoxylin) and 5.3 (eosin)
+# degrees from QuPath's defaults; the two datasets' means are 8.4 and 5.2 degrees apart.
+REFERENCE = StainVectors((0.6532, 0.68131, 0.33037), (0.12789, 0.7982, 0.58866), (233.0, 227.0, 234.0),
+                         name="H&E training reference", source="reference")
+REFERENCE_MAX_CONCENTRATIONS = (0.712, 0.292)  # MoNuSeg 1.024 / 0.395, TNBC 0.399 / 0.188

@@ -34,6 +34,9 @@ class RunConfig:
     # colour deconvolution: None = estimated per slide from its tissue; "default" = QuPath's
     # H&E defaults; or a QuPath setColorDeconvolutionStains string
     stain_vectors: str | None = None
+    # the network sees each tile re-rendered from the slide's stain vectors in the training
+    # images' typical H&E (measure.stain.REFERENCE); off: the slide's own colours
+    stain_normalise: bool = False
     cell_expansion: float = 0.0  # µm a nucleus grows into its cell; 0: no cells
     cell_constrain_scale: float | None = None  # cells kept inside the nucleus hull scaled by this
 

@@ -96,7 +96,7 @@ def slide_stains(reader: Any, plan: ReadPlan, tiles: tuple[Tile, ...], given: st
     11 degrees at 4 µm/px). Pixels that are not H&E-coloured (glass, marker pen, dye, dirt:
     ``tissue.tissue_signal``) are left out, else a teal marking dye passes for haematoxylin;
     the glass among them gives the background."""
-    from pipeline.measure.stain import StainVectors, estimate_background, estimate_stains
+    from pipeline.measure.stain import StainVectors, stains_of_pixels
     from pipeline.slide.region import read_region
     from pipeline.tissue import SAT_FLOOR, tissue_signal
 
@@ -114,10 +114,7 @@ def slide_stains(reader: Any, plan: ReadPlan, tiles: tuple[Tile, ...], given: st
         if not box.is_empty():
             windows.append(read_region(reader, plan, box).reshape(-1, 3))
     pixels = np.concatenate(windows)
-    signal = tissue_signal(pixels[None])[0]
-    stained = signal > SAT_FLOOR
-    background = estimate_background(pixels, stained)  # it keeps only bright, unstained pixels
-    found = estimate_stains(pixels[stained], background)
+    found = stains_of_pixels(pixels, tissue_signal(pixels[None])[0] > SAT_FLOOR)
     log.info("%s: stain vectors %s (%s)", reader.info.path, found.to_qupath(), found.source)
     return found
 

@@ -46,6 +46,9 @@ class TileJob:
     runtime: Mapping[str, Any] = field(default_factory=dict)
     # the slide's stain vectors (measure.stain.StainVectors), for the nuclei's intensities
     stains: Any = None
+    # --stain-normalise: the slide's stain vectors, mapped to the training reference in
+    # every window the network sees (measure.stain.normalise_stains); None: raw pixels
+    normalise: Any = None
 
 
 def infer_tiles(job: TileJob) -> list[TileSummary]:
@@ -61,7 +64,7 @@ def infer_tiles(job: TileJob) -> list[TileSummary]:
     with open_slide(job.path, mpp_override=job.mpp_override) as reader:
         windows, saw_damage = _read_windows(reader, job, todo)
         t_read = time.perf_counter()
-        probs, dists = _predict_by_shape(bundle.net, windows)
+        probs, dists = _predict_by_shape(bundle.net, windows, job.normalise)
         t_net = time.perf_counter()
         shared = ((t_read - t0) / len(todo), (t_net - t_read) / len(todo))
         predict = _window_predictor(bundle.net, lambda: reader, job, _largest_side(windows))
@@ -137,7 +140,7 @@ def predict_tiles(read: ReadTiles) -> PredictedTiles:
         return PredictedTiles(job, read.cached, [], [], [], [], [], (0.0, 0.0))
     bundle = _network(job)
     t0 = time.perf_counter()
-    probs, dists = _predict_by_shape(bundle.net, read.windows)
+    probs, dists = _predict_by_shape(bundle.net, read.windows, job.normalise)
     with _SlideOnDemand(job) as slide:
         predict = _window_predictor(bundle.net, slide.reader, job, _largest_side(read.windows))
         grown, damage = [], []
@@ -250,7 +253,7 @@ def _window_predictor(net: Any, reader: Callable[[], Any], job: TileJob, max_sid
     from pipeline.stitch.grown import subwindow_predictor
 
     def predict_window(box: Box) -> tuple[np.ndarray, np.ndarray]:
-        p, d = predict_batch(net, read_region(reader(), job.plan, box)[None])
+        p, d = predict_batch(net, network_input(read_region(reader(), job.plan, box), job.normalise)[None])
         return p[0], d[0]
 
     return subwindow_predictor(predict_window, job.margin, job.multiple, max_side, job.plan.image)
@@ -301,9 +304,22 @@ def _segment_and_save(job: TileJob, tile: Tile, prob: np.ndarray, dist: np.ndarr
                        seconds, False, phases, dropped, damaged)
 
 
-def _predict_by_shape(net: Any, windows: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Network outputs per window; windows of one shape go through one forward pass
-    (border tiles have smaller windows than interior ones)."""
+def network_input(window: np.ndarray, normalise: Any) -> np.ndarray:
+    """The pixels the network sees: the slide's, or with ``normalise`` (the slide's stain
+    vectors) re-rendered in the training reference's stains. Per pixel with per-slide
+    constants, so a tile's window is the same pixels of the normalised slide and tiling
+    stays exact; the nuclei's intensities are measured on the slide's own pixels."""
+    if normalise is None:
+        return window
+    from pipeline.measure.stain import normalise_stains
+
+    return normalise_stains(window, normalise)
+
+
+def _predict_by_shape(net: Any, windows: list[np.ndarray], normalise: Any = None
+                      ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Network outputs per window (:func:`network_input` of each); windows of one shape go
+    through one forward pass (border tiles have smaller windows than interior ones)."""
     from models.inference import predict_batch
 
     probs: list[np.ndarray] = [np.empty(0)] * len(windows)
@@ -312,7 +328,7 @@ def _predict_by_shape(net: Any, windows: list[np.ndarray]) -> tuple[list[np.ndar
     for i, w in enumerate(windows):
         groups.setdefault(w.shape, []).append(i)
     for members in groups.values():
-        p, d = predict_batch(net, np.stack([windows[i] for i in members]))
+        p, d = predict_batch(net, np.stack([network_input(windows[i], normalise) for i in members]))
         for k, i in enumerate(members):
             probs[i], dists[i] = p[k], d[k]
     return probs, dists
@@ -333,7 +349,8 @@ def run_tiles(plan: SlidePlan, cfg: RunConfig, executor: Any, work: str,
                     plan.margin, plan.multiple, slide_mpp(plan),
                     origin_shift=tuple(float(v) for v in plan.info.bounds_xy),
                     tissue=None if cfg.keep_outside_tissue else _tissue_around(plan, batch),
-                    runtime=plan.runtime, stains=plan.stain_vectors())
+                    runtime=plan.runtime, stains=plan.stain_vectors(),
+                    normalise=plan.stain_vectors() if cfg.stain_normalise else None)
             for batch in batches]
     done: list[TileSummary] = []
     with completed(executor, INFER_TILES, jobs) as results:
