@@ -18,8 +18,8 @@ squares over the copies): ``fixed`` is what a slide pays whatever its tissue (ou
 metadata, preview, scheduling, the last tiles' tail), ``rate`` the big-slide cost per mm².
 Phases: ``read``, ``network``, ``watershed`` (incl. re-predicting grown clusters), ``save``
 (polygons, measurements, tile file) are worker-seconds summed over tiles (``summary.json``
-``tile_phases_s``); ``labels`` and ``outputs`` (pyramid, table, GeoJSON, preview) are wall
-seconds of the later phases.
+``tile_phases_s``); ``cells`` (phase 1b, ``--cell-expansion`` only), ``labels`` and
+``outputs`` (pyramid, table, GeoJSON, preview) are wall seconds of the later phases.
 
     python -m bench.slide_speed                                  # 20x + 40x, every shipped model, 4 copies
     python -m bench.slide_speed --models pruned80.pt --mags 40 --cluster none
@@ -184,6 +184,7 @@ def row_for(summary: dict[str, Any], tissue_mm2: float, aji_value: float) -> dic
     phases = summary.get("tile_phases_s", {})
     timings = summary.get("timings_s", {})
     split = {name: float(phases.get(name, 0.0)) for name in PHASES}
+    split["cells"] = float(timings.get("cells_s", 0.0))
     split["labels"] = float(timings.get("labels_s", 0.0))
     split["outputs"] = float(timings.get("outputs_s", 0.0))
     return {"seconds": seconds, "wall_s": round(summary["wall_s"], 2), "s_per_mm2": seconds / tissue_mm2,
@@ -194,12 +195,12 @@ def row_for(summary: dict[str, Any], tissue_mm2: float, aji_value: float) -> dic
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    cols = ["slide", "model", "mm2", "s", "s/mm2", *PHASES, "labels", "outputs", "nuclei", "AJI"]
+    cols = ["slide", "model", "mm2", "s", "s/mm2", *PHASES, "cells", "labels", "outputs", "nuclei", "AJI"]
     print("  ".join(f"{c:>12}" for c in cols))
     for r in rows:
         p = r["phase_s_per_mm2"]
         vals = [f"{r['mag']}x", r["model"], f"{r['tissue_mm2']:.2f}", f"{r['seconds']:.1f}",
-                f"{r['s_per_mm2']:.2f}", *(f"{p[k]:.2f}" for k in PHASES), f"{p['labels']:.2f}",
+                f"{r['s_per_mm2']:.2f}", *(f"{p[k]:.2f}" for k in (*PHASES, "cells", "labels")),
                 f"{p['outputs']:.2f}", str(r["nuclei"]), f"{r['slide_aji']:.3f}"]
         print("  ".join(f"{v:>12}" for v in vals))
 

@@ -190,3 +190,21 @@ def test_normalising_commutes_with_cropping() -> None:
     image = _rendered(SLIDE_B)
     whole = normalise_stains(image, SLIDE_B)
     assert (normalise_stains(image[17:61, 5:99], SLIDE_B) == whole[17:61, 5:99]).all()
+
+
+def test_stain_intensities_rows_follow_ids_dense_or_sparse() -> None:
+    """A tile's own ids (1..n, labels read as rows) and a slide's sparse global ids (looked
+    up) give each object's row; labels not in ``ids`` are not measured."""
+    from pipeline.measure.intensity import stain_intensities
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 7, (30, 40))
+    rgb = rng.integers(0, 256, (30, 40, 3)).astype(np.uint8)
+    stains = StainVectors()
+    channels = deconvolve(rgb, stains)
+    for ids in (np.arange(1, 5), np.array([2, 5, 6])):
+        found = stain_intensities(labels, rgb, stains, ids)
+        for row, i in enumerate(ids):
+            v = channels["Eosin"][labels == i].astype(np.float64)
+            assert found["Eosin: Median"][row] == pytest.approx(np.median(v))
+            assert found["Eosin: Std.Dev."][row] == pytest.approx(v.std(ddof=1))

@@ -38,9 +38,13 @@ def stain_intensities(labels: np.ndarray, rgb: np.ndarray, stains: StainVectors,
     ids = np.asarray(ids)
     flat = np.asarray(labels).ravel()
     at = np.flatnonzero(flat)
-    row = np.searchsorted(ids, flat[at])  # ids may be sparse (global values): rows 0..len-1
-    ok = row < len(ids)
-    ok[ok] = ids[row[ok]] == flat[at[ok]]
+    if len(ids) and ids[0] == 1 and ids[-1] == len(ids):  # 1..n (a tile's own ids): rows are labels - 1
+        row = flat[at].astype(np.intp) - 1
+        ok = row < len(ids)
+    else:  # ids may be sparse (global values): rows 0..len-1
+        row = np.searchsorted(ids, flat[at])
+        ok = row < len(ids)
+        ok[ok] = ids[row[ok]] == flat[at[ok]]
     at, row = at[ok], row[ok]
     channels = deconvolve(np.asarray(rgb)[..., :3].reshape(-1, 3)[at], stains)
     out: dict[str, np.ndarray] = {}
