@@ -19,7 +19,7 @@ import logging
 import os
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -72,17 +72,22 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
     atomic_write_bytes(path, text.encode(encoding))
 
 
-def save_npz_atomic(path: str | os.PathLike[str], *, level: int = 1, **arrays: np.ndarray) -> None:
+def save_npz_atomic(path: str | os.PathLike[str], *, level: int = 1, stored: Collection[str] = (),
+                    **arrays: np.ndarray) -> None:
     """An ``.npz`` (what ``numpy.load`` reads) of ``arrays`` at ``path``, atomically.
 
     Deflate ``level`` 1 (0: stored, no compression): a tile's file is written 2-3x faster
     than by ``numpy.savez_compressed`` (level 6) for files about twice its size (measured
     on a 1376² tile: labels 0.028 vs 0.058 s, 283 vs 141 kB). The data go through an open
-    file handle, so ``path`` is used exactly as given (no ``.npz`` appended).
+    file handle, so ``path`` is used exactly as given (no ``.npz`` appended). ``stored``:
+    names of arrays written without deflate (packed already).
     """
     method = zipfile.ZIP_DEFLATED if level else zipfile.ZIP_STORED
     with atomic_path(path) as tmp, open(tmp, "wb") as fh, \
             zipfile.ZipFile(fh, "w", compression=method, compresslevel=level or None) as archive:
         for name, value in arrays.items():
+            packed = name in stored  # the archive's settings apply to the members opened next
+            archive.compression = zipfile.ZIP_STORED if packed else method
+            archive.compresslevel = None if packed else (level or None)
             with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)

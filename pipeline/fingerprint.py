@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 # Bump when the saved tile files or the outputs change layout or meaning: older partial
 # work is then recomputed, and older finished slides say so when skipped.
 # 5: nuclei.zarr root = RGB slide copy, tissue mask in labels/tissue; 6: GeoJSON without ids, UTF-8 µ;
-# 7: tile files record the damaged regions their reads met; 8: stain intensities per nucleus
-OUTPUT_FORMAT_VERSION = 8
+# 7: tile files record the damaged regions their reads met; 8: stain intensities per nucleus;
+# 9: feature texts of tile and cell files packed with Zstandard
+OUTPUT_FORMAT_VERSION = 9
 
 FINGERPRINT_FILE = "fingerprint.json"
 # CPU flags of the INT8 dot-product instructions: without them OpenVINO's INT8 kernels

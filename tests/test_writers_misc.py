@@ -4,6 +4,7 @@ and the atomic file helpers."""
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import anndata as ad
@@ -231,3 +232,15 @@ def test_atomic_helpers(tmp_path: Path) -> None:
             assert float(data["scalar"]) == 3.5 and data["text"].tobytes() == b"ab\n"
     sizes = {level: (tmp_path / f"level{level}.npz").stat().st_size for level in (0, 1, 9)}
     assert sizes[0] > big.nbytes and sizes[1] < sizes[0] / 10 and sizes[9] <= sizes[1]
+    # packed members are stored as they are, the others still deflated
+    from pipeline.slide_run.tile_file import pack_texts, unpack_texts
+
+    texts = ['{"geometry":"µ"}', "", "x" * 5000]
+    mixed = tmp_path / "mixed.npz"
+    save_npz_atomic(mixed, labels=big, features=pack_texts(texts), stored=("features",))
+    with zipfile.ZipFile(mixed) as archive:
+        kinds = {i.filename: i.compress_type for i in archive.infolist()}
+    assert kinds == {"labels.npy": zipfile.ZIP_DEFLATED, "features.npy": zipfile.ZIP_STORED}
+    with np.load(mixed) as data:
+        assert unpack_texts(data["features"]) == texts and np.array_equal(data["labels"], big)
+    assert unpack_texts(pack_texts([])) == []

@@ -29,7 +29,7 @@ from scipy import ndimage as ndi
 from pipeline.slide_run.config import RunConfig
 from pipeline.slide_run.executors import completed
 from pipeline.slide_run.plan import SlidePlan
-from pipeline.slide_run.tile_file import TileSummary, tile_labels, tile_nuclei
+from pipeline.slide_run.tile_file import TileSummary, pack_texts, tile_labels, tile_nuclei, unpack_texts
 from pipeline.types import Box, ReadPlan
 
 
@@ -105,8 +105,8 @@ def make_cells(job: CellJob) -> CellSummary:
         rgb = read_region(reader, job.plan, box)
     columns, bodies = _measure(job, box, cells, nuclei, rgb)
     save_npz_atomic(path, labels=cells, box=np.array([box.y0, box.x0, box.y1, box.x1]),
-                    features=np.frombuffer("\n".join(bodies).encode("utf-8"), np.uint8),
-                    **{f"col_{k}": v for k, v in columns.items()})
+                    features=pack_texts(bodies), **{f"col_{k}": v for k, v in columns.items()},
+                    stored=("features",))
     return CellSummary(job.index, box, time.perf_counter() - t0, False)
 
 
@@ -189,8 +189,7 @@ def cell_columns(work_dir: str, index: int) -> tuple[dict[str, np.ndarray], list
     """A tile's cell table columns and its cells' GeoJSON texts without their ids."""
     with np.load(cell_file(work_dir, index)) as f:
         columns = {k[4:]: f[k] for k in f.files if k.startswith("col_")}
-        text = f["features"].tobytes().decode("utf-8")
-        return columns, text.split("\n") if text else []
+        return columns, unpack_texts(f["features"])
 
 
 def run_cells(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, executor: Any,

@@ -14,6 +14,10 @@ import numpy as np
 from pipeline.types import Box, Tile
 
 PHASES = ("read", "network", "watershed", "save")
+# the feature texts (GeoJSON bodies, ~1 kB per nucleus, ~4 kB per cell) are the bulk of a
+# tile or cell file: Zstandard level 1 packs them smaller than the npz's deflate level 1
+# in under half its time (a 5 MB cell tile's texts: 20 vs 57 ms), and unpacks faster
+TEXT_ZSTD_LEVEL = 1
 # stored slide tiles found damaged: level-0 (y0, x0, y1, x1, error)
 Damage = tuple[tuple[int, int, int, int, str], ...]
 
@@ -59,16 +63,32 @@ def save_tile(job: Any, tile: Tile, result: Any, seconds: float, dropped: int = 
     columns = instance_measurements(result.labels, result.prob, offset, scale, job.slide_mpp,
                                     outlines=outlines, rgb=rgb, stains=job.stains)
     values = {k: columns[k].to_numpy() for k in columns}
-    bodies = "\n".join(feature_bodies(outlines.polygons, values)).encode("utf-8")
+    bodies = pack_texts(feature_bodies(outlines.polygons, values))
     save_npz_atomic(tile_file(job.work_dir, tile.index),
                     labels=result.labels, extent=np.array([*offset, result.extent.y1, result.extent.x1]),
                     stats=np.array([result.count, result.recomputed, dropped]),
                     giants=np.array([(b.y0, b.x0, b.y1, b.x1) for b in result.giants],
                                     np.int64).reshape(-1, 4),
-                    seconds=np.array(seconds), features=np.frombuffer(bodies, dtype=np.uint8),
+                    seconds=np.array(seconds), features=bodies,
                     damaged_boxes=np.array([r[:4] for r in damaged], np.int64).reshape(-1, 4),
                     damaged_errors=np.array([r[4] for r in damaged], dtype=np.str_),
-                    **{f"col_{k}": v for k, v in values.items()})
+                    **{f"col_{k}": v for k, v in values.items()}, stored=("features",))
+
+
+def pack_texts(texts: list[str]) -> np.ndarray:
+    """Texts as one Zstandard-compressed UTF-8 array (saved without deflate)."""
+    import imagecodecs
+
+    data = "\n".join(texts).encode("utf-8")
+    return np.frombuffer(imagecodecs.zstd_encode(data, level=TEXT_ZSTD_LEVEL), np.uint8)
+
+
+def unpack_texts(packed: np.ndarray) -> list[str]:
+    """The texts :func:`pack_texts` packed."""
+    import imagecodecs
+
+    text = imagecodecs.zstd_decode(packed.tobytes()).decode("utf-8")
+    return text.split("\n") if text else []
 
 
 def cached_summary(work_dir: str, tile: Tile) -> TileSummary:
@@ -96,4 +116,4 @@ def tile_nuclei(work_dir: str, index: int) -> tuple[dict[str, np.ndarray], list[
         columns = {k[4:]: f[k] for k in f.files if k.startswith("col_")}
         if not len(columns["id"]):
             return columns, []
-        return columns, f["features"].tobytes().decode("utf-8").split("\n")
+        return columns, unpack_texts(f["features"])
