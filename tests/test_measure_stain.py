@@ -208,3 +208,18 @@ def test_stain_intensities_rows_follow_ids_dense_or_sparse() -> None:
             v = channels["Eosin"][labels == i].astype(np.float64)
             assert found["Eosin: Median"][row] == pytest.approx(np.median(v))
             assert found["Eosin: Std.Dev."][row] == pytest.approx(v.std(ddof=1))
+
+
+def test_deconvolution_tables_give_the_arithmetic_s_numbers() -> None:
+    """8-bit pixels are deconvolved from per-value tables: bitwise the numbers of the
+    float arithmetic on the same values, and near QuPath's formula (OD · inverse matrix)."""
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (64, 80, 3)).astype(np.uint8)
+    stains = StainVectors(background=(241.0, 238.0, 244.0))
+    fast, slow = deconvolve(rgb, stains), deconvolve(rgb.astype(np.float32), stains)
+    assert all(np.array_equal(fast[k], slow[k]) for k in fast)
+    od = np.maximum(-np.log10(np.maximum(rgb.astype(np.float64), 1) / np.array(stains.background)), 0)
+    conc = od @ np.linalg.inv(stains.matrix())
+    np.testing.assert_allclose(fast["Hematoxylin"], conc[..., 0], atol=1e-5)
+    np.testing.assert_allclose(fast["Eosin"], conc[..., 1], atol=1e-5)
+    np.testing.assert_allclose(fast["OD Sum"], od.sum(axis=-1), atol=1e-5)

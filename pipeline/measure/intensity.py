@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from pipeline.measure.stain import CHANNELS, StainVectors, deconvolve
+from pipeline.measure.stain import CHANNELS, StainVectors, deconvolve_planes
 
 STATISTICS = ("Mean", "Median", "Min", "Max", "Std.Dev.")
 # a nucleus detection's intensity measurements, in the order they are written
@@ -46,7 +46,8 @@ def stain_intensities(labels: np.ndarray, rgb: np.ndarray, stains: StainVectors,
         ok = row < len(ids)
         ok[ok] = ids[row[ok]] == flat[at[ok]]
     at, row = at[ok], row[ok]
-    channels = deconvolve(np.asarray(rgb)[..., :3].reshape(-1, 3)[at], stains)
+    rgb = np.asarray(rgb)
+    channels = deconvolve_planes([rgb[..., k].ravel()[at] for k in range(3)], stains)
     out: dict[str, np.ndarray] = {}
     row += 1  # labels 1..len(ids)
     for prefix, mask in (compartments or {"": None}).items():

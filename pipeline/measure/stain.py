@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,28 +135,32 @@ def optical_density(rgb: np.ndarray, background: tuple[float, float, float]) -> 
 
 
 def deconvolve(rgb: np.ndarray, stains: StainVectors) -> dict[str, np.ndarray]:
-    """Haematoxylin and eosin stain values and the OD sum of every pixel (float32).
+    """Haematoxylin and eosin stain values and the OD sum of every pixel (float32)."""
+    rgb = np.asarray(rgb)
+    return deconvolve_planes([rgb[..., k] for k in range(3)], stains)
+
+
+def deconvolve_planes(planes: Sequence[np.ndarray], stains: StainVectors) -> dict[str, np.ndarray]:
+    """:func:`deconvolve` of the red, green and blue planes (e.g. each gathered at the
+    pixels to measure: three byte gathers cost a quarter of one of RGB triples).
 
     Each output is ``od_r * w_r + od_g * w_g + od_b * w_b`` (float32, in that order), with
     ``w`` a column of the inverse stain matrix (ones for ``OD Sum``). For 8-bit pixels the
     products come from 256-entry tables (a product depends on one channel's value only):
     the same numbers as the arithmetic, without a logarithm and a matrix product per
     pixel, which took most of a cell tile's intensity time."""
-    rgb = np.asarray(rgb)[..., :3]
     weights = np.ones((3, 3), np.float32)  # [channel, output]
     weights[:, :2] = np.linalg.inv(stains.matrix()).astype(np.float32)[:, :2]
-    if rgb.dtype == np.uint8:
+    if all(np.asarray(p).dtype == np.uint8 for p in planes):
         levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
         table = optical_density(levels, stains.background)[:, :, None] * weights  # [value, channel, output]
-        values = [np.ascontiguousarray(rgb[..., k]) for k in range(3)]
-        out = {}
-        for c, name in enumerate(CHANNELS):
-            r, g, b = (table[:, k, c].take(values[k]) for k in range(3))
-            out[name] = r + g + b
-        return out
-    od = optical_density(rgb, stains.background)
-    return {name: od[..., 0] * weights[0, c] + od[..., 1] * weights[1, c] + od[..., 2] * weights[2, c]
-            for c, name in enumerate(CHANNELS)}
+        terms = [[table[:, k, c].take(planes[k]) for c in range(3)] for k in range(3)]
+    else:
+        bg = np.asarray(stains.background, np.float32)
+        od = [np.maximum(-np.log10(np.maximum(np.asarray(p, np.float32), 1.0) / bg[k]), 0.0)
+              for k, p in enumerate(planes)]
+        terms = [[od[k] * weights[k, c] for c in range(3)] for k in range(3)]
+    return {name: terms[0][c] + terms[1][c] + terms[2][c] for c, name in enumerate(CHANNELS)}
 
 
 def estimate_background(rgb: np.ndarray, tissue: np.ndarray) -> tuple[float, float, float]:
