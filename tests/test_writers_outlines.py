@@ -212,7 +212,7 @@ def test_split_instance_keeps_largest_part_with_warning(caplog: pytest.LogCaptur
         polys = by_value(trace_tile(lab, (0, 0), 1.0))
     assert polys[3].is_valid and polys[3].bounds == (1, 1, 4, 4)
     assert polys[5].is_valid and polys[5].area == 0.5  # one pixel's midpoint diamond
-    assert "keeping the largest" in caplog.text
+    assert "traced to several polygons, the largest kept (ids 3, 5)" in caplog.text
 
 
 def test_invalid_polygon_is_repaired_to_largest_valid_part(caplog: pytest.LogCaptureFixture) -> None:
@@ -228,3 +228,24 @@ def test_a_crop_without_labels_has_no_outlines() -> None:
     outlines = trace_tile(np.zeros((5, 5), np.int32), (0, 0), 1.0)
     assert len(outlines.values) == len(outlines.polygons) == len(outlines.pixels) == 0
     assert outlines.bbox.shape == (0, 4)
+
+
+def test_pieces_warn_once_for_nuclei_only(caplog: pytest.LogCaptureFixture) -> None:
+    """Two labels in two pieces each: the largest piece is traced; for nuclei (against the
+    watershed contract) one warning per crop, for cells (a neighbour's cell between the
+    pieces is normal) nothing at warning level."""
+    labels = np.zeros((20, 30), np.int32)
+    labels[2:8, 2:8] = 1
+    labels[12:14, 2:4] = 1  # a small second piece
+    labels[2:6, 20:24] = 2
+    labels[10:18, 20:28] = 2  # the larger piece of label 2
+    with caplog.at_level(logging.DEBUG, logger="pipeline.writers.outlines"):
+        nuclei = trace_tile(labels, (0, 0), 1.0)
+        cells = trace_tile(labels, (0, 0), 1.0, pieces_expected=True)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "2 object(s) traced to several polygons" in warnings[0].getMessage()
+    assert any(r.levelno == logging.DEBUG and "several polygons" in r.getMessage() for r in caplog.records)
+    for outlines in (nuclei, cells):
+        assert list(outlines.values) == [1, 2]
+        assert outlines.polygons[0].area == pytest.approx(36, abs=4)  # the 6 x 6 piece
+        assert outlines.polygons[1].area == pytest.approx(64, abs=5)  # the 8 x 8 piece

@@ -37,7 +37,7 @@ def cell_measurements(cells: np.ndarray, nuclei: np.ndarray, rgb: np.ndarray, of
                       ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """``CELL_COLUMNS`` of every cell of a model-pixel crop (rows in id order, the ids of
     ``nucleus_columns``, whose ``Area µm^2`` gives the ratio) and the cell outlines."""
-    outlines = trace_tile(cells, offset_yx, scale, origin_shift)
+    outlines = trace_tile(cells, offset_yx, scale, origin_shift, pieces_expected=True)
     ids = outlines.values
     expected = np.asarray(nucleus_columns["id"])
     if not np.array_equal(ids, expected):

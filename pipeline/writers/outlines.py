@@ -254,17 +254,24 @@ def _label_stats(rings: _Rings, index: np.ndarray, n_labels: int,
     return area, centroid, np.column_stack([myy, mxx, mxy]), bbox
 
 
-def _choose_rings(rings: _Rings, values: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _choose_rings(rings: _Rings, values: np.ndarray, index: np.ndarray,
+                  pieces_expected: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Rings to build, grouped by label (exterior first, then its holes): returns (ring
-    indices, polygon index of each). A label with several 4-connected parts (against the
-    watershed contract) keeps the largest part, with a warning."""
+    indices, polygon index of each). A label with several 4-connected parts keeps the
+    largest part: for nuclei against the watershed contract (a warning), for cells
+    (``pieces_expected``) where a nearer neighbour's cell cuts one in two (logged at debug
+    level, once per crop: a slide has hundreds)."""
     exterior = rings.area > 0
     n_ext = np.bincount(index, weights=exterior, minlength=len(values))
     keep = np.ones(len(index), dtype=bool)
-    for k in np.flatnonzero(n_ext > 1):  # rare: only labels that break the contract
+    several = np.flatnonzero(n_ext > 1)
+    if len(several):
+        log.log(logging.DEBUG if pieces_expected else logging.WARNING,
+                "%d object(s) traced to several polygons, the largest kept (ids %s)", len(several),
+                ", ".join(str(int(values[k])) for k in several[:10]) + (", ..." if len(several) > 10 else ""))
+    for k in several:  # rare: only labels in pieces
         members = np.flatnonzero(index == k)
         ext = members[exterior[members]]
-        log.warning("nucleus %d traced to %d polygons; keeping the largest", int(values[k]), len(ext))
         best = ext[np.argmax(rings.area[ext])]
         shell = Polygon(rings.corner[rings.start[best]:rings.start[best + 1]])
         for m in members:
@@ -320,6 +327,7 @@ def trace_tile(
     origin_shift: tuple[float, float] = (0.0, 0.0),
     *,
     tolerance: float = SIMPLIFY_TOLERANCE,
+    pieces_expected: bool = False,
 ) -> TileOutlines:
     """Smoothed outlines of every instance of a crop, in level-0 px (see module doc), and
     the label statistics the table needs (``TileOutlines``).
@@ -331,7 +339,8 @@ def trace_tile(
     ``labels`` is a model-pixel crop whose [0, 0] is model pixel ``offset_yx``; ``scale``
     is level-0 px per model px; ``origin_shift=(bx, by)`` is subtracted from x and y (see
     module doc, OpenSlide bounds); ``tolerance`` (model px, 0 keeps every midpoint) is the
-    Douglas-Peucker tolerance.
+    Douglas-Peucker tolerance. ``pieces_expected``: labels may come in several parts
+    (cells), logged at debug level only.
     """
     if labels.ndim != 2:
         raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
@@ -345,7 +354,7 @@ def trace_tile(
                             empty.reshape(0, 2), empty.reshape(0, 3), np.zeros((0, 4), dtype=np.int64))
     values, index = np.unique(rings.label, return_inverse=True)
     pixels, centroid, moments, bbox = _label_stats(rings, index, len(values))
-    chosen, poly_index = _choose_rings(rings, values, index)
+    chosen, poly_index = _choose_rings(rings, values, index, pieces_expected)
     s = float(scale)
     transform = (s, offset_yx[1] * s - origin_shift[0], offset_yx[0] * s - origin_shift[1])
     smooth = _build(rings.mid, rings.mid_start, chosen, poly_index, transform)
