@@ -7,7 +7,8 @@ only if it helps (issue 22: "each measured on validation by ablation").
         --done docs/results/ablation
 
 One run per variant (``all`` = every default augmentation, then ``no-<group>`` for each
-group of ``GROUPS``, then ``legacy``),
+group of ``GROUPS``, then ``legacy``; ``--seed S`` runs replicates named ``<variant>@seedS``,
+``--variants`` a subset),
 in ``OUT/<variant>/`` (a ``wsi-nuclei train`` folder: resumable, checkpoints); a finished
 variant has ``OUT/<variant>/result.json`` and is skipped when the command runs again, so
 the ablation survives interruptions. ``--done DIR`` keeps a copy of each finished result as
@@ -65,6 +66,8 @@ def run_variant(name: str, augment: AugmentConfig, args: argparse.Namespace) -> 
     from models.train import train
     from models.tune import retune_checkpoint
 
+    if args.seed:  # a replicate with another seed (the noise between runs) is its own variant
+        name = f"{name}@seed{args.seed}"
     folder = Path(args.out) / name
     result_path = folder / "result.json"
     kept = Path(args.done) / f"{name}.json" if args.done else None
@@ -126,11 +129,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder of finished variants' results, read to skip them and written on finish")
     parser.add_argument("--only", nargs="*", default=None,
                         help=f"groups to ablate (default: all of {', '.join(GROUPS)})")
+    parser.add_argument("--variants", nargs="*", default=None,
+                        help="run only these variants (e.g. 'all legacy' with another --seed, for the noise)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    results = [run_variant(name, augment, args) for name, augment in variants(args.only).items()]
-    base = results[0]["tuned_val_aji"]
+    chosen = {k: v for k, v in variants(args.only).items() if args.variants is None or k in args.variants}
+    if not chosen:
+        parser.error(f"--variants {' '.join(args.variants or [])}: none of {', '.join(variants(args.only))}")
+    results = [run_variant(name, augment, args) for name, augment in chosen.items()]
+    base = results[0]["tuned_val_aji"]  # "all" comes first where it runs
     for r in results:
         r["delta_vs_all"] = r["tuned_val_aji"] - base
         log.info("%-16s tuned val AJI %.4f (%+.4f vs all)", r["variant"], r["tuned_val_aji"],

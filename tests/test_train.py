@@ -266,3 +266,8 @@ def test_augmentation_ablation_runs_each_variant_once(run: tuple[Path, Path], tm
     assert not (out / "no-stain").exists()
     again = json.loads((out / "ablation.json").read_text())["results"][1]
     assert {k: v for k, v in again.items() if k != "delta_vs_all"} == kept
+    # a replicate of one variant with another seed: its own name, the others untouched
+    assert main([*argv, "--done", str(done), "--seed", "1", "--variants", "all"]) == 0
+    assert sorted(p.name for p in done.iterdir()) == ["all.json", "all@seed1.json", "legacy.json",
+                                                      "no-stain.json"]
+    assert [r["variant"] for r in json.loads((out / "ablation.json").read_text())["results"]] == ["all@seed1"]
