@@ -75,3 +75,37 @@ def test_tiled_cells_equal_whole_image_cells(seed: int, scale: float | None) -> 
             tiled[y:y + 70, x:x + 90] = part[y - y0:y - y0 + 70, x - x0:x - x0 + 90]
     assert np.array_equal(tiled, whole)
     assert (whole > 0).sum() > 2 * (nuclei > 0).sum()  # the cells did grow
+
+
+def test_cell_features_reuse_the_nucleus_texts_exactly() -> None:
+    """A cell's feature carries its nucleus's measurements as the tile task wrote them for
+    the detection, renamed behind ``Nucleus: `` (``Detection probability`` unprefixed): the
+    same text as formatting every nucleus measurement again, byte for byte."""
+    import json
+
+    from pipeline.measure.stain import StainVectors
+    from pipeline.writers.cells import CELL_CLASS, NUCLEUS, cell_features, cell_measurements
+    from pipeline.writers.features import feature_bodies, geometry_text
+    from pipeline.writers.outlines import trace_tile
+    from pipeline.writers.table import MEASUREMENT_COLUMNS, PROBABILITY, instance_measurements
+
+    nuclei = nuclei_image(2, size=160, n=40)
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(40, 250, (*nuclei.shape, 3)).astype(np.uint8)
+    prob = rng.uniform(0.5, 1.0, nuclei.shape).astype(np.float32)
+    stains, offset, mpp = StainVectors(), (32, 48), 0.5
+    table = instance_measurements(nuclei, prob, offset, 1.0, mpp, outlines=trace_tile(nuclei, offset, 1.0),
+                                  rgb=rgb, stains=stains)
+    nucleus_columns = {k: table[k].to_numpy() for k in table}
+    nucleus_bodies = feature_bodies(trace_tile(nuclei, offset, 1.0).polygons, nucleus_columns)
+    cells = expand_nuclei(nuclei, 5.0)
+    columns, polygons = cell_measurements(cells, nuclei, rgb, offset, 1.0, mpp, (0.0, 0.0), stains,
+                                          nucleus_columns)
+    reused = cell_features(polygons, columns, nucleus_bodies)
+    again = {(n if n == PROBABILITY else NUCLEUS + n): nucleus_columns[n] for n in MEASUREMENT_COLUMNS}
+    expected = feature_bodies(polygons, {**again, **columns}, CELL_CLASS,
+                              nucleus_geometries=[geometry_text(b) for b in nucleus_bodies])
+    assert len(reused) == len(np.unique(nuclei)) - 1 and reused == expected
+    first = json.loads('{"type":"Feature",' + reused[0] + '"Nucleus id":1.0}}}')
+    assert first["properties"]["objectType"] == "cell" and PROBABILITY in first["properties"]["measurements"]
+    assert "Nucleus: Area µm^2" in first["properties"]["measurements"]

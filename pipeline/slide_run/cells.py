@@ -176,7 +176,7 @@ def _measure(job: CellJob, box: Box, cells: np.ndarray, nuclei: np.ndarray,
     columns, polygons = cell_measurements(cells, nuclei, rgb, (box.y0, box.x0), job.plan.scale,
                                           job.slide_mpp, job.origin_shift, job.stains,
                                           nucleus_columns)
-    return columns, cell_features(polygons, columns, nucleus_columns, nucleus_bodies)
+    return columns, cell_features(polygons, columns, nucleus_bodies)
 
 
 def cell_labels(work_dir: str, index: int) -> tuple[np.ndarray, Box]:

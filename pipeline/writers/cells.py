@@ -18,9 +18,9 @@ import numpy as np
 from pipeline.measure.intensity import INTENSITY_NAMES, stain_intensities
 from pipeline.measure.shape import AREA, SHAPE_NAMES, shape_measurements
 from pipeline.measure.stain import StainVectors
-from pipeline.writers.features import CELL_RATIO, feature_bodies, geometry_text
+from pipeline.writers.features import CELL_RATIO, feature_bodies, geometry_text, measurement_texts
 from pipeline.writers.outlines import trace_tile
-from pipeline.writers.table import MEASUREMENT_COLUMNS, PROBABILITY
+from pipeline.writers.table import PROBABILITY
 
 CELL = "Cell: "
 CYTOPLASM = "Cytoplasm: "
@@ -52,12 +52,10 @@ def cell_measurements(cells: np.ndarray, nuclei: np.ndarray, rgb: np.ndarray, of
 
 
 def cell_features(polygons: np.ndarray, columns: Mapping[str, np.ndarray],
-                  nucleus_columns: Mapping[str, np.ndarray], nucleus_bodies: Sequence[str]) -> list[str]:
+                  nucleus_bodies: Sequence[str]) -> list[str]:
     """Each cell's QuPath feature text without its id (``features.feature_texts`` splices
-    it in): the nucleus's measurements behind ``Nucleus: `` and its outline from its
+    it in): the nucleus's measurements behind ``Nucleus: `` and its outline, both from its
     detection feature (``nucleus_bodies``), then the cell's."""
-    measurements = {(name if name == PROBABILITY else NUCLEUS + name): nucleus_columns[name]
-                    for name in MEASUREMENT_COLUMNS}
-    measurements.update(columns)
-    return feature_bodies(polygons, measurements, CELL_CLASS,
-                          nucleus_geometries=[geometry_text(b) for b in nucleus_bodies])
+    return feature_bodies(polygons, columns, CELL_CLASS,
+                          nucleus_geometries=[geometry_text(b) for b in nucleus_bodies],
+                          lead=measurement_texts(nucleus_bodies, NUCLEUS, unprefixed=(PROBABILITY,)))

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -90,6 +90,7 @@ _SKIP = {"centroid_x_px", "centroid_y_px", "centroid_x_um", "centroid_y_um",
          "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1", "area_px"}
 _GEOMETRY_KEY = '"geometry":'
 _PROPERTIES_KEY = ',"properties":'
+_MEASUREMENTS_KEY = '"measurements":{'
 
 
 def _decimals(name: str) -> int | None:
@@ -179,6 +180,7 @@ def feature_bodies(
     measurements: Mapping[str, Any],
     classification: Mapping[str, Any] = NUCLEUS_CLASS,
     nucleus_geometries: Sequence[str] | None = None,
+    lead: Sequence[str] | None = None,
 ) -> list[str]:
     """Each nucleus's feature text without its id parts (see ``feature_texts``).
 
@@ -191,7 +193,8 @@ def feature_bodies(
     With ``nucleus_geometries`` (GeoJSON geometry texts, e.g. :func:`geometry_text` of a
     nucleus's detection body) the features are QuPath **cells**: ``polygons`` are the
     cell boundaries (``geometry``) and the nuclei go to the feature-level
-    ``nucleusGeometry``, QuPath's place for them.
+    ``nucleusGeometry``, QuPath's place for them. ``lead``: measurement texts written
+    before ``measurements`` (:func:`measurement_texts`, e.g. a cell's nucleus's).
     """
     polys = np.asarray(polygons, dtype=object)
     geoms = _geometry_texts(polys)
@@ -199,7 +202,11 @@ def feature_bodies(
     cells = nucleus_geometries is not None
     fmt = _GEOMETRY_KEY + "%s" + (',"nucleusGeometry":%s' if cells else "") + _literal(
         _PROPERTIES_KEY + '{"objectType":"' + ("cell" if cells else "detection") + '","classification":'
-        + json.dumps(_classification_json(classification), separators=(",", ":")) + ',"measurements":{')
+        + json.dumps(_classification_json(classification), separators=(",", ":")) + "," + _MEASUREMENTS_KEY)
+    if lead is not None:
+        if len(lead) != n:
+            raise ValueError(f"{len(lead)} lead measurement texts for {n} features")
+        fmt += "%s"
     named: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (rounded values, written)
     for key, values in measurements.items():
         if key in _SKIP or key in ("id", "Nucleus id"):
@@ -218,11 +225,29 @@ def feature_bodies(
         elif written.any():  # rare: written per value, empty where not finite
             fmt += "%s"
             columns.append([f"{text}:{x!r}," if ok else "" for x, ok in zip(v.tolist(), written.tolist())])
+    leading = [geoms]
     if cells:
         if len(nucleus_geometries) != n:
             raise ValueError(f"{len(nucleus_geometries)} nucleus geometries for {n} cells")
-        return [fmt % row for row in zip(geoms, nucleus_geometries, *columns)]
-    return [fmt % row for row in zip(geoms, *columns)]
+        leading.append(list(nucleus_geometries))
+    if lead is not None:
+        leading.append(list(lead))
+    return [fmt % row for row in zip(*leading, *columns)]
+
+
+def measurement_texts(bodies: Sequence[str], prefix: str, unprefixed: Collection[str] = ()) -> list[str]:
+    """The measurements of feature bodies (:func:`feature_bodies`) as text for ``lead``,
+    each name behind ``prefix`` except those in ``unprefixed``: a cell writes its nucleus's
+    measurements as the tile task formatted them, renamed in a few replacements over the
+    joined text (names are JSON strings and values numbers, so a name starts a row or
+    follows a comma) instead of some 20 more numbers formatted per cell."""
+    if not len(bodies):
+        return []
+    text = "\n" + "\n".join(b[b.index(_MEASUREMENTS_KEY) + len(_MEASUREMENTS_KEY):] for b in bodies)
+    text = text.replace('\n"', '\n"' + prefix).replace(',"', ',"' + prefix)
+    for name in unprefixed:
+        text = text.replace(f'"{prefix}{name}"', f'"{name}"')
+    return text[1:].split("\n")
 
 
 def geometry_text(body: str) -> str:
