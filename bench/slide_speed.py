@@ -25,6 +25,7 @@ Phases: ``read``, ``network``, ``watershed`` (incl. re-predicting grown clusters
     python -m bench.slide_speed --models pruned80.pt --mags 40 --cluster none
     python -m bench.slide_speed --models pruned20x.pt --copies 1 4 16   # fixed cost + rate per mm²
     python -m bench.slide_speed --quick                          # synthetic tiles, tiny model
+    python -m bench.slide_speed --models pruned20x.pt --mags 20 --variants '' '--cell-expansion 5' --repeats 3
     python -m bench.slide_speed --models pruned20x.pt --run-args=--stain-normalise \
         --json bench/results/slide_speed_stain_norm.json         # its cost: in the network phase
 """
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -78,6 +80,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cluster", choices=["local", "none"], default="local",
                         help="cluster layout of the runs (local = the default of wsi-nuclei run)")
     parser.add_argument("--run-args", default="", help="extra arguments for every wsi-nuclei run")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="run arguments to compare side by side (after --run-args; '' = none), "
+                             "e.g. --variants '' '--cell-expansion 5': interleaved runs, medians and "
+                             "each variant's ratio to the first, paired by repeat (a lone flag needs a "
+                             "leading space, ' --gzip', or argparse takes it for an option)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of every variant, interleaved (a shared machine's noise between "
+                             "runs is as large as many effects worth measuring)")
     parser.add_argument("--seed", type=int, default=5, help="mosaic layout seed")
     parser.add_argument("--copies", type=int, nargs="+", default=None,
                         help="place every test tile this many times, one mosaic per value (default 4, "
@@ -92,6 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.copies = [1 if args.quick else 4]
     if min(args.copies) < 1:
         parser.error("--copies must be at least 1")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     return args
 
 
@@ -230,6 +242,40 @@ def print_fits(fits: list[dict[str, Any]]) -> None:
         print("  ".join(f"{v:>12}" for v in vals))
 
 
+def compare_variants(rows: list[dict[str, Any]], variants: list[str]) -> list[dict[str, Any]]:
+    """Per magnification, model, size and variant: the median s/mm² over the repeats and
+    the median of its per-repeat ratio to the first variant (runs next to each other are
+    compared with each other, not with the average of a noisy machine)."""
+    out = []
+    groups = sorted({(r["mag"], r["model"], r["copies"]) for r in rows})
+    for mag, model, copies in groups:
+        mine = [r for r in rows if (r["mag"], r["model"], r["copies"]) == (mag, model, copies)]
+        first = {r["repeat"]: r["s_per_mm2"] for r in mine if r["variant"] == variants[0]}
+        for k, variant in enumerate(variants):
+            runs = [r for r in mine if r["variant"] == variant]
+            ratios = [r["s_per_mm2"] / first[r["repeat"]] for r in runs if r["repeat"] in first]
+            out.append({"mag": mag, "model": model, "copies": copies, "variant": variant, "index": k,
+                        "repeats": len(runs),
+                        "median_s_per_mm2": float(np.median([r["s_per_mm2"] for r in runs])),
+                        "s_per_mm2": [r["s_per_mm2"] for r in runs],
+                        "median_ratio": float(np.median(ratios)), "ratios": ratios,
+                        "tissue_mm2": runs[0]["tissue_mm2"],
+                        "median_phase_s_per_mm2": {
+                            p: float(np.median([r["phase_s_per_mm2"][p] for r in runs]))
+                            for p in runs[0]["phase_s_per_mm2"]}})
+    return out
+
+
+def print_comparisons(comparisons: list[dict[str, Any]]) -> None:
+    cols = ["slide", "model", "mm2", "variant", "runs", "median s/mm2", "x first", "ratios"]
+    print("  ".join(f"{c:>12}" for c in cols))
+    for c in comparisons:
+        vals = [f"{c['mag']}x", c["model"], f"{c['tissue_mm2']:.2f}", repr(c["variant"]), str(c["repeats"]),
+                f"{c['median_s_per_mm2']:.2f}", f"{c['median_ratio']:.3f}",
+                ",".join(f"{x:.2f}" for x in c["ratios"])]
+        print("  ".join(f"{v:>12}" for v in vals))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     quiet_logs()
@@ -243,8 +289,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 raise SystemExit(f"no MoNuSeg test folder at {folder} (use --data or --quick)")
             models = args.models or [str(p) for p in weight_files()]
         rows = []
-        bar = tqdm(total=len(args.mags) * len(models) * len(args.copies), desc=NAME, unit="run",
-                   file=sys.stderr)
+        variants = args.variants or [""]
+        bar = tqdm(total=len(args.mags) * len(models) * len(args.copies) * len(variants) * args.repeats,
+                   desc=NAME, unit="run", file=sys.stderr)
         for copies in args.copies:
             where = work if len(args.copies) == 1 else work / f"copies-{copies}"
             where.mkdir(parents=True, exist_ok=True)
@@ -253,18 +300,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             tissue_mm2 = sum(h * w for _, _, _, h, w in placements) * TRUTH_MPP ** 2 / 1e6
             for mag, slide in slides.items():
                 for model in models:
-                    out = where / f"out-{mag}x-{Path(model).stem}"
-                    summary = run_one(slide, model, out, args.cluster, args.run_args.split())
-                    score = slide_aji(Path(summary["out_dir"]), 40 // mag, truth, placements)
-                    rows.append({"mag": mag, "model": Path(model).name, "copies": copies,
-                                 "tissue_mm2": tissue_mm2, "tiles_placed": len(placements),
-                                 **row_for(summary, tissue_mm2, score)})
-                    bar.update()
+                    for repeat in range(args.repeats):
+                        for k, variant in enumerate(variants):
+                            single = len(variants) * args.repeats == 1
+                            out = where / (f"out-{mag}x-{Path(model).stem}"
+                                           + ("" if single else f"-v{k}-r{repeat}"))
+                            summary = run_one(slide, model, out, args.cluster,
+                                              [*args.run_args.split(), *variant.split()])
+                            score = slide_aji(Path(summary["out_dir"]), 40 // mag, truth, placements)
+                            if repeat < args.repeats - 1:
+                                shutil.rmtree(out, ignore_errors=True)  # the last repeat's outputs are kept
+                            rows.append({"mag": mag, "model": Path(model).name, "copies": copies,
+                                         "variant": variant, "repeat": repeat,
+                                         "tissue_mm2": tissue_mm2, "tiles_placed": len(placements),
+                                         **row_for(summary, tissue_mm2, score)})
+                            bar.update()
         bar.close()
     print_table(rows)
-    fits = fit_fixed_rate(rows)
+    fits = fit_fixed_rate([r for r in rows if r["variant"] == variants[0]])
     if fits:
         print_fits(fits)
+    comparisons = compare_variants(rows, variants) if len(variants) > 1 or args.repeats > 1 else []
+    if comparisons:
+        print_comparisons(comparisons)
     best = min(rows, key=lambda r: r["s_per_mm2"])
     def per_size(key: str) -> Any:  # the JSON of one size keeps its former scalar fields
         values = sorted({r[key] for r in rows})
@@ -273,12 +331,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {**run_info(NAME, argv, 0), "cluster": args.cluster, "copies": per_size("copies"),
               "tissue_mm2": per_size("tissue_mm2"), "tiles_placed": per_size("tiles_placed"),
               "anchors_s_per_mm2": ANCHORS_S_PER_MM2, "runs": rows,
-              "fits": fits}
+              "fits": fits, "comparisons": comparisons}
     result["headline"] = headline(
         f"fastest {best['model']} on the {best['mag']}x mosaic: {best['s_per_mm2']:.2f} s/mm² of tissue "
         f"(slide AJI {best['slide_aji']:.3f}, cluster {args.cluster})"
         + "".join(f"; {f['mag']}x {f['model']}: {f['fixed_s']:.1f} s per slide + {f['rate_s_per_mm2']:.2f} "
-                  f"s/mm²" for f in fits))
+                  f"s/mm²" for f in fits)
+        + "".join(f"; {c['mag']}x {c['model']} '{c['variant']}': {c['median_s_per_mm2']:.2f} s/mm², "
+                  f"{c['median_ratio']:.2f}x the first" for c in comparisons if c["index"] > 0))
     write_json(args.json or default_json(NAME, args.quick), result)
     return result
 

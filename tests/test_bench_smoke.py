@@ -214,7 +214,8 @@ def test_slide_speed_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     for row in data["runs"]:
         assert row["s_per_mm2"] > 0 and row["nuclei"] > 0 and 0 <= row["slide_aji"] <= 1
         phases = row["phase_s_per_mm2"]
-        assert set(phases) == {*PHASES, "labels", "outputs"} and phases["network"] > 0
+        assert set(phases) == {*PHASES, "cells", "labels", "outputs"} and phases["network"] > 0
+        assert phases["cells"] == 0  # no --cell-expansion
         assert sum(phases[k] for k in PHASES) <= 2 * row["s_per_mm2"]  # worker-seconds, 1 process
 
 
@@ -311,3 +312,22 @@ def test_stain_norm_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     data = _json(tmp_path / "s.json", {"headline", "seconds", "seconds_per_mm2_at_0.5um", "command"})
     assert set(data["seconds"]) == {"256"} and data["seconds_per_mm2_at_0.5um"] > data["seconds"]["256"]
     assert "per mm²" in text
+
+
+def test_slide_speed_compares_variants_pairwise_by_repeat() -> None:
+    """``--variants A B --repeats N``: per variant the median s/mm² and the median of its
+    ratio to the first variant's run of the same repeat (not to the first's median)."""
+    from bench.slide_speed import compare_variants, parse_args
+
+    args = parse_args(["--variants", "", "--cell-expansion 5", "--repeats", "3"])
+    assert args.variants == ["", "--cell-expansion 5"] and args.repeats == 3
+    phases = {"network": 1.0}
+    rows = [{"mag": 20, "model": "m.pt", "copies": 4, "tissue_mm2": 3.5, "variant": v, "repeat": r,
+             "s_per_mm2": s, "phase_s_per_mm2": phases}
+            for r, (a, b) in enumerate([(8.0, 10.0), (10.0, 11.0), (7.0, 9.1)])
+            for v, s in (("", a), ("-c", b))]
+    first, second = compare_variants(rows, ["", "-c"])
+    assert (first["median_s_per_mm2"], first["median_ratio"]) == (8.0, 1.0)
+    assert second["median_s_per_mm2"] == 10.0 and second["ratios"] == pytest.approx([1.25, 1.1, 1.3])
+    assert second["median_ratio"] == 1.25  # paired: not 10.0 / 8.0 by accident of the medians alone
+    assert second["index"] == 1 and second["repeats"] == 3
