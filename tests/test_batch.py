@@ -5,10 +5,25 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from pipeline.commands_run import _run_slides
+
+
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test: a non-interactive
+    shell starts background jobs with SIGINT ignored, and a test run launched that way
+    (``nohup .ci/run &``) would never see the Ctrl-C these tests send."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _recording_process(active: list[int], peak: list[int], lock: threading.Lock):
@@ -61,7 +76,7 @@ def test_progress_is_quiet_with_quiet_and_sparse_in_a_log_file(capsys, caplog) -
     assert capsys.readouterr().err == ""
 
 
-def test_ctrl_c_stops_running_slides_at_their_next_tile() -> None:
+def test_ctrl_c_stops_running_slides_at_their_next_tile(ctrl_c_raises: None) -> None:
     """Ctrl-C while two slides run: both end at their next tile (not when finished), the
     queued one never starts, and KeyboardInterrupt reaches the caller within a tile's time.
     (It used to wait for every running slide to finish: minutes on real slides.)"""
@@ -157,7 +172,7 @@ def _hold(monkeypatch, phase: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["plan", "labels", "outputs"])
-def test_ctrl_c_stops_slides_in_every_phase(tmp_path, monkeypatch, phase: str) -> None:
+def test_ctrl_c_stops_slides_in_every_phase(tmp_path, monkeypatch, phase: str, ctrl_c_raises: None) -> None:
     """Ctrl-C while two slides wait on a Dask task of their planning, label blocks or
     outputs (held here as a long task would be): both end within seconds, neither is
     recorded as failed, and KeyboardInterrupt reaches the caller. (Only the tile phase
