@@ -68,7 +68,7 @@ def write_nuclei(job: FinalJob) -> int:
         nonlocal count
         with GeoJSONWriter(_geojson_path(job), gzip=job.gzip) as writer:
             for index, offset in job.tiles:
-                cols, bodies = tile_nuclei(job.work_dir, index)
+                cols, bodies = tile_nuclei(job.work_dir, index, texts=not job.cells)
                 n = len(cols["id"])
                 if n == 0:
                     continue

@@ -109,11 +109,12 @@ def tile_labels(work_dir: str, index: int) -> np.ndarray:
         return f["labels"]
 
 
-def tile_nuclei(work_dir: str, index: int) -> tuple[dict[str, np.ndarray], list[str]]:
+def tile_nuclei(work_dir: str, index: int, texts: bool = True) -> tuple[dict[str, np.ndarray], list[str]]:
     """The tile's table columns (tile-local ``id``) and each nucleus's GeoJSON text
-    without its id (``writers.geojson.feature_texts`` splices the global one in)."""
+    without its id (``writers.geojson.feature_texts`` splices the global one in); no texts
+    with ``texts=False`` (a run with cells writes its cells' instead)."""
     with np.load(tile_file(work_dir, index)) as f:
         columns = {k[4:]: f[k] for k in f.files if k.startswith("col_")}
-        if not len(columns["id"]):
+        if not texts or not len(columns["id"]):
             return columns, []
         return columns, unpack_texts(f["features"])
