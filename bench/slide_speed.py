@@ -17,8 +17,9 @@ every magnification and model is also fitted as ``seconds = fixed + rate x mm²`
 squares over the copies): ``fixed`` is what a slide pays whatever its tissue (outputs'
 metadata, preview, scheduling, the last tiles' tail), ``rate`` the big-slide cost per mm².
 Phases: ``read``, ``network``, ``watershed`` (incl. re-predicting grown clusters), ``save``
-(polygons, measurements, tile file) are worker-seconds summed over tiles (``summary.json``
-``tile_phases_s``); ``cells`` (phase 1b, ``--cell-expansion`` only), ``labels`` and
+(polygons, measurements, tile file), ``cells`` (the cells the tile tasks make,
+``--cell-expansion`` only) are worker-seconds summed over tiles (``summary.json``
+``tile_phases_s``); ``cells 1b`` (phase 1b: the cells the tile tasks left), ``labels`` and
 ``outputs`` (pyramid, table, GeoJSON, preview) are wall seconds of the later phases.
 
     python -m bench.slide_speed                                  # 20x + 40x, every shipped model, 4 copies
@@ -55,10 +56,11 @@ from bench.common import (
     weight_files,
     write_json,
 )
+from pipeline.slide_run.tile_file import PHASES
 
 NAME = "slide_speed"
 TRUTH_MPP = 0.25  # MoNuSeg (and the mosaic's 40x level 0)
-PHASES = ("read", "network", "watershed", "save")
+LATER = ("cells 1b", "labels", "outputs")  # wall-second phases after the tile tasks
 ANCHORS_S_PER_MM2 = {"StarDist/QuPath TF, 4-core CPU": 2.4, "StarDist/QuPath OpenVINO INT8, 4-core CPU": 1.25,
                      "HoVer-NeXt, GPU": 1.8}
 
@@ -196,24 +198,25 @@ def row_for(summary: dict[str, Any], tissue_mm2: float, aji_value: float) -> dic
     phases = summary.get("tile_phases_s", {})
     timings = summary.get("timings_s", {})
     split = {name: float(phases.get(name, 0.0)) for name in PHASES}
-    split["cells"] = float(timings.get("cells_s", 0.0))
+    split["cells 1b"] = float(timings.get("cells_s", 0.0))
     split["labels"] = float(timings.get("labels_s", 0.0))
     split["outputs"] = float(timings.get("outputs_s", 0.0))
     return {"seconds": seconds, "wall_s": round(summary["wall_s"], 2), "s_per_mm2": seconds / tissue_mm2,
             "phase_s_per_mm2": {k: v / tissue_mm2 for k, v in split.items()},
             "nuclei": int(summary["nuclei"]), "slide_aji": aji_value, "tiles": summary["tiles_processed"],
             "level_read": summary["level_read"], "scale": summary["scale"],
-            "model_mpp": summary["model_mpp"], "tissue_mask_mm2": (summary.get("tissue_area_um2") or 0) / 1e6}
+            "model_mpp": summary["model_mpp"], "tissue_mask_mm2": (summary.get("tissue_area_um2") or 0) / 1e6,
+            **({"cells": summary["cells"]} if "cells" in summary else {})}
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    cols = ["slide", "model", "mm2", "s", "s/mm2", *PHASES, "cells", "labels", "outputs", "nuclei", "AJI"]
+    cols = ["slide", "model", "mm2", "s", "s/mm2", *PHASES, *LATER, "nuclei", "AJI"]
     print("  ".join(f"{c:>12}" for c in cols))
     for r in rows:
         p = r["phase_s_per_mm2"]
         vals = [f"{r['mag']}x", r["model"], f"{r['tissue_mm2']:.2f}", f"{r['seconds']:.1f}",
-                f"{r['s_per_mm2']:.2f}", *(f"{p[k]:.2f}" for k in (*PHASES, "cells", "labels")),
-                f"{p['outputs']:.2f}", str(r["nuclei"]), f"{r['slide_aji']:.3f}"]
+                f"{r['s_per_mm2']:.2f}", *(f"{p[k]:.2f}" for k in (*PHASES, *LATER)),
+                str(r["nuclei"]), f"{r['slide_aji']:.3f}"]
         print("  ".join(f"{v:>12}" for v in vals))
 
 

@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 # work is then recomputed, and older finished slides say so when skipped.
 # 5: nuclei.zarr root = RGB slide copy, tissue mask in labels/tissue; 6: GeoJSON without ids, UTF-8 µ;
 # 7: tile files record the damaged regions their reads met; 8: stain intensities per nucleus;
-# 9: feature texts of tile and cell files packed with Zstandard
-OUTPUT_FORMAT_VERSION = 9
+# 9: feature texts of tile and cell files packed with Zstandard; 10: tile files hold the cells
+# their tile task made, cell files only those of tiles with cells left to phase 1b
+OUTPUT_FORMAT_VERSION = 10
 
 FINGERPRINT_FILE = "fingerprint.json"
 # CPU flags of the INT8 dot-product instructions: without them OpenVINO's INT8 kernels

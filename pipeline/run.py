@@ -112,7 +112,11 @@ def process_slide(path: str | Path, cfg: RunConfig, executor: Any,
         if cells:
             summary["cells"] = {"expansion_um": cfg.cell_expansion,
                                 "constrain_scale": cfg.cell_constrain_scale,
-                                "worker_s": round(sum(c.seconds for c in cells), 3),
+                                # tile tasks' cell work and phase 1b's
+                                "worker_s": round(sum(s.phases[-1] for s in tiles)
+                                                  + sum(c.seconds for c in cells), 3),
+                                "made_in_tile_tasks": sum(s.count - s.cells_left for s in tiles),
+                                "made_in_phase_1b": sum(c.made for c in cells),
                                 "tiles_from_cache": sum(c.cached for c in cells)}
         lacking = missing_regions(path, summary)
         status = "partial" if lacking else "done"

@@ -255,11 +255,17 @@ def test_giant_clusters_make_the_slide_partial(tmp_path: Path, monkeypatch, capl
 @pytest.mark.slow
 @pytest.mark.parametrize("tile, constrain", [(128, 1.5), (400, None)])
 def test_cells_do_not_depend_on_the_tiles(tmp_path: Path, bundle, slide_image, tile: int,
-                                          constrain: float | None) -> None:
+                                          constrain: float | None, monkeypatch) -> None:
     """``--cell-expansion``: the stored cells equal the whole image's nuclei grown at once,
-    each cell carries its nucleus's id, and the outputs hold QuPath cells."""
+    each cell carries its nucleus's id, and the outputs hold QuPath cells. Cells are made
+    in the tile tasks and in phase 1b (there in groups of nearby cells, or with 400 px
+    tiles all of a tile's on one box)."""
+    import pipeline.slide_run.cells as cell_phase
     from pipeline.measure.cells import expand_nuclei
     from pipeline.writers.cells import CELL_COLUMNS
+
+    if tile == 400:
+        monkeypatch.setattr(cell_phase, "GROUPED", 0)
 
     rgb, _ = slide_image
     prob, dist = predict_image(bundle.net, rgb)
@@ -290,6 +296,35 @@ def test_cells_do_not_depend_on_the_tiles(tmp_path: Path, bundle, slide_image, t
                      "Nucleus: Eosin: Median", "Nucleus/Cell area ratio", "Detection probability"):
             assert name in m, name
         assert labels_at(cells, nucleus) == int(m["Nucleus id"])
+    made = json.loads((out / "summary.json").read_text())["cells"]
+    assert made["made_in_tile_tasks"] + made["made_in_phase_1b"] == outcome.nuclei
+    assert made["made_in_tile_tasks"] > 0 and made["made_in_phase_1b"] > 0  # both paths ran
+
+
+@pytest.mark.slow
+def test_cells_of_tile_tasks_and_phase_1b_measure_the_same(tmp_path: Path, slide_image) -> None:
+    """Small tiles (cells made in the tile tasks where every neighbour is known, the rest in
+    phase 1b, the two merged per tile) give every cell the same measurements, in the
+    same table row as its nucleus, as one tile holding the whole image (every cell made
+    in its tile task). The stain vectors are set: their estimate samples tile centres."""
+    from pipeline.writers.cells import CELL_COLUMNS
+    from pipeline.writers.table import MEASUREMENT_COLUMNS
+
+    rgb, _ = slide_image
+    tables, made = [], []
+    for tile in (128, 704):
+        out, _ = _run(tmp_path / str(tile), rgb, tile, cell_expansion=2.5, cell_constrain_scale=1.5,
+                      stain_vectors="default")
+        table = pd.read_parquet(out / "nuclei.parquet")
+        tables.append(table.sort_values(["centroid_y_px", "centroid_x_px"]).reset_index(drop=True))
+        made.append(json.loads((out / "summary.json").read_text())["cells"])
+    assert made[0]["made_in_phase_1b"] > 0 and made[0]["made_in_tile_tasks"] > made[0]["made_in_phase_1b"]
+    assert made[1]["made_in_phase_1b"] == 0
+    tiled, whole = tables
+    assert len(tiled) == len(whole)
+    for name in ("centroid_y_px", "centroid_x_px", *MEASUREMENT_COLUMNS, *CELL_COLUMNS):
+        np.testing.assert_allclose(tiled[name].to_numpy(), whole[name].to_numpy(), rtol=1e-9,
+                                   atol=1e-9, equal_nan=True, err_msg=name)
 
 
 def labels_at(labels: np.ndarray, polygon) -> int:

@@ -319,3 +319,38 @@ def test_what_a_grown_cluster_sends_to_the_pool_is_bounded_by_the_tile() -> None
         else:
             assert sent <= window_px, (tile.index, sent, window_px)
     assert grown > 20 and owners == 1
+
+
+def test_rivals_are_the_whole_image_instances_and_unknown_is_the_rest() -> None:
+    """What a tile reports of the nuclei it does not own (for the cells it makes): each
+    rival is exactly a whole-image instance, and every foreground pixel of the valid box
+    that is neither owned nor a rival is marked unknown (never an instance taken for
+    background)."""
+    prob, dist = synthetic_maps((300, 340), seed=3)
+    image = Box(0, 0, *prob.shape)
+    whole = postprocess(prob, dist, PARAMS)
+    margin, reach = 8, 9
+    predict = edge_garbage_predictor(prob, dist, margin, [])
+    seen_rivals = seen_unknown = 0
+    for tile in plan_tiles(prob.shape, 96, 32, MULTIPLE):
+        result = segment_tile(tile.core, tile.window, crop(prob, tile.window), crop(dist, tile.window),
+                              image, PARAMS, margin, MULTIPLE, predict, rival_reach=reach)
+        plain = segment_tile(tile.core, tile.window, crop(prob, tile.window), crop(dist, tile.window),
+                             image, PARAMS, margin, MULTIPLE, predict)
+        assert np.array_equal(result.labels, plain.labels) and result.extent == plain.extent
+        rivals = result.rivals
+        valid = rivals.valid
+        truth = whole[valid.slices()]
+        mine = np.zeros(valid.shape, bool)
+        inter = valid.intersect(result.extent)
+        mine[inter.slices((valid.y0, valid.x0))] = result.labels[inter.slices((result.extent.y0,
+                                                                               result.extent.x0))] > 0
+        r = rivals.labels
+        assert not (r[mine] > 0).any() and not rivals.unknown[mine].any()
+        for rid in np.unique(r[r > 0]):
+            ids = np.unique(truth[r == rid])
+            assert len(ids) == 1 and ids[0] > 0 and np.array_equal(truth == ids[0], r == rid)
+        assert not (truth[(r == 0) & ~mine & ~rivals.unknown] > 0).any()
+        seen_rivals += len(np.unique(r[r > 0]))
+        seen_unknown += int(rivals.unknown.any())
+    assert seen_rivals > 50 and seen_unknown > 5

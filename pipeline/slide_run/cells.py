@@ -1,17 +1,20 @@
-"""Phase 1b, the cells (``--cell-expansion``): each tile's nuclei grown into cells once
-every tile has its nuclei, measured, and saved to a cell file beside its tile file.
+"""Phase 1b, the cells (``--cell-expansion``) the tile tasks could not make: grown from
+the stitched nuclei once every tile has its nuclei, measured, and saved with the tile
+task's cells to a cell file beside the tile file.
 
-Why a phase of its own: a cell depends on its neighbours' nuclei (a pixel joins the
-nearest nucleus within the expansion, and with ``--cell-constrain-scale`` only inside
-that nucleus's scaled hull), and the neighbours of a tile's nuclei may belong to the
-tiles next to it. Those are final only when phase 1 is done; then each tile's cells are
-made from the stitched nuclei around them, so no cell depends on where the seams fall
-(``pipeline.measure.cells``: tested tiled == whole image).
+Why a phase: a cell depends on its neighbours' nuclei (a pixel joins the nearest nucleus
+within the expansion, and with ``--cell-constrain-scale`` only inside that nucleus's
+scaled hull), and near a tile's edge these may belong to the tiles next to it, not yet
+known to the tile task (``tile_cells`` makes the others there). Once phase 1 is done,
+each remaining cell is made from the stitched nuclei around it, so no cell depends on
+where the seams fall (``pipeline.measure.cells``: tested tiled == whole image).
 
 A tile's cells lie within its nuclei's extent grown by the expansion (``cell_box``);
 the nuclei that can claim a pixel there lie within the expansion of that box, and are
 painted whole (their hulls need every pixel). Cell ids are the nucleus ids: a tile's
 cells keep its tile-local nucleus ids, and phase 2 paints them with the same offsets.
+A tile's cells are read from its cell file where phase 1b made one, else from its tile
+file (``cell_labels``, ``cell_columns``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,16 @@ from scipy import ndimage as ndi
 from pipeline.slide_run.config import RunConfig
 from pipeline.slide_run.executors import completed
 from pipeline.slide_run.plan import SlidePlan
-from pipeline.slide_run.tile_file import TileSummary, pack_texts, tile_labels, tile_nuclei, unpack_texts
+from pipeline.slide_run.tile_file import (
+    TileCells,
+    TileSummary,
+    cell_arrays,
+    read_cells,
+    tile_cells,
+    tile_file,
+    tile_labels,
+    tile_nuclei,
+)
 from pipeline.types import Box, ReadPlan
 
 
@@ -80,6 +92,7 @@ class CellSummary:
     box: Box  # the cell labels' extent (model px)
     seconds: float
     cached: bool
+    made: int = 0  # cells this phase made (the tile task made the tile's others)
 
 
 def cell_file(work_dir: str | Path, index: int) -> Path:
@@ -87,35 +100,127 @@ def cell_file(work_dir: str | Path, index: int) -> Path:
 
 
 def make_cells(job: CellJob) -> CellSummary:
-    """One tile's cells: grown from the stitched nuclei around them, measured on the
-    slide's pixels, saved (labels, table columns, QuPath cell features)."""
+    """One tile's cells that its tile task did not make: grown from the stitched nuclei
+    around them, measured on the slide's pixels, and saved with the tile task's (labels,
+    table columns, QuPath cell features) to the tile's cell file."""
     from pipeline.atomic import save_npz_atomic
     from pipeline.slide.open import open_slide
     from pipeline.slide.region import read_region
 
-    image = job.plan.image
-    box = cell_box(job.extent, job.settings.reach, image)
     path = cell_file(job.work_dir, job.index)
     if path.exists():
-        return CellSummary(job.index, box, 0.0, True)
+        with np.load(path) as f:
+            return CellSummary(job.index, Box(*(int(v) for v in f["box"])), 0.0, True)
     t0 = time.perf_counter()
-    cells, nuclei = grow_cells(job, box)
+    made = tile_cells(job.work_dir, job.index)
+    labels = tile_labels(job.work_dir, job.index)
+    todo = np.arange(1, job.count + 1)
+    if made is not None:
+        todo = todo[~np.isin(todo, made.ids)]
+    nucleus_columns, nucleus_bodies = tile_nuclei(job.work_dir, job.index)
+    parts = [made] if made is not None else []
     # the tile tasks read these pixels before: damage here is in their records already
     with open_slide(job.path, mpp_override=job.mpp_override) as reader:
-        rgb = read_region(reader, job.plan, box)
-    columns, bodies = _measure(job, box, cells, nuclei, rgb)
-    save_npz_atomic(path, labels=cells, box=np.array([box.y0, box.x0, box.y1, box.x1]),
-                    features=pack_texts(bodies), **{f"col_{k}": v for k, v in columns.items()},
-                    stored=("features",))
-    return CellSummary(job.index, box, time.perf_counter() - t0, False)
+        for box, ids in _cell_groups(labels, todo, job):
+            cells, nuclei = grow_cells(job, box, labels)
+            lut = np.zeros(job.count + 1, np.int32)
+            lut[ids] = ids
+            cells, nuclei = lut[cells], lut[nuclei]
+            rgb = read_region(reader, job.plan, box)
+            columns, bodies = measure_cells(box, cells, nuclei, rgb, ids, nucleus_columns, nucleus_bodies,
+                                            **measure_settings(job))
+            parts.append(TileCells(box, cells, ids, columns, bodies))
+    every = merge_cells(parts)
+    save_npz_atomic(path, **cell_arrays(every), stored=("features",))
+    return CellSummary(job.index, every.box, time.perf_counter() - t0, False, len(todo))
 
 
-def grow_cells(job: CellJob, box: Box) -> tuple[np.ndarray, np.ndarray]:
-    """The tile's cells and nuclei over ``box`` (tile-local ids; other tiles' cells 0)."""
+GROUPED = 64  # up to this many cells left, phase 1b grows them on the boxes of nearby groups
+
+
+def _cell_groups(labels: np.ndarray, todo: np.ndarray, job: CellJob) -> list[tuple[Box, np.ndarray]]:
+    """The boxes (model px) on which to grow the cells of nuclei ``todo``, each with its
+    nuclei: one box for them all, or where few are left (the tile task made the others,
+    so these lie in strips along the tile's edges) one per group of overlapping cell
+    boxes, so that the distance transform runs on those strips, not the whole tile."""
+    objects = ndi.find_objects(labels)
+    reach, image = job.settings.reach, job.plan.image
+
+    def box_of(ids: list[int]) -> Box:
+        picked = [objects[i - 1] for i in ids]
+        extent = Box(min(o[0].start for o in picked), min(o[1].start for o in picked),
+                     max(o[0].stop for o in picked), max(o[1].stop for o in picked))
+        return cell_box(extent.shift(job.extent.y0, job.extent.x0), reach, image)
+
+    ids = [int(i) for i in todo if objects[i - 1] is not None]
+    if len(ids) > GROUPED:
+        return [(box_of(ids), np.asarray(ids, np.int64))]
+    groups = [([i], box_of([i])) for i in ids]
+    merged = True
+    while merged:  # join groups whose boxes overlap until none do
+        merged = False
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                if not groups[a][1].intersect(groups[b][1]).is_empty():
+                    members = groups[a][0] + groups[b][0]
+                    groups[a] = (members, _union(groups[a][1], groups[b][1]))
+                    del groups[b]
+                    merged = True
+                    break
+            if merged:
+                break
+    return [(box, np.asarray(sorted(members), np.int64)) for members, box in groups]
+
+
+def measure_settings(job: Any) -> dict[str, Any]:
+    """What :func:`measure_cells` needs of a slide, from a ``CellJob`` or a ``TileJob``."""
+    return {"scale": job.plan.scale, "slide_mpp": job.slide_mpp,
+            "origin_shift": tuple(float(v) for v in job.origin_shift), "stains": job.stains}
+
+
+def measure_cells(box: Box, cells: np.ndarray, nuclei: np.ndarray, rgb: np.ndarray, ids: np.ndarray,
+                  nucleus_columns: dict[str, np.ndarray] | Any, nucleus_bodies: list[str] | Any, *,
+                  scale: float, slide_mpp: float, origin_shift: tuple[float, float], stains: Any
+                  ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The table columns (``writers.cells.CELL_COLUMNS``) and QuPath cell features of the
+    cells of nuclei ``ids`` (``cells``/``nuclei``: those only, over ``box``; ``rgb``: the
+    slide's pixels there), their nucleus's measurements taken from the tile's own
+    (``nucleus_columns``/``nucleus_bodies``: every nucleus of the tile, row = id - 1)."""
+    from pipeline.writers.cells import cell_features, cell_measurements
+
+    rows = np.asarray(ids, np.int64) - 1
+    own = {k: np.asarray(v)[rows] for k, v in nucleus_columns.items()}
+    columns, polygons = cell_measurements(cells, nuclei, rgb, (box.y0, box.x0), scale, slide_mpp,
+                                          origin_shift, stains, own)
+    return columns, cell_features(polygons, columns, [nucleus_bodies[i] for i in rows.tolist()])
+
+
+def merge_cells(parts: list[TileCells]) -> TileCells:
+    """One tile's cells from the cells of disjoint sets of its nuclei (labels on the union
+    of their boxes, rows in id order)."""
+    if len(parts) == 1:
+        return parts[0]
+    box = parts[0].box
+    for part in parts[1:]:
+        box = _union(box, part.box)
+    labels = np.zeros(box.shape, np.int32)
+    for part in parts:
+        np.copyto(labels[part.box.slices((box.y0, box.x0))], part.labels, where=part.labels > 0)
+    ids = np.concatenate([part.ids for part in parts])
+    order = np.argsort(ids, kind="stable")
+    columns = {k: np.concatenate([part.columns[k] for part in parts])[order] for k in parts[0].columns}
+    bodies = [b for part in parts for b in part.bodies]
+    return TileCells(box, labels, ids[order], columns, [bodies[i] for i in order.tolist()],
+                     sum(part.seconds for part in parts))
+
+
+def grow_cells(job: CellJob, box: Box, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The tile's cells and nuclei over ``box`` (tile-local ids; other tiles' cells 0);
+    ``own``: the tile's labels."""
     from pipeline.measure.cells import expand_nuclei
 
     near = box.grow(job.settings.reach).intersect(job.plan.image)
-    pieces = list(_rivals(job, near))
+    pieces = list(_rivals(job, near, own))
     canvas_box = near
     for _, at in pieces:
         canvas_box = _union(canvas_box, at)
@@ -130,7 +235,7 @@ def grow_cells(job: CellJob, box: Box) -> tuple[np.ndarray, np.ndarray]:
     return cells, nuclei
 
 
-def _rivals(job: CellJob, near: Box) -> Iterator[tuple[np.ndarray, Box]]:
+def _rivals(job: CellJob, near: Box, own: np.ndarray) -> Iterator[tuple[np.ndarray, Box]]:
     """Label crops (canvas ids, model-px box) of the nuclei with a pixel in ``near``: the
     other tiles' nuclei with ids above the tile's own (``job.count``), then the tile's
     own nuclei. Without a constraint only their pixels inside ``near`` are painted (a
@@ -159,37 +264,35 @@ def _rivals(job: CellJob, near: Box) -> Iterator[tuple[np.ndarray, Box]]:
         y1, x1 = boxes[:, 2:].max(axis=0)
         whole = Box(int(y0), int(x0), int(y1), int(x1))
         yield lut[labels[whole.slices()]], whole.shift(extent.y0, extent.x0)
-    yield tile_labels(job.work_dir, job.index).astype(np.int32), job.extent
+    yield own.astype(np.int32, copy=False), job.extent
 
 
 def _union(a: Box, b: Box) -> Box:
     return Box(min(a.y0, b.y0), min(a.x0, b.x0), max(a.y1, b.y1), max(a.x1, b.x1))
 
 
-def _measure(job: CellJob, box: Box, cells: np.ndarray, nuclei: np.ndarray,
-             rgb: np.ndarray) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The cells' table columns (``writers.cells.CELL_COLUMNS``) and QuPath cell features
-    (nucleus measurements from the tile file, behind ``Nucleus: ``)."""
-    from pipeline.writers.cells import cell_features, cell_measurements
-
-    nucleus_columns, nucleus_bodies = tile_nuclei(job.work_dir, job.index)
-    columns, polygons = cell_measurements(cells, nuclei, rgb, (box.y0, box.x0), job.plan.scale,
-                                          job.slide_mpp, job.origin_shift, job.stains,
-                                          nucleus_columns)
-    return columns, cell_features(polygons, columns, nucleus_bodies)
+def _cells_source(work_dir: str, index: int) -> tuple[Path, str]:
+    """Where all of a tile's cells are (the npz, and the prefix of their arrays in it): its
+    cell file where phase 1b made one, else its tile file (the tile task made them all)."""
+    path = cell_file(work_dir, index)
+    return (path, "") if path.exists() else (tile_file(work_dir, index), "cell_")
 
 
 def cell_labels(work_dir: str, index: int) -> tuple[np.ndarray, Box]:
     """A tile's cells (tile-local ids = its nucleus ids) and their box (model px)."""
-    with np.load(cell_file(work_dir, index)) as f:
-        return f["labels"], Box(*(int(v) for v in f["box"]))
+    source, prefix = _cells_source(work_dir, index)
+    with np.load(source) as f:
+        return f[f"{prefix}labels"], Box(*(int(v) for v in f[f"{prefix}box"]))
 
 
 def cell_columns(work_dir: str, index: int) -> tuple[dict[str, np.ndarray], list[str]]:
     """A tile's cell table columns and its cells' GeoJSON texts without their ids."""
-    with np.load(cell_file(work_dir, index)) as f:
-        columns = {k[4:]: f[k] for k in f.files if k.startswith("col_")}
-        return columns, unpack_texts(f["features"])
+    source, prefix = _cells_source(work_dir, index)
+    with np.load(source) as f:
+        cells = read_cells(f, prefix)
+    if cells is None:
+        raise FileNotFoundError(f"{source}: tile {index}'s cells were not made")
+    return cells.columns, cells.bodies
 
 
 def run_cells(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, executor: Any,
@@ -203,8 +306,11 @@ def run_cells(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, executo
     with_nuclei = [s for s in tiles if s.count]
     stains = plan.stain_vectors()
     by_bucket = _buckets(with_nuclei)
-    jobs = []
+    jobs, done = [], []
     for s in with_nuclei:
+        if not s.cells_left and s.cell_box is not None:  # the tile task made them all
+            done.append(CellSummary(s.index, s.cell_box, 0.0, s.cached))
+            continue
         near = cell_box(s.extent, 2 * settings.reach, plan.plan.image)
         nearby = {t.index: t for key in _keys(near) for t in by_bucket.get(key, ())}
         neighbours = tuple((t.index, t.extent) for _, t in sorted(nearby.items())
@@ -213,7 +319,8 @@ def run_cells(plan: SlidePlan, tiles: list[TileSummary], cfg: RunConfig, executo
                             work, settings, slide_mpp(plan),
                             tuple(float(v) for v in plan.info.bounds_xy), stains))  # type: ignore[arg-type]
     with completed(executor, make_cells, jobs) as results:
-        return sorted((result for _, result in results), key=lambda c: c.index)
+        done.extend(result for _, result in results)
+    return sorted(done, key=lambda c: c.index)
 
 
 BUCKET = 512  # model px: the side of the grid that finds a tile's neighbours without a scan of all

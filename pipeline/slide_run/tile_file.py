@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.types import Box, Tile
 
-PHASES = ("read", "network", "watershed", "save")
+PHASES = ("read", "network", "watershed", "save", "cells")
 # the feature texts (GeoJSON bodies, ~1 kB per nucleus, ~4 kB per cell) are the bulk of a
 # tile or cell file: Zstandard level 1 packs them smaller than the npz's deflate level 1
 # in under half its time (a 5 MB cell tile's texts: 20 vs 57 ms), and unpacks faster
@@ -31,27 +31,43 @@ class TileSummary:
     giants: tuple[Box, ...]  # giant components met (model-pixel boxes as far as seen)
     seconds: float
     cached: bool
-    # worker-seconds per phase (read, network, watershed, save); zeros for cached tiles
-    phases: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    # worker-seconds per phase (``PHASES``); zeros for cached tiles
+    phases: tuple[float, ...] = (0.0,) * len(PHASES)
     dropped: int = 0  # nuclei centred off the tissue, not kept
     # stored slide tiles this tile's reads found damaged: painted as glass, so the nuclei
     # there are missing; kept in the tile file (a resumed run reports them too), and such
     # tiles are recomputed on a re-run of a partial slide
     damaged: Damage = ()
+    # with cells: the box of the cells made in the tile task (None: none), and how many of
+    # the tile's nuclei are left without a cell for phase 1b
+    cell_box: Box | None = None
+    cells_left: int = 0
+
+
+@dataclass(frozen=True)
+class TileCells:
+    """The cells of some of a tile's nuclei: those the tile task could make
+    (``tile_cells``), or all of them once phase 1b has made the rest."""
+
+    box: Box  # model px of ``labels``
+    labels: np.ndarray  # int32: the cells of ``ids`` (tile-local nucleus ids), 0 elsewhere
+    ids: np.ndarray  # the nuclei whose cells these are, ascending
+    columns: dict[str, np.ndarray]  # ``writers.cells.CELL_COLUMNS``, rows in ``ids`` order
+    bodies: list[str]  # QuPath cell features without their ids, in ``ids`` order
+    seconds: float = 0.0
 
 
 def tile_file(work_dir: str | Path, index: int) -> Path:
     return Path(work_dir) / f"tile-{index:07d}.npz"
 
 
-def save_tile(job: Any, tile: Tile, result: Any, seconds: float, dropped: int = 0,
-              damaged: Damage = (), rgb: np.ndarray | None = None) -> None:
-    """Outlines, measurements and each nucleus's GeoJSON text (all of it but the id,
-    which needs the global nucleus number) are made here, on the worker, vectorised over
-    the tile, so the single writer of phase 3 only splices ids into text. ``job``: the
-    tile task's ``TileJob``; ``result``: ``stitch.tile.segment_tile``'s instances; ``rgb``: the
+def measure_tile(job: Any, result: Any, rgb: np.ndarray | None = None
+                 ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The tile's table columns and each nucleus's GeoJSON text (all of it but the id,
+    which needs the global nucleus number), made on the worker, vectorised over the tile,
+    so the single writer of phase 3 only splices ids into text. ``job``: the tile task's
+    ``TileJob``; ``result``: ``stitch.tile.segment_tile``'s instances; ``rgb``: the
     slide's pixels over ``result.extent`` (stain intensities, with ``job.stains``)."""
-    from pipeline.atomic import save_npz_atomic
     from pipeline.writers.features import feature_bodies
     from pipeline.writers.outlines import trace_tile
     from pipeline.writers.table import instance_measurements
@@ -63,16 +79,47 @@ def save_tile(job: Any, tile: Tile, result: Any, seconds: float, dropped: int = 
     columns = instance_measurements(result.labels, result.prob, offset, scale, job.slide_mpp,
                                     outlines=outlines, rgb=rgb, stains=job.stains)
     values = {k: columns[k].to_numpy() for k in columns}
-    bodies = pack_texts(feature_bodies(outlines.polygons, values))
+    return values, feature_bodies(outlines.polygons, values)
+
+
+def save_tile(job: Any, tile: Tile, result: Any, seconds: float, dropped: int = 0,
+              damaged: Damage = (), rgb: np.ndarray | None = None,
+              measured: tuple[dict[str, np.ndarray], list[str]] | None = None,
+              cells: TileCells | None = None) -> None:
+    """The tile file of ``result``: its labels, :func:`measure_tile`'s columns and texts
+    (``measured``, or measured here on ``rgb``), and the cells made in the tile task."""
+    from pipeline.atomic import save_npz_atomic
+
+    values, texts = measured if measured is not None else measure_tile(job, result, rgb)
+    offset = (result.extent.y0, result.extent.x0)
     save_npz_atomic(tile_file(job.work_dir, tile.index),
                     labels=result.labels, extent=np.array([*offset, result.extent.y1, result.extent.x1]),
                     stats=np.array([result.count, result.recomputed, dropped]),
                     giants=np.array([(b.y0, b.x0, b.y1, b.x1) for b in result.giants],
                                     np.int64).reshape(-1, 4),
-                    seconds=np.array(seconds), features=bodies,
+                    seconds=np.array(seconds), features=pack_texts(texts),
                     damaged_boxes=np.array([r[:4] for r in damaged], np.int64).reshape(-1, 4),
                     damaged_errors=np.array([r[4] for r in damaged], dtype=np.str_),
-                    **{f"col_{k}": v for k, v in values.items()}, stored=("features",))
+                    **{f"col_{k}": v for k, v in values.items()},
+                    **(cell_arrays(cells, "cell_") if cells is not None else {}),
+                    stored=("features", "cell_features"))
+
+
+def cell_arrays(cells: TileCells, prefix: str = "") -> dict[str, np.ndarray]:
+    """``cells`` as the arrays of an npz (in a tile file behind ``prefix``)."""
+    b = cells.box
+    return {f"{prefix}labels": cells.labels, f"{prefix}box": np.array([b.y0, b.x0, b.y1, b.x1]),
+            f"{prefix}ids": np.asarray(cells.ids, np.int64), f"{prefix}features": pack_texts(cells.bodies),
+            **{f"{prefix}col_{k}": v for k, v in cells.columns.items()}}
+
+
+def read_cells(f: Any, prefix: str = "", texts: bool = True) -> TileCells | None:
+    """The :class:`TileCells` an open npz holds behind ``prefix`` (None if none)."""
+    if f"{prefix}ids" not in f.files:
+        return None
+    columns = {k[len(prefix) + 4:]: f[k] for k in f.files if k.startswith(f"{prefix}col_")}
+    return TileCells(Box(*(int(v) for v in f[f"{prefix}box"])), f[f"{prefix}labels"], f[f"{prefix}ids"],
+                     columns, unpack_texts(f[f"{prefix}features"]) if texts else [])
 
 
 def pack_texts(texts: list[str]) -> np.ndarray:
@@ -99,8 +146,17 @@ def cached_summary(work_dir: str, tile: Tile) -> TileSummary:
         giants = tuple(Box(*(int(v) for v in row)) for row in f["giants"])
         damaged = tuple((*(int(v) for v in box), str(error))
                         for box, error in zip(f["damaged_boxes"], f["damaged_errors"]))
+        made = "cell_ids" in f.files
         return TileSummary(tile.index, count, Box(y0, x0, y1, x1), recomputed, giants,
-                           float(f["seconds"]), True, dropped=dropped, damaged=damaged)
+                           float(f["seconds"]), True, dropped=dropped, damaged=damaged,
+                           cell_box=Box(*(int(v) for v in f["cell_box"])) if made else None,
+                           cells_left=count - (len(f["cell_ids"]) if made else 0))
+
+
+def tile_cells(work_dir: str, index: int, texts: bool = True) -> TileCells | None:
+    """The cells the tile task made (None if it made none)."""
+    with np.load(tile_file(work_dir, index)) as f:
+        return read_cells(f, "cell_", texts)
 
 
 def tile_labels(work_dir: str, index: int) -> np.ndarray:

@@ -16,7 +16,14 @@ import numpy as np
 from pipeline.slide_run.config import RunConfig
 from pipeline.slide_run.executors import NetworkTask, completed
 from pipeline.slide_run.plan import SlidePlan, damage_records, level0_box
-from pipeline.slide_run.tile_file import Damage, TileSummary, cached_summary, save_tile, tile_file
+from pipeline.slide_run.tile_file import (
+    Damage,
+    TileSummary,
+    cached_summary,
+    measure_tile,
+    save_tile,
+    tile_file,
+)
 from pipeline.types import Box, ReadPlan, Tile
 
 if TYPE_CHECKING:
@@ -49,6 +56,9 @@ class TileJob:
     # --stain-normalise: the slide's stain vectors, mapped to the training reference in
     # every window the network sees (measure.stain.normalise_stains); None: raw pixels
     normalise: Any = None
+    # --cell-expansion: how cells are grown (slide_run.cells.CellSettings); the tile makes
+    # those of its cells that it can (slide_run.tile_cells). None: no cells
+    cells: Any = None
 
 
 def infer_tiles(job: TileJob) -> list[TileSummary]:
@@ -281,27 +291,44 @@ def _segment_and_save(job: TileJob, tile: Tile, prob: np.ndarray, dist: np.ndarr
                       params: Any, shared: tuple[float, float], damage: Callable[[], Damage],
                       pixels: Callable[[Box], np.ndarray]) -> TileSummary:
     """One tile's instances (owned nuclei, off-tissue ones dropped), measured on the
-    slide's ``pixels`` and saved to its file with the damage its reads met (``damage()``,
-    asked once the segmentation's and the measurements' reads are done)."""
+    slide's ``pixels``, with the cells it can make (``--cell-expansion``), saved to its
+    file with the damage its reads met (``damage()``, asked once every read is done)."""
     from pipeline.stitch.tile import segment_tile
     from pipeline.tissue import keep_in_tissue
 
     t_seg = time.perf_counter()
+    rival_reach = None
+    if job.cells is not None:
+        from pipeline.slide_run.tile_cells import lookahead
+
+        rival_reach = lookahead(job.cells)
     result = segment_tile(tile.core, tile.window, prob, dist, job.plan.image, params,
-                          job.margin, job.multiple, predict)
+                          job.margin, job.multiple, predict, rival_reach=rival_reach)
     dropped = 0
     if job.tissue is not None:
         labels, dropped = keep_in_tissue(result.labels, (result.extent.y0, result.extent.x0),
                                          job.plan.scale, job.tissue)
         result = replace(result, labels=labels)
     t_save = time.perf_counter()
-    seconds = sum(shared) + t_save - t_seg
     rgb = pixels(result.extent) if result.count else None
+    measured = measure_tile(job, result, rgb)
+    t_cells = time.perf_counter()
+    cells = None
+    if job.cells is not None and result.count:
+        from pipeline.slide_run.cells import measure_settings
+        from pipeline.slide_run.tile_cells import cells_in_tile
+
+        cells = cells_in_tile(result, job.cells, job.plan.image, job.plan.scale, job.tissue, pixels,
+                              measure_settings(job), *measured)
+    t_done = time.perf_counter()
     damaged = damage()
-    save_tile(job, tile, result, seconds, dropped, damaged, rgb)
-    phases = (*shared, t_save - t_seg, time.perf_counter() - t_save)
+    seconds = sum(shared) + t_save - t_seg
+    save_tile(job, tile, result, seconds, dropped, damaged, measured=measured, cells=cells)
+    phases = (*shared, t_save - t_seg, time.perf_counter() - t_done + t_cells - t_save, t_done - t_cells)
+    made = len(cells.ids) if cells is not None else 0
     return TileSummary(tile.index, result.count, result.extent, result.recomputed, result.giants,
-                       seconds, False, phases, dropped, damaged)
+                       seconds, False, phases, dropped, damaged,
+                       cell_box=cells.box if cells is not None else None, cells_left=result.count - made)
 
 
 def network_input(window: np.ndarray, normalise: Any) -> np.ndarray:
@@ -341,6 +368,8 @@ def run_tiles(plan: SlidePlan, cfg: RunConfig, executor: Any, work: str,
               progress: Callable[[int, int], None] | None) -> list[TileSummary]:
     """Phase 1: every tile with tissue, in batches of ``cfg.batch_size``; summaries in
     tile order. ``progress(done, total)`` after each batch."""
+    from pipeline.slide_run.cells import cell_settings
+
     # largest windows first (border tiles are smaller): the last tasks to finish are short,
     # so workers do not idle at the end of a slide; results are re-sorted by tile index
     tiles = sorted(plan.tiles, key=lambda t: (-t.window.height * t.window.width, t.index))
@@ -350,7 +379,8 @@ def run_tiles(plan: SlidePlan, cfg: RunConfig, executor: Any, work: str,
                     origin_shift=tuple(float(v) for v in plan.info.bounds_xy),
                     tissue=None if cfg.keep_outside_tissue else _tissue_around(plan, batch),
                     runtime=plan.runtime, stains=plan.stain_vectors(),
-                    normalise=plan.stain_vectors() if cfg.stain_normalise else None)
+                    normalise=plan.stain_vectors() if cfg.stain_normalise else None,
+                    cells=cell_settings(cfg, plan))
             for batch in batches]
     done: list[TileSummary] = []
     with completed(executor, INFER_TILES, jobs) as results:

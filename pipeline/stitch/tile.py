@@ -57,33 +57,52 @@ class TileInstances:
     prob: np.ndarray  # float32 nucleus probability on the same extent
     recomputed: int = 0  # components that needed a larger window
     giants: tuple[Box, ...] = ()  # bounding boxes (as far as seen) of giant components met
+    # the nuclei around the owned ones that this tile knows too (``rival_reach`` asked)
+    rivals: Rivals | None = None
 
     @property
     def count(self) -> int:
         return int(self.labels.max()) if self.labels.size else 0
 
 
+@dataclass
+class Rivals:
+    """What a tile knows of the nuclei it does not own, around those it owns: the final
+    instances of every foreground component that lies whole inside its valid box and
+    comes within ``rival_reach`` of its own components (the same instances their owners
+    compute, by the decomposition contract), and where foreground lies whose instances it
+    cannot know (components cut by the valid box's edge that another tile owns). A cell
+    needs its nucleus's neighbours (``slide_run.tile_cells``): where they are all known,
+    the tile makes the cell itself."""
+
+    valid: Box
+    labels: np.ndarray  # int32 over ``valid``: the rivals' instances (ids > 0, arbitrary)
+    unknown: np.ndarray  # bool over ``valid``: foreground of unknown instances
+
 
 def segment_tile(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, image: Box,
                  params: WatershedParams, margin: int, multiple: int,
-                 predict: Predictor | GrownPlan) -> TileInstances:
+                 predict: Predictor | GrownPlan, rival_reach: int | None = None) -> TileInstances:
     """Instances owned by the tile with ``core``, from its window's network outputs.
 
     ``predict`` recomputes outputs for larger windows when a component is truncated; or,
     on the CPU pool of a GPU layout, ``predict`` is the :class:`GrownPlan` the inference
     worker made of those components (:func:`predict_grown_windows`), replayed in order:
-    a component the plan does not hold raises ``RuntimeError``.
+    a component the plan does not hold raises ``RuntimeError``. With ``rival_reach`` (px),
+    also the :class:`Rivals` within that distance of the owned components' boxes.
     """
     if isinstance(predict, GrownPlan):
         replay = _Replay(predict)
-        result = _segment(core, window, prob, dist, image, params, margin, multiple, replay.grow)
+        result = _segment(core, window, prob, dist, image, params, margin, multiple, replay.grow,
+                          rival_reach=rival_reach)
         replay.done()
         return result
 
     def grow(seed: tuple[int, int], bbox: Box, valid: Box) -> GrownCluster:
         return grow_component(seed, bbox, core, valid, image, params, margin, multiple, predict)
 
-    return _segment(core, window, prob, dist, image, params, margin, multiple, grow)
+    return _segment(core, window, prob, dist, image, params, margin, multiple, grow,
+                    rival_reach=rival_reach)
 
 
 Grow = Callable[[tuple[int, int], Box, Box], "GrownCluster"]
@@ -93,7 +112,7 @@ edge (seed, box, valid box), grown until complete."""
 
 def _segment(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, image: Box,
              params: WatershedParams, margin: int, multiple: int, grow: Grow,
-             watershed: bool = True) -> TileInstances:
+             watershed: bool = True, rival_reach: int | None = None) -> TileInstances:
     """:func:`segment_tile` with truncated components grown by ``grow``. Every decision
     (which components are kept, grown, owned or giants; which windows are predicted)
     depends on the foreground components only, never on the instances, so
@@ -121,10 +140,17 @@ def _segment(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, image: 
         y, x = first_pixel(comps, cid, obj)
         if core.contains(y + valid.y0, x + valid.x0):
             keep.append(cid)
-    pieces = [Piece(valid, kept_instances(p, d, comps, keep, params, watershed), p)]
+    rival_ids = [] if rival_reach is None else _rival_ids(comps, objects, keep, truncated_ids,
+                                                          rival_reach, limit)
+    instances = kept_instances(p, d, comps, keep + rival_ids, params, watershed)
+    if rival_ids:  # one watershed for both: each component's instances are its own affair
+        rival_labels = np.where(np.isin(comps, rival_ids), instances, 0)
+        instances = np.where(np.isin(comps, keep), instances, 0)
+    pieces = [Piece(valid, instances, p)]
 
     recomputed = 0
     covered = np.zeros(comps.shape, dtype=bool)
+    owned = np.zeros(comps.shape, dtype=bool)  # pixels of grown components this tile owns
     for cid in overflow:
         obj = objects[cid - 1]
         seed_mask = (comps[obj] == cid) & ~covered[obj]
@@ -144,9 +170,37 @@ def _segment(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, image: 
         # mark every part of this tile's valid box that belongs to the recomputed component
         if not cluster.inside.is_empty():
             covered[cluster.inside.slices((valid.y0, valid.x0))] |= cluster.covered()
+            if cluster.owned is not None:
+                owned[cluster.inside.slices((valid.y0, valid.x0))] |= cluster.covered()
         if cluster.owned is not None and watershed:
             pieces.append(cluster.owned.piece(params))
-    return _assemble(pieces, core, recomputed, tuple(giants))
+    result = _assemble(pieces, core, recomputed, tuple(giants))
+    if rival_reach is not None:
+        known = np.isin(comps, keep + rival_ids) if rival_ids else np.isin(comps, keep)
+        result.rivals = Rivals(valid, rival_labels if rival_ids else np.zeros(comps.shape, np.int32),
+                               (comps > 0) & ~known & ~owned)
+    return result
+
+
+def _rival_ids(comps: np.ndarray, objects: list, keep: list[int], truncated: set[int],
+               reach: int, limit: int) -> list[int]:
+    """Components whole inside the valid box, not kept here, not giants (nobody's), whose
+    box comes within ``reach`` of a kept component's box."""
+    if not keep:
+        return []
+    kept = [objects[cid - 1] for cid in keep]
+    y0 = min(o[0].start for o in kept) - reach
+    x0 = min(o[1].start for o in kept) - reach
+    y1 = max(o[0].stop for o in kept) + reach
+    x1 = max(o[1].stop for o in kept) + reach
+    mine = set(keep)
+    out = []
+    for cid, obj in enumerate(objects, start=1):
+        if obj is None or cid in mine or cid in truncated or box_side(obj) > limit:
+            continue
+        if obj[0].start < y1 and obj[0].stop > y0 and obj[1].start < x1 and obj[1].stop > x0:
+            out.append(cid)
+    return out
 
 
 class _Replay:
