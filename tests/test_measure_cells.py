@@ -77,6 +77,18 @@ def test_tiled_cells_equal_whole_image_cells(seed: int, scale: float | None) -> 
     assert (whole > 0).sum() > 2 * (nuclei > 0).sum()  # the cells did grow
 
 
+@pytest.mark.parametrize("scale", [None, 1.5])
+def test_only_some_cells_are_those_cells_of_all(scale: float | None) -> None:
+    """``only``: the wanted cells exactly as when every cell is made (the others' hulls are
+    not computed, and they are painted 0)."""
+    nuclei = nuclei_image(2)
+    every = expand_nuclei(nuclei, 10.0, scale)
+    wanted = np.arange(3, 121, 4)
+    some = expand_nuclei(nuclei, 10.0, scale, only=wanted)
+    assert np.array_equal(some, np.where(np.isin(every, wanted), every, 0))
+    assert (some > 0).sum() > 2 * np.isin(nuclei, wanted).sum()
+
+
 def test_cell_features_reuse_the_nucleus_texts_exactly() -> None:
     """A cell's feature carries its nucleus's measurements as the tile task wrote them for
     the detection, renamed behind ``Nucleus: `` (``Detection probability`` unprefixed): the

@@ -30,12 +30,18 @@ def cell_margin(expansion_px: float, max_nucleus_px: int) -> int:
 
 
 def expand_nuclei(nuclei: np.ndarray, expansion_px: float,
-                  constrain_scale: float | None = None) -> np.ndarray:
+                  constrain_scale: float | None = None, only: np.ndarray | None = None) -> np.ndarray:
     """Cell labels (the nucleus's id) of the nuclei in ``nuclei`` grown by ``expansion_px``
-    pixels; nuclei keep their own pixels."""
+    pixels; nuclei keep their own pixels. ``only``: the ids whose cells are wanted (the
+    others are painted 0): the other nuclei still bound them, but their hulls are not
+    computed (a pixel nearest to a nucleus belongs to its cell or to none, so no other
+    nucleus's hull decides a wanted cell)."""
     nuclei = np.asarray(nuclei)
+    if only is not None:
+        wanted = np.zeros(int(nuclei.max()) + 1 if nuclei.size else 1, bool)
+        wanted[np.asarray(only, np.intp)] = True
     if expansion_px <= 0 or not nuclei.any():
-        return nuclei.copy()
+        return np.where(wanted[nuclei], nuclei, 0) if only is not None else nuclei.copy()
     # the nearest nucleus pixel of every pixel; its distance from the indices in integers
     # (a third cheaper than scipy's float distances beside them)
     iy, ix = ndi.distance_transform_edt(nuclei == 0, return_distances=False, return_indices=True)
@@ -43,10 +49,13 @@ def expand_nuclei(nuclei: np.ndarray, expansion_px: float,
     iy -= np.arange(nuclei.shape[0], dtype=iy.dtype)[:, None]
     ix -= np.arange(nuclei.shape[1], dtype=ix.dtype)[None, :]
     cells[iy * iy + ix * ix > expansion_px * expansion_px] = 0
+    if only is not None:
+        cells[~wanted[cells]] = 0
     if constrain_scale is not None:
         reach = int(math.ceil(expansion_px)) + 1
-        cells[~within_scaled_hulls(nuclei, cells, constrain_scale, reach)] = 0
-        cells[nuclei > 0] = nuclei[nuclei > 0]
+        hulls_of = nuclei if only is None else np.where(wanted[nuclei], nuclei, 0)
+        cells[~within_scaled_hulls(hulls_of, cells, constrain_scale, reach)] = 0
+        cells[hulls_of > 0] = hulls_of[hulls_of > 0]
     return cells
 
 

@@ -9,9 +9,10 @@ known to the tile task (``tile_cells`` makes the others there). Once phase 1 is 
 each remaining cell is made from the stitched nuclei around it, so no cell depends on
 where the seams fall (``pipeline.measure.cells``: tested tiled == whole image).
 
-A tile's cells lie within its nuclei's extent grown by the expansion (``cell_box``);
-the nuclei that can claim a pixel there lie within the expansion of that box, and are
-painted whole (their hulls need every pixel). Cell ids are the nucleus ids: a tile's
+The cells of a group of nuclei lie within their extent grown by the expansion
+(``cell_box``); the nuclei that can claim a pixel there lie within the expansion of that
+box, and only their pixels there count (with ``--cell-constrain-scale`` only the group's
+own hulls decide its cells, and those nuclei lie whole inside). Cell ids are the nucleus ids: a tile's
 cells keep its tile-local nucleus ids, and phase 2 paints them with the same offsets.
 A tile's cells are read from its cell file where phase 1b made one, else from its tile
 file (``cell_labels``, ``cell_columns``).
@@ -122,10 +123,7 @@ def make_cells(job: CellJob) -> CellSummary:
     # the tile tasks read these pixels before: damage here is in their records already
     with open_slide(job.path, mpp_override=job.mpp_override) as reader:
         for box, ids in _cell_groups(labels, todo, job):
-            cells, nuclei = grow_cells(job, box, labels)
-            lut = np.zeros(job.count + 1, np.int32)
-            lut[ids] = ids
-            cells, nuclei = lut[cells], lut[nuclei]
+            cells, nuclei = grow_cells(job, box, labels, ids)
             rgb = read_region(reader, job.plan, box)
             columns, bodies = measure_cells(box, cells, nuclei, rgb, ids, nucleus_columns, nucleus_bodies,
                                             **measure_settings(job))
@@ -214,57 +212,44 @@ def merge_cells(parts: list[TileCells]) -> TileCells:
                      sum(part.seconds for part in parts))
 
 
-def grow_cells(job: CellJob, box: Box, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The tile's cells and nuclei over ``box`` (tile-local ids; other tiles' cells 0);
-    ``own``: the tile's labels."""
+def grow_cells(job: CellJob, box: Box, own: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The cells and nuclei of the tile's nuclei ``ids`` over ``box`` (tile-local ids,
+    others 0; ``box`` holds these nuclei whole); ``own``: the tile's labels."""
     from pipeline.measure.cells import expand_nuclei
 
     near = box.grow(job.settings.reach).intersect(job.plan.image)
-    pieces = list(_rivals(job, near, own))
-    canvas_box = near
-    for _, at in pieces:
-        canvas_box = _union(canvas_box, at)
-    origin = (canvas_box.y0, canvas_box.x0)
-    canvas = np.zeros(canvas_box.shape, np.int32)
-    for labels, at in pieces:
+    origin = (near.y0, near.x0)
+    canvas = np.zeros(near.shape, np.int32)
+    for labels, at in _rivals(job, near, own):
         np.copyto(canvas[at.slices(origin)], labels, where=labels > 0)
-    grown = expand_nuclei(canvas, job.settings.expansion_px, job.settings.constrain_scale)
+    grown = expand_nuclei(canvas, job.settings.expansion_px, job.settings.constrain_scale, only=ids)
     crop = box.slices(origin)
-    cells = np.where(grown[crop] <= job.count, grown[crop], 0)
-    nuclei = np.where(canvas[crop] <= job.count, canvas[crop], 0)
-    return cells, nuclei
+    nuclei = canvas[crop]
+    return grown[crop], np.where(np.isin(nuclei, ids), nuclei, 0)
 
 
 def _rivals(job: CellJob, near: Box, own: np.ndarray) -> Iterator[tuple[np.ndarray, Box]]:
-    """Label crops (canvas ids, model-px box) of the nuclei with a pixel in ``near``: the
-    other tiles' nuclei with ids above the tile's own (``job.count``), then the tile's
-    own nuclei. Without a constraint only their pixels inside ``near`` are painted (a
-    pixel farther than the reach from the tile's cells is nobody's nearest there); with
-    one, whole nuclei (their hulls need every pixel). Vectorised per neighbour tile."""
+    """Label crops (canvas ids, model-px box) of the nuclei with a pixel in ``near``, only
+    their pixels there (a pixel farther than the reach from the cells made is nobody's
+    nearest there, and only the wanted nuclei's hulls count, which lie inside): the other
+    tiles' nuclei with ids above the tile's own (``job.count``), then the tile's own
+    nuclei. Vectorised per neighbour tile."""
     next_id = job.count
     for index, extent in job.neighbours:
         seen = extent.intersect(near)
         if index == job.index or seen.is_empty():
             continue
-        labels = tile_labels(job.work_dir, index)
-        ids = np.unique(labels[seen.slices((extent.y0, extent.x0))])
+        labels = tile_labels(job.work_dir, index)[seen.slices((extent.y0, extent.x0))]
+        ids = np.unique(labels)
         ids = ids[ids > 0]
         if not ids.size:
             continue
-        lut = np.zeros(int(labels.max()) + 1, np.int32)
+        lut = np.zeros(int(ids[-1]) + 1, np.int32)
         lut[ids] = np.arange(next_id + 1, next_id + 1 + len(ids), dtype=np.int32)
         next_id += len(ids)
-        if job.settings.constrain_scale is None:
-            yield lut[labels[seen.slices((extent.y0, extent.x0))]], seen
-            continue
-        objects = ndi.find_objects(labels)
-        boxes = np.array([(objects[i - 1][0].start, objects[i - 1][1].start,
-                           objects[i - 1][0].stop, objects[i - 1][1].stop) for i in ids])
-        y0, x0 = boxes[:, :2].min(axis=0)
-        y1, x1 = boxes[:, 2:].max(axis=0)
-        whole = Box(int(y0), int(x0), int(y1), int(x1))
-        yield lut[labels[whole.slices()]], whole.shift(extent.y0, extent.x0)
-    yield own.astype(np.int32, copy=False), job.extent
+        yield lut[labels], seen
+    mine = job.extent.intersect(near)
+    yield own[mine.slices((job.extent.y0, job.extent.x0))].astype(np.int32, copy=False), mine
 
 
 def _union(a: Box, b: Box) -> Box:

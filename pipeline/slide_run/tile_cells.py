@@ -97,16 +97,16 @@ def _final_cells(instances: Any, settings: CellSettings, image: Box, scale: floa
         return None
     ids = np.flatnonzero(final).astype(np.int64) + 1
 
-    cells = expand_nuclei(canvas, settings.expansion_px, settings.constrain_scale)
+    cells = expand_nuclei(canvas, settings.expansion_px, settings.constrain_scale, only=ids)
     kept = boxes[final]
     reach = settings.reach
     nuclei_box = Box(int(kept[:, 0].min()), int(kept[:, 1].min()), int(kept[:, 2].max()),
                      int(kept[:, 3].max())).shift(extent.y0, extent.x0)
     box = cell_box(nuclei_box, reach, image)
-    lut = np.zeros(max(int(cells.max()), count) + 1, np.int32)
+    lut = np.zeros(max(int(canvas.max()), count) + 1, np.int32)
     lut[ids] = ids
     crop = box.slices(origin)
-    return box, lut[cells[crop]], lut[canvas[crop]], ids
+    return box, cells[crop], lut[canvas[crop]], ids
 
 
 def _union(a: Box, b: Box) -> Box:
