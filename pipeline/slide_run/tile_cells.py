@@ -64,15 +64,18 @@ def _final_cells(instances: Any, settings: CellSettings, image: Box, scale: floa
 
     rivals, extent, count = instances.rivals, instances.extent, instances.count
     look = lookahead(settings)
-    canvas_box = _union(extent.grow(look).intersect(image), rivals.valid)
+    canvas_box = extent.grow(look).intersect(image)
     origin = (canvas_box.y0, canvas_box.x0)
     canvas = np.zeros(canvas_box.shape, np.int32)
     unknown = np.ones(canvas_box.shape, bool)  # outside the valid box: unknown
-    at_valid = rivals.valid.slices(origin)
-    unknown[at_valid] = rivals.unknown
+    valid = rivals.valid.intersect(canvas_box)
+    at_valid = valid.slices(origin)
+    from_valid = valid.slices((rivals.valid.y0, rivals.valid.x0))
+    unknown[at_valid] = rivals.unknown[from_valid]
     others = rivals.labels
-    if tissue is not None and others.any():  # the owners drop the same nuclei
+    if tissue is not None and others.any():  # the owners drop the same nuclei (judged whole)
         others, _ = keep_in_tissue(others, (rivals.valid.y0, rivals.valid.x0), scale, tissue)
+    others = others[from_valid]
     canvas[at_valid] = np.where(others > 0, others + count, 0)
     own = instances.labels.astype(np.int32, copy=False)
     at_own = extent.slices(origin)
@@ -108,6 +111,3 @@ def _final_cells(instances: Any, settings: CellSettings, image: Box, scale: floa
     crop = box.slices(origin)
     return box, cells[crop], lut[canvas[crop]], ids
 
-
-def _union(a: Box, b: Box) -> Box:
-    return Box(min(a.y0, b.y0), min(a.x0, b.x0), max(a.y1, b.y1), max(a.x1, b.x1))
