@@ -25,8 +25,8 @@ def disc(labels: np.ndarray, cy: int, cx: int, r: int, value: int) -> None:
 
 def tile(own: np.ndarray, rivals: np.ndarray, unknown: np.ndarray) -> SimpleNamespace:
     """A tile whose valid box is the whole image, owning ``own``."""
-    return SimpleNamespace(rivals=Rivals(Box(0, 0, SIZE, SIZE), rivals, unknown), extent=Box(0, 0, SIZE, SIZE),
-                           count=int(own.max()), labels=own)
+    whole = Box(0, 0, SIZE, SIZE)
+    return SimpleNamespace(rivals=Rivals(whole, rivals, unknown), extent=whole, count=int(own.max()), labels=own)
 
 
 def test_a_dropped_rival_does_not_bound_a_cell_and_unknown_defers_one() -> None:
@@ -43,7 +43,8 @@ def test_a_dropped_rival_does_not_bound_a_cell_and_unknown_defers_one() -> None:
     assert ids.tolist() == [1]  # nucleus 2 has unknown foreground within its look-ahead
     everything = expand_nuclei(np.where(rivals > 0, rivals, own), SETTINGS.expansion_px)
     expected = np.where(everything == 1, 1, 0)[box.slices()]
-    assert np.array_equal(cells, expected) and cells[40 - box.y0, 71 - box.x0] == 1 and cells[40 - box.y0, 73 - box.x0] == 0
+    assert np.array_equal(cells, expected)
+    assert cells[40 - box.y0, 71 - box.x0] == 1 and cells[40 - box.y0, 73 - box.x0] == 0  # the bisector
     assert np.array_equal(nuclei, np.where(own == 1, 1, 0)[box.slices()])
 
     # tissue only left of x = 64 (its mask grows by one 16 px pixel: x < 80): the rival,
