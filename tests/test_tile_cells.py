@@ -26,7 +26,8 @@ def disc(labels: np.ndarray, cy: int, cx: int, r: int, value: int) -> None:
 def tile(own: np.ndarray, rivals: np.ndarray, unknown: np.ndarray) -> SimpleNamespace:
     """A tile whose valid box is the whole image, owning ``own``."""
     whole = Box(0, 0, SIZE, SIZE)
-    return SimpleNamespace(rivals=Rivals(whole, rivals, unknown), extent=whole, count=int(own.max()), labels=own)
+    return SimpleNamespace(rivals=Rivals(whole, rivals, unknown), extent=whole, count=int(own.max()),
+                           labels=own)
 
 
 def test_a_dropped_rival_does_not_bound_a_cell_and_unknown_defers_one() -> None:
