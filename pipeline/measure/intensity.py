@@ -91,7 +91,6 @@ def _sorted_statistics(v: np.ndarray, lab: np.ndarray, count: np.ndarray, n: int
     # (value - low), exact enough in float64 (labels of a crop times a few units of OD);
     # the labels of the sorted keys are then known from the counts alone
     key = np.sort(lab * span + (v - low))
-    ordered = key - np.repeat(np.arange(1, n + 1, dtype=np.float64) * span, count) + low
     total = np.bincount(lab, v, minlength=n + 1)[1:n + 1]
     squares = np.bincount(lab, v * v, minlength=n + 1)[1:n + 1]
     c = np.maximum(count, 1).astype(np.float64)
@@ -100,10 +99,15 @@ def _sorted_statistics(v: np.ndarray, lab: np.ndarray, count: np.ndarray, n: int
     present = count > 0
     k = count[present]
     s = (np.cumsum(count) - count)[present]
-    median = (ordered[s + (k - 1) // 2] + ordered[s + k // 2]) / 2
+    shift = (np.flatnonzero(present) + 1) * span  # the label part of the keys at these ranks
+
+    def ordered(rank: np.ndarray) -> np.ndarray:  # the values at these ranks (of present labels)
+        return key[rank] - shift + low
+
+    median = (ordered(s + (k - 1) // 2) + ordered(s + k // 2)) / 2
     out = {"Mean": np.where(present, mean, np.nan),
            "Std.Dev.": np.where(present, np.where(count > 1, np.sqrt(var), 0.0), np.nan)}
-    for stat, values in (("Median", median), ("Min", ordered[s]), ("Max", ordered[s + k - 1])):
+    for stat, values in (("Median", median), ("Min", ordered(s)), ("Max", ordered(s + k - 1))):
         column = nan.copy()
         column[present] = values
         out[stat] = column
