@@ -7,7 +7,7 @@ neighbours' labels and no wait for the last tile of the slide.
 When a cell is final here: a pixel joins nucleus ``n``'s cell when it lies within the
 expansion ``e`` of ``n`` and no nucleus is nearer (with ``--cell-constrain-scale``, also
 only inside ``n``'s scaled hull). So ``n``'s cell depends only on the nuclei with a pixel
-within ``2e`` of ``n``, and with a constraint on the whole of those. Besides its own
+within ``2e`` of ``n``, and on no other nucleus's hull. Besides its own
 nuclei, a tile knows the final instances of every foreground component lying whole
 inside its valid box near them (``stitch.tile.Rivals``: their owners compute the same
 instances, and the tissue rule drops the same of them), and it knows where foreground of

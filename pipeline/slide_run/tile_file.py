@@ -113,13 +113,13 @@ def cell_arrays(cells: TileCells, prefix: str = "") -> dict[str, np.ndarray]:
             **{f"{prefix}col_{k}": v for k, v in cells.columns.items()}}
 
 
-def read_cells(f: Any, prefix: str = "", texts: bool = True) -> TileCells | None:
+def read_cells(f: Any, prefix: str = "") -> TileCells | None:
     """The :class:`TileCells` an open npz holds behind ``prefix`` (None if none)."""
     if f"{prefix}ids" not in f.files:
         return None
     columns = {k[len(prefix) + 4:]: f[k] for k in f.files if k.startswith(f"{prefix}col_")}
     return TileCells(Box(*(int(v) for v in f[f"{prefix}box"])), f[f"{prefix}labels"], f[f"{prefix}ids"],
-                     columns, unpack_texts(f[f"{prefix}features"]) if texts else [])
+                     columns, unpack_texts(f[f"{prefix}features"]))
 
 
 def pack_texts(texts: list[str]) -> np.ndarray:
@@ -153,10 +153,10 @@ def cached_summary(work_dir: str, tile: Tile) -> TileSummary:
                            cells_left=count - (len(f["cell_ids"]) if made else 0))
 
 
-def tile_cells(work_dir: str, index: int, texts: bool = True) -> TileCells | None:
+def tile_cells(work_dir: str, index: int) -> TileCells | None:
     """The cells the tile task made (None if it made none)."""
     with np.load(tile_file(work_dir, index)) as f:
-        return read_cells(f, "cell_", texts)
+        return read_cells(f, "cell_")
 
 
 def tile_labels(work_dir: str, index: int) -> np.ndarray:

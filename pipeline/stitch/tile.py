@@ -143,14 +143,15 @@ def _segment(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, image: 
     rival_ids = [] if rival_reach is None else _rival_ids(comps, objects, keep, truncated_ids,
                                                           rival_reach, limit)
     instances = kept_instances(p, d, comps, keep + rival_ids, params, watershed)
-    if rival_ids:  # one watershed for both: each component's instances are its own affair
-        rival_labels = np.where(np.isin(comps, rival_ids), instances, 0)
-        instances = np.where(np.isin(comps, keep), instances, 0)
+    if rival_reach is not None:  # one watershed for both: each component's instances are its own affair
+        mine, theirs = np.isin(comps, keep), np.isin(comps, rival_ids)
+        rival_labels = np.where(theirs, instances, 0)
+        instances = np.where(mine, instances, 0)
+        owned = np.zeros(comps.shape, dtype=bool)  # pixels of grown components this tile owns
     pieces = [Piece(valid, instances, p)]
 
     recomputed = 0
     covered = np.zeros(comps.shape, dtype=bool)
-    owned = np.zeros(comps.shape, dtype=bool)  # pixels of grown components this tile owns
     for cid in overflow:
         obj = objects[cid - 1]
         seed_mask = (comps[obj] == cid) & ~covered[obj]
@@ -170,15 +171,13 @@ def _segment(core: Box, window: Box, prob: np.ndarray, dist: np.ndarray, image: 
         # mark every part of this tile's valid box that belongs to the recomputed component
         if not cluster.inside.is_empty():
             covered[cluster.inside.slices((valid.y0, valid.x0))] |= cluster.covered()
-            if cluster.owned is not None:
+            if cluster.owned is not None and rival_reach is not None:
                 owned[cluster.inside.slices((valid.y0, valid.x0))] |= cluster.covered()
         if cluster.owned is not None and watershed:
             pieces.append(cluster.owned.piece(params))
     result = _assemble(pieces, core, recomputed, tuple(giants))
     if rival_reach is not None:
-        known = np.isin(comps, keep + rival_ids) if rival_ids else np.isin(comps, keep)
-        result.rivals = Rivals(valid, rival_labels if rival_ids else np.zeros(comps.shape, np.int32),
-                               (comps > 0) & ~known & ~owned)
+        result.rivals = Rivals(valid, rival_labels, (comps > 0) & ~mine & ~theirs & ~owned)
     return result
 
 
