@@ -78,8 +78,12 @@ def shape_measurements(polygons: np.ndarray, mpp: float, prefix: str = "") -> di
     ring = shapely.get_exterior_ring(polygons)
     ring_length = shapely.length(ring)
     with np.errstate(divide="ignore", invalid="ignore"):
-        circularity = np.where(ring_length > 0,
-                               4 * np.pi * shapely.area(shapely.polygons(ring)) / ring_length**2, 0.0)
+        # the exterior's area: the polygon's own where it has no hole (most), so that the
+        # rings are rebuilt as polygons only for the few with holes
+        ring_area = np.array(area, np.float64)
+        holes = shapely.get_num_interior_rings(polygons) > 0
+        ring_area[holes] = shapely.area(shapely.polygons(ring[holes]))
+        circularity = np.where(ring_length > 0, 4 * np.pi * ring_area / ring_length**2, 0.0)
         hulls = shapely.convex_hull(polygons)
         hull_area = shapely.area(hulls)
         solidity = np.where(hull_area > 0, area / hull_area, 0.0)
