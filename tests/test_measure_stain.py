@@ -210,6 +210,44 @@ def test_stain_intensities_rows_follow_ids_dense_or_sparse() -> None:
             assert found["Eosin: Std.Dev."][row] == pytest.approx(v.std(ddof=1))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_cell_intensities_combine_nucleus_and_cytoplasm_exactly(seed: int) -> None:
+    """A cell's statistics come from its nucleus's and its cytoplasm's sorted pixels
+    combined (sums, extremes, the median's ranks by binary search): each equals numpy's
+    on the cell's pixels, with cells wholly nucleus, without nucleus pixels, with one
+    pixel, with tied values, and with sparse ids."""
+    from pipeline.measure.intensity import STATISTICS, cell_intensities
+
+    rng = np.random.default_rng(seed)
+    h, w = 50, 60
+    cells = rng.integers(0, 10, (h, w)) * (rng.random((h, w)) < 0.85)
+    nuclei = np.where(rng.random((h, w)) < 0.35, cells, 0)
+    nuclei[cells == 3] = 0  # no nucleus pixel in the crop
+    nuclei[cells == 5] = 5  # all nucleus
+    cells[cells == 7] = 0
+    cells[0, 0] = 7  # one pixel
+    rgb = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+    if seed % 2:
+        rgb //= 64  # few distinct values: ties within and between the two runs
+    ids = np.arange(1, 10) if seed < 3 else np.array([1, 2, 3, 5, 7, 9, 12])
+    stains = StainVectors()
+    found = cell_intensities(cells, nuclei, rgb, stains, ids, "Cell: ", "Cytoplasm: ")
+    channels = deconvolve(rgb, stains)
+    for name, plane in channels.items():
+        for row, i in enumerate(ids):
+            for prefix, where in (("Cell: ", cells == i), ("Cytoplasm: ", (cells == i) & (nuclei == 0))):
+                v = plane[where].astype(np.float64)
+                got = {stat: found[f"{prefix}{name}: {stat}"][row] for stat in STATISTICS}
+                if not len(v):
+                    assert all(np.isnan(x) for x in got.values())
+                    continue
+                assert got["Median"] == pytest.approx(np.median(v), abs=1e-12)
+                assert got["Min"] == pytest.approx(v.min(), abs=1e-12)
+                assert got["Max"] == pytest.approx(v.max(), abs=1e-12)
+                assert got["Mean"] == pytest.approx(v.mean(), abs=1e-12)
+                assert got["Std.Dev."] == pytest.approx(v.std(ddof=1) if len(v) > 1 else 0.0, abs=1e-7)
+
+
 def test_deconvolution_tables_give_the_arithmetic_s_numbers() -> None:
     """8-bit pixels are deconvolved from per-value tables: bitwise the numbers of the
     float arithmetic on the same values, and near QuPath's formula (OD · inverse matrix)."""

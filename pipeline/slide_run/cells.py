@@ -38,6 +38,7 @@ from pipeline.slide_run.tile_file import (
     TileSummary,
     cell_arrays,
     read_cells,
+    save_arrays,
     tile_cells,
     tile_file,
     tile_labels,
@@ -104,7 +105,6 @@ def make_cells(job: CellJob) -> CellSummary:
     """One tile's cells that its tile task did not make: grown from the stitched nuclei
     around them, measured on the slide's pixels, and saved with the tile task's (labels,
     table columns, QuPath cell features) to the tile's cell file."""
-    from pipeline.atomic import save_npz_atomic
     from pipeline.slide.open import open_slide
     from pipeline.slide.region import read_region
 
@@ -129,7 +129,7 @@ def make_cells(job: CellJob) -> CellSummary:
                                             **measure_settings(job))
             parts.append(TileCells(box, cells, ids, columns, bodies))
     every = merge_cells(parts)
-    save_npz_atomic(path, **cell_arrays(every), stored=("features",))
+    save_arrays(path, **cell_arrays(every))
     return CellSummary(job.index, every.box, time.perf_counter() - t0, False, len(todo))
 
 

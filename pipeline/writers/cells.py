@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from pipeline.measure.intensity import INTENSITY_NAMES, stain_intensities
+from pipeline.measure.intensity import INTENSITY_NAMES, cell_intensities
 from pipeline.measure.shape import AREA, SHAPE_NAMES, shape_measurements
 from pipeline.measure.stain import StainVectors
 from pipeline.writers.features import CELL_RATIO, feature_bodies, geometry_text, measurement_texts
@@ -43,7 +43,7 @@ def cell_measurements(cells: np.ndarray, nuclei: np.ndarray, rgb: np.ndarray, of
     if not np.array_equal(ids, expected):
         raise ValueError(f"{len(ids)} cells for {len(expected)} nuclei: every nucleus needs its cell")
     columns = {**shape_measurements(outlines.polygons, mpp_level0, CELL),  # cytoplasm: cell less nucleus
-               **stain_intensities(cells, rgb, stains, ids, {CELL: None, CYTOPLASM: nuclei == 0})}
+               **cell_intensities(cells, nuclei, rgb, stains, ids, CELL, CYTOPLASM)}
     cell_area = columns[CELL + AREA]
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.asarray(nucleus_columns[AREA], np.float64) / cell_area
