@@ -141,16 +141,14 @@ def _cell_groups(labels: np.ndarray, todo: np.ndarray, job: CellJob) -> list[tup
     nuclei: one box for them all, or where few are left (the tile task made the others,
     so these lie in strips along the tile's edges) one per group of overlapping cell
     boxes, so that the distance transform runs on those strips, not the whole tile."""
-    objects = ndi.find_objects(labels)
+    boxes = object_boxes(labels)
     reach, image = job.settings.reach, job.plan.image
 
     def box_of(ids: list[int]) -> Box:
-        picked = [objects[i - 1] for i in ids]
-        extent = Box(min(o[0].start for o in picked), min(o[1].start for o in picked),
-                     max(o[0].stop for o in picked), max(o[1].stop for o in picked))
+        extent = extent_of(boxes[np.asarray(ids) - 1])
         return cell_box(extent.shift(job.extent.y0, job.extent.x0), reach, image)
 
-    ids = [int(i) for i in todo if objects[i - 1] is not None]
+    ids = [int(i) for i in todo if boxes[i - 1, 2] > boxes[i - 1, 0]]
     if len(ids) > GROUPED:
         return [(box_of(ids), np.asarray(ids, np.int64))]
     groups = [([i], box_of([i])) for i in ids]
@@ -168,6 +166,19 @@ def _cell_groups(labels: np.ndarray, todo: np.ndarray, job: CellJob) -> list[tup
             if merged:
                 break
     return [(box, np.asarray(sorted(members), np.int64)) for members, box in groups]
+
+
+def object_boxes(labels: np.ndarray) -> np.ndarray:
+    """Each label's box (rows: label - 1; columns y0, x0, y1, x1; all 0 for a label
+    without pixels)."""
+    objects = ndi.find_objects(labels)
+    return np.array([(o[0].start, o[1].start, o[0].stop, o[1].stop) if o is not None else (0, 0, 0, 0)
+                     for o in objects], np.int64).reshape(-1, 4)
+
+
+def extent_of(boxes: np.ndarray) -> Box:
+    """The box around ``object_boxes`` rows (none empty)."""
+    return Box(int(boxes[:, 0].min()), int(boxes[:, 1].min()), int(boxes[:, 2].max()), int(boxes[:, 3].max()))
 
 
 def measure_settings(job: Any) -> dict[str, Any]:

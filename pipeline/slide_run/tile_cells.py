@@ -24,9 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy import ndimage as ndi
 
-from pipeline.slide_run.cells import CellSettings, cell_box, measure_cells
+from pipeline.slide_run.cells import CellSettings, cell_box, extent_of, measure_cells, object_boxes
 from pipeline.slide_run.tile_file import TileCells
 from pipeline.types import Box
 
@@ -82,17 +81,15 @@ def _final_cells(instances: Any, settings: CellSettings, image: Box, scale: floa
     np.copyto(canvas[at_own], own, where=own > 0)
     unknown[at_own] &= own == 0
 
-    objects = ndi.find_objects(own)
-    boxes = np.array([(o[0].start, o[1].start, o[0].stop, o[1].stop) if o is not None else (0, 0, 0, 0)
-                      for o in objects], np.int64).reshape(-1, 4)
+    boxes = object_boxes(own)
     present = boxes[:, 2] > boxes[:, 0]
     # each nucleus's box grown by ``look``, in canvas coordinates, clipped to the canvas
     # (what lies past it lies past the image: no nucleus there in the whole image either)
     shift = np.array([extent.y0 - origin[0], extent.x0 - origin[1]] * 2)
     grow = np.array([-look, -look, look, look])
     near = np.clip(boxes + shift + grow, 0, [canvas.shape[0], canvas.shape[1]] * 2)
-    table = np.zeros((canvas.shape[0] + 1, canvas.shape[1] + 1), np.int64)
-    table[1:, 1:] = unknown.cumsum(axis=0).cumsum(axis=1)
+    table = np.zeros((canvas.shape[0] + 1, canvas.shape[1] + 1), np.int32)  # unknown px in the box up to
+    np.cumsum(unknown.cumsum(axis=0, dtype=np.int32), axis=1, out=table[1:, 1:])
     y0, x0, y1, x1 = near.T
     unknown_near = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
     final = present & (unknown_near == 0)
@@ -101,11 +98,7 @@ def _final_cells(instances: Any, settings: CellSettings, image: Box, scale: floa
     ids = np.flatnonzero(final).astype(np.int64) + 1
 
     cells = expand_nuclei(canvas, settings.expansion_px, settings.constrain_scale, only=ids)
-    kept = boxes[final]
-    reach = settings.reach
-    nuclei_box = Box(int(kept[:, 0].min()), int(kept[:, 1].min()), int(kept[:, 2].max()),
-                     int(kept[:, 3].max())).shift(extent.y0, extent.x0)
-    box = cell_box(nuclei_box, reach, image)
+    box = cell_box(extent_of(boxes[final]).shift(extent.y0, extent.x0), settings.reach, image)
     lut = np.zeros(max(int(canvas.max()), count) + 1, np.int32)
     lut[ids] = ids
     crop = box.slices(origin)
