@@ -14,6 +14,7 @@ from pipeline.measure.shape import (
     MIN_DIAMETER,
     SHAPE_NAMES,
     SOLIDITY,
+    minimum_circle_radius,
     minimum_width,
     shape_measurements,
 )
@@ -86,3 +87,27 @@ def test_minimum_width_of_degenerate_and_mixed_hulls() -> None:
     assert w[0] == pytest.approx(1.0) and w[1] == 0 and w[2] == 0
     assert w[3] == pytest.approx(8.0, rel=1e-3)
     assert minimum_width(np.array([], dtype=object)).shape == (0,)
+
+
+def test_minimum_circle_matches_geos() -> None:
+    """The vectorised smallest circle (``Max diameter``) against GEOS's, hull by hull:
+    random hulls of 1-60 points, regular polygons (every vertex on the circle), thin
+    slivers, and triangles whose circle is their circumcircle or their longest side's."""
+    rng = np.random.default_rng(3)
+    hulls = []
+    for _ in range(2000):
+        k = int(rng.integers(1, 60))
+        pts = rng.normal(size=(k, 2)) * rng.uniform(0.5, 20, 2) + rng.uniform(0, 5e4, 2)
+        hulls.append(shapely.convex_hull(shapely.MultiPoint(pts)))
+    for m in (3, 4, 5, 8, 33, 128):
+        t = np.linspace(0, 2 * np.pi, m, endpoint=False) + rng.uniform(0, 1)
+        hulls.append(shapely.Polygon(np.c_[np.cos(t), np.sin(t)] * 7.5 + 3000.25))
+    hulls += [shapely.box(10, 10, 11, 11), shapely.box(0, 0, 100, 0.01),
+              shapely.Polygon([(0, 0), (10, 0), (5, 1)]),  # obtuse: the long side's circle
+              shapely.Polygon([(0, 0), (10, 0), (5, 8)])]  # acute: the circumcircle
+    hulls = np.array(hulls, dtype=object)
+    hulls = hulls[shapely.get_type_id(hulls) == 3]  # hulls of 1-2 points are not polygons
+    found = minimum_circle_radius(hulls)
+    expected = shapely.minimum_bounding_radius(hulls)
+    np.testing.assert_allclose(found, expected, rtol=1e-9)
+    assert found[-2] == pytest.approx(5.0) and found[-1] == pytest.approx(8 - 39 / 16)
