@@ -94,6 +94,11 @@ def split_components(dist: np.ndarray, component_labels: np.ndarray,
         marker_count[0] = 0
         multi = np.flatnonzero(marker_count > 1)
         if multi.size:
+            # one call per component, not one for all: skimage queues every marker pixel
+            # at age 0, so ties between them pop in an order that depends on the whole
+            # queue; components flooded together split differently than alone, and a
+            # tile's crop would not give the whole image's instances (tried: fails
+            # tests/test_watershed.py::test_decomposition_crop_gives_same_instances)
             objects = ndi.find_objects(comps, max_label=int(multi[-1]))
             for cid in multi.tolist():
                 box = objects[cid - 1]
