@@ -1,6 +1,6 @@
 """Phase 1b, the cells (``--cell-expansion``) the tile tasks could not make: grown from
-the stitched nuclei once every tile has its nuclei, measured, and saved with the tile
-task's cells to a cell file beside the tile file.
+the stitched nuclei once every tile has its nuclei, measured, and saved to a cell file
+beside the tile file.
 
 Why a phase: a cell depends on its neighbours' nuclei (a pixel joins the nearest nucleus
 within the expansion, and with ``--cell-constrain-scale`` only inside that nucleus's
@@ -12,10 +12,11 @@ where the seams fall (``pipeline.measure.cells``: tested tiled == whole image).
 The cells of a group of nuclei lie within their extent grown by the expansion
 (``cell_box``); the nuclei that can claim a pixel there lie within the expansion of that
 box, and only their pixels there count (with ``--cell-constrain-scale`` only the group's
-own hulls decide its cells, and those nuclei lie whole inside). Cell ids are the nucleus ids: a tile's
-cells keep its tile-local nucleus ids, and phase 2 paints them with the same offsets.
-A tile's cells are read from its cell file where phase 1b made one, else from its tile
-file (``cell_labels``, ``cell_columns``).
+own hulls decide its cells, and those nuclei lie whole inside). Cell ids are the nucleus
+ids: a tile's cells keep its tile-local nucleus ids, and phase 2 paints them with the same
+offsets. A tile's cells are those of its tile file and of its cell file, merged when read
+(``all_cells``): the cell file holds only this phase's, so that a tile with one cell left
+does not load, merge and write again the thousand its tile task made.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from pipeline.slide_run.tile_file import (
     cell_arrays,
     read_cells,
     save_arrays,
+    tile_cell_ids,
     tile_cells,
-    tile_file,
     tile_labels,
     tile_nuclei,
 )
@@ -110,16 +111,13 @@ def make_cells(job: CellJob) -> CellSummary:
 
     path = cell_file(job.work_dir, job.index)
     if path.exists():
-        with np.load(path) as f:
-            return CellSummary(job.index, Box(*(int(v) for v in f["box"])), 0.0, True)
+        return CellSummary(job.index, all_cells(job.work_dir, job.index, measured=False).box, 0.0, True)
     t0 = time.perf_counter()
-    made = tile_cells(job.work_dir, job.index)
     labels = tile_labels(job.work_dir, job.index)
     todo = np.arange(1, job.count + 1)
-    if made is not None:
-        todo = todo[~np.isin(todo, made.ids)]
+    todo = todo[~np.isin(todo, tile_cell_ids(job.work_dir, job.index))]
     nucleus_columns, nucleus_bodies = tile_nuclei(job.work_dir, job.index)
-    parts = [made] if made is not None else []
+    parts = []
     # the tile tasks read these pixels before: damage here is in their records already
     with open_slide(job.path, mpp_override=job.mpp_override) as reader:
         for box, ids in _cell_groups(labels, todo, job):
@@ -128,9 +126,10 @@ def make_cells(job: CellJob) -> CellSummary:
             columns, bodies = measure_cells(box, cells, nuclei, rgb, ids, nucleus_columns, nucleus_bodies,
                                             **measure_settings(job))
             parts.append(TileCells(box, cells, ids, columns, bodies))
-    every = merge_cells(parts)
-    save_arrays(path, **cell_arrays(every))
-    return CellSummary(job.index, every.box, time.perf_counter() - t0, False, len(todo))
+    # only this phase's cells: the tile task's stay in the tile file (readers merge them)
+    save_arrays(path, **cell_arrays(merge_cells(parts)))
+    box = all_cells(job.work_dir, job.index, measured=False).box
+    return CellSummary(job.index, box, time.perf_counter() - t0, False, len(todo))
 
 
 GROUPED = 64  # up to this many cells left, phase 1b grows them on the boxes of nearby groups
@@ -206,7 +205,7 @@ def measure_cells(box: Box, cells: np.ndarray, nuclei: np.ndarray, rgb: np.ndarr
 
 def merge_cells(parts: list[TileCells]) -> TileCells:
     """One tile's cells from the cells of disjoint sets of its nuclei (labels on the union
-    of their boxes, rows in id order)."""
+    of their boxes, rows in id order; parts read without measurements merge without)."""
     if len(parts) == 1:
         return parts[0]
     box = parts[0].box
@@ -219,7 +218,7 @@ def merge_cells(parts: list[TileCells]) -> TileCells:
     order = np.argsort(ids, kind="stable")
     columns = {k: np.concatenate([part.columns[k] for part in parts])[order] for k in parts[0].columns}
     bodies = [b for part in parts for b in part.bodies]
-    return TileCells(box, labels, ids[order], columns, [bodies[i] for i in order.tolist()],
+    return TileCells(box, labels, ids[order], columns, [bodies[i] for i in order.tolist()] if bodies else [],
                      sum(part.seconds for part in parts))
 
 
@@ -267,27 +266,29 @@ def _union(a: Box, b: Box) -> Box:
     return Box(min(a.y0, b.y0), min(a.x0, b.x0), max(a.y1, b.y1), max(a.x1, b.x1))
 
 
-def _cells_source(work_dir: str, index: int) -> tuple[Path, str]:
-    """Where all of a tile's cells are (the npz, and the prefix of their arrays in it): its
-    cell file where phase 1b made one, else its tile file (the tile task made them all)."""
+def all_cells(work_dir: str, index: int, measured: bool = True) -> TileCells:
+    """All of a tile's cells: those its tile task made (in its tile file) and those phase
+    1b made (its cell file), merged; without columns and texts with ``measured=False``."""
+    parts = [tile_cells(work_dir, index, measured)]
     path = cell_file(work_dir, index)
-    return (path, "") if path.exists() else (tile_file(work_dir, index), "cell_")
+    if path.exists():
+        with np.load(path) as f:
+            parts.append(read_cells(f, "", measured))
+    made = [part for part in parts if part is not None]
+    if not made:
+        raise FileNotFoundError(f"{path}: tile {index}'s cells were not made")
+    return merge_cells(made)
 
 
 def cell_labels(work_dir: str, index: int) -> tuple[np.ndarray, Box]:
     """A tile's cells (tile-local ids = its nucleus ids) and their box (model px)."""
-    source, prefix = _cells_source(work_dir, index)
-    with np.load(source) as f:
-        return f[f"{prefix}labels"], Box(*(int(v) for v in f[f"{prefix}box"]))
+    cells = all_cells(work_dir, index, measured=False)
+    return cells.labels, cells.box
 
 
 def cell_columns(work_dir: str, index: int) -> tuple[dict[str, np.ndarray], list[str]]:
     """A tile's cell table columns and its cells' GeoJSON texts without their ids."""
-    source, prefix = _cells_source(work_dir, index)
-    with np.load(source) as f:
-        cells = read_cells(f, prefix)
-    if cells is None:
-        raise FileNotFoundError(f"{source}: tile {index}'s cells were not made")
+    cells = all_cells(work_dir, index)
     return cells.columns, cells.bodies
 
 

@@ -46,8 +46,8 @@ class TileSummary:
 
 @dataclass(frozen=True)
 class TileCells:
-    """The cells of some of a tile's nuclei: those the tile task could make
-    (``tile_cells``), or all of them once phase 1b has made the rest."""
+    """The cells of some of a tile's nuclei: those the tile task could make (in its tile
+    file), those phase 1b made (its cell file), or all of them (both merged)."""
 
     box: Box  # model px of ``labels``
     labels: np.ndarray  # int32: the cells of ``ids`` (tile-local nucleus ids), 0 elsewhere
@@ -120,13 +120,14 @@ def cell_arrays(cells: TileCells, prefix: str = "") -> dict[str, np.ndarray]:
             **{f"{prefix}col_{k}": v for k, v in cells.columns.items()}}
 
 
-def read_cells(f: Any, prefix: str = "") -> TileCells | None:
-    """The :class:`TileCells` an open npz holds behind ``prefix`` (None if none)."""
+def read_cells(f: Any, prefix: str = "", measured: bool = True) -> TileCells | None:
+    """The :class:`TileCells` an open npz holds behind ``prefix`` (None if none); only
+    their labels, box and ids with ``measured=False`` (no columns, no texts)."""
     if f"{prefix}ids" not in f.files:
         return None
-    columns = {k[len(prefix) + 4:]: f[k] for k in f.files if k.startswith(f"{prefix}col_")}
+    columns = {k[len(prefix) + 4:]: f[k] for k in f.files if measured and k.startswith(f"{prefix}col_")}
     return TileCells(Box(*(int(v) for v in f[f"{prefix}box"])), f[f"{prefix}labels"], f[f"{prefix}ids"],
-                     columns, unpack_texts(f[f"{prefix}features"]))
+                     columns, unpack_texts(f[f"{prefix}features"]) if measured else [])
 
 
 def pack_texts(texts: list[str]) -> np.ndarray:
@@ -160,10 +161,16 @@ def cached_summary(work_dir: str, tile: Tile) -> TileSummary:
                            cells_left=count - (len(f["cell_ids"]) if made else 0))
 
 
-def tile_cells(work_dir: str, index: int) -> TileCells | None:
+def tile_cells(work_dir: str, index: int, measured: bool = True) -> TileCells | None:
     """The cells the tile task made (None if it made none)."""
     with np.load(tile_file(work_dir, index)) as f:
-        return read_cells(f, "cell_")
+        return read_cells(f, "cell_", measured)
+
+
+def tile_cell_ids(work_dir: str, index: int) -> np.ndarray:
+    """The nuclei whose cells the tile task made (only that array is read)."""
+    with np.load(tile_file(work_dir, index)) as f:
+        return f["cell_ids"] if "cell_ids" in f.files else np.zeros(0, np.int64)
 
 
 def tile_labels(work_dir: str, index: int) -> np.ndarray:
