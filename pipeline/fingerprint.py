@@ -41,8 +41,10 @@ log = logging.getLogger(__name__)
 # 5: nuclei.zarr root = RGB slide copy, tissue mask in labels/tissue; 6: GeoJSON without ids, UTF-8 µ;
 # 7: tile files record the damaged regions their reads met; 8: stain intensities per nucleus;
 # 9: feature texts of tile and cell files packed with Zstandard; 10: tile files hold the cells
-# their tile task made, cell files only those of tiles with cells left to phase 1b
-OUTPUT_FORMAT_VERSION = 10
+# their tile task made, cell files only those of tiles with cells left to phase 1b;
+# 11: label images of tile and cell files packed with Zstandard, cell files hold only the
+# cells phase 1b made
+OUTPUT_FORMAT_VERSION = 11
 
 FINGERPRINT_FILE = "fingerprint.json"
 # CPU flags of the INT8 dot-product instructions: without them OpenVINO's INT8 kernels
