@@ -96,16 +96,10 @@ def label_statistics(labels: np.ndarray, channels: dict[str, np.ndarray], n: int
     out: dict[str, np.ndarray] = {}
     for name, values in channels.items():
         v = np.asarray(values, np.float64).ravel()
-        stats = _sorted_statistics(v if every else v[keep], lab, count, n)
+        stats = _SortedRuns.of(v if every else v[keep], lab, n, count).statistics()
         for stat in STATISTICS:
             out[f"{prefix}{name}: {stat}"] = stats[stat]
     return out
-
-
-def _sorted_statistics(v: np.ndarray, lab: np.ndarray, count: np.ndarray, n: int) -> dict[str, np.ndarray]:
-    """The statistics of ``v`` (pixels of labels ``lab``, in any order; ``count`` per label
-    1..n)."""
-    return _SortedRuns.of(v, lab, n, count).statistics()
 
 
 class _SortedRuns:

@@ -42,10 +42,10 @@ def minimum_width(hulls: np.ndarray, chunk: int = 4096) -> np.ndarray:
     return out
 
 
-def _padded_rings(hulls: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _padded_rings(hulls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each hull's vertices (without the closing repeat) in coordinates local to its first
     vertex, padded to the longest hull by repeating its last vertex: (P, n, 2) float64,
-    the vertex counts, and the first vertices."""
+    and the vertex counts."""
     coords, index = shapely.get_coordinates(shapely.get_exterior_ring(hulls), return_index=True)
     counts = np.bincount(index, minlength=len(hulls)) - 1  # the closing vertex repeats the first
     n = max(int(counts.max(initial=0)), 1)
@@ -53,12 +53,11 @@ def _padded_rings(hulls: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     k = np.minimum(np.arange(n)[None, :], np.maximum(counts, 1)[:, None] - 1)  # pad: last vertex
     ring = coords[np.minimum(starts[:, None] + k, max(len(coords) - 1, 0))] if len(coords) else \
         np.zeros((len(hulls), n, 2))
-    first = ring[:, 0].copy()
-    return ring - first[:, None], counts, first
+    return ring - ring[:, :1], counts
 
 
 def _widths(hulls: np.ndarray) -> np.ndarray:
-    ring64, counts, _ = _padded_rings(hulls)
+    ring64, counts = _padded_rings(hulls)
     if int(counts.max(initial=0)) < 3:
         return np.zeros(len(hulls))
     ring = ring64.astype(np.float32)  # local coordinates: float32 keeps 1e-4 px
@@ -96,7 +95,7 @@ def _circle_radii(hulls: np.ndarray, rounds: int = 64) -> np.ndarray:
     vertex joins the support and the circle becomes the smallest one through it around
     the support (that vertex lies on the new circle; the radius only grows, so this ends
     with the smallest circle around all). Hulls still open after ``rounds`` go to GEOS."""
-    pts, counts, _ = _padded_rings(hulls)
+    pts, counts = _padded_rings(hulls)
     p = len(hulls)
     rows = np.arange(p)
     # start: the first vertex and the vertex farthest from it (a diameter circle)

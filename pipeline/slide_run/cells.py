@@ -42,6 +42,7 @@ from pipeline.slide_run.tile_file import (
     save_arrays,
     tile_cell_ids,
     tile_cells,
+    tile_file,
     tile_labels,
     tile_nuclei,
 )
@@ -111,7 +112,7 @@ def make_cells(job: CellJob) -> CellSummary:
 
     path = cell_file(job.work_dir, job.index)
     if path.exists():
-        return CellSummary(job.index, all_cells(job.work_dir, job.index, measured=False).box, 0.0, True)
+        return CellSummary(job.index, cells_box(job.work_dir, job.index), 0.0, True)
     t0 = time.perf_counter()
     labels = tile_labels(job.work_dir, job.index)
     todo = np.arange(1, job.count + 1)
@@ -128,8 +129,8 @@ def make_cells(job: CellJob) -> CellSummary:
             parts.append(TileCells(box, cells, ids, columns, bodies))
     # only this phase's cells: the tile task's stay in the tile file (readers merge them)
     save_arrays(path, **cell_arrays(merge_cells(parts)))
-    box = all_cells(job.work_dir, job.index, measured=False).box
-    return CellSummary(job.index, box, time.perf_counter() - t0, False, len(todo))
+    seconds = time.perf_counter() - t0
+    return CellSummary(job.index, cells_box(job.work_dir, job.index), seconds, False, len(todo))
 
 
 GROUPED = 64  # up to this many cells left, phase 1b grows them on the boxes of nearby groups
@@ -278,6 +279,25 @@ def all_cells(work_dir: str, index: int, measured: bool = True) -> TileCells:
     if not made:
         raise FileNotFoundError(f"{path}: tile {index}'s cells were not made")
     return merge_cells(made)
+
+
+def cells_box(work_dir: str, index: int) -> Box:
+    """The box of all of a tile's cells (model px), from the boxes its tile file and its
+    cell file record: no label image is read."""
+    boxes = []
+    with np.load(tile_file(work_dir, index)) as f:
+        if "cell_box" in f.files:
+            boxes.append(Box(*(int(v) for v in f["cell_box"])))
+    path = cell_file(work_dir, index)
+    if path.exists():
+        with np.load(path) as f:
+            boxes.append(Box(*(int(v) for v in f["box"])))
+    if not boxes:
+        raise FileNotFoundError(f"{path}: tile {index}'s cells were not made")
+    box = boxes[0]
+    for other in boxes[1:]:
+        box = _union(box, other)
+    return box
 
 
 def cell_labels(work_dir: str, index: int) -> tuple[np.ndarray, Box]:

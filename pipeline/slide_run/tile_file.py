@@ -88,7 +88,6 @@ def save_tile(job: Any, tile: Tile, result: Any, seconds: float, dropped: int = 
               cells: TileCells | None = None) -> None:
     """The tile file of ``result``: its labels, :func:`measure_tile`'s columns and texts
     (``measured``, or measured here on ``rgb``), and the cells made in the tile task."""
-
     values, texts = measured if measured is not None else measure_tile(job, result, rgb)
     offset = (result.extent.y0, result.extent.x0)
     save_arrays(tile_file(job.work_dir, tile.index),
